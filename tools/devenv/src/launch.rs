@@ -1,0 +1,626 @@
+//! Starts and stops the environment's processes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+
+use crate::EnvInfo;
+use crate::proc::{Proc, free_port, http_get, port_open, run};
+
+/// Where the components come from: the cache the `tools/install-*.sh` scripts fill.
+#[derive(Clone, Debug)]
+pub struct Components {
+    /// Directory with etcd, kube-apiserver, kube-controller-manager and kubectl.
+    pub k8s_bin: PathBuf,
+    /// Directory with Kafka's jars.
+    pub kafka_lib: PathBuf,
+    /// Directory with PostgreSQL's server binaries (initdb, postgres).
+    pub postgres_bin: PathBuf,
+    /// The helm binary.
+    pub helm: PathBuf,
+}
+
+impl Components {
+    /// Asks each install script for its component: instant when cached, otherwise it
+    /// fetches or builds it (with progress on standard error).
+    pub fn install(repo_root: &Path) -> anyhow::Result<Self> {
+        let script = |name: &str| -> anyhow::Result<PathBuf> {
+            let path = repo_root.join("tools").join(name);
+            let out = Command::new("bash")
+                .arg(&path)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .with_context(|| format!("running {}", path.display()))?;
+            if !out.status.success() {
+                bail!(
+                    "{} failed ({}): see the messages above",
+                    path.display(),
+                    out.status
+                );
+            }
+            let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            Ok(PathBuf::from(line.lines().last().unwrap_or_default()))
+        };
+        Ok(Self {
+            k8s_bin: script("install-k8s.sh")?,
+            kafka_lib: script("install-kafka.sh")?,
+            postgres_bin: script("install-postgres.sh")?,
+            helm: script("install-helm.sh")?,
+        })
+    }
+}
+
+/// A running environment. Dropping it stops every process.
+pub struct Environment {
+    /// What clients need to reach it.
+    pub info: EnvInfo,
+    procs: Vec<Proc>,
+    keep_state: bool,
+}
+
+const KAFKA_ADMIN_USER: &str = "admin";
+const ADMIN_TOKEN_USER: &str = "eventops-admin";
+
+impl Environment {
+    /// Starts etcd, kube-apiserver, kube-controller-manager, Kafka and PostgreSQL with
+    /// their data in `state_dir`, and returns once each answers.
+    pub fn start(
+        components: &Components,
+        state_dir: &Path,
+        keep_state: bool,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(state_dir)?;
+        let state_dir = state_dir.canonicalize()?;
+        // PostgreSQL runs as its own user and must be able to reach its directory.
+        set_mode(&state_dir, 0o755)?;
+        let logs = state_dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let secret = random_hex(16)?;
+
+        let mut env = Environment {
+            info: EnvInfo {
+                state_dir: state_dir.clone(),
+                kubeconfig: state_dir.join("kubeconfig"),
+                kube_api_url: String::new(),
+                kafka_bootstrap: String::new(),
+                kafka_sasl_mechanism: "SCRAM-SHA-512".into(),
+                kafka_admin_user: KAFKA_ADMIN_USER.into(),
+                kafka_admin_password: format!("admin-{secret}"),
+                kafka_admin_properties: state_dir.join("kafka/admin.properties"),
+                kafka_lib: components.kafka_lib.clone(),
+                postgres_url: String::new(),
+                kubectl: components.k8s_bin.join("kubectl"),
+                helm: components.helm.clone(),
+            },
+            procs: Vec::new(),
+            keep_state,
+        };
+        let started = Instant::now();
+        // Kafka's JVM takes the longest to come up; start it first and check it last.
+        let kafka_port = env.start_kafka(components)?;
+        env.start_postgres(components)?;
+        env.start_kubernetes(components, &secret)?;
+        env.wait_kafka(kafka_port)?;
+        eprintln!(
+            "[devenv] environment ready in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(env)
+    }
+
+    /// Writes `env.json` (atomically: its presence means the environment is ready) and
+    /// `env.sh` for shells.
+    pub fn write_env_files(&self) -> anyhow::Result<PathBuf> {
+        let dir = &self.info.state_dir;
+        let info = &self.info;
+        let sh = format!(
+            "# Source this file to use the EventOps development environment.\n\
+             export KUBECONFIG='{}'\nexport EVENTOPS_ENV='{}'\n\
+             export EVENTOPS_KAFKA_BOOTSTRAP='{}'\nexport EVENTOPS_KAFKA_SASL_MECHANISM='{}'\n\
+             export EVENTOPS_KAFKA_USERNAME='{}'\nexport EVENTOPS_KAFKA_PASSWORD='{}'\n\
+             export EVENTOPS_POSTGRES_URL='{}'\nexport PATH='{}':\"$PATH\"\n",
+            info.kubeconfig.display(),
+            dir.join("env.json").display(),
+            info.kafka_bootstrap,
+            info.kafka_sasl_mechanism,
+            info.kafka_admin_user,
+            info.kafka_admin_password,
+            info.postgres_url,
+            info.kubectl.parent().unwrap_or(Path::new("/")).display(),
+        );
+        std::fs::write(dir.join("env.sh"), sh)?;
+        let tmp = dir.join("env.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(info)?)?;
+        let path = dir.join("env.json");
+        std::fs::rename(tmp, &path)?;
+        Ok(path)
+    }
+
+    /// Fails if any process has died.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        self.procs.iter_mut().try_for_each(Proc::check_alive)
+    }
+
+    fn start_kubernetes(&mut self, c: &Components, secret: &str) -> anyhow::Result<()> {
+        let dir = self.info.state_dir.join("kube");
+        std::fs::create_dir_all(&dir)?;
+        let pki = make_pki(&dir)?;
+        let token = format!("token-{secret}");
+        std::fs::write(
+            dir.join("tokens.csv"),
+            format!("{token},{ADMIN_TOKEN_USER},{ADMIN_TOKEN_USER},system:masters\n"),
+        )?;
+
+        // etcd
+        let (etcd_port, peer_port) = (free_port()?, free_port()?);
+        let mut etcd = Command::new(c.k8s_bin.join("etcd"));
+        etcd.args([
+            "--name=eventops",
+            &format!("--data-dir={}", dir.join("etcd").display()),
+            &format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+            &format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+            &format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+            &format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+            &format!("--initial-cluster=eventops=http://127.0.0.1:{peer_port}"),
+            // A throw-away local store: durability across power loss buys nothing here.
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+        ]);
+        let mut etcd = Proc::spawn("etcd", etcd, &self.logs(), libc::SIGTERM)?;
+        etcd.wait_ready(Duration::from_secs(30), || {
+            http_get(etcd_port, "/health").is_some_and(|r| r.contains(r#""health":"true""#))
+        })?;
+        self.procs.push(etcd);
+        eprintln!("[devenv] etcd ready on 127.0.0.1:{etcd_port}");
+
+        // kube-apiserver, flags as controller-runtime's envtest uses them, RBAC on.
+        let api_port = free_port()?;
+        let p = |f: &str| dir.join(f).display().to_string();
+        let mut apiserver = Command::new(c.k8s_bin.join("kube-apiserver"));
+        apiserver.args([
+            &format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            &format!("--secure-port={api_port}"),
+            &format!("--tls-cert-file={}", pki.server_cert.display()),
+            &format!("--tls-private-key-file={}", pki.server_key.display()),
+            &format!("--client-ca-file={}", pki.ca_cert.display()),
+            &format!("--token-auth-file={}", p("tokens.csv")),
+            "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            &format!("--service-account-key-file={}", pki.sa_public.display()),
+            &format!(
+                "--service-account-signing-key-file={}",
+                pki.sa_key.display()
+            ),
+            &format!("--cert-dir={}", p("apiserver-certs")),
+            "--allow-privileged=true",
+            // No kubelets or kube-proxy route to a service IP here: skip the endpoints of
+            // the `kubernetes` Service instead of logging that 127.0.0.1 is invalid there.
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+            "--v=1",
+        ]);
+        let mut apiserver = Proc::spawn("kube-apiserver", apiserver, &self.logs(), libc::SIGTERM)?;
+        self.info.kube_api_url = format!("https://127.0.0.1:{api_port}");
+        write_kubeconfig(
+            &self.info.kubeconfig,
+            &self.info.kube_api_url,
+            &pki.ca_cert,
+            &token,
+        )?;
+        let kubectl = self.info.kubectl.clone();
+        let kubeconfig = self.info.kubeconfig.clone();
+        apiserver.wait_ready(Duration::from_secs(90), || {
+            Command::new(&kubectl)
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["get", "--raw", "/readyz"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })?;
+        self.procs.push(apiserver);
+        eprintln!(
+            "[devenv] kube-apiserver ready at {}",
+            self.info.kube_api_url
+        );
+
+        // kube-controller-manager: garbage collection, namespace deletion,
+        // Deployment → ReplicaSet → Pod, service-account tokens.
+        let cm_port = free_port()?;
+        let mut cm = Command::new(c.k8s_bin.join("kube-controller-manager"));
+        cm.args([
+            &format!("--kubeconfig={}", self.info.kubeconfig.display()),
+            "--bind-address=127.0.0.1",
+            &format!("--secure-port={cm_port}"),
+            &format!(
+                "--service-account-private-key-file={}",
+                pki.sa_key.display()
+            ),
+            &format!("--root-ca-file={}", pki.ca_cert.display()),
+            &format!("--cluster-signing-cert-file={}", pki.ca_cert.display()),
+            &format!("--cluster-signing-key-file={}", pki.ca_key.display()),
+            "--use-service-account-credentials=true",
+            "--leader-elect=false",
+            "--controllers=*",
+            "--v=1",
+        ]);
+        let mut cm = Proc::spawn("kube-controller-manager", cm, &self.logs(), libc::SIGTERM)?;
+        // The service-account controller creating `default` shows the controllers run.
+        cm.wait_ready(Duration::from_secs(60), || {
+            Command::new(&kubectl)
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["get", "serviceaccount", "default", "-n", "default"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })?;
+        self.procs.push(cm);
+        eprintln!("[devenv] kube-controller-manager running");
+        Ok(())
+    }
+
+    fn start_kafka(&mut self, c: &Components) -> anyhow::Result<u16> {
+        let dir = self.info.state_dir.join("kafka");
+        std::fs::create_dir_all(&dir)?;
+        let (port, controller_port) = (free_port()?, free_port()?);
+        let password = &self.info.kafka_admin_password;
+        let jaas = format!(
+            "org.apache.kafka.common.security.scram.ScramLoginModule required \
+             username=\"{KAFKA_ADMIN_USER}\" password=\"{password}\";"
+        );
+        let properties = format!(
+            "process.roles=broker,controller\n\
+             node.id=1\n\
+             controller.quorum.voters=1@127.0.0.1:{controller_port}\n\
+             listeners=SASL_PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}\n\
+             advertised.listeners=SASL_PLAINTEXT://127.0.0.1:{port}\n\
+             listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             inter.broker.listener.name=SASL_PLAINTEXT\n\
+             controller.listener.names=CONTROLLER\n\
+             sasl.enabled.mechanisms=SCRAM-SHA-512\n\
+             sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512\n\
+             listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config={jaas}\n\
+             authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer\n\
+             allow.everyone.if.no.acl.found=false\n\
+             # The controller listener is PLAINTEXT on loopback, where broker registration\n\
+             # runs as ANONYMOUS; clients only ever reach the SASL listener.\n\
+             super.users=User:{KAFKA_ADMIN_USER};User:ANONYMOUS\n\
+             log.dirs={data}\n\
+             num.partitions=1\n\
+             default.replication.factor=1\n\
+             offsets.topic.replication.factor=1\n\
+             offsets.topic.num.partitions=10\n\
+             transaction.state.log.replication.factor=1\n\
+             transaction.state.log.min.isr=1\n\
+             share.coordinator.state.topic.replication.factor=1\n\
+             share.coordinator.state.topic.min.isr=1\n\
+             group.initial.rebalance.delay.ms=0\n\
+             auto.create.topics.enable=false\n",
+            data = dir.join("data").display(),
+        );
+        let server_properties = dir.join("server.properties");
+        std::fs::write(&server_properties, properties)?;
+        std::fs::write(
+            &self.info.kafka_admin_properties,
+            format!(
+                "security.protocol=SASL_PLAINTEXT\nsasl.mechanism=SCRAM-SHA-512\nsasl.jaas.config={jaas}\n"
+            ),
+        )?;
+        let log4j = dir.join("log4j2.properties");
+        std::fs::write(&log4j, log4j_config("INFO", "SYSTEM_OUT"))?;
+        std::fs::write(
+            dir.join("tools-log4j2.properties"),
+            log4j_config("WARN", "SYSTEM_ERR"),
+        )?;
+
+        let java = |main: &str, heap: &str| {
+            let mut cmd = Command::new("java");
+            cmd.arg(format!("-Xmx{heap}"))
+                .arg(format!("-Dlog4j2.configurationFile={}", log4j.display()))
+                .arg("-cp")
+                .arg(format!("{}/*", c.kafka_lib.display()))
+                .arg(main);
+            cmd
+        };
+        let cluster_id = kafka_uuid()?;
+        run(java("kafka.tools.StorageTool", "256m").args([
+            "format",
+            "--cluster-id",
+            &cluster_id,
+            "--config",
+            &server_properties.display().to_string(),
+            "--add-scram",
+            &format!("SCRAM-SHA-512=[name={KAFKA_ADMIN_USER},password={password}]"),
+        ]))
+        .context("formatting Kafka's storage")?;
+        let mut broker = java("kafka.Kafka", "1g");
+        broker.arg(&server_properties);
+        let proc = Proc::spawn("kafka", broker, &self.logs(), libc::SIGTERM)?;
+        self.procs.push(proc);
+        self.info.kafka_bootstrap = format!("127.0.0.1:{port}");
+        Ok(port)
+    }
+
+    fn wait_kafka(&mut self, port: u16) -> anyhow::Result<()> {
+        let config = self.info.kafka_admin_config();
+        let proc = self
+            .procs
+            .iter_mut()
+            .find(|p| p.name == "kafka")
+            .expect("kafka was started");
+        proc.wait_ready(Duration::from_secs(120), || port_open(port))?;
+        // Metadata through the SASL listener proves the broker serves authenticated clients.
+        let admin: AdminClient<DefaultClientContext> =
+            config.create().context("creating a Kafka admin client")?;
+        proc.wait_ready(Duration::from_secs(60), || {
+            admin
+                .inner()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .is_ok_and(|m| !m.brokers().is_empty())
+        })?;
+        eprintln!(
+            "[devenv] kafka ready on {} (SASL/SCRAM-SHA-512, ACLs enforced)",
+            self.info.kafka_bootstrap
+        );
+        Ok(())
+    }
+
+    fn start_postgres(&mut self, c: &Components) -> anyhow::Result<()> {
+        let dir = self.info.state_dir.join("postgres");
+        let data = dir.join("data");
+        std::fs::create_dir_all(&dir)?;
+        // PostgreSQL refuses to run as root; run it as Debian's `postgres` user then.
+        let owner = if unsafe { libc::geteuid() } == 0 {
+            let uid: u32 = run(Command::new("id").args(["-u", "postgres"]))
+                .context("PostgreSQL cannot run as root and there is no 'postgres' user")?
+                .trim()
+                .parse()?;
+            let gid: u32 = run(Command::new("id").args(["-g", "postgres"]))?
+                .trim()
+                .parse()?;
+            run(Command::new("chown").arg(format!("{uid}:{gid}")).arg(&dir))?;
+            Some((uid, gid))
+        } else {
+            None
+        };
+        let as_owner = |program: PathBuf| {
+            let mut cmd = Command::new(program);
+            if let Some((uid, gid)) = owner {
+                use std::os::unix::process::CommandExt;
+                cmd.uid(uid).gid(gid);
+            }
+            cmd
+        };
+        run(as_owner(c.postgres_bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]))
+        .context("initdb")?;
+        let port = free_port()?;
+        let mut postgres = as_owner(c.postgres_bin.join("postgres"));
+        postgres
+            .arg("-D")
+            .arg(&data)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-k")
+            .arg(&dir)
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .args(["-c", "max_connections=200"]);
+        // SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions and stop.
+        let mut proc = Proc::spawn("postgres", postgres, &self.logs(), libc::SIGINT)?;
+        let pg_isready = c.postgres_bin.join("pg_isready");
+        proc.wait_ready(Duration::from_secs(30), || {
+            Command::new(&pg_isready)
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })?;
+        self.procs.push(proc);
+        self.info.postgres_url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+        eprintln!("[devenv] postgres ready on 127.0.0.1:{port}");
+        Ok(())
+    }
+
+    fn logs(&self) -> PathBuf {
+        self.info.state_dir.join("logs")
+    }
+}
+
+impl Drop for Environment {
+    fn drop(&mut self) {
+        // Reverse start order: nothing loses a server it depends on while stopping.
+        while let Some(mut proc) = self.procs.pop() {
+            proc.stop(Duration::from_secs(20));
+        }
+        if !self.keep_state {
+            let _ = std::fs::remove_dir_all(&self.info.state_dir);
+        }
+    }
+}
+
+struct Pki {
+    ca_cert: PathBuf,
+    ca_key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    sa_key: PathBuf,
+    sa_public: PathBuf,
+}
+
+/// A CA, a serving certificate for 127.0.0.1 and a service-account signing key, made with
+/// the openssl command-line tool.
+fn make_pki(dir: &Path) -> anyhow::Result<Pki> {
+    let f = |n: &str| dir.join(n);
+    let pki = Pki {
+        ca_cert: f("ca.crt"),
+        ca_key: f("ca.key"),
+        server_cert: f("apiserver.crt"),
+        server_key: f("apiserver.key"),
+        sa_key: f("sa.key"),
+        sa_public: f("sa.pub"),
+    };
+    let openssl = || Command::new("openssl");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(openssl()
+        .args(["req", "-x509"])
+        .args(ec)
+        .args(["-days", "30", "-subj", "/CN=eventops-local-ca"])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .arg("-keyout")
+        .arg(&pki.ca_key)
+        .arg("-out")
+        .arg(&pki.ca_cert))
+    .context("creating the local CA (is openssl installed?)")?;
+    let csr = f("apiserver.csr");
+    run(openssl()
+        .arg("req")
+        .args(ec)
+        .args(["-subj", "/CN=kube-apiserver"])
+        .arg("-keyout")
+        .arg(&pki.server_key)
+        .arg("-out")
+        .arg(&csr))?;
+    let ext = f("apiserver.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,\
+         DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n",
+    )?;
+    run(openssl()
+        .args(["x509", "-req", "-days", "30"])
+        .arg("-in")
+        .arg(&csr)
+        .arg("-CA")
+        .arg(&pki.ca_cert)
+        .arg("-CAkey")
+        .arg(&pki.ca_key)
+        .arg("-CAcreateserial")
+        .arg("-extfile")
+        .arg(&ext)
+        .arg("-out")
+        .arg(&pki.server_cert))?;
+    run(openssl()
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .arg("-out")
+        .arg(&pki.sa_key))?;
+    run(openssl()
+        .args(["pkey", "-pubout"])
+        .arg("-in")
+        .arg(&pki.sa_key)
+        .arg("-out")
+        .arg(&pki.sa_public))?;
+    Ok(pki)
+}
+
+fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> anyhow::Result<()> {
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "eventops-local", "cluster": {
+            "server": server,
+            "certificate-authority": ca,
+        }}],
+        "users": [{"name": ADMIN_TOKEN_USER, "user": {"token": token}}],
+        "contexts": [{"name": "eventops-local", "context": {
+            "cluster": "eventops-local", "user": ADMIN_TOKEN_USER, "namespace": "default",
+        }}],
+        "current-context": "eventops-local",
+    });
+    // JSON is YAML: kubectl and kube-rs read it as a kubeconfig.
+    std::fs::write(path, serde_json::to_vec_pretty(&config)?)?;
+    Ok(())
+}
+
+fn log4j_config(level: &str, target: &str) -> String {
+    format!(
+        "status = warn\n\
+         appender.out.type = Console\n\
+         appender.out.name = OUT\n\
+         appender.out.target = {target}\n\
+         appender.out.layout.type = PatternLayout\n\
+         appender.out.layout.pattern = [%d] %p %m (%c)%n\n\
+         rootLogger.level = {level}\n\
+         rootLogger.appenderRef.out.ref = OUT\n\
+         logger.kafka.name = kafka\nlogger.kafka.level = {level}\n\
+         logger.raft.name = org.apache.kafka.raft\nlogger.raft.level = WARN\n"
+    )
+}
+
+/// A Kafka cluster id: 16 random bytes, base64url without padding (Kafka's `Uuid`).
+fn kafka_uuid() -> anyhow::Result<String> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes = random_bytes::<16>()?;
+    let mut bits = 0u32;
+    let mut nbits = 0;
+    let mut out = String::new();
+    for b in bytes {
+        bits = (bits << 8) | u32::from(b);
+        nbits += 8;
+        while nbits >= 6 {
+            nbits -= 6;
+            out.push(ALPHABET[((bits >> nbits) & 0x3f) as usize] as char);
+        }
+    }
+    if nbits > 0 {
+        out.push(ALPHABET[((bits << (6 - nbits)) & 0x3f) as usize] as char);
+    }
+    Ok(out)
+}
+
+fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
+    use std::io::Read;
+    let mut buf = [0u8; N];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+fn random_hex(n: usize) -> anyhow::Result<String> {
+    let bytes = random_bytes::<32>()?;
+    Ok(bytes[..n.min(32)]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_uuid_is_22_base64url_chars() {
+        let id = kafka_uuid().unwrap();
+        assert_eq!(id.len(), 22);
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+        assert_ne!(id, kafka_uuid().unwrap());
+    }
+}
