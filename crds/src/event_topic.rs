@@ -1,0 +1,167 @@
+//! `EventTopic`: one Kafka topic, declared in Kubernetes.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Characters Kafka accepts in a topic name (`org.apache.kafka.common.internals.Topic`).
+pub const TOPIC_NAME_PATTERN: &str = r"^[a-zA-Z0-9._-]+$";
+/// Longest topic name Kafka accepts.
+pub const TOPIC_NAME_MAX_LEN: usize = 249;
+/// Suffix of the dead-letter topic when `deadLetter.topicName` is not set (Spring Kafka's).
+pub const DEFAULT_DEAD_LETTER_SUFFIX: &str = ".DLT";
+
+/// A Kafka topic, its configuration and its dead-letter topic.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[kube(
+    group = "eventops.dev",
+    version = "v1alpha1",
+    kind = "EventTopic",
+    namespaced,
+    status = "EventTopicStatus",
+    shortname = "et",
+    category = "eventops",
+    doc = "A Kafka topic managed by EventOps: partitions, replication, configs and its dead-letter topic.",
+    printcolumn(name = "Topic", type_ = "string", json_path = ".status.topicName"),
+    printcolumn(name = "Partitions", type_ = "integer", json_path = ".spec.partitions"),
+    printcolumn(name = "Owner", type_ = "string", json_path = ".spec.owner", priority = 1),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].reason"#
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new(
+        "has(self.spec.topicName) || size(self.metadata.name) <= 249"
+    ).message("metadata.name is the Kafka topic name unless spec.topicName is set, and Kafka allows at most 249 characters: set spec.topicName"),
+    validation = Rule::new(
+        "(has(self.spec.topicName) ? self.spec.topicName : self.metadata.name) == (has(oldSelf.spec.topicName) ? oldSelf.spec.topicName : oldSelf.metadata.name)"
+    ).message("spec.topicName is immutable: Kafka cannot rename a topic; create a new EventTopic instead").reason(Reason::FieldValueInvalid).field_path(".spec.topicName"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EventTopicSpec {
+    /// Name of the Kafka topic. Defaults to metadata.name. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    #[x_kube(validation = Rule::new("self != '.' && self != '..'").message("spec.topicName cannot be '.' or '..'"))]
+    pub topic_name: Option<String>,
+
+    /// Number of partitions. Kafka can add partitions but never remove them, so this can
+    /// only grow. It also caps how many consumers of a group can share the work.
+    #[schemars(range(min = 1, max = 100000))]
+    #[x_kube(validation = Rule::new("self >= oldSelf").message("spec.partitions cannot be decreased: Kafka can only add partitions"))]
+    pub partitions: i32,
+
+    /// Replicas of each partition. Defaults to the broker's `default.replication.factor`.
+    /// Immutable once set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 32767))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.replicationFactor is immutable: Kafka cannot change it in place"))]
+    pub replication_factor: Option<i32>,
+
+    /// Kafka topic configs (`retention.ms`, `cleanup.policy`, ...). Values are strings, as
+    /// Kafka stores them: quote numbers (`retention.ms: "604800000"`). Configs not named
+    /// here take the broker's defaults.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+
+    /// The dead-letter topic that records go to when they cannot be processed.
+    #[serde(default)]
+    pub dead_letter: DeadLetterSpec,
+
+    /// Team or person that owns the topic's schema and producers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub owner: Option<String>,
+
+    /// What the events on this topic mean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub description: Option<String>,
+}
+
+/// Dead-letter topic settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterSpec {
+    /// Whether EventOps keeps a dead-letter topic beside this one.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// Name of the dead-letter topic. Defaults to `<topic>.DLT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub topic_name: Option<String>,
+
+    /// Kafka topic configs of the dead-letter topic.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+}
+
+impl Default for DeadLetterSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            topic_name: None,
+            config: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Observed state of an EventTopic.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EventTopicStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Current conditions; `Ready` says whether Kafka matches the spec.
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// Name of the Kafka topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_name: Option<String>,
+
+    /// Partitions the topic has in Kafka.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<i32>,
+
+    /// Replication factor the topic has in Kafka.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<i32>,
+}
+
+impl EventTopic {
+    /// The Kafka topic name: `spec.topicName`, or `metadata.name` when unset.
+    pub fn kafka_topic_name(&self) -> &str {
+        self.spec
+            .topic_name
+            .as_deref()
+            .or(self.metadata.name.as_deref())
+            .unwrap_or_default()
+    }
+
+    /// The dead-letter topic name, when a dead-letter topic is enabled.
+    pub fn dead_letter_topic_name(&self) -> Option<String> {
+        let dlt = &self.spec.dead_letter;
+        dlt.enabled.then(|| {
+            dlt.topic_name.clone().unwrap_or_else(|| {
+                format!("{}{DEFAULT_DEAD_LETTER_SUFFIX}", self.kafka_topic_name())
+            })
+        })
+    }
+}
