@@ -1,0 +1,136 @@
+//! Status conditions, kept the way kstatus, Argo CD and Flux read them.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+/// Condition type that says whether the resource is what its spec asks for.
+pub const READY: &str = "Ready";
+
+/// A condition's content, without its timestamps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// Condition type.
+    pub type_: &'static str,
+    /// Whether it holds.
+    pub status: bool,
+    /// CamelCase reason.
+    pub reason: String,
+    /// Human-readable detail, naming the field to fix when something is wrong.
+    pub message: String,
+}
+
+impl Observed {
+    /// A `Ready` condition.
+    pub fn ready(status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            type_: READY,
+            status,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `conditions` with `observed` set for `generation`. `lastTransitionTime` moves only
+/// when the status flips, so re-observing the same state yields an identical list and
+/// no status write.
+pub fn set(
+    conditions: &[Condition],
+    observed: Observed,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let status = if observed.status { "True" } else { "False" };
+    let previous = conditions.iter().find(|c| c.type_ == observed.type_);
+    let last_transition_time = match previous {
+        Some(p) if p.status == status => p.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    let condition = Condition {
+        type_: observed.type_.to_string(),
+        status: status.to_string(),
+        reason: observed.reason,
+        message: observed.message,
+        observed_generation: generation,
+        last_transition_time,
+    };
+    let mut out: Vec<Condition> = conditions
+        .iter()
+        .filter(|c| c.type_ != condition.type_)
+        .cloned()
+        .collect();
+    out.push(condition);
+    out.sort_by(|a, b| a.type_.cmp(&b.type_));
+    out
+}
+
+/// The condition of `type_`, if present.
+pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(secs).unwrap()
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_status_flips() {
+        let first = set(
+            &[],
+            Observed::ready(false, "Creating", "a"),
+            Some(1),
+            at(10),
+        );
+        assert_eq!(first[0].last_transition_time, Time(at(10)));
+
+        let same = set(
+            &first,
+            Observed::ready(false, "Other", "b"),
+            Some(2),
+            at(20),
+        );
+        assert_eq!(same[0].last_transition_time, Time(at(10)));
+        assert_eq!(same[0].reason, "Other");
+        assert_eq!(same[0].observed_generation, Some(2));
+
+        let flipped = set(&same, Observed::ready(true, "InSync", "c"), Some(2), at(30));
+        assert_eq!(flipped[0].last_transition_time, Time(at(30)));
+        assert_eq!(flipped[0].status, "True");
+    }
+
+    #[test]
+    fn re_observing_the_same_state_changes_nothing() {
+        let once = set(&[], Observed::ready(true, "InSync", "ok"), Some(3), at(10));
+        let twice = set(
+            &once,
+            Observed::ready(true, "InSync", "ok"),
+            Some(3),
+            at(99),
+        );
+        assert_eq!(once, twice);
+    }
+
+    #[test]
+    fn other_condition_types_are_kept() {
+        let other = Condition {
+            type_: "Stalled".into(),
+            status: "False".into(),
+            reason: "R".into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: Time(at(1)),
+        };
+        let out = set(
+            &[other.clone()],
+            Observed::ready(true, "InSync", ""),
+            None,
+            at(5),
+        );
+        assert_eq!(out.len(), 2);
+        assert_eq!(find(&out, "Stalled"), Some(&other));
+    }
+}

@@ -1,0 +1,139 @@
+//! Command-line and environment configuration of `eventops-operator run`.
+
+use std::collections::BTreeMap;
+
+use anyhow::bail;
+
+use crate::kafka::KafkaSettings;
+
+/// Settings of `eventops-operator run`. Every flag can also come from the environment.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunConfig {
+    /// Kafka bootstrap servers (`host:port,...`).
+    #[arg(long, env = "EVENTOPS_KAFKA_BOOTSTRAP")]
+    pub kafka_bootstrap: String,
+
+    /// Kafka security protocol. Defaults to SASL_PLAINTEXT when a SASL user is given,
+    /// PLAINTEXT otherwise.
+    #[arg(long, env = "EVENTOPS_KAFKA_SECURITY_PROTOCOL")]
+    pub kafka_security_protocol: Option<String>,
+
+    /// SASL mechanism.
+    #[arg(
+        long,
+        env = "EVENTOPS_KAFKA_SASL_MECHANISM",
+        default_value = "SCRAM-SHA-512"
+    )]
+    pub kafka_sasl_mechanism: String,
+
+    /// SASL user the operator authenticates as. It needs the Alter, Create and Describe
+    /// operations on the cluster and on the topics it manages.
+    #[arg(long, env = "EVENTOPS_KAFKA_USERNAME")]
+    pub kafka_username: Option<String>,
+
+    /// Password of the SASL user.
+    #[arg(long, env = "EVENTOPS_KAFKA_PASSWORD", hide_env_values = true)]
+    pub kafka_password: Option<String>,
+
+    /// Extra librdkafka client properties (`key=value`, repeatable), e.g.
+    /// `ssl.ca.location=/etc/kafka/ca.crt`.
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub kafka_properties: Vec<(String, String)>,
+
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "EVENTOPS_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// How often an unchanged resource is compared with Kafka again, correcting changes
+    /// made behind the operator's back (`30s`, `5m`).
+    #[arg(long, env = "EVENTOPS_RESYNC_INTERVAL", default_value = "60s")]
+    pub resync_interval: kube::core::Duration,
+}
+
+impl RunConfig {
+    /// A configuration for `bootstrap` with every other setting at its default.
+    pub fn new(bootstrap: impl Into<String>) -> Self {
+        Self {
+            kafka_bootstrap: bootstrap.into(),
+            kafka_security_protocol: None,
+            kafka_sasl_mechanism: "SCRAM-SHA-512".into(),
+            kafka_username: None,
+            kafka_password: None,
+            kafka_properties: Vec::new(),
+            namespace: None,
+            resync_interval: std::time::Duration::from_secs(60).into(),
+        }
+    }
+
+    /// The librdkafka properties these settings amount to.
+    pub fn kafka_settings(&self) -> anyhow::Result<KafkaSettings> {
+        let mut p = BTreeMap::new();
+        p.insert(
+            "bootstrap.servers".to_string(),
+            self.kafka_bootstrap.clone(),
+        );
+        let protocol = self.kafka_security_protocol.clone().unwrap_or_else(|| {
+            if self.kafka_username.is_some() {
+                "SASL_PLAINTEXT"
+            } else {
+                "PLAINTEXT"
+            }
+            .into()
+        });
+        if protocol.starts_with("SASL") {
+            let (Some(user), Some(password)) = (&self.kafka_username, &self.kafka_password) else {
+                bail!(
+                    "--kafka-security-protocol {protocol} needs --kafka-username and --kafka-password \
+                     (or EVENTOPS_KAFKA_USERNAME and EVENTOPS_KAFKA_PASSWORD)"
+                );
+            };
+            p.insert("sasl.mechanism".into(), self.kafka_sasl_mechanism.clone());
+            p.insert("sasl.username".into(), user.clone());
+            p.insert("sasl.password".into(), password.clone());
+        }
+        p.insert("security.protocol".into(), protocol);
+        p.extend(self.kafka_properties.iter().cloned());
+        Ok(KafkaSettings { properties: p })
+    }
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sasl_user_implies_sasl_plaintext() {
+        let mut c = RunConfig::new("k:9092");
+        c.kafka_username = Some("op".into());
+        c.kafka_password = Some("pw".into());
+        let p = c.kafka_settings().unwrap().properties;
+        assert_eq!(p["security.protocol"], "SASL_PLAINTEXT");
+        assert_eq!(p["sasl.username"], "op");
+        assert_eq!(p["sasl.mechanism"], "SCRAM-SHA-512");
+    }
+
+    #[test]
+    fn sasl_without_credentials_is_an_error_naming_the_flags() {
+        let mut c = RunConfig::new("k:9092");
+        c.kafka_security_protocol = Some("SASL_SSL".into());
+        let err = c.kafka_settings().unwrap_err().to_string();
+        assert!(err.contains("--kafka-username"), "{err}");
+    }
+
+    #[test]
+    fn extra_properties_pass_through() {
+        let mut c = RunConfig::new("k:9092");
+        c.kafka_properties = vec![parse_key_value("ssl.ca.location=/ca.pem").unwrap()];
+        let p = c.kafka_settings().unwrap().properties;
+        assert_eq!(p["ssl.ca.location"], "/ca.pem");
+        assert_eq!(p["security.protocol"], "PLAINTEXT");
+        assert!(parse_key_value("novalue").is_err());
+    }
+}

@@ -1,0 +1,81 @@
+//! What every reconcile shares: clients, settings, the Event recorder.
+
+use std::time::Duration;
+
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource};
+use tracing::warn;
+
+use crate::kafka::KafkaAdmin;
+
+/// Operator-wide settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Only watch this namespace (all namespaces when `None`).
+    pub namespace: Option<String>,
+    /// How often an unchanged resource is checked against Kafka (drift correction).
+    pub resync_interval: Duration,
+}
+
+/// Shared by all reconciles.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Kafka admin client.
+    pub kafka: KafkaAdmin,
+    /// Settings.
+    pub settings: Settings,
+    recorder: Recorder,
+}
+
+impl Context {
+    /// A context whose Events are reported as `eventops-operator`.
+    pub fn new(client: Client, kafka: KafkaAdmin, settings: Settings) -> Self {
+        let reporter = Reporter {
+            controller: crate::FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            kafka,
+            settings,
+        }
+    }
+
+    /// The API to watch `K` through: one namespace or all.
+    pub fn api_for_watch<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        match &self.settings.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+
+    /// Publishes an Event about `obj`. A failure is logged, not returned: Events are
+    /// best effort and must not fail a reconcile.
+    pub async fn event<K>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) where
+        K: Resource<DynamicType = ()>,
+    {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            warn!(error = %e, reason, "could not publish Event");
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Pure steps of the EventTopic reconciler: validate the spec, build the topics it
+//! asks for, and diff them against Kafka into a plan. No I/O here.
+
+use std::collections::BTreeMap;
+
+use eventops_crds::{EventTopic, TOPIC_NAME_MAX_LEN};
+
+use crate::kafka::{NewTopicSpec, TopicState};
+
+/// A topic the spec asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredTopic {
+    /// Which spec field this topic comes from, for messages (`spec` or `spec.deadLetter`).
+    pub field: &'static str,
+    /// Kafka topic name.
+    pub name: String,
+    /// Partition count.
+    pub partitions: i32,
+    /// Replication factor; `None` leaves it to the broker.
+    pub replication_factor: Option<i32>,
+    /// Topic-level configs.
+    pub configs: BTreeMap<String, String>,
+}
+
+/// A spec the API server let through but that cannot become a topic.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// Validate and build: the main topic and, when enabled, its dead-letter topic.
+///
+/// The CRD schema already rejects most bad input; this re-checks what it cannot know
+/// (names derived from metadata.name) so a bad object gets a condition, not a panic.
+pub fn desired_topics(et: &EventTopic) -> Result<Vec<DesiredTopic>, Invalid> {
+    let name = et.kafka_topic_name();
+    check_topic_name("spec.topicName (or metadata.name)", name)?;
+    let main = DesiredTopic {
+        field: "spec",
+        name: name.to_string(),
+        partitions: et.spec.partitions,
+        replication_factor: et.spec.replication_factor,
+        configs: et.spec.config.clone(),
+    };
+    let mut topics = vec![main];
+    if let Some(dlt) = et.dead_letter_topic_name() {
+        check_topic_name("spec.deadLetter.topicName", &dlt)?;
+        if dlt == name {
+            return Err(Invalid(format!(
+                "spec.deadLetter.topicName is {dlt:?}, the topic itself: choose another name"
+            )));
+        }
+        // A dead-letter record keeps its partition number, so the dead-letter topic needs
+        // at least as many partitions as its source.
+        topics.push(DesiredTopic {
+            field: "spec.deadLetter",
+            name: dlt,
+            partitions: et.spec.partitions,
+            replication_factor: et.spec.replication_factor,
+            configs: et.spec.dead_letter.config.clone(),
+        });
+    }
+    Ok(topics)
+}
+
+fn check_topic_name(field: &str, name: &str) -> Result<(), Invalid> {
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if name.is_empty()
+        || name.len() > TOPIC_NAME_MAX_LEN
+        || !valid_chars
+        || name == "."
+        || name == ".."
+    {
+        return Err(Invalid(format!(
+            "{field} {name:?} is not a valid Kafka topic name: use 1 to {TOPIC_NAME_MAX_LEN} of a-z, A-Z, 0-9, '.', '_', '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// One change to make in Kafka.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Create the topic.
+    Create(NewTopicSpec),
+    /// Raise the partition count.
+    AddPartitions {
+        /// Topic name.
+        topic: String,
+        /// New total partition count.
+        to: i32,
+    },
+    /// Make the topic-level configs exactly these.
+    ReplaceConfigs {
+        /// Topic name.
+        topic: String,
+        /// The complete set of topic-level configs.
+        configs: BTreeMap<String, String>,
+        /// What changes, for the Event.
+        changed: Vec<String>,
+    },
+}
+
+/// What to do about one topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Changes to apply, in order; empty when Kafka already matches.
+    Apply(Vec<Step>),
+    /// Kafka cannot do what the spec asks; change nothing and say which field.
+    NotSupported(String),
+}
+
+/// Diff: what turns `actual` (None: no such topic) into `desired`.
+pub fn plan(desired: &DesiredTopic, actual: Option<&TopicState>) -> Plan {
+    let Some(actual) = actual else {
+        return Plan::Apply(vec![Step::Create(NewTopicSpec {
+            name: desired.name.clone(),
+            partitions: desired.partitions,
+            replication_factor: desired.replication_factor,
+            configs: desired.configs.clone(),
+        })]);
+    };
+    let field = desired.field;
+    if actual.partitions > desired.partitions {
+        return Plan::NotSupported(format!(
+            "{field}.partitions is {} but topic {} has {} partitions in Kafka, which cannot remove partitions: set {field}.partitions to {} or more",
+            desired.partitions, desired.name, actual.partitions, actual.partitions
+        ));
+    }
+    if let Some(rf) = desired.replication_factor
+        && rf != actual.replication_factor
+    {
+        return Plan::NotSupported(format!(
+            "spec.replicationFactor is {rf} but topic {} has replication factor {} in Kafka, which cannot change it in place: set spec.replicationFactor to {}",
+            desired.name, actual.replication_factor, actual.replication_factor
+        ));
+    }
+    let mut steps = Vec::new();
+    if desired.partitions > actual.partitions {
+        steps.push(Step::AddPartitions {
+            topic: desired.name.clone(),
+            to: desired.partitions,
+        });
+    }
+    if desired.configs != actual.configs {
+        steps.push(Step::ReplaceConfigs {
+            topic: desired.name.clone(),
+            configs: desired.configs.clone(),
+            changed: config_changes(&actual.configs, &desired.configs),
+        });
+    }
+    Plan::Apply(steps)
+}
+
+/// `key=value` for what is set or changed, `-key` for what is removed.
+fn config_changes(from: &BTreeMap<String, String>, to: &BTreeMap<String, String>) -> Vec<String> {
+    let set = to
+        .iter()
+        .filter(|(k, v)| from.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}={v}"));
+    let removed = from
+        .keys()
+        .filter(|k| !to.contains_key(*k))
+        .map(|k| format!("-{k}"));
+    set.chain(removed).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eventops_crds::EventTopicSpec;
+
+    fn topic(name: &str, partitions: i32) -> EventTopic {
+        EventTopic::new(
+            name,
+            EventTopicSpec {
+                partitions,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn configs(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn state(partitions: i32, rf: i32, cfg: &[(&str, &str)]) -> TopicState {
+        TopicState {
+            partitions,
+            replication_factor: rf,
+            configs: configs(cfg),
+        }
+    }
+
+    #[test]
+    fn topic_and_dead_letter_topic_by_default() {
+        let topics = desired_topics(&topic("orders.order.placed", 6)).unwrap();
+        let names: Vec<_> = topics
+            .iter()
+            .map(|t| (t.name.as_str(), t.partitions))
+            .collect();
+        assert_eq!(
+            names,
+            [("orders.order.placed", 6), ("orders.order.placed.DLT", 6)]
+        );
+    }
+
+    #[test]
+    fn topic_name_overrides_metadata_name_and_dead_letter_can_be_off() {
+        let mut et = topic("k8s-name", 1);
+        et.spec.topic_name = Some("orders.order.placed".into());
+        et.spec.dead_letter.enabled = false;
+        let topics = desired_topics(&et).unwrap();
+        assert_eq!(topics.len(), 1);
+        assert_eq!(topics[0].name, "orders.order.placed");
+    }
+
+    #[test]
+    fn invalid_names_name_the_field() {
+        let mut et = topic("ok", 1);
+        et.spec.topic_name = Some("has space".into());
+        let err = desired_topics(&et).unwrap_err();
+        assert!(err.0.contains("spec.topicName"), "{err}");
+
+        let mut et = topic("ok", 1);
+        et.spec.dead_letter.topic_name = Some("ok".into());
+        let err = desired_topics(&et).unwrap_err();
+        assert!(err.0.contains("spec.deadLetter.topicName"), "{err}");
+    }
+
+    #[test]
+    fn missing_topic_is_created_with_its_configs() {
+        let mut et = topic("t", 3);
+        et.spec.replication_factor = Some(1);
+        et.spec.config = configs(&[("retention.ms", "1000")]);
+        let desired = &desired_topics(&et).unwrap()[0];
+        assert_eq!(
+            plan(desired, None),
+            Plan::Apply(vec![Step::Create(NewTopicSpec {
+                name: "t".into(),
+                partitions: 3,
+                replication_factor: Some(1),
+                configs: configs(&[("retention.ms", "1000")]),
+            })])
+        );
+    }
+
+    #[test]
+    fn matching_topic_needs_nothing() {
+        let mut et = topic("t", 3);
+        et.spec.config = configs(&[("retention.ms", "1000")]);
+        let desired = &desired_topics(&et).unwrap()[0];
+        let actual = state(3, 1, &[("retention.ms", "1000")]);
+        assert_eq!(plan(desired, Some(&actual)), Plan::Apply(vec![]));
+    }
+
+    #[test]
+    fn partitions_grow_and_configs_are_replaced() {
+        let mut et = topic("t", 6);
+        et.spec.config = configs(&[("retention.ms", "2000")]);
+        let desired = &desired_topics(&et).unwrap()[0];
+        let actual = state(
+            3,
+            1,
+            &[("retention.ms", "1000"), ("cleanup.policy", "compact")],
+        );
+        assert_eq!(
+            plan(desired, Some(&actual)),
+            Plan::Apply(vec![
+                Step::AddPartitions {
+                    topic: "t".into(),
+                    to: 6
+                },
+                Step::ReplaceConfigs {
+                    topic: "t".into(),
+                    configs: configs(&[("retention.ms", "2000")]),
+                    changed: vec!["retention.ms=2000".into(), "-cleanup.policy".into()],
+                }
+            ])
+        );
+    }
+
+    #[test]
+    fn what_kafka_cannot_do_is_refused_naming_the_field() {
+        let desired = &desired_topics(&topic("t", 2)).unwrap()[0];
+        let Plan::NotSupported(msg) = plan(desired, Some(&state(4, 1, &[]))) else {
+            panic!("partition decrease must be refused");
+        };
+        assert!(
+            msg.contains("spec.partitions") && msg.contains("4 or more"),
+            "{msg}"
+        );
+
+        let mut et = topic("t", 2);
+        et.spec.replication_factor = Some(3);
+        let desired = &desired_topics(&et).unwrap()[0];
+        let Plan::NotSupported(msg) = plan(desired, Some(&state(2, 1, &[]))) else {
+            panic!("replication factor change must be refused");
+        };
+        assert!(msg.contains("spec.replicationFactor"), "{msg}");
+    }
+
+    #[test]
+    fn unset_replication_factor_accepts_what_kafka_chose() {
+        let desired = &desired_topics(&topic("t", 2)).unwrap()[0];
+        assert_eq!(plan(desired, Some(&state(2, 3, &[]))), Plan::Apply(vec![]));
+    }
+}

@@ -1,0 +1,261 @@
+//! The Kafka side: one admin client per operator, and the topic operations the
+//! reconcilers need, in terms of [`TopicState`] rather than librdkafka types.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, ConfigSource, NewPartitions, NewTopic,
+    ResourceSpecifier, TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+
+/// How to reach Kafka: `bootstrap.servers` plus any librdkafka client properties
+/// (security protocol, SASL, TLS).
+#[derive(Clone, Debug, Default)]
+pub struct KafkaSettings {
+    /// Client properties, `bootstrap.servers` included.
+    pub properties: BTreeMap<String, String>,
+}
+
+/// A failed Kafka operation, classified for conditions and retries.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// Kafka answered and refused: the request itself is wrong (bad config, replication
+    /// factor larger than the cluster, not authorized). Retrying the same request fails
+    /// the same way.
+    #[error("Kafka refused to {op} topic {topic}: {code}")]
+    Refused {
+        /// What was attempted.
+        op: &'static str,
+        /// The topic.
+        topic: String,
+        /// Kafka's error code.
+        code: RDKafkaErrorCode,
+    },
+    /// Kafka could not be reached or did not answer in time: worth retrying.
+    #[error("Kafka is unavailable ({op} {topic}): {source}")]
+    Unavailable {
+        /// What was attempted.
+        op: &'static str,
+        /// The topic.
+        topic: String,
+        /// The client-side error.
+        source: RdKafkaError,
+    },
+}
+
+impl KafkaError {
+    /// A CamelCase reason for a status condition: Kafka's own error name when Kafka
+    /// refused (`InvalidReplicationFactor`, `InvalidConfig`, `TopicAuthorizationFailed`),
+    /// `KafkaUnavailable` otherwise.
+    pub fn reason(&self) -> String {
+        match self {
+            KafkaError::Refused { code, .. } => format!("{code:?}"),
+            KafkaError::Unavailable { .. } => "KafkaUnavailable".into(),
+        }
+    }
+}
+
+/// A topic as Kafka has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicState {
+    /// Number of partitions.
+    pub partitions: i32,
+    /// Replicas of partition 0 (every partition has the same count unless reassigned by
+    /// hand).
+    pub replication_factor: i32,
+    /// Configs set on the topic itself, as opposed to inherited broker defaults.
+    pub configs: BTreeMap<String, String>,
+}
+
+/// What to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewTopicSpec {
+    /// Topic name.
+    pub name: String,
+    /// Partition count.
+    pub partitions: i32,
+    /// Replication factor; `None` takes the broker's `default.replication.factor`.
+    pub replication_factor: Option<i32>,
+    /// Topic configs.
+    pub configs: BTreeMap<String, String>,
+}
+
+/// The operator's Kafka admin connection. Cheap to clone.
+#[derive(Clone)]
+pub struct KafkaAdmin {
+    client: Arc<AdminClient<DefaultClientContext>>,
+    timeout: Duration,
+}
+
+impl KafkaAdmin {
+    /// Connects (lazily: librdkafka dials on first use).
+    pub fn new(settings: &KafkaSettings) -> Result<Self, RdKafkaError> {
+        let mut config = ClientConfig::new();
+        for (k, v) in &settings.properties {
+            config.set(k, v);
+        }
+        Ok(Self {
+            client: Arc::new(config.create()?),
+            timeout: Duration::from_secs(10),
+        })
+    }
+
+    fn options(&self) -> AdminOptions {
+        AdminOptions::new()
+            .request_timeout(Some(self.timeout))
+            .operation_timeout(Some(self.timeout))
+    }
+
+    /// The topic's partitions, replication factor and topic-level configs, or `None` if
+    /// Kafka has no such topic.
+    pub async fn describe_topic(&self, name: &str) -> Result<Option<TopicState>, KafkaError> {
+        let unavailable = |source| KafkaError::Unavailable {
+            op: "describe",
+            topic: name.to_string(),
+            source,
+        };
+        let client = self.client.clone();
+        let topic = name.to_string();
+        let timeout = self.timeout;
+        // librdkafka's metadata call blocks its caller.
+        let metadata = tokio::task::spawn_blocking(move || {
+            client.inner().fetch_metadata(Some(&topic), timeout)
+        })
+        .await
+        .expect("metadata task panicked")
+        .map_err(unavailable)?;
+        let Some(t) = metadata.topics().iter().find(|t| t.name() == name) else {
+            return Ok(None);
+        };
+        match t.error().map(RDKafkaErrorCode::from) {
+            None => {}
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return Ok(None),
+            Some(code) => {
+                return Err(KafkaError::Refused {
+                    op: "describe",
+                    topic: name.into(),
+                    code,
+                });
+            }
+        }
+        let partitions = t.partitions().len() as i32;
+        let replication_factor = t
+            .partitions()
+            .iter()
+            .find(|p| p.id() == 0)
+            .map_or(0, |p| p.replicas().len() as i32);
+
+        let results = self
+            .client
+            .describe_configs([&ResourceSpecifier::Topic(name)], &self.options())
+            .await
+            .map_err(unavailable)?;
+        let resource = results
+            .into_iter()
+            .next()
+            .expect("one result per requested resource")
+            .map_err(|code| KafkaError::Refused {
+                op: "describe configs of",
+                topic: name.into(),
+                code,
+            })?;
+        let configs = resource
+            .entries
+            .into_iter()
+            .filter(|e| e.source == ConfigSource::DynamicTopic)
+            .filter_map(|e| Some((e.name, e.value?)))
+            .collect();
+        Ok(Some(TopicState {
+            partitions,
+            replication_factor,
+            configs,
+        }))
+    }
+
+    /// Creates a topic.
+    pub async fn create_topic(&self, spec: &NewTopicSpec) -> Result<(), KafkaError> {
+        let mut topic = NewTopic::new(
+            &spec.name,
+            spec.partitions,
+            TopicReplication::Fixed(spec.replication_factor.unwrap_or(-1)),
+        );
+        for (k, v) in &spec.configs {
+            topic = topic.set(k, v);
+        }
+        let results = self
+            .client
+            .create_topics([&topic], &self.options())
+            .await
+            .map_err(|source| KafkaError::Unavailable {
+                op: "create",
+                topic: spec.name.clone(),
+                source,
+            })?;
+        first_result("create", &spec.name, results)
+    }
+
+    /// Raises the partition count of a topic to `partitions`.
+    pub async fn create_partitions(&self, name: &str, partitions: i32) -> Result<(), KafkaError> {
+        let new = NewPartitions::new(name, partitions as usize);
+        let results = self
+            .client
+            .create_partitions([&new], &self.options())
+            .await
+            .map_err(|source| KafkaError::Unavailable {
+                op: "add partitions to",
+                topic: name.into(),
+                source,
+            })?;
+        first_result("add partitions to", name, results)
+    }
+
+    /// Makes the topic-level configs exactly `configs`: AlterConfigs replaces the whole
+    /// set, so configs not named revert to the broker's defaults.
+    pub async fn replace_configs(
+        &self,
+        name: &str,
+        configs: &BTreeMap<String, String>,
+    ) -> Result<(), KafkaError> {
+        let mut alter = AlterConfig::new(ResourceSpecifier::Topic(name));
+        for (k, v) in configs {
+            alter = alter.set(k, v);
+        }
+        let results = self
+            .client
+            .alter_configs([&alter], &self.options())
+            .await
+            .map_err(|source| KafkaError::Unavailable {
+                op: "alter configs of",
+                topic: name.into(),
+                source,
+            })?;
+        match results.into_iter().next() {
+            Some(Err((_, code))) => Err(KafkaError::Refused {
+                op: "alter configs of",
+                topic: name.into(),
+                code,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn first_result(
+    op: &'static str,
+    topic: &str,
+    results: Vec<Result<String, (String, RDKafkaErrorCode)>>,
+) -> Result<(), KafkaError> {
+    match results.into_iter().next() {
+        Some(Err((_, code))) => Err(KafkaError::Refused {
+            op,
+            topic: topic.into(),
+            code,
+        }),
+        _ => Ok(()),
+    }
+}

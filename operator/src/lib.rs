@@ -1,0 +1,36 @@
+//! EventOps operator: reconciles `EventTopic`s into Kafka topics (and, in later stages,
+//! `ConsumerGroup`s into workers, credentials and ACLs).
+//!
+//! Each reconciler follows the same pipeline: dereference (read Kubernetes and Kafka) →
+//! validate and build the desired state (pure, unit-tested) → apply → status.
+
+pub mod conditions;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod eventtopic;
+pub mod kafka;
+
+use std::sync::Arc;
+
+use context::{Context, Settings};
+use kafka::KafkaAdmin;
+
+/// The one field manager for every server-side apply and the Event reporter name.
+pub const FIELD_MANAGER: &str = "eventops-operator";
+
+/// Runs every controller with `client` until `shutdown` resolves.
+pub async fn run(
+    client: kube::Client,
+    config: &config::RunConfig,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let kafka = KafkaAdmin::new(&config.kafka_settings()?)?;
+    let settings = Settings {
+        namespace: config.namespace.clone(),
+        resync_interval: config.resync_interval.into(),
+    };
+    let ctx = Arc::new(Context::new(client, kafka, settings));
+    eventtopic::run(ctx, shutdown).await;
+    Ok(())
+}
