@@ -17,6 +17,7 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
     version = "v1alpha1",
     kind = "ConsumerGroup",
     namespaced,
+    cel,
     status = "ConsumerGroupStatus",
     shortname = "cg",
     category = "eventops",

@@ -20,6 +20,7 @@ pub const DEFAULT_DEAD_LETTER_SUFFIX: &str = ".DLT";
     version = "v1alpha1",
     kind = "EventTopic",
     namespaced,
+    cel,
     status = "EventTopicStatus",
     shortname = "et",
     category = "eventops",
