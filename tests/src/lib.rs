@@ -1,0 +1,211 @@
+//! Helpers for integration tests against the real environment that `tools/test` starts
+//! (see `eventops-devenv`): a Kubernetes API server and a Kafka broker with SASL and ACLs.
+//!
+//! Tests isolate themselves by namespace and by Kafka topic names made with [`unique`].
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use eventops_devenv::EnvInfo;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use tokio::sync::{OnceCell, oneshot};
+
+/// The running environment and a Kubernetes client for it.
+pub struct TestEnv {
+    /// Endpoints and credentials.
+    pub info: EnvInfo,
+    /// An administrator's client.
+    pub client: Client,
+}
+
+/// The environment named by `$EVENTOPS_ENV`, with the CRDs installed. Panics with how
+/// to start one when it is not there: these tests never skip.
+pub async fn env() -> TestEnv {
+    let info = EnvInfo::from_env().unwrap_or_else(|e| panic!("{e:#}"));
+    let kubeconfig = Kubeconfig::read_from(&info.kubeconfig).expect("reading the kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("loading the kubeconfig");
+    let client = Client::try_from(config).expect("building a Kubernetes client");
+    static CRDS: OnceCell<()> = OnceCell::const_new();
+    CRDS.get_or_init(|| install_crds(client.clone())).await;
+    TestEnv { info, client }
+}
+
+/// Applies the CRDs from the code and waits until the API server serves them.
+async fn install_crds(client: Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client);
+    let params = PatchParams::apply("eventops-tests").force();
+    for crd in eventops_crds::crds() {
+        let name = crd.metadata.name.clone().unwrap();
+        api.patch(&name, &params, &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        eventually(Duration::from_secs(30), "CRD established", || {
+            let api = api.clone();
+            let name = name.clone();
+            async move {
+                let crd = api.get(&name).await.ok()?;
+                let conditions = crd.status?.conditions?;
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+}
+
+/// A name no other test or run uses: `<prefix>-<pid>-<n>`, valid for Kubernetes objects
+/// and Kafka topics alike.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl TestEnv {
+    /// Creates a fresh namespace.
+    pub async fn namespace(&self, prefix: &str) -> String {
+        let name = unique(prefix);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"eventops.dev/test": "true"}}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("creating a test namespace");
+        name
+    }
+
+    /// Starts the operator in this process, watching only `namespace`, with a short
+    /// resync interval. It stops when the handle is dropped.
+    pub fn start_operator(&self, namespace: &str) -> OperatorHandle {
+        let mut config = eventops_operator::config::RunConfig::new(&self.info.kafka_bootstrap);
+        config.kafka_username = Some(self.info.kafka_admin_user.clone());
+        config.kafka_password = Some(self.info.kafka_admin_password.clone());
+        config.kafka_sasl_mechanism = self.info.kafka_sasl_mechanism.clone();
+        config.namespace = Some(namespace.to_string());
+        config.resync_interval = Duration::from_secs(2).into();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let client = self.client.clone();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            eventops_operator::run(client, &config, shutdown)
+                .await
+                .expect("operator failed");
+        });
+        OperatorHandle {
+            _stop: stop,
+            _task: task,
+        }
+    }
+
+    /// Runs one of Kafka's own command-line tools as the super user (an oracle that
+    /// shares no code with EventOps).
+    pub async fn kafka_tool(&self, main_class: &str, args: &[&str]) -> anyhow::Result<String> {
+        let info = self.info.clone();
+        let main_class = main_class.to_string();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            info.kafka_tool(&main_class, &args)
+        })
+        .await?
+    }
+
+    /// `TopicCommand --describe` of one topic, parsed into its summary line's fields
+    /// (`PartitionCount`, `ReplicationFactor`, `Configs`).
+    pub async fn describe_topic(&self, topic: &str) -> anyhow::Result<TopicSummary> {
+        let out = self
+            .kafka_tool(
+                "org.apache.kafka.tools.TopicCommand",
+                &["--describe", "--topic", topic],
+            )
+            .await?;
+        TopicSummary::parse(&out).ok_or_else(|| anyhow::anyhow!("unexpected output: {out}"))
+    }
+}
+
+/// The summary line of `TopicCommand --describe`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicSummary {
+    /// Partitions.
+    pub partitions: i32,
+    /// Replication factor.
+    pub replication_factor: i32,
+    /// Configs Kafka reports as set on the topic, `key=value` each.
+    pub configs: Vec<String>,
+}
+
+impl TopicSummary {
+    fn parse(out: &str) -> Option<Self> {
+        let line = out.lines().find(|l| l.starts_with("Topic:"))?;
+        let field = |name: &str| {
+            line.split('\t')
+                .find_map(|f| f.trim().strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        Some(Self {
+            partitions: field("PartitionCount")?.parse().ok()?,
+            replication_factor: field("ReplicationFactor")?.parse().ok()?,
+            configs: field("Configs")
+                .unwrap_or_default()
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        })
+    }
+}
+
+/// Stops the in-process operator when dropped.
+pub struct OperatorHandle {
+    _stop: oneshot::Sender<()>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+/// Polls `check` until it returns `Some`, panicking with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_topic_command_describe() {
+        let out = "Topic: t\tTopicId: abc\tPartitionCount: 3\tReplicationFactor: 1\tConfigs: min.insync.replicas=1,retention.ms=1000\n\tTopic: t\tPartition: 0\tLeader: 1\n";
+        let s = TopicSummary::parse(out).unwrap();
+        assert_eq!(s.partitions, 3);
+        assert_eq!(s.replication_factor, 1);
+        assert_eq!(s.configs, ["min.insync.replicas=1", "retention.ms=1000"]);
+        assert_eq!(TopicSummary::parse("Error: no such topic"), None);
+    }
+}
