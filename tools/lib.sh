@@ -25,3 +25,32 @@ timed() {
   "$@"
   log "$label done in $((SECONDS - start))s"
 }
+
+# Where cargo puts binaries (CI points CARGO_TARGET_DIR into the cache).
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
+
+# start_env STATE_DIR: starts eventops-devenv in the background (PID in DEVENV_PID) and
+# waits until it has written STATE_DIR/env.json. Fails with the component logs if it dies.
+start_env() {
+  local state=$1
+  "$TARGET_DIR/debug/eventops-devenv" up --state-dir "$state" --keep &
+  DEVENV_PID=$!
+  local waited=0
+  until [[ -f "$state/env.json" ]]; do
+    if ! kill -0 "$DEVENV_PID" 2>/dev/null; then
+      wait "$DEVENV_PID" || true
+      die "the environment did not start; logs are in $state/logs"
+    fi
+    sleep 0.5
+    waited=$((waited + 1))
+    # Generous: the first run fetches and builds Kafka, Kubernetes and Helm (~12 min).
+    (( waited < 3600 )) || die "the environment was not ready after 30 minutes"
+  done
+}
+
+# stop_env: stops the environment started by start_env.
+stop_env() {
+  if [[ -n "${DEVENV_PID:-}" ]] && kill -0 "$DEVENV_PID" 2>/dev/null; then
+    kill -TERM "$DEVENV_PID" && wait "$DEVENV_PID" || true
+  fi
+}

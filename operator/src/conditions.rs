@@ -125,7 +125,7 @@ mod tests {
             last_transition_time: Time(at(1)),
         };
         let out = set(
-            &[other.clone()],
+            std::slice::from_ref(&other),
             Observed::ready(true, "InSync", ""),
             None,
             at(5),

@@ -122,7 +122,11 @@ impl Environment {
              export KUBECONFIG='{}'\nexport EVENTOPS_ENV='{}'\n\
              export EVENTOPS_KAFKA_BOOTSTRAP='{}'\nexport EVENTOPS_KAFKA_SASL_MECHANISM='{}'\n\
              export EVENTOPS_KAFKA_USERNAME='{}'\nexport EVENTOPS_KAFKA_PASSWORD='{}'\n\
-             export EVENTOPS_POSTGRES_URL='{}'\nexport PATH='{}':\"$PATH\"\n",
+             export EVENTOPS_POSTGRES_URL='{}'\nexport PATH='{}':\"$PATH\"\n\
+             # Kafka's own command-line tools as the super user, e.g.\n\
+             #   kafka_tool org.apache.kafka.tools.TopicCommand --list\n\
+             kafka_tool() {{ java -Xmx256m -Dlog4j2.configurationFile='{}' -cp '{}/*' \"$1\" \
+             --bootstrap-server '{}' --command-config '{}' \"${{@:2}}\"; }}\n",
             info.kubeconfig.display(),
             dir.join("env.json").display(),
             info.kafka_bootstrap,
@@ -131,6 +135,10 @@ impl Environment {
             info.kafka_admin_password,
             info.postgres_url,
             info.kubectl.parent().unwrap_or(Path::new("/")).display(),
+            dir.join("kafka/tools-log4j2.properties").display(),
+            info.kafka_lib.display(),
+            info.kafka_bootstrap,
+            info.kafka_admin_properties.display(),
         );
         std::fs::write(dir.join("env.sh"), sh)?;
         let tmp = dir.join("env.json.tmp");
