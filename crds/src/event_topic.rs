@@ -12,6 +12,15 @@ pub const TOPIC_NAME_PATTERN: &str = r"^[a-zA-Z0-9._-]+$";
 pub const TOPIC_NAME_MAX_LEN: usize = 249;
 /// Suffix of the dead-letter topic when `deadLetter.topicName` is not set (Spring Kafka's).
 pub const DEFAULT_DEAD_LETTER_SUFFIX: &str = ".DLT";
+/// Annotation that stops reconciliation of a resource while it is `"true"`.
+pub const PAUSED_ANNOTATION: &str = "eventops.dev/paused";
+/// Annotation that lets a resource with `deletionPolicy: Delete` go without deleting its
+/// Kafka topics, for when Kafka is gone for good: set it to `"true"` and the finalizer is
+/// released on the next reconcile, so the resource (and its namespace) can be deleted.
+pub const RELEASE_FINALIZER_ANNOTATION: &str = "eventops.dev/release-finalizer";
+/// Finalizer held by EventTopics with `deletionPolicy: Delete` until their topics are
+/// deleted from Kafka.
+pub const TOPIC_FINALIZER: &str = "eventops.dev/delete-kafka-topics";
 
 /// A Kafka topic, its configuration and its dead-letter topic.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -77,6 +86,17 @@ pub struct EventTopicSpec {
     #[serde(default)]
     pub dead_letter: DeadLetterSpec,
 
+    /// Non-blocking retries: one retry topic per delay, `<topic>.retry-<delay>`, through
+    /// which a failed record is re-delivered after that delay without holding up its
+    /// partition (as Spring Kafka's retryable topics do).
+    #[serde(default, skip_serializing_if = "RetrySpec::is_empty")]
+    pub retry: RetrySpec,
+
+    /// What deleting this EventTopic does to Kafka: `Retain` (default) keeps the topics and
+    /// their data; `Delete` deletes them first.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+
     /// Team or person that owns the topic's schema and producers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
@@ -120,6 +140,41 @@ fn default_true() -> bool {
     true
 }
 
+/// Retry topics for non-blocking retries.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Delay of each retry topic, in order (`10s`, `1m`, `10m`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    #[x_kube(merge_strategy = ListMerge::Atomic)]
+    pub delays: Vec<RetryDelay>,
+}
+
+impl RetrySpec {
+    /// Whether no retry topic is asked for.
+    pub fn is_empty(&self) -> bool {
+        self.delays.is_empty()
+    }
+}
+
+/// A retry delay: a number and a unit, `s`, `m` or `h` (`30s`, `5m`).
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct RetryDelay(#[schemars(regex(pattern = r"^[1-9][0-9]{0,5}(s|m|h)$"))] pub String);
+
+/// What happens to Kafka when an EventTopic is deleted.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum DeletionPolicy {
+    /// Keep the Kafka topics and their data.
+    #[default]
+    Retain,
+    /// Delete the Kafka topics (main, dead-letter, retry) before the resource goes.
+    Delete,
+}
+
 /// Observed state of an EventTopic.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -144,6 +199,14 @@ pub struct EventTopicStatus {
     /// Replication factor the topic has in Kafka.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication_factor: Option<i32>,
+
+    /// Name of the dead-letter topic, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+
+    /// Names of the retry topics, in delay order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_topics: Vec<String>,
 }
 
 impl EventTopic {
@@ -156,6 +219,21 @@ impl EventTopic {
             .unwrap_or_default()
     }
 
+    /// Whether the paused annotation stops reconciliation.
+    pub fn is_paused(&self) -> bool {
+        annotation_is_true(&self.metadata, PAUSED_ANNOTATION)
+    }
+
+    /// Names of the retry topics, in delay order.
+    pub fn retry_topic_names(&self) -> Vec<String> {
+        let topic = self.kafka_topic_name();
+        let delays = &self.spec.retry.delays;
+        delays
+            .iter()
+            .map(|d| format!("{topic}.retry-{}", d.0))
+            .collect()
+    }
+
     /// The dead-letter topic name, when a dead-letter topic is enabled.
     pub fn dead_letter_topic_name(&self) -> Option<String> {
         let dlt = &self.spec.dead_letter;
@@ -165,4 +243,15 @@ impl EventTopic {
             })
         })
     }
+}
+
+/// Whether `metadata.annotations[key]` is `"true"`.
+pub fn annotation_is_true(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    key: &str,
+) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .is_some_and(|v| v == "true")
 }

@@ -20,6 +20,21 @@ pub struct Observed {
 }
 
 impl Observed {
+    /// A condition of `type_`.
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            status,
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+
     /// A `Ready` condition.
     pub fn ready(status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
@@ -62,6 +77,15 @@ pub fn set(
     out.push(condition);
     out.sort_by(|a, b| a.type_.cmp(&b.type_));
     out
+}
+
+/// `conditions` without the condition of `type_`.
+pub fn remove(conditions: &[Condition], type_: &str) -> Vec<Condition> {
+    conditions
+        .iter()
+        .filter(|c| c.type_ != type_)
+        .cloned()
+        .collect()
 }
 
 /// The condition of `type_`, if present.

@@ -6,6 +6,10 @@ use anyhow::bail;
 
 use crate::kafka::KafkaSettings;
 
+/// Default naming policy, `<domain>.<aggregate>.<past-tense-verb>`: three lower-case
+/// dot-separated words, the last ending in `ed` or a common irregular past tense.
+pub const DEFAULT_TOPIC_NAMING_PATTERN: &str = r"^[a-z][a-z0-9-]*\.[a-z][a-z0-9-]*\.([a-z][a-z0-9-]*ed|sent|paid|built|made|held|sold|bought|done|won|lost|set|put|cut|shut|split|spent|lent|written|taken|given|chosen|frozen|broken|drawn|seen|known|shown|thrown|grown|hidden|read|found|left|kept|met|told|caught|taught|brought|run)$";
+
 /// Settings of `eventops-operator run`. Every flag can also come from the environment.
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunConfig {
@@ -48,6 +52,11 @@ pub struct RunConfig {
     /// made behind the operator's back (`30s`, `5m`).
     #[arg(long, env = "EVENTOPS_RESYNC_INTERVAL", default_value = "60s")]
     pub resync_interval: kube::core::Duration,
+
+    /// Regular expression EventTopic topic names are expected to match, reported in each
+    /// EventTopic's `NamingPolicy` condition (not enforced). Empty turns the policy off.
+    #[arg(long, env = "EVENTOPS_TOPIC_NAMING_PATTERN", default_value = DEFAULT_TOPIC_NAMING_PATTERN)]
+    pub topic_naming_pattern: String,
 }
 
 impl RunConfig {
@@ -62,7 +71,19 @@ impl RunConfig {
             kafka_properties: Vec::new(),
             namespace: None,
             resync_interval: std::time::Duration::from_secs(60).into(),
+            topic_naming_pattern: DEFAULT_TOPIC_NAMING_PATTERN.into(),
         }
+    }
+
+    /// The naming policy, `None` when turned off.
+    pub fn topic_naming(&self) -> anyhow::Result<Option<regex::Regex>> {
+        if self.topic_naming_pattern.is_empty() {
+            return Ok(None);
+        }
+        let re = regex::Regex::new(&self.topic_naming_pattern).map_err(|e| {
+            anyhow::anyhow!("--topic-naming-pattern is not a valid regular expression: {e}")
+        })?;
+        Ok(Some(re))
     }
 
     /// The librdkafka properties these settings amount to.

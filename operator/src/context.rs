@@ -15,6 +15,8 @@ pub struct Settings {
     pub namespace: Option<String>,
     /// How often an unchanged resource is checked against Kafka (drift correction).
     pub resync_interval: Duration,
+    /// Pattern Kafka topic names are expected to follow; `None` for no policy.
+    pub topic_naming: Option<regex::Regex>,
 }
 
 /// Shared by all reconciles.

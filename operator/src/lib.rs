@@ -29,6 +29,7 @@ pub async fn run(
     let settings = Settings {
         namespace: config.namespace.clone(),
         resync_interval: config.resync_interval.into(),
+        topic_naming: config.topic_naming()?,
     };
     let ctx = Arc::new(Context::new(client, kafka, settings));
     eventtopic::run(ctx, shutdown).await;

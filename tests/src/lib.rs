@@ -90,7 +90,13 @@ impl TestEnv {
     /// Starts the operator in this process, watching only `namespace`, with a short
     /// resync interval. It stops when the handle is dropped.
     pub fn start_operator(&self, namespace: &str) -> OperatorHandle {
-        let mut config = eventops_operator::config::RunConfig::new(&self.info.kafka_bootstrap);
+        self.start_operator_with_kafka(namespace, &self.info.kafka_bootstrap)
+    }
+
+    /// [`TestEnv::start_operator`] with another Kafka bootstrap address (for example one
+    /// where nothing listens, to see how Kafka being unreachable is handled).
+    pub fn start_operator_with_kafka(&self, namespace: &str, bootstrap: &str) -> OperatorHandle {
+        let mut config = eventops_operator::config::RunConfig::new(bootstrap);
         config.kafka_username = Some(self.info.kafka_admin_user.clone());
         config.kafka_password = Some(self.info.kafka_admin_password.clone());
         config.kafka_sasl_mechanism = self.info.kafka_sasl_mechanism.clone();
@@ -135,6 +141,28 @@ impl TestEnv {
             )
             .await?;
         TopicSummary::parse(&out).ok_or_else(|| anyhow::anyhow!("unexpected output: {out}"))
+    }
+
+    /// Whether Kafka has `topic`, asked with `TopicCommand --list`.
+    pub async fn topic_exists(&self, topic: &str) -> bool {
+        let listed = self
+            .kafka_tool("org.apache.kafka.tools.TopicCommand", &["--list"])
+            .await
+            .expect("listing topics");
+        listed.lines().any(|l| l == topic)
+    }
+
+    /// Reasons of the Events about the object `name` in `namespace`.
+    pub async fn event_reasons(&self, namespace: &str, name: &str) -> Vec<String> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), namespace);
+        let events = api.list(&Default::default()).await.expect("listing Events");
+        events
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .filter_map(|e| e.reason)
+            .collect()
     }
 }
 

@@ -234,3 +234,264 @@ async fn the_api_server_rejects_invalid_topics_naming_the_field() {
         "{err}"
     );
 }
+
+async fn condition(api: &Api<EventTopic>, name: &str, type_: &str) -> Option<(String, String)> {
+    let et = api.get(name).await.ok()?;
+    let c = et
+        .status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == type_)?;
+    Some((c.status, c.reason))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_behind_the_operators_back_are_corrected_and_reported() {
+    let (env, api, _operator) = setup("et-drift").await;
+    let topic = unique("orders.order-cancelled");
+    apply(
+        &api,
+        &topic,
+        json!({"partitions": 2, "config": {"retention.ms": "600000"}}),
+    )
+    .await
+    .unwrap();
+    ready(&api, &topic, 1, "True").await;
+
+    env.kafka_tool(
+        "kafka.admin.ConfigCommand",
+        &[
+            "--alter",
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            &topic,
+            "--add-config",
+            "retention.ms=1000,cleanup.policy=compact",
+        ],
+    )
+    .await
+    .unwrap();
+
+    eventually(TIMEOUT, "the operator to undo the change", || async {
+        let configs = env.describe_topic(&topic).await.ok()?.configs;
+        (configs.contains(&"retention.ms=600000".to_string())
+            && !configs.iter().any(|c| c.starts_with("cleanup.policy=")))
+        .then_some(())
+    })
+    .await;
+    let ns = api.namespace().unwrap_or_default();
+    let reasons = eventually(TIMEOUT, "a DriftCorrected Event", || async {
+        let reasons = env.event_reasons(ns, &topic).await;
+        reasons
+            .contains(&"DriftCorrected".to_string())
+            .then_some(reasons)
+    })
+    .await;
+    assert!(reasons.contains(&"TopicCreated".to_string()), "{reasons:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_topics_are_created_beside_the_dead_letter_topic() {
+    let (env, api, _operator) = setup("et-retry").await;
+    let topic = unique("orders.order-paid");
+    apply(
+        &api,
+        &topic,
+        json!({"partitions": 3, "retry": {"delays": ["30s", "5m"]}}),
+    )
+    .await
+    .unwrap();
+    ready(&api, &topic, 1, "True").await;
+    let status = api.get(&topic).await.unwrap().status.unwrap();
+    let expected = [format!("{topic}.retry-30s"), format!("{topic}.retry-5m")];
+    assert_eq!(status.retry_topics, expected);
+    assert_eq!(status.dead_letter_topic, Some(format!("{topic}.DLT")));
+    for retry in &expected {
+        let d = env.describe_topic(retry).await.unwrap();
+        assert_eq!(d.partitions, 3, "{retry}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_retains_the_topic_unless_the_policy_says_delete() {
+    let (env, api, _operator) = setup("et-delete").await;
+    let kept = unique("orders.order-kept");
+    let deleted = unique("orders.order-deleted");
+    apply(&api, &kept, json!({"partitions": 1})).await.unwrap();
+    apply(
+        &api,
+        &deleted,
+        json!({"partitions": 1, "deletionPolicy": "Delete"}),
+    )
+    .await
+    .unwrap();
+    ready(&api, &kept, 1, "True").await;
+    ready(&api, &deleted, 1, "True").await;
+    let finalizers = api
+        .get(&deleted)
+        .await
+        .unwrap()
+        .metadata
+        .finalizers
+        .unwrap_or_default();
+    assert_eq!(finalizers, [eventops_crds::TOPIC_FINALIZER]);
+    assert_eq!(
+        api.get(&kept).await.unwrap().metadata.finalizers,
+        None,
+        "Retain needs no finalizer"
+    );
+
+    for name in [&kept, &deleted] {
+        api.delete(name, &Default::default()).await.unwrap();
+    }
+    for name in [&kept, &deleted] {
+        eventually(TIMEOUT, &format!("EventTopic {name} gone"), || async {
+            api.get_opt(name).await.unwrap().is_none().then_some(())
+        })
+        .await;
+    }
+    assert!(
+        env.topic_exists(&kept).await,
+        "Retain keeps the topic and its data"
+    );
+    assert!(env.topic_exists(&format!("{kept}.DLT")).await);
+    assert!(
+        !env.topic_exists(&deleted).await,
+        "Delete deletes the topic"
+    );
+    assert!(!env.topic_exists(&format!("{deleted}.DLT")).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_release_annotation_lets_a_resource_go_when_kafka_is_gone() {
+    let env = env().await;
+    let ns = env.namespace("et-release").await;
+    // Nothing listens on port 1: Kafka is gone for this operator.
+    let _operator = env.start_operator_with_kafka(&ns, "127.0.0.1:1");
+    let api: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
+    let name = unique("orders.order-orphaned");
+    apply(
+        &api,
+        &name,
+        json!({"partitions": 1, "deletionPolicy": "Delete"}),
+    )
+    .await
+    .unwrap();
+    eventually(TIMEOUT, "the finalizer", || async {
+        api.get(&name)
+            .await
+            .ok()?
+            .metadata
+            .finalizers?
+            .first()
+            .cloned()
+    })
+    .await;
+
+    api.delete(&name, &Default::default()).await.unwrap();
+    let message = eventually(TIMEOUT, "a condition saying how to let go", || async {
+        let et = api.get(&name).await.ok()?;
+        let c = et
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready")?;
+        c.message
+            .contains(eventops_crds::RELEASE_FINALIZER_ANNOTATION)
+            .then_some(c.message)
+    })
+    .await;
+    assert!(message.contains("Kafka is unavailable"), "{message}");
+    assert!(
+        api.get_opt(&name).await.unwrap().is_some(),
+        "held by the finalizer"
+    );
+
+    let patch =
+        json!({"metadata": {"annotations": {eventops_crds::RELEASE_FINALIZER_ANNOTATION: "true"}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(TIMEOUT, "the EventTopic to go", || async {
+        api.get_opt(&name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_paused_annotation_stops_reconciliation() {
+    let (env, api, _operator) = setup("et-paused").await;
+    let topic = unique("orders.order-held");
+    apply(&api, &topic, json!({"partitions": 2})).await.unwrap();
+    ready(&api, &topic, 1, "True").await;
+
+    let pause = json!({"metadata": {"annotations": {eventops_crds::PAUSED_ANNOTATION: "true"}}});
+    api.patch(&topic, &PatchParams::default(), &Patch::Merge(&pause))
+        .await
+        .unwrap();
+    eventually(TIMEOUT, "the Paused condition", || async {
+        (condition(&api, &topic, "Paused").await? == ("True".into(), "Paused".into())).then_some(())
+    })
+    .await;
+    apply(&api, &topic, json!({"partitions": 4})).await.unwrap();
+    // Several resync intervals (2 s in tests) pass without the change reaching Kafka.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(env.describe_topic(&topic).await.unwrap().partitions, 2);
+
+    let resume = json!({"metadata": {"annotations": {eventops_crds::PAUSED_ANNOTATION: null}}});
+    api.patch(&topic, &PatchParams::default(), &Patch::Merge(&resume))
+        .await
+        .unwrap();
+    ready(&api, &topic, 2, "True").await;
+    assert_eq!(env.describe_topic(&topic).await.unwrap().partitions, 4);
+    assert_eq!(condition(&api, &topic, "Paused").await, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_event_topics_for_one_kafka_topic_the_oldest_wins() {
+    let (_env, api, _operator) = setup("et-conflict").await;
+    let topic = unique("orders.order-claimed");
+    // Creation timestamps have one-second resolution; on a tie the name decides, so "a-"
+    // is the older either way.
+    let first = format!("a-{topic}");
+    let second = format!("b-{topic}");
+    apply(&api, &first, json!({"partitions": 1, "topicName": topic}))
+        .await
+        .unwrap();
+    ready(&api, &first, 1, "True").await;
+    apply(&api, &second, json!({"partitions": 1, "topicName": topic}))
+        .await
+        .unwrap();
+
+    let (reason, message) = ready(&api, &second, 1, "False").await;
+    assert_eq!(reason, "ResourceConflict");
+    assert!(
+        message.contains(&first) && message.contains("spec.topicName"),
+        "{message}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        condition(&api, &first, "Ready").await,
+        Some(("True".into(), "InSync".into()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn naming_policy_is_reported_as_a_condition() {
+    let (_env, api, _operator) = setup("et-naming").await;
+    let good = "shop.order.placed";
+    let bad = unique("shop.order.place");
+    apply(&api, good, json!({"partitions": 1})).await.unwrap();
+    apply(&api, &bad, json!({"partitions": 1})).await.unwrap();
+    ready(&api, good, 1, "True").await;
+    ready(&api, &bad, 1, "True").await;
+    assert_eq!(
+        condition(&api, good, "NamingPolicy").await,
+        Some(("True".into(), "Compliant".into()))
+    );
+    assert_eq!(
+        condition(&api, &bad, "NamingPolicy").await,
+        Some(("False".into(), "NonCompliant".into()))
+    );
+}

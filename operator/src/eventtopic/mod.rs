@@ -6,12 +6,16 @@ pub mod plan;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventops_crds::{EventTopic, EventTopicStatus};
+use eventops_crds::{
+    DeletionPolicy, EventTopic, EventTopicStatus, RELEASE_FINALIZER_ANNOTATION, TOPIC_FINALIZER,
+    annotation_is_true,
+};
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
@@ -22,10 +26,27 @@ use crate::error::Error;
 use crate::kafka::{KafkaError, TopicState};
 use plan::{DesiredTopic, Plan, Step};
 
+/// Condition type set while the paused annotation stops reconciliation.
+pub const PAUSED: &str = "Paused";
+/// Condition type that says whether the topic name follows the naming policy.
+pub const NAMING_POLICY: &str = "NamingPolicy";
+
+/// What the EventTopic reconciler works with.
+struct Ctx {
+    shared: Arc<Context>,
+    /// Every EventTopic the operator watches, for ownership conflicts.
+    topics: Store<EventTopic>,
+}
+
 /// Runs the EventTopic controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let api: Api<EventTopic> = ctx.api_for_watch();
-    Controller::new(api, watcher::Config::default().any_semantic())
+pub async fn run(shared: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let api: Api<EventTopic> = shared.api_for_watch();
+    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let ctx = Arc::new(Ctx {
+        shared,
+        topics: controller.store(),
+    });
+    controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -36,75 +57,123 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         .await;
 }
 
-/// What one pass found and did, before it becomes status.
-struct Outcome {
-    ready: Observed,
-    main: Option<TopicState>,
-    /// Changes made in Kafka, each becoming a Normal Event: (reason, note).
-    changes: Vec<(&'static str, String)>,
-    /// When to look again.
-    requeue: Duration,
+/// A change made in Kafka, to be told in an Event.
+struct Change {
+    type_: EventType,
+    reason: &'static str,
+    note: String,
 }
 
-async fn reconcile(et: Arc<EventTopic>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let outcome = match plan::desired_topics(&et) {
-        Err(invalid) => Outcome {
-            ready: Observed::ready(false, "InvalidSpec", invalid.0),
+/// What one pass found and did, before it becomes status.
+struct Outcome {
+    /// New Ready condition; `None` leaves it as it is (while paused).
+    ready: Option<Observed>,
+    paused: bool,
+    main: Option<TopicState>,
+    changes: Vec<Change>,
+    /// When to look again; `None` waits for a change of the resource.
+    requeue: Option<Duration>,
+}
+
+impl Outcome {
+    fn not_ready(reason: &str, message: String, requeue: Duration) -> Self {
+        Self {
+            ready: Some(Observed::ready(false, reason, message)),
+            paused: false,
             main: None,
             changes: vec![],
-            requeue: ctx.settings.resync_interval,
-        },
-        Ok(topics) => sync(&topics, &ctx).await,
+            requeue: Some(requeue),
+        }
+    }
+}
+
+async fn reconcile(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    ctx.topics.wait_until_ready().await.ok();
+    if et.metadata.deletion_timestamp.is_some() {
+        return finalize(&et, &ctx).await;
+    }
+    let resync = ctx.shared.settings.resync_interval;
+    let outcome = if et.is_paused() {
+        Outcome {
+            ready: None,
+            paused: true,
+            main: None,
+            changes: vec![],
+            requeue: None,
+        }
+    } else {
+        set_finalizer(&et, &ctx.shared).await?;
+        match plan::desired_topics(&et) {
+            Err(invalid) => Outcome::not_ready("InvalidSpec", invalid.0, resync),
+            Ok(topics) => {
+                let all = ctx.topics.state();
+                match plan::conflict(&et, all.iter().map(AsRef::as_ref)) {
+                    Some(message) => Outcome::not_ready("ResourceConflict", message, resync),
+                    None => sync(&topics, drifted_if_changed(&et), &ctx.shared).await,
+                }
+            }
+        }
     };
-    write_status(&et, &ctx, &outcome).await?;
-    for (reason, note) in &outcome.changes {
-        ctx.event(&*et, EventType::Normal, reason, "Reconcile", note.clone())
+    write_status(&et, &ctx.shared, &outcome).await?;
+    for change in outcome.changes {
+        let reason = change.reason;
+        ctx.shared
+            .event(&*et, change.type_, reason, "Reconcile", change.note)
             .await;
     }
-    Ok(Action::requeue(outcome.requeue))
+    Ok(outcome
+        .requeue
+        .map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Whether a change needed now was made outside EventOps: Kafka matched this very
+/// generation of the spec before.
+fn drifted_if_changed(et: &EventTopic) -> bool {
+    let Some(status) = &et.status else {
+        return false;
+    };
+    status.observed_generation == et.metadata.generation
+        && conditions::find(&status.conditions, READY).is_some_and(|c| c.status == "True")
 }
 
 /// Brings each desired topic in Kafka to its spec, stopping at the first that cannot be.
-async fn sync(topics: &[DesiredTopic], ctx: &Context) -> Outcome {
+async fn sync(topics: &[DesiredTopic], drift: bool, ctx: &Context) -> Outcome {
+    let resync = ctx.settings.resync_interval;
     let mut changes = Vec::new();
     let mut main = None;
     for (i, desired) in topics.iter().enumerate() {
-        let result = sync_one(desired, ctx, &mut changes).await;
-        match result {
+        match sync_one(desired, drift, ctx, &mut changes).await {
             Ok(state) if i == 0 => main = state,
             Ok(_) => {}
-            Err(Refusal::NotSupported(message)) => {
-                return Outcome {
-                    ready: Observed::ready(false, "NotSupported", message),
-                    main,
-                    changes,
-                    requeue: ctx.settings.resync_interval,
-                };
-            }
-            Err(Refusal::Kafka(e)) => {
-                let requeue = match e {
-                    KafkaError::Unavailable { .. } => Duration::from_secs(5),
-                    KafkaError::Refused { .. } => ctx.settings.resync_interval,
+            Err(refusal) => {
+                let (reason, message, requeue) = match refusal {
+                    Refusal::NotSupported(message) => ("NotSupported".into(), message, resync),
+                    Refusal::Kafka(e @ KafkaError::Unavailable { .. }) => {
+                        (e.reason(), e.to_string(), Duration::from_secs(5))
+                    }
+                    Refusal::Kafka(e) => (e.reason(), e.to_string(), resync),
                 };
                 return Outcome {
-                    ready: Observed::ready(false, e.reason(), e.to_string()),
+                    ready: Some(Observed::ready(false, reason, message)),
+                    paused: false,
                     main,
                     changes,
-                    requeue,
+                    requeue: Some(requeue),
                 };
             }
         }
     }
     let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
     Outcome {
-        ready: Observed::ready(
+        ready: Some(Observed::ready(
             true,
             "InSync",
             format!("Kafka topics {} match the spec", names.join(", ")),
-        ),
+        )),
+        paused: false,
         main,
         changes,
-        requeue: ctx.settings.resync_interval,
+        requeue: Some(resync),
     }
 }
 
@@ -116,8 +185,9 @@ enum Refusal {
 /// Dereference, diff and apply one topic. Returns the topic's state after the changes.
 async fn sync_one(
     desired: &DesiredTopic,
+    drift: bool,
     ctx: &Context,
-    changes: &mut Vec<(&'static str, String)>,
+    changes: &mut Vec<Change>,
 ) -> Result<Option<TopicState>, Refusal> {
     let actual = ctx
         .kafka
@@ -128,6 +198,20 @@ async fn sync_one(
         Plan::NotSupported(message) => return Err(Refusal::NotSupported(message)),
         Plan::Apply(steps) => steps,
     };
+    let mut record = |reason: &'static str, note: String| {
+        // A change to a spec that Kafka already matched was undone behind our back.
+        let (type_, reason, note) = if drift {
+            let note = format!("Kafka differed from the spec (changed outside EventOps): {note}");
+            (EventType::Warning, "DriftCorrected", note)
+        } else {
+            (EventType::Normal, reason, note)
+        };
+        changes.push(Change {
+            type_,
+            reason,
+            note,
+        });
+    };
     let mut state = actual;
     for step in steps {
         match step {
@@ -137,13 +221,13 @@ async fn sync_one(
                     .await
                     .map_err(Refusal::Kafka)?;
                 info!(topic = %spec.name, partitions = spec.partitions, "created Kafka topic");
-                changes.push((
+                record(
                     "TopicCreated",
                     format!(
                         "created Kafka topic {} with {} partitions",
                         spec.name, spec.partitions
                     ),
-                ));
+                );
                 state = Some(TopicState {
                     partitions: spec.partitions,
                     // Unknown until Kafka is asked again when the broker picked it.
@@ -157,10 +241,10 @@ async fn sync_one(
                     .await
                     .map_err(Refusal::Kafka)?;
                 info!(%topic, to, "added partitions");
-                changes.push((
+                record(
                     "PartitionsAdded",
                     format!("raised {topic} to {to} partitions"),
-                ));
+                );
                 if let Some(s) = state.as_mut() {
                     s.partitions = to;
                 }
@@ -174,11 +258,11 @@ async fn sync_one(
                     .replace_configs(&topic, &configs)
                     .await
                     .map_err(Refusal::Kafka)?;
-                info!(%topic, ?changed, "corrected topic configs");
-                changes.push((
+                info!(%topic, ?changed, "set topic configs");
+                record(
                     "ConfigsUpdated",
-                    format!("set configs of {topic} to the spec: {}", changed.join(", ")),
-                ));
+                    format!("set configs of {topic}: {}", changed.join(", ")),
+                );
                 if let Some(s) = state.as_mut() {
                     s.configs = configs;
                 }
@@ -188,87 +272,180 @@ async fn sync_one(
     Ok(state)
 }
 
+/// Holds the finalizer exactly while `deletionPolicy: Delete` asks for it, so retained
+/// topics never make deletion wait for the operator.
+async fn set_finalizer(et: &EventTopic, ctx: &Context) -> Result<(), Error> {
+    let want = et.spec.deletion_policy == DeletionPolicy::Delete;
+    let has = et.finalizers().iter().any(|f| f == TOPIC_FINALIZER);
+    if want == has {
+        return Ok(());
+    }
+    let mut finalizers: Vec<&str> = et
+        .finalizers()
+        .iter()
+        .map(String::as_str)
+        .filter(|f| *f != TOPIC_FINALIZER)
+        .collect();
+    if want {
+        finalizers.push(TOPIC_FINALIZER);
+    }
+    patch_finalizers(et, ctx, &finalizers).await
+}
+
+/// Deletion: with `deletionPolicy: Delete`, delete the Kafka topics this EventTopic alone
+/// asks for, then let the resource go.
+async fn finalize(et: &EventTopic, ctx: &Ctx) -> Result<Action, Error> {
+    if !et.finalizers().iter().any(|f| f == TOPIC_FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let released = annotation_is_true(&et.metadata, RELEASE_FINALIZER_ANNOTATION);
+    if et.spec.deletion_policy == DeletionPolicy::Delete && !released {
+        let all = ctx.topics.state();
+        let topics = plan::exclusively_owned(et, all.iter().map(AsRef::as_ref));
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        if let Err(e) = ctx.shared.kafka.delete_topics(&names).await {
+            let message = format!(
+                "{e}; the resource stays until its topics are deleted. If Kafka is gone for \
+                 good, annotate it {RELEASE_FINALIZER_ANNOTATION}=true to let it go"
+            );
+            let outcome = Outcome::not_ready(&e.reason(), message, Duration::from_secs(5));
+            write_status(et, &ctx.shared, &outcome).await?;
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+        info!(topics = ?names, "deleted Kafka topics");
+        let note = format!("deleted Kafka topics {}", names.join(", "));
+        ctx.shared
+            .event(et, EventType::Normal, "TopicsDeleted", "Delete", note)
+            .await;
+    }
+    let rest: Vec<&str> = et
+        .finalizers()
+        .iter()
+        .map(String::as_str)
+        .filter(|f| *f != TOPIC_FINALIZER)
+        .collect();
+    patch_finalizers(et, &ctx.shared, &rest).await?;
+    Ok(Action::await_change())
+}
+
+/// Replaces `metadata.finalizers`, failing on a concurrent change (resourceVersion) so
+/// another controller's finalizer is never dropped.
+async fn patch_finalizers(
+    et: &EventTopic,
+    ctx: &Context,
+    finalizers: &[&str],
+) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": et.resource_version(),
+        }
+    });
+    api(et, ctx)
+        .patch(
+            &et.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(|source| kube_error("update finalizers of", et, source))?;
+    Ok(())
+}
+
 /// Writes status when it differs from what is stored, and an Event when Ready changes.
 async fn write_status(et: &EventTopic, ctx: &Context, outcome: &Outcome) -> Result<(), Error> {
     let old = et.status.clone().unwrap_or_default();
     let generation = et.metadata.generation;
-    let conditions = conditions::set(
-        &old.conditions,
-        outcome.ready.clone(),
-        generation,
-        Timestamp::now(),
-    );
+    let now = Timestamp::now();
+    let mut conds = old.conditions.clone();
+    if let Some(ready) = &outcome.ready {
+        conds = conditions::set(&conds, ready.clone(), generation, now);
+    }
+    conds = if outcome.paused {
+        let message = format!(
+            "reconciliation is paused by the {} annotation; remove it to resume",
+            eventops_crds::PAUSED_ANNOTATION
+        );
+        conditions::set(
+            &conds,
+            Observed::new(PAUSED, true, "Paused", message),
+            generation,
+            now,
+        )
+    } else {
+        conditions::remove(&conds, PAUSED)
+    };
+    conds = match plan::naming(et.kafka_topic_name(), ctx.settings.topic_naming.as_ref()) {
+        Some(observed) => conditions::set(&conds, observed, generation, now),
+        None => conditions::remove(&conds, NAMING_POLICY),
+    };
+    let main = outcome.main.as_ref();
     let new = EventTopicStatus {
-        observed_generation: generation,
-        conditions,
+        // While paused, the spec has not been acted on: keep the generation last acted on.
+        observed_generation: if outcome.paused {
+            old.observed_generation
+        } else {
+            generation
+        },
+        conditions: conds,
         topic_name: Some(et.kafka_topic_name().to_string()),
-        partitions: outcome
-            .main
-            .as_ref()
-            .map(|s| s.partitions)
-            .or(old.partitions),
-        replication_factor: outcome
-            .main
-            .as_ref()
+        partitions: main.map(|s| s.partitions).or(old.partitions),
+        replication_factor: main
             .map(|s| s.replication_factor)
             .filter(|rf| *rf > 0)
             .or(old.replication_factor),
+        dead_letter_topic: et.dead_letter_topic_name(),
+        retry_topics: et.retry_topic_names(),
     };
     if new == old {
         return Ok(());
     }
-    let api: Api<EventTopic> =
-        Api::namespaced(ctx.client.clone(), &et.namespace().unwrap_or_default());
     let patch = serde_json::json!({
         "apiVersion": EventTopic::api_version(&()),
         "kind": EventTopic::kind(&()),
         "status": new,
     });
-    api.patch_status(
-        &et.name_any(),
-        &PatchParams::apply(crate::FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|source| Error::Kube {
-        action: "write status of",
+    api(et, ctx)
+        .patch_status(
+            &et.name_any(),
+            &PatchParams::apply(crate::FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| kube_error("write status of", et, source))?;
+
+    if let Some(ready) = &outcome.ready {
+        let was = conditions::find(&old.conditions, READY).map(|c| (c.status == "True", &c.reason));
+        if was != Some((ready.status, &ready.reason)) {
+            let type_ = if ready.status {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            ctx.event(et, type_, &ready.reason, "Reconcile", ready.message.clone())
+                .await;
+        }
+    }
+    Ok(())
+}
+
+fn api(et: &EventTopic, ctx: &Context) -> Api<EventTopic> {
+    Api::namespaced(ctx.client.clone(), &et.namespace().unwrap_or_default())
+}
+
+fn kube_error(action: &'static str, et: &EventTopic, source: kube::Error) -> Error {
+    Error::Kube {
+        action,
         object: format!(
             "EventTopic {}/{}",
             et.namespace().unwrap_or_default(),
             et.name_any()
         ),
         source,
-    })?;
-
-    let was =
-        conditions::find(&old.conditions, READY).map(|c| (c.status.as_str(), c.reason.as_str()));
-    let now = (
-        if outcome.ready.status {
-            "True"
-        } else {
-            "False"
-        },
-        outcome.ready.reason.as_str(),
-    );
-    if was != Some(now) {
-        let type_ = if outcome.ready.status {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        };
-        ctx.event(
-            et,
-            type_,
-            &outcome.ready.reason,
-            "Reconcile",
-            outcome.ready.message.clone(),
-        )
-        .await;
     }
-    Ok(())
 }
 
-fn error_policy(et: Arc<EventTopic>, error: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy(et: Arc<EventTopic>, error: &Error, _ctx: Arc<Ctx>) -> Action {
     warn!(eventtopic = %et.name_any(), %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }

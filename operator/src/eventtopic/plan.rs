@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use eventops_crds::{EventTopic, TOPIC_NAME_MAX_LEN};
 
+use super::NAMING_POLICY;
+use crate::conditions::Observed;
 use crate::kafka::{NewTopicSpec, TopicState};
 
 /// A topic the spec asks for.
@@ -59,7 +61,119 @@ pub fn desired_topics(et: &EventTopic) -> Result<Vec<DesiredTopic>, Invalid> {
             configs: et.spec.dead_letter.config.clone(),
         });
     }
+    for (retry, delay) in et
+        .retry_topic_names()
+        .into_iter()
+        .zip(&et.spec.retry.delays)
+    {
+        check_topic_name("spec.retry.delays", &retry)?;
+        // Retried records keep their partition number too.
+        topics.push(DesiredTopic {
+            field: "spec.retry",
+            name: retry,
+            partitions: et.spec.partitions,
+            replication_factor: et.spec.replication_factor,
+            // A retry topic only holds records until they are retried.
+            configs: BTreeMap::from([(
+                "retention.ms".to_string(),
+                retry_retention_ms(&delay.0).to_string(),
+            )]),
+        });
+    }
     Ok(topics)
+}
+
+/// Retention of a retry topic: a day beyond its delay, so records waiting out the delay
+/// survive a consumer outage of up to a day.
+fn retry_retention_ms(delay: &str) -> u64 {
+    let (n, unit) = delay.split_at(delay.len() - 1);
+    let n: u64 = n.parse().unwrap_or(0);
+    let secs = match unit {
+        "h" => n * 3600,
+        "m" => n * 60,
+        _ => n,
+    };
+    (secs + 24 * 3600) * 1000
+}
+
+/// If another EventTopic already manages one of `mine`'s Kafka topics, the message that
+/// says which. The oldest EventTopic wins (ties broken by namespace and name), so the
+/// answer is the same whichever of the two is reconciled first.
+pub fn conflict<'a>(
+    mine: &EventTopic,
+    others: impl IntoIterator<Item = &'a EventTopic>,
+) -> Option<String> {
+    let my_topics = topic_names(mine);
+    let key = |et: &EventTopic| {
+        (
+            et.metadata.creation_timestamp.clone().map(|t| t.0),
+            et.metadata.namespace.clone(),
+            et.metadata.name.clone(),
+        )
+    };
+    others
+        .into_iter()
+        .filter(|other| other.metadata.uid != mine.metadata.uid)
+        .filter(|other| other.metadata.deletion_timestamp.is_none())
+        .filter(|other| key(other) < key(mine))
+        .find_map(|other| {
+            let shared = topic_names(other).into_iter().find(|t| my_topics.contains(t))?;
+            Some(format!(
+                "Kafka topic {shared} is already managed by EventTopic {}/{}, created earlier:                  choose another spec.topicName (or spec.deadLetter.topicName)",
+                other.metadata.namespace.as_deref().unwrap_or_default(),
+                other.metadata.name.as_deref().unwrap_or_default(),
+            ))
+        })
+}
+
+/// The Kafka topics of `mine` that no other live EventTopic asks for: the ones deleting
+/// `mine` with `deletionPolicy: Delete` may delete.
+pub fn exclusively_owned<'a>(
+    mine: &EventTopic,
+    others: impl IntoIterator<Item = &'a EventTopic>,
+) -> Vec<String> {
+    let claimed: Vec<String> = others
+        .into_iter()
+        .filter(|other| other.metadata.uid != mine.metadata.uid)
+        .filter(|other| other.metadata.deletion_timestamp.is_none())
+        .flat_map(topic_names)
+        .collect();
+    topic_names(mine)
+        .into_iter()
+        .filter(|t| !claimed.contains(t))
+        .collect()
+}
+
+/// The `NamingPolicy` condition for a topic name, or `None` when no policy is set.
+pub fn naming(topic: &str, policy: Option<&regex::Regex>) -> Option<Observed> {
+    let policy = policy?;
+    Some(if policy.is_match(topic) {
+        Observed::new(
+            NAMING_POLICY,
+            true,
+            "Compliant",
+            format!("{topic} follows the naming policy"),
+        )
+    } else {
+        Observed::new(
+            NAMING_POLICY,
+            false,
+            "NonCompliant",
+            format!(
+                "topic name {topic} does not follow the naming policy <domain>.<aggregate>.<past-tense-verb> \
+                 (pattern {}), e.g. orders.order.placed: set spec.topicName",
+                policy.as_str()
+            ),
+        )
+    })
+}
+
+/// Every Kafka topic an EventTopic asks for (main, dead-letter, retry).
+pub fn topic_names(et: &EventTopic) -> Vec<String> {
+    let mut names = vec![et.kafka_topic_name().to_string()];
+    names.extend(et.dead_letter_topic_name());
+    names.extend(et.retry_topic_names());
+    names
 }
 
 fn check_topic_name(field: &str, name: &str) -> Result<(), Invalid> {
@@ -302,6 +416,97 @@ mod tests {
             panic!("replication factor change must be refused");
         };
         assert!(msg.contains("spec.replicationFactor"), "{msg}");
+    }
+
+    #[test]
+    fn retry_topics_follow_the_source() {
+        let mut et = topic("t", 4);
+        et.spec.retry.delays = vec![
+            eventops_crds::RetryDelay("30s".into()),
+            eventops_crds::RetryDelay("5m".into()),
+        ];
+        let topics = desired_topics(&et).unwrap();
+        let retry: Vec<_> = topics
+            .iter()
+            .filter(|t| t.field == "spec.retry")
+            .map(|t| {
+                (
+                    t.name.as_str(),
+                    t.partitions,
+                    t.configs["retention.ms"].as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            retry,
+            [
+                ("t.retry-30s", 4, "86430000"),
+                ("t.retry-5m", 4, "86700000")
+            ]
+        );
+    }
+
+    fn created(name: &str, ns: &str, uid: &str, at: i64, topic_name: Option<&str>) -> EventTopic {
+        let mut et = topic(name, 1);
+        et.metadata.namespace = Some(ns.into());
+        et.metadata.uid = Some(uid.into());
+        et.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(at).unwrap(),
+            ));
+        et.spec.topic_name = topic_name.map(String::from);
+        et
+    }
+
+    #[test]
+    fn the_oldest_event_topic_owns_a_kafka_topic() {
+        let old = created("orders", "a", "1", 100, None);
+        let young = created("other", "b", "2", 200, Some("orders"));
+        let unrelated = created("payments", "a", "3", 50, None);
+        let all = [old.clone(), young.clone(), unrelated];
+        assert_eq!(conflict(&old, &all), None);
+        let msg = conflict(&young, &all).unwrap();
+        assert!(
+            msg.contains("a/orders") && msg.contains("spec.topicName"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn dead_letter_names_count_as_owned_topics() {
+        let old = created("orders", "a", "1", 100, None);
+        let young = created("x", "a", "2", 200, Some("orders.DLT"));
+        assert!(conflict(&young, [&old]).is_some());
+    }
+
+    #[test]
+    fn deleting_spares_topics_another_event_topic_asks_for() {
+        let mine = created("orders", "a", "1", 100, None);
+        let other = created("x", "b", "2", 200, Some("orders.DLT"));
+        assert_eq!(exclusively_owned(&mine, [&other]), ["orders"]);
+        assert_eq!(exclusively_owned(&mine, []), ["orders", "orders.DLT"]);
+    }
+
+    #[test]
+    fn naming_policy_is_reported_not_enforced() {
+        let policy = regex::Regex::new(crate::config::DEFAULT_TOPIC_NAMING_PATTERN).unwrap();
+        for ok in [
+            "orders.order.placed",
+            "payments.payment.captured",
+            "shipping.parcel.sent",
+        ] {
+            assert!(naming(ok, Some(&policy)).unwrap().status, "{ok}");
+        }
+        for bad in [
+            "orders",
+            "orders.order.place",
+            "Orders.Order.Placed",
+            "a.b.c.placed",
+        ] {
+            let c = naming(bad, Some(&policy)).unwrap();
+            assert!(!c.status && c.message.contains("spec.topicName"), "{bad}");
+        }
+        assert_eq!(naming("anything", None), None);
     }
 
     #[test]

@@ -199,6 +199,32 @@ impl KafkaAdmin {
         first_result("create", &spec.name, results)
     }
 
+    /// Deletes topics; a topic Kafka does not have counts as deleted.
+    pub async fn delete_topics(&self, names: &[&str]) -> Result<(), KafkaError> {
+        let results = self
+            .client
+            .delete_topics(names, &self.options())
+            .await
+            .map_err(|source| KafkaError::Unavailable {
+                op: "delete",
+                topic: names.join(","),
+                source,
+            })?;
+        for result in results {
+            match result {
+                Err((topic, code)) if code != RDKafkaErrorCode::UnknownTopicOrPartition => {
+                    return Err(KafkaError::Refused {
+                        op: "delete",
+                        topic,
+                        code,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Raises the partition count of a topic to `partitions`.
     pub async fn create_partitions(&self, name: &str, partitions: i32) -> Result<(), KafkaError> {
         let new = NewPartitions::new(name, partitions as usize);
