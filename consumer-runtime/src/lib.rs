@@ -1,6 +1,7 @@
 //! The library EventOps workers link.
 //!
-//! Planned (see the project's issues): manual commits after processing, retries with
-//! back-off, error classification, dead-letter topics, an idempotency inbox in the
-//! worker's own database, graceful shutdown, health, metrics and tracing. Nothing of that
-//! exists yet; this crate only holds its place in the workspace.
+//! Today it holds [`contract`]: the environment variables through which the operator
+//! configures every worker pod. Processing (commits after handling, retries, dead-letter
+//! topics, idempotency, graceful shutdown, health and metrics) is still to be built.
+
+pub mod contract;
