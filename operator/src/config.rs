@@ -44,6 +44,11 @@ pub struct RunConfig {
     #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub kafka_properties: Vec<(String, String)>,
 
+    /// Kafka bootstrap servers as worker pods reach them, when that differs from
+    /// --kafka-bootstrap (for example an in-cluster Service name).
+    #[arg(long, env = "EVENTOPS_WORKER_KAFKA_BOOTSTRAP")]
+    pub worker_kafka_bootstrap: Option<String>,
+
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "EVENTOPS_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
@@ -69,6 +74,7 @@ impl RunConfig {
             kafka_username: None,
             kafka_password: None,
             kafka_properties: Vec::new(),
+            worker_kafka_bootstrap: None,
             namespace: None,
             resync_interval: std::time::Duration::from_secs(60).into(),
             topic_naming_pattern: DEFAULT_TOPIC_NAMING_PATTERN.into(),

@@ -17,6 +17,8 @@ pub struct Settings {
     pub resync_interval: Duration,
     /// Pattern Kafka topic names are expected to follow; `None` for no policy.
     pub topic_naming: Option<regex::Regex>,
+    /// How worker pods reach Kafka.
+    pub worker_kafka: crate::consumergroup::build::WorkerKafka,
 }
 
 /// Shared by all reconciles.

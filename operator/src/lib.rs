@@ -6,6 +6,7 @@
 
 pub mod conditions;
 pub mod config;
+pub mod consumergroup;
 pub mod context;
 pub mod error;
 pub mod eventtopic;
@@ -30,8 +31,13 @@ pub async fn run(
         namespace: config.namespace.clone(),
         resync_interval: config.resync_interval.into(),
         topic_naming: config.topic_naming()?,
+        worker_kafka: consumergroup::worker_kafka(config),
     };
     let ctx = Arc::new(Context::new(client, kafka, settings));
-    eventtopic::run(ctx, shutdown).await;
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    tokio::join!(
+        eventtopic::run(ctx.clone(), shutdown.clone()),
+        consumergroup::run(ctx, shutdown),
+    );
     Ok(())
 }

@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the controllers against the cluster of the current kubeconfig or service account.
-    Run(RunConfig),
+    Run(Box<RunConfig>),
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD.
     Crd {
         /// Write `<crd name>.yaml` files into this directory instead of printing.

@@ -1,0 +1,410 @@
+//! Pure steps of the ConsumerGroup reconciler: resolve the consumed EventTopics and build
+//! the Deployment and credentials Secret the spec asks for. No I/O here.
+
+use std::collections::BTreeMap;
+
+use eventops_consumer_runtime::contract::{self, RetryRoute, TopicRoute};
+use eventops_crds::{ConsumerGroup, EventTopic, Idempotency};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, Secret, SecretKeySelector,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+/// Label on every object made for a ConsumerGroup, valued with its name.
+pub const GROUP_LABEL: &str = "eventops.dev/consumer-group";
+/// Pod template annotation that changes with the credentials, so pods restart with new ones.
+pub const CREDENTIALS_VERSION_ANNOTATION: &str = "eventops.dev/credentials-version";
+
+/// How workers reach Kafka (the operator's own settings, minus its credentials).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerKafka {
+    /// `bootstrap.servers` as seen from worker pods.
+    pub bootstrap: String,
+    /// `security.protocol` for workers.
+    pub security_protocol: String,
+    /// SASL mechanism of the group's user.
+    pub sasl_mechanism: String,
+}
+
+/// EventTopics the spec names that do not exist (yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MissingTopics(pub Vec<String>);
+
+impl MissingTopics {
+    /// The condition message: which, where, and that the group waits.
+    pub fn message(&self, namespace: &str) -> String {
+        format!(
+            "spec.topics names EventTopic {} that does not exist in namespace {namespace}: \
+             waiting for it to be created",
+            self.0.join(", ")
+        )
+    }
+}
+
+/// The consumed topics with their dead-letter and retry topics, from the EventTopics
+/// of the group's namespace that `find` looks up by name.
+pub fn resolve_topics<'a>(
+    cg: &ConsumerGroup,
+    find: impl Fn(&str) -> Option<&'a EventTopic>,
+) -> Result<Vec<TopicRoute>, MissingTopics> {
+    let mut routes = Vec::new();
+    let mut missing = Vec::new();
+    for name in &cg.spec.topics {
+        match find(name) {
+            None => missing.push(name.clone()),
+            Some(et) => routes.push(TopicRoute {
+                topic: et.kafka_topic_name().to_string(),
+                dead_letter_topic: et.dead_letter_topic_name(),
+                retry_topics: et
+                    .retry_topic_names()
+                    .into_iter()
+                    .zip(&et.spec.retry.delays)
+                    .map(|(topic, delay)| RetryRoute {
+                        topic,
+                        delay_ms: delay_ms(&delay.0),
+                    })
+                    .collect(),
+            }),
+        }
+    }
+    if missing.is_empty() {
+        Ok(routes)
+    } else {
+        Err(MissingTopics(missing))
+    }
+}
+
+fn delay_ms(delay: &str) -> u64 {
+    let (n, unit) = delay.split_at(delay.len().saturating_sub(1));
+    let n: u64 = n.parse().unwrap_or(0);
+    n * match unit {
+        "h" => 3_600_000,
+        "m" => 60_000,
+        _ => 1_000,
+    }
+}
+
+/// The group's Kafka user: one per ConsumerGroup, named after its namespace and name
+/// (`.` cannot occur in either, so no two groups share a user).
+pub fn kafka_user(cg: &ConsumerGroup) -> String {
+    format!(
+        "eventops.{}.{}",
+        cg.namespace().unwrap_or_default(),
+        cg.name_any()
+    )
+}
+
+/// Name of the Secret holding the group's Kafka credentials.
+pub fn secret_name(cg: &ConsumerGroup) -> String {
+    format!("{}-kafka", cg.name_any())
+}
+
+fn labels(cg: &ConsumerGroup) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), cg.name_any()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "eventops".to_string(),
+        ),
+        (GROUP_LABEL.to_string(), cg.name_any()),
+    ])
+}
+
+fn owned_meta(cg: &ConsumerGroup, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: cg.namespace(),
+        labels: Some(labels(cg)),
+        owner_references: cg.controller_owner_ref(&()).map(|r| vec![r]),
+        ..Default::default()
+    }
+}
+
+/// The credentials Secret: everything a client needs, for Rust and Java clients alike.
+pub fn secret(
+    cg: &ConsumerGroup,
+    kafka: &WorkerKafka,
+    password: &str,
+    rotation: Option<&str>,
+) -> Secret {
+    let user = kafka_user(cg);
+    let jaas = format!(
+        "org.apache.kafka.common.security.scram.ScramLoginModule required username=\"{user}\" password=\"{password}\";"
+    );
+    let mut meta = owned_meta(cg, secret_name(cg));
+    if let Some(token) = rotation {
+        meta.annotations = Some(BTreeMap::from([(
+            ROTATED_FOR_ANNOTATION.to_string(),
+            token.to_string(),
+        )]));
+    }
+    Secret {
+        metadata: meta,
+        string_data: Some(BTreeMap::from([
+            ("bootstrap.servers".into(), kafka.bootstrap.clone()),
+            ("security.protocol".into(), kafka.security_protocol.clone()),
+            ("sasl.mechanism".into(), kafka.sasl_mechanism.clone()),
+            ("username".into(), user),
+            ("password".into(), password.to_string()),
+            ("sasl.jaas.config".into(), jaas),
+        ])),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
+}
+
+/// ConsumerGroup annotation whose new value asks for new credentials.
+pub const ROTATE_ANNOTATION: &str = "eventops.dev/rotate-credentials";
+/// Secret annotation: the rotation request the current password answers.
+pub const ROTATED_FOR_ANNOTATION: &str = "eventops.dev/rotated-for";
+
+/// The worker Deployment. `replicas` is deliberately absent: the autoscaler owns it
+/// through the scale subresource, and a field absent from this apply is never fought over.
+pub fn deployment(
+    cg: &ConsumerGroup,
+    routes: &[TopicRoute],
+    kafka: &WorkerKafka,
+    credentials_version: &str,
+) -> Deployment {
+    let t = &cg.spec.template;
+    let p = &cg.spec.processing;
+    let plain = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        value_from: None,
+    };
+    let from_secret = |name: &str, key: &str| EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret_name(cg),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+    };
+    let idempotency = match p.idempotency {
+        Idempotency::None => "None",
+        Idempotency::Memory => "Memory",
+        Idempotency::Postgres => "Postgres",
+    };
+    let std_duration =
+        |d: &kube::core::Duration| std::time::Duration::from(*d).as_millis().to_string();
+    let mut env = vec![
+        plain(contract::KAFKA_BOOTSTRAP, kafka.bootstrap.clone()),
+        plain(
+            contract::KAFKA_SECURITY_PROTOCOL,
+            kafka.security_protocol.clone(),
+        ),
+        plain(contract::KAFKA_SASL_MECHANISM, kafka.sasl_mechanism.clone()),
+        from_secret(contract::KAFKA_USERNAME, "username"),
+        from_secret(contract::KAFKA_PASSWORD, "password"),
+        plain(contract::GROUP_ID, cg.kafka_group_id().to_string()),
+        plain(
+            contract::TOPICS,
+            serde_json::to_string(routes).expect("routes serialize"),
+        ),
+        plain(contract::MAX_ATTEMPTS, p.max_attempts.to_string()),
+        plain(
+            contract::BACKOFF_INITIAL_MS,
+            std_duration(&p.backoff.initial),
+        ),
+        plain(contract::BACKOFF_MAX_MS, std_duration(&p.backoff.max)),
+        plain(
+            contract::BACKOFF_MULTIPLIER,
+            p.backoff.multiplier.to_string(),
+        ),
+        plain(contract::DEAD_LETTER, p.dead_letter.to_string()),
+        plain(contract::IDEMPOTENCY, idempotency.to_string()),
+        plain(
+            contract::HEALTH_PORT,
+            contract::DEFAULT_HEALTH_PORT.to_string(),
+        ),
+    ];
+    env.extend(t.env.iter().cloned());
+    let selector = BTreeMap::from([(GROUP_LABEL.to_string(), cg.name_any())]);
+    Deployment {
+        metadata: owned_meta(cg, cg.name_any()),
+        spec: DeploymentSpec {
+            replicas: None,
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            },
+            // A new worker joins before an old one leaves: the group rebalances, but never
+            // runs short while rolling.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(cg)),
+                    annotations: Some(BTreeMap::from([(
+                        CREDENTIALS_VERSION_ANNOTATION.to_string(),
+                        credentials_version.to_string(),
+                    )])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![Container {
+                        name: "worker".into(),
+                        image: Some(t.image.clone()),
+                        command: (!t.command.is_empty()).then(|| t.command.clone()),
+                        args: (!t.args.is_empty()).then(|| t.args.clone()),
+                        env: Some(env),
+                        resources: t.resources.clone(),
+                        ..Default::default()
+                    }],
+                    // Time to finish in-flight records and commit after SIGTERM.
+                    termination_grace_period_seconds: Some(60),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        },
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eventops_crds::{ConsumerGroupSpec, EventTopicSpec, RetryDelay, WorkerTemplate};
+
+    fn group() -> ConsumerGroup {
+        let mut cg = ConsumerGroup::new(
+            "inventory",
+            ConsumerGroupSpec {
+                group_id: None,
+                topics: vec!["orders".into()],
+                template: WorkerTemplate {
+                    image: "inventory:1".into(),
+                    ..Default::default()
+                },
+                processing: Default::default(),
+                scaling: Default::default(),
+            },
+        );
+        cg.metadata.namespace = Some("shop".into());
+        cg.metadata.uid = Some("uid-1".into());
+        cg
+    }
+
+    fn topic(name: &str, kafka_name: &str) -> EventTopic {
+        let mut et = EventTopic::new(
+            name,
+            EventTopicSpec {
+                topic_name: Some(kafka_name.into()),
+                partitions: 3,
+                ..Default::default()
+            },
+        );
+        et.spec.retry.delays = vec![RetryDelay("30s".into())];
+        et
+    }
+
+    #[test]
+    fn topics_resolve_to_kafka_names_with_their_dead_letter_and_retry_topics() {
+        let et = topic("orders", "orders.order.placed");
+        let routes = resolve_topics(&group(), |n| (n == "orders").then_some(&et)).unwrap();
+        assert_eq!(
+            routes,
+            [TopicRoute {
+                topic: "orders.order.placed".into(),
+                dead_letter_topic: Some("orders.order.placed.DLT".into()),
+                retry_topics: vec![RetryRoute {
+                    topic: "orders.order.placed.retry-30s".into(),
+                    delay_ms: 30_000
+                }],
+            }]
+        );
+    }
+
+    #[test]
+    fn missing_topics_are_named() {
+        let err = resolve_topics(&group(), |_| None).unwrap_err();
+        assert_eq!(err, MissingTopics(vec!["orders".into()]));
+        assert!(
+            err.message("shop")
+                .contains("spec.topics names EventTopic orders")
+        );
+    }
+
+    #[test]
+    fn deployment_carries_the_contract_and_leaves_replicas_alone() {
+        let kafka = WorkerKafka {
+            bootstrap: "k:9092".into(),
+            security_protocol: "SASL_PLAINTEXT".into(),
+            sasl_mechanism: "SCRAM-SHA-512".into(),
+        };
+        let routes = vec![TopicRoute {
+            topic: "orders.order.placed".into(),
+            dead_letter_topic: None,
+            retry_topics: vec![],
+        }];
+        let d = deployment(&group(), &routes, &kafka, "v1");
+        let spec = d.spec;
+        assert_eq!(spec.replicas, None);
+        assert_eq!(d.metadata.owner_references.unwrap()[0].uid, "uid-1");
+        let pod = spec.template.spec.unwrap();
+        let env = pod.containers[0].env.clone().unwrap();
+        let get = |n: &str| env.iter().find(|e| e.name == n).unwrap().clone();
+        assert_eq!(get(contract::GROUP_ID).value.as_deref(), Some("inventory"));
+        assert_eq!(
+            get(contract::BACKOFF_INITIAL_MS).value.as_deref(),
+            Some("200")
+        );
+        let password = get(contract::KAFKA_PASSWORD)
+            .value_from
+            .unwrap()
+            .secret_key_ref
+            .unwrap();
+        assert_eq!(
+            (password.name.as_str(), password.key.as_str()),
+            ("inventory-kafka", "password")
+        );
+
+        // What the worker reads back is what the operator wrote.
+        let lookup = |name: &str| {
+            let e = env.iter().find(|e| e.name == name)?;
+            e.value
+                .clone()
+                .or_else(|| Some(format!("from-secret:{}", e.name)))
+        };
+        let config = contract::WorkerConfig::from_lookup(lookup).unwrap();
+        assert_eq!(config.topics, routes);
+        assert_eq!(
+            config.kafka["sasl.username"],
+            format!("from-secret:{}", contract::KAFKA_USERNAME)
+        );
+    }
+
+    #[test]
+    fn kafka_user_is_unique_per_namespace_and_name() {
+        assert_eq!(kafka_user(&group()), "eventops.shop.inventory");
+        let s = secret(
+            &group(),
+            &WorkerKafka {
+                bootstrap: "b".into(),
+                security_protocol: "SASL_PLAINTEXT".into(),
+                sasl_mechanism: "SCRAM-SHA-512".into(),
+            },
+            "pw",
+            None,
+        );
+        let data = s.string_data.unwrap();
+        assert_eq!(data["username"], "eventops.shop.inventory");
+        assert!(data["sasl.jaas.config"].contains("password=\"pw\""));
+    }
+}

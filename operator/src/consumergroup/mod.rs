@@ -1,0 +1,296 @@
+//! ConsumerGroup reconciler: dereference (EventTopics, Secret, Deployment) → build
+//! ([`build`], pure) → apply (server-side apply, only what differs) → status.
+
+pub mod build;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventops_crds::{ConsumerGroup, ConsumerGroupStatus, EventTopic};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use tracing::warn;
+
+use crate::conditions::{self, Observed, READY};
+use crate::context::Context;
+use crate::error::Error;
+use build::{ROTATE_ANNOTATION, ROTATED_FOR_ANNOTATION, WorkerKafka};
+
+/// Runs the ConsumerGroup controller until `shutdown` resolves.
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let groups_api: Api<ConsumerGroup> = ctx.api_for_watch();
+    let controller = Controller::new(groups_api, watcher::Config::default().any_semantic());
+    let groups = controller.store();
+    controller
+        // A deleted or edited Deployment is put back.
+        .owns(
+            ctx.api_for_watch::<Deployment>(),
+            watcher::Config::default().labels(build::GROUP_LABEL),
+        )
+        // A group waiting for an EventTopic goes on as soon as it appears.
+        .watches(
+            ctx.api_for_watch::<EventTopic>(),
+            watcher::Config::default(),
+            move |et| {
+                groups
+                    .state()
+                    .into_iter()
+                    .filter(|cg| cg.namespace() == et.namespace())
+                    .filter(|cg| cg.spec.topics.contains(&et.name_any()))
+                    .map(|cg| ObjectRef::from_obj(&*cg))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                warn!(error = %e, "consumergroup reconcile failed");
+            }
+        })
+        .await;
+}
+
+async fn reconcile(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = cg.namespace().unwrap_or_default();
+    let resync = ctx.settings.resync_interval;
+
+    // Dereference.
+    let topics_api: Api<EventTopic> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut found = BTreeMap::new();
+    for name in &cg.spec.topics {
+        if let Some(et) = topics_api
+            .get_opt(name)
+            .await
+            .map_err(|e| kube_error("read", &cg, e))?
+        {
+            found.insert(name.clone(), et);
+        }
+    }
+    let routes = match build::resolve_topics(&cg, |n| found.get(n)) {
+        Ok(routes) => routes,
+        Err(missing) => {
+            let ready = Observed::ready(false, "TopicNotFound", missing.message(&ns));
+            write_status(&cg, &ctx, ready, None).await?;
+            return Ok(Action::requeue(resync));
+        }
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let secret = secrets
+        .get_opt(&build::secret_name(&cg))
+        .await
+        .map_err(|e| kube_error("read the Secret of", &cg, e))?;
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let deployment = deployments
+        .get_opt(&cg.name_any())
+        .await
+        .map_err(|e| kube_error("read the Deployment of", &cg, e))?;
+
+    // Build.
+    let kafka = ctx.settings.worker_kafka.clone();
+    let requested_rotation = cg.annotations().get(ROTATE_ANNOTATION).map(String::as_str);
+    let current = secret.as_ref().and_then(|s| {
+        let password = secret_value(s, "password")?;
+        let answered = s.annotations().get(ROTATED_FOR_ANNOTATION).cloned();
+        Some((password, answered))
+    });
+    let (password, rotation) = match current {
+        Some((password, answered))
+            if requested_rotation.is_none_or(|r| answered.as_deref() == Some(r)) =>
+        {
+            (password, answered)
+        }
+        _ => (random_password(), requested_rotation.map(String::from)),
+    };
+    let credentials_version = rotation.clone().unwrap_or_else(|| "initial".into());
+    let desired_secret = build::secret(&cg, &kafka, &password, rotation.as_deref());
+    let desired_deployment = build::deployment(&cg, &routes, &kafka, &credentials_version);
+
+    // Apply: only what differs, so a resync that finds nothing writes nothing.
+    let params = PatchParams::apply(crate::FIELD_MANAGER).force();
+    if !secret_matches(secret.as_ref(), &desired_secret) {
+        secrets
+            .patch(
+                &build::secret_name(&cg),
+                &params,
+                &Patch::Apply(&desired_secret),
+            )
+            .await
+            .map_err(|e| kube_error("apply the Secret of", &cg, e))?;
+        if secret.is_some() {
+            ctx.event(
+                &*cg,
+                EventType::Normal,
+                "CredentialsRotated",
+                "Reconcile",
+                format!("new password for Kafka user {}", build::kafka_user(&cg)),
+            )
+            .await;
+        }
+    }
+    let current_replicas = deployment
+        .as_ref()
+        .and_then(|d| d.status.as_ref()?.replicas);
+    if !deployment_matches(deployment.as_ref(), &desired_deployment) {
+        deployments
+            .patch(&cg.name_any(), &params, &Patch::Apply(&desired_deployment))
+            .await
+            .map_err(|e| kube_error("apply the Deployment of", &cg, e))?;
+    }
+
+    let ready = Observed::ready(
+        true,
+        "InSync",
+        format!(
+            "Deployment {name} and Secret {secret} match the spec",
+            name = cg.name_any(),
+            secret = build::secret_name(&cg)
+        ),
+    );
+    write_status(&cg, &ctx, ready, current_replicas).await?;
+    Ok(Action::requeue(resync))
+}
+
+/// Whether the stored Secret already holds exactly the desired data.
+fn secret_matches(current: Option<&Secret>, desired: &Secret) -> bool {
+    let Some(current) = current else { return false };
+    let wanted = desired.string_data.clone().unwrap_or_default();
+    let have: BTreeMap<String, String> = current
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
+        .collect();
+    have == wanted
+        && current.annotations().get(ROTATED_FOR_ANNOTATION)
+            == desired.annotations().get(ROTATED_FOR_ANNOTATION)
+}
+
+fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    let bytes = secret.data.as_ref()?.get(key)?;
+    String::from_utf8(bytes.0.clone()).ok()
+}
+
+/// Whether the stored Deployment already has every field the operator sets, as desired.
+fn deployment_matches(current: Option<&Deployment>, desired: &Deployment) -> bool {
+    let Some(current) = current else { return false };
+    let (c, d) = (&current.spec, &desired.spec);
+    let container = |spec: &k8s_openapi::api::apps::v1::DeploymentSpec| {
+        let pod = spec.template.spec.as_ref()?;
+        let c = pod.containers.first()?;
+        Some((
+            c.image.clone(),
+            c.command.clone(),
+            c.args.clone(),
+            c.env.clone(),
+            c.resources.clone(),
+            pod.termination_grace_period_seconds,
+        ))
+    };
+    let annotations = |spec: &k8s_openapi::api::apps::v1::DeploymentSpec| {
+        spec.template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.clone())
+    };
+    container(c) == container(d)
+        && annotations(c) == annotations(d)
+        && c.selector == d.selector
+        && current.metadata.owner_references == desired.metadata.owner_references
+}
+
+/// 32 random bytes as hex, from the kernel's CSPRNG.
+fn random_password() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("reading /dev/urandom");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn write_status(
+    cg: &ConsumerGroup,
+    ctx: &Context,
+    ready: Observed,
+    replicas: Option<i32>,
+) -> Result<(), Error> {
+    let old = cg.status.clone().unwrap_or_default();
+    let generation = cg.metadata.generation;
+    let new = ConsumerGroupStatus {
+        observed_generation: generation,
+        conditions: conditions::set(&old.conditions, ready.clone(), generation, Timestamp::now()),
+        group_id: Some(cg.kafka_group_id().to_string()),
+        replicas: replicas.or(old.replicas),
+        desired_replicas: old.desired_replicas,
+        total_lag: old.total_lag,
+    };
+    if new == old {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": ConsumerGroup::api_version(&()),
+        "kind": ConsumerGroup::kind(&()),
+        "status": new,
+    });
+    Api::<ConsumerGroup>::namespaced(ctx.client.clone(), &cg.namespace().unwrap_or_default())
+        .patch_status(
+            &cg.name_any(),
+            &PatchParams::apply(crate::FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|e| kube_error("write status of", cg, e))?;
+    let was = conditions::find(&old.conditions, READY).map(|c| (c.status == "True", &c.reason));
+    if was != Some((ready.status, &ready.reason)) {
+        let type_ = if ready.status {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        ctx.event(cg, type_, &ready.reason, "Reconcile", ready.message)
+            .await;
+    }
+    Ok(())
+}
+
+fn kube_error(action: &'static str, cg: &ConsumerGroup, source: kube::Error) -> Error {
+    Error::Kube {
+        action,
+        object: format!(
+            "ConsumerGroup {}/{}",
+            cg.namespace().unwrap_or_default(),
+            cg.name_any()
+        ),
+        source,
+    }
+}
+
+fn error_policy(cg: Arc<ConsumerGroup>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(consumergroup = %cg.name_any(), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// The Kafka settings workers get, derived from the operator's.
+pub fn worker_kafka(config: &crate::config::RunConfig) -> WorkerKafka {
+    WorkerKafka {
+        bootstrap: config
+            .worker_kafka_bootstrap
+            .clone()
+            .unwrap_or_else(|| config.kafka_bootstrap.clone()),
+        security_protocol: config
+            .kafka_security_protocol
+            .clone()
+            .unwrap_or_else(|| "SASL_PLAINTEXT".into()),
+        sasl_mechanism: config.kafka_sasl_mechanism.clone(),
+    }
+}

@@ -1,0 +1,259 @@
+//! A ConsumerGroup applied to the real API server becomes a worker Deployment and a
+//! credentials Secret, with the environment contract the consumer runtime reads.
+
+use std::time::Duration;
+
+use eventops_consumer_runtime::contract;
+use eventops_crds::{ConsumerGroup, EventTopic};
+use eventops_tests::{TestEnv, env, eventually, unique};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Setup {
+    env: TestEnv,
+    ns: String,
+    groups: Api<ConsumerGroup>,
+    topics: Api<EventTopic>,
+    _operator: eventops_tests::OperatorHandle,
+}
+
+async fn setup(prefix: &str) -> Setup {
+    let env = env().await;
+    let ns = env.namespace(prefix).await;
+    let operator = env.start_operator(&ns);
+    Setup {
+        groups: Api::namespaced(env.client.clone(), &ns),
+        topics: Api::namespaced(env.client.clone(), &ns),
+        env,
+        ns,
+        _operator: operator,
+    }
+}
+
+async fn apply<
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+>(
+    api: &Api<K>,
+    name: &str,
+    spec: serde_json::Value,
+) -> K {
+    let obj = json!({
+        "apiVersion": K::api_version(&()), "kind": K::kind(&()),
+        "metadata": {"name": name}, "spec": spec,
+    });
+    api.patch(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .unwrap()
+}
+
+async fn ready(groups: &Api<ConsumerGroup>, name: &str, status: &str) -> (String, String) {
+    eventually(
+        TIMEOUT,
+        &format!("ConsumerGroup {name} Ready={status}"),
+        || async {
+            let cg = groups.get(name).await.ok()?;
+            let c = cg
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready")?;
+            (c.status == status).then_some((c.reason, c.message))
+        },
+    )
+    .await
+}
+
+fn env_value(d: &Deployment, name: &str) -> Option<String> {
+    let pod = d.spec.template.spec.as_ref()?;
+    let env = pod.containers[0].env.as_ref()?;
+    env.iter().find(|e| e.name == name)?.value.clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consumer_group_becomes_a_deployment_with_the_worker_contract() {
+    let s = setup("cg-deploy").await;
+    let topic = unique("orders.order-placed");
+    apply(
+        &s.topics,
+        "orders",
+        json!({"partitions": 3, "topicName": topic}),
+    )
+    .await;
+    apply(
+        &s.groups,
+        "inventory",
+        json!({"topics": ["orders"], "template": {"image": "inventory:1", "args": ["--fast"]},
+               "processing": {"maxAttempts": 5}}),
+    )
+    .await;
+    ready(&s.groups, "inventory", "True").await;
+
+    let deployments: Api<Deployment> = Api::namespaced(s.env.client.clone(), &s.ns);
+    let d = deployments.get("inventory").await.unwrap();
+    let owner = &d.metadata.owner_references.clone().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("ConsumerGroup", "inventory")
+    );
+    assert_eq!(
+        env_value(&d, contract::GROUP_ID).as_deref(),
+        Some("inventory")
+    );
+    assert_eq!(env_value(&d, contract::MAX_ATTEMPTS).as_deref(), Some("5"));
+    let routes: Vec<contract::TopicRoute> =
+        serde_json::from_str(&env_value(&d, contract::TOPICS).unwrap()).unwrap();
+    assert_eq!(routes[0].topic, topic);
+    assert_eq!(routes[0].dead_letter_topic, Some(format!("{topic}.DLT")));
+
+    let secrets: Api<Secret> = Api::namespaced(s.env.client.clone(), &s.ns);
+    let secret = secrets.get("inventory-kafka").await.unwrap();
+    let data = secret.data.unwrap();
+    let user = String::from_utf8(data["username"].0.clone()).unwrap();
+    assert_eq!(user, format!("eventops.{}.inventory", s.ns));
+    assert_eq!(data["password"].0.len(), 64);
+    assert_eq!(
+        secret.metadata.owner_references.unwrap()[0].name,
+        "inventory"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_waits_for_a_missing_topic_and_recovers_when_it_appears() {
+    let s = setup("cg-missing").await;
+    apply(
+        &s.groups,
+        "payment",
+        json!({"topics": ["payments"], "template": {"image": "payment:1"}}),
+    )
+    .await;
+    let (reason, message) = ready(&s.groups, "payment", "False").await;
+    assert_eq!(reason, "TopicNotFound");
+    assert!(
+        message.contains("spec.topics") && message.contains("payments"),
+        "{message}"
+    );
+
+    apply(
+        &s.topics,
+        "payments",
+        json!({"partitions": 1, "topicName": unique("payments.payment-captured")}),
+    )
+    .await;
+    ready(&s.groups, "payment", "True").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resyncs_write_nothing_and_replicas_are_left_to_the_autoscaler() {
+    let s = setup("cg-quiet").await;
+    apply(
+        &s.topics,
+        "orders",
+        json!({"partitions": 4, "topicName": unique("orders.order-quiet")}),
+    )
+    .await;
+    apply(
+        &s.groups,
+        "notify",
+        json!({"topics": ["orders"], "template": {"image": "notify:1"}}),
+    )
+    .await;
+    ready(&s.groups, "notify", "True").await;
+    let deployments: Api<Deployment> = Api::namespaced(s.env.client.clone(), &s.ns);
+    let secrets: Api<Secret> = Api::namespaced(s.env.client.clone(), &s.ns);
+
+    // The autoscaler's move, through the scale subresource.
+    let scale = json!({"spec": {"replicas": 3}});
+    deployments
+        .patch_scale("notify", &PatchParams::default(), &Patch::Merge(&scale))
+        .await
+        .unwrap();
+    eventually(
+        TIMEOUT,
+        "status.replicas to follow the Deployment",
+        || async {
+            let cg = s.groups.get("notify").await.ok()?;
+            (cg.status?.replicas == Some(3)).then_some(())
+        },
+    )
+    .await;
+    let versions = |cg: &ConsumerGroup, d: &Deployment, sec: &Secret| {
+        (
+            cg.metadata.resource_version.clone(),
+            d.metadata.generation,
+            sec.metadata.resource_version.clone(),
+        )
+    };
+    let before = versions(
+        &s.groups.get("notify").await.unwrap(),
+        &deployments.get("notify").await.unwrap(),
+        &secrets.get("notify-kafka").await.unwrap(),
+    );
+    // Several 2-second resyncs of both EventTopic and ConsumerGroup.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let d = deployments.get("notify").await.unwrap();
+    let after = versions(
+        &s.groups.get("notify").await.unwrap(),
+        &d,
+        &secrets.get("notify-kafka").await.unwrap(),
+    );
+    assert_eq!(
+        before, after,
+        "a resync that finds nothing to change writes nothing"
+    );
+    assert_eq!(d.spec.replicas, Some(3), "replicas are not fought over");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_rotate_on_request_and_roll_the_workers() {
+    let s = setup("cg-rotate").await;
+    apply(
+        &s.topics,
+        "orders",
+        json!({"partitions": 1, "topicName": unique("orders.order-rotated")}),
+    )
+    .await;
+    apply(
+        &s.groups,
+        "billing",
+        json!({"topics": ["orders"], "template": {"image": "billing:1"}}),
+    )
+    .await;
+    ready(&s.groups, "billing", "True").await;
+    let secrets: Api<Secret> = Api::namespaced(s.env.client.clone(), &s.ns);
+    let deployments: Api<Deployment> = Api::namespaced(s.env.client.clone(), &s.ns);
+    let password = |sec: Secret| sec.data.unwrap()["password"].0.clone();
+    let before = password(secrets.get("billing-kafka").await.unwrap());
+
+    let rotate =
+        json!({"metadata": {"annotations": {"eventops.dev/rotate-credentials": "2026-11-22"}}});
+    s.groups
+        .patch("billing", &PatchParams::default(), &Patch::Merge(&rotate))
+        .await
+        .unwrap();
+    let after = eventually(TIMEOUT, "a new password", || async {
+        let p = password(secrets.get("billing-kafka").await.ok()?);
+        (p != before).then_some(p)
+    })
+    .await;
+    assert_eq!(after.len(), 64);
+    let d = deployments.get("billing").await.unwrap();
+    let annotations = d.spec.template.metadata.unwrap().annotations.unwrap();
+    assert_eq!(
+        annotations["eventops.dev/credentials-version"],
+        "2026-11-22"
+    );
+    let reasons = s.env.event_reasons(&s.ns, "billing").await;
+    assert!(
+        reasons.contains(&"CredentialsRotated".to_string()),
+        "{reasons:?}"
+    );
+}
