@@ -7,6 +7,7 @@ use kube::{Api, Client, Resource};
 use tracing::warn;
 
 use crate::kafka::KafkaAdmin;
+use crate::telemetry::Metrics;
 
 /// Operator-wide settings.
 #[derive(Clone, Debug)]
@@ -29,12 +30,19 @@ pub struct Context {
     pub kafka: KafkaAdmin,
     /// Settings.
     pub settings: Settings,
+    /// Prometheus metrics.
+    pub metrics: std::sync::Arc<Metrics>,
     recorder: Recorder,
 }
 
 impl Context {
     /// A context whose Events are reported as `eventops-operator`.
-    pub fn new(client: Client, kafka: KafkaAdmin, settings: Settings) -> Self {
+    pub fn new(
+        client: Client,
+        kafka: KafkaAdmin,
+        settings: Settings,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> Self {
         let reporter = Reporter {
             controller: crate::FIELD_MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -44,6 +52,7 @@ impl Context {
             client,
             kafka,
             settings,
+            metrics,
         }
     }
 

@@ -15,3 +15,12 @@ pub enum Error {
         source: kube::Error,
     },
 }
+
+impl Error {
+    /// The `reason` label of the failure counter.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "KubernetesApiError",
+        }
+    }
+}

@@ -11,6 +11,7 @@ pub mod context;
 pub mod error;
 pub mod eventtopic;
 pub mod kafka;
+pub mod telemetry;
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ pub const FIELD_MANAGER: &str = "eventops-operator";
 pub async fn run(
     client: kube::Client,
     config: &config::RunConfig,
+    metrics: Arc<telemetry::Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let kafka = KafkaAdmin::new(&config.kafka_settings()?)?;
@@ -33,7 +35,7 @@ pub async fn run(
         topic_naming: config.topic_naming()?,
         worker_kafka: consumergroup::worker_kafka(config),
     };
-    let ctx = Arc::new(Context::new(client, kafka, settings));
+    let ctx = Arc::new(Context::new(client, kafka, settings, metrics));
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     tokio::join!(
         eventtopic::run(ctx.clone(), shutdown.clone()),

@@ -1,10 +1,15 @@
 //! `eventops-operator`: `run` the controllers, or print the CRDs (`crd`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use eventops_operator::config::RunConfig;
+use eventops_operator::telemetry::{self, Metrics};
+use kube_lease_manager::LeaseManagerBuilder;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -20,13 +25,31 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the controllers against the cluster of the current kubeconfig or service account.
-    Run(Box<RunConfig>),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD.
     Crd {
         /// Write `<crd name>.yaml` files into this directory instead of printing.
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: RunConfig,
+
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "EVENTOPS_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+
+    /// Namespace of the Lease that elects one active replica.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+
+    /// Run without leader election (only safe with a single replica).
+    #[arg(long)]
+    no_leader_election: bool,
 }
 
 #[tokio::main]
@@ -45,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Run(config) => {
+        Cmd::Run(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -54,18 +77,68 @@ async fn main() -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to Kubernetes (kubeconfig or in-cluster service account)")?;
-            let shutdown = async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("installing a SIGTERM handler");
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {},
-                    _ = term.recv() => {},
+            let metrics = Arc::new(Metrics::default());
+            let server = telemetry::serve(args.metrics_addr, metrics.clone());
+            let server = tokio::spawn(async move {
+                if let Err(e) = server.await {
+                    tracing::error!(error = %e, "metrics endpoint failed");
                 }
-                tracing::info!("shutting down");
+            });
+
+            // Two replicas are safe: only the Lease holder reconciles; the other waits.
+            let mut leader = None;
+            if !args.no_leader_election {
+                let identity = std::env::var("POD_NAME")
+                    .unwrap_or_else(|_| format!("eventops-operator-{}", std::process::id()));
+                let manager = LeaseManagerBuilder::new(client.clone(), "eventops-operator")
+                    .with_namespace(&args.lease_namespace)
+                    .with_identity(&identity)
+                    .with_duration(15)
+                    .with_grace(5)
+                    .with_field_manager(eventops_operator::FIELD_MANAGER)
+                    .build()
+                    .await
+                    .context("setting up leader election")?;
+                let (mut is_leader, _task) = manager.watch().await;
+                tracing::info!(%identity, "waiting to lead");
+                tokio::select! {
+                    r = is_leader.wait_for(|leads| *leads) => { r.context("leader election stopped")?; }
+                    _ = signals() => return Ok(()),
+                }
+                tracing::info!(%identity, "leading");
+                leader = Some(is_leader);
+            }
+            let lost = leader.clone();
+            let shutdown = async move {
+                let lost = async {
+                    match lost {
+                        Some(mut l) => drop(l.wait_for(|leads| !*leads).await),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = signals() => tracing::info!("shutting down"),
+                    _ = lost => tracing::warn!("lost leadership; stopping"),
+                }
             };
-            eventops_operator::run(client, &config, shutdown).await?;
+            metrics.ready.store(true, Ordering::Relaxed);
+            eventops_operator::run(client, &args.config, metrics, shutdown).await?;
+            server.abort();
+            if leader.is_some_and(|l| !*l.borrow()) {
+                // Exit non-zero so the replica restarts and queues for the Lease again.
+                anyhow::bail!("lost leadership");
+            }
         }
     }
     Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn signals() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
 }

@@ -108,7 +108,7 @@ impl TestEnv {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            eventops_operator::run(client, &config, shutdown)
+            eventops_operator::run(client, &config, Default::default(), shutdown)
                 .await
                 .expect("operator failed");
         });
@@ -202,6 +202,45 @@ impl TopicSummary {
 pub struct OperatorHandle {
     _stop: oneshot::Sender<()>,
     _task: tokio::task::JoinHandle<()>,
+}
+
+/// A plain-HTTP GET on 127.0.0.1:`port`: the status code and body, `None` when nothing
+/// answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("finding a free port")
+        .port()
+}
+
+/// The path of a binary of this workspace, built next to the test executables
+/// (`tools/test` builds every target first).
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(name));
+    match path {
+        Some(p) if p.exists() => p,
+        _ => panic!("{name} is not built; run `cargo build --workspace` (tools/test does)"),
+    }
 }
 
 /// Polls `check` until it returns `Some`, panicking with `what` after `timeout`.

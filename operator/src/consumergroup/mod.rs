@@ -61,6 +61,18 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
 }
 
 async fn reconcile(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let (action, failure) = reconcile_inner(cg, &ctx).await?;
+    ctx.metrics
+        .reconciled("consumergroup", started.elapsed(), failure);
+    Ok(action)
+}
+
+/// One reconcile; returns what to do next and, when not Ready, why.
+async fn reconcile_inner(
+    cg: Arc<ConsumerGroup>,
+    ctx: &Context,
+) -> Result<(Action, Option<&'static str>), Error> {
     let ns = cg.namespace().unwrap_or_default();
     let resync = ctx.settings.resync_interval;
 
@@ -80,8 +92,8 @@ async fn reconcile(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, 
         Ok(routes) => routes,
         Err(missing) => {
             let ready = Observed::ready(false, "TopicNotFound", missing.message(&ns));
-            write_status(&cg, &ctx, ready, None).await?;
-            return Ok(Action::requeue(resync));
+            write_status(&cg, ctx, ready, None).await?;
+            return Ok((Action::requeue(resync), Some("TopicNotFound")));
         }
     };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
@@ -156,8 +168,8 @@ async fn reconcile(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, 
             secret = build::secret_name(&cg)
         ),
     );
-    write_status(&cg, &ctx, ready, current_replicas).await?;
-    Ok(Action::requeue(resync))
+    write_status(&cg, ctx, ready, current_replicas).await?;
+    Ok((Action::requeue(resync), None))
 }
 
 /// Whether the stored Secret already holds exactly the desired data.
@@ -275,8 +287,10 @@ fn kube_error(action: &'static str, cg: &ConsumerGroup, source: kube::Error) -> 
     }
 }
 
-fn error_policy(cg: Arc<ConsumerGroup>, error: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy(cg: Arc<ConsumerGroup>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(consumergroup = %cg.name_any(), %error, "reconcile failed; retrying");
+    ctx.metrics
+        .reconciled("consumergroup", Duration::ZERO, Some(error.metric_label()));
     Action::requeue(Duration::from_secs(5))
 }
 

@@ -88,9 +88,21 @@ impl Outcome {
 }
 
 async fn reconcile(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let (action, failure) = reconcile_inner(&et, &ctx).await?;
+    let metrics = &ctx.shared.metrics;
+    metrics.reconciled("eventtopic", started.elapsed(), failure.as_deref());
+    Ok(action)
+}
+
+/// One reconcile; returns what to do next and, when not Ready, why.
+async fn reconcile_inner(
+    et: &Arc<EventTopic>,
+    ctx: &Ctx,
+) -> Result<(Action, Option<String>), Error> {
     ctx.topics.wait_until_ready().await.ok();
     if et.metadata.deletion_timestamp.is_some() {
-        return finalize(&et, &ctx).await;
+        return Ok((finalize(et, ctx).await?, None));
     }
     let resync = ctx.shared.settings.resync_interval;
     let outcome = if et.is_paused() {
@@ -102,28 +114,30 @@ async fn reconcile(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Error> 
             requeue: None,
         }
     } else {
-        set_finalizer(&et, &ctx.shared).await?;
-        match plan::desired_topics(&et) {
+        set_finalizer(et, &ctx.shared).await?;
+        match plan::desired_topics(et) {
             Err(invalid) => Outcome::not_ready("InvalidSpec", invalid.0, resync),
             Ok(topics) => {
                 let all = ctx.topics.state();
-                match plan::conflict(&et, all.iter().map(AsRef::as_ref)) {
+                match plan::conflict(et, all.iter().map(AsRef::as_ref)) {
                     Some(message) => Outcome::not_ready("ResourceConflict", message, resync),
-                    None => sync(&topics, drifted_if_changed(&et), &ctx.shared).await,
+                    None => sync(&topics, drifted_if_changed(et), &ctx.shared).await,
                 }
             }
         }
     };
-    write_status(&et, &ctx.shared, &outcome).await?;
+    write_status(et, &ctx.shared, &outcome).await?;
     for change in outcome.changes {
         let reason = change.reason;
         ctx.shared
-            .event(&*et, change.type_, reason, "Reconcile", change.note)
+            .event(&**et, change.type_, reason, "Reconcile", change.note)
             .await;
     }
-    Ok(outcome
+    let failure = outcome.ready.filter(|r| !r.status).map(|r| r.reason);
+    let action = outcome
         .requeue
-        .map_or_else(Action::await_change, Action::requeue))
+        .map_or_else(Action::await_change, Action::requeue);
+    Ok((action, failure))
 }
 
 /// Whether a change needed now was made outside EventOps: Kafka matched this very
@@ -445,7 +459,9 @@ fn kube_error(action: &'static str, et: &EventTopic, source: kube::Error) -> Err
     }
 }
 
-fn error_policy(et: Arc<EventTopic>, error: &Error, _ctx: Arc<Ctx>) -> Action {
+fn error_policy(et: Arc<EventTopic>, error: &Error, ctx: Arc<Ctx>) -> Action {
     warn!(eventtopic = %et.name_any(), %error, "reconcile failed; retrying");
+    let metrics = &ctx.shared.metrics;
+    metrics.reconciled("eventtopic", Duration::ZERO, Some(error.metric_label()));
     Action::requeue(Duration::from_secs(5))
 }

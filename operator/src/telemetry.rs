@@ -1,0 +1,141 @@
+//! Prometheus metrics and the HTTP endpoints: `/metrics`, `/healthz`, `/readyz`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ControllerLabel {
+    controller: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    controller: &'static str,
+    reason: String,
+}
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Family<ControllerLabel, Counter>,
+    failures: Family<FailureLabels, Counter>,
+    duration: Family<ControllerLabel, Histogram>,
+    /// True once this replica leads and its controllers run.
+    pub ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("eventops_operator");
+        let reconciles = Family::<ControllerLabel, Counter>::default();
+        let failures = Family::<FailureLabels, Counter>::default();
+        let duration = Family::<ControllerLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 12))
+        });
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that left a resource not Ready or failed, by reason",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile took",
+            duration.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    /// Records one reconcile of `controller` that took `took`; `failure` is the reason
+    /// it did not end Ready, if it did not.
+    pub fn reconciled(&self, controller: &'static str, took: Duration, failure: Option<&str>) {
+        let label = ControllerLabel { controller };
+        self.reconciles.get_or_create(&label).inc();
+        self.duration
+            .get_or_create(&label)
+            .observe(took.as_secs_f64());
+        if let Some(reason) = failure {
+            let labels = FailureLabels {
+                controller,
+                reason: reason.to_string(),
+            };
+            self.failures.get_or_create(&labels).inc();
+        }
+    }
+
+    /// The metrics in Prometheus' text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (it leads and its
+/// controllers run) on `addr` until the process ends.
+pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(|State(m): State<Arc<Metrics>>| async move { m.encode() }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                if m.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not leading")
+                }
+            }),
+        )
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_counted_by_reason() {
+        let m = Metrics::default();
+        m.reconciled("eventtopic", Duration::from_millis(3), None);
+        m.reconciled("eventtopic", Duration::from_millis(3), Some("NotSupported"));
+        let text = m.encode();
+        assert!(
+            text.contains(r#"eventops_operator_reconciles_total{controller="eventtopic"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"eventops_operator_reconcile_failures_total{controller="eventtopic",reason="NotSupported"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("eventops_operator_reconcile_duration_seconds_bucket"),
+            "{text}"
+        );
+    }
+}
