@@ -1,0 +1,164 @@
+//! A table of invalid resources: each is rejected by the real API server (schema, CEL
+//! rules, strict field validation) with a message that names the field.
+
+use eventops_tests::{env, unique};
+use kube::Api;
+use kube::api::{DynamicObject, Patch, PatchParams, ValidationDirective};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::{Value, json};
+
+fn resource(kind: &str) -> ApiResource {
+    let plural = format!("{}s", kind.to_lowercase());
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("eventops.dev", "v1alpha1", kind),
+        &plural,
+    )
+}
+
+async fn apply(
+    api: &Api<DynamicObject>,
+    kind: &str,
+    name: &str,
+    spec: &Value,
+) -> Result<(), String> {
+    let obj = json!({"apiVersion": "eventops.dev/v1alpha1", "kind": kind,
+                     "metadata": {"name": name}, "spec": spec});
+    let mut params = PatchParams::apply("test").force();
+    // What `kubectl apply` does by default: unknown fields are errors, not dropped.
+    params.field_validation = Some(ValidationDirective::Strict);
+    api.patch(name, &params, &Patch::Apply(&obj))
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+const GROUP: fn(Value) -> Value = |extra| {
+    let mut spec = json!({"topics": ["orders"], "template": {"image": "inventory:1"}});
+    if let (Value::Object(s), Value::Object(e)) = (&mut spec, extra) {
+        s.extend(e);
+    }
+    spec
+};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_resources_are_rejected_naming_the_field() {
+    let env = env().await;
+    let ns = env.namespace("invalid").await;
+    let topics =
+        Api::<DynamicObject>::namespaced_with(env.client.clone(), &ns, &resource("EventTopic"));
+    let groups =
+        Api::<DynamicObject>::namespaced_with(env.client.clone(), &ns, &resource("ConsumerGroup"));
+
+    let topic_cases: Vec<(Value, &str)> = vec![
+        (json!({"partitions": 0}), "spec.partitions"),
+        (json!({}), "spec.partitions"),
+        (
+            json!({"partitions": 1, "topicName": "bad name!"}),
+            "spec.topicName",
+        ),
+        (
+            json!({"partitions": 1, "topicName": ".."}),
+            "spec.topicName",
+        ),
+        (
+            json!({"partitions": 1, "replicationFactor": 0}),
+            "spec.replicationFactor",
+        ),
+        (
+            json!({"partitions": 1, "retry": {"delays": ["soon"]}}),
+            "spec.retry.delays",
+        ),
+        (
+            json!({"partitions": 1, "deletionPolicy": "Purge"}),
+            "spec.deletionPolicy",
+        ),
+        (json!({"partitions": 1, "partitons": 3}), "partitons"),
+        (
+            json!({"partitions": 1, "config": {"retention.ms": 1000}}),
+            "spec.config",
+        ),
+    ];
+    for (spec, field) in &topic_cases {
+        let err = apply(&topics, "EventTopic", &unique("t"), spec)
+            .await
+            .expect_err(&spec.to_string());
+        assert!(err.contains(field), "{spec}: {err}");
+    }
+
+    let group_cases: Vec<(Value, &str)> = vec![
+        (
+            GROUP(json!({"scaling": {"minReplicas": 4, "maxReplicas": 2}})),
+            "scaling.minReplicas",
+        ),
+        (
+            GROUP(json!({"scaling": {"minReplicas": -1}})),
+            "spec.scaling.minReplicas",
+        ),
+        (
+            GROUP(json!({"scaling": {"lagPerReplica": 0}})),
+            "spec.scaling.lagPerReplica",
+        ),
+        (
+            GROUP(json!({"processing": {"maxAttempts": 0}})),
+            "spec.processing.maxAttempts",
+        ),
+        (
+            GROUP(json!({"processing": {"idempotency": "Redis"}})),
+            "spec.processing.idempotency",
+        ),
+        (GROUP(json!({"topics": []})), "spec.topics"),
+        (GROUP(json!({"topics": ["a", "a"]})), "spec.topics"),
+        (GROUP(json!({"groupId": "has space"})), "spec.groupId"),
+        (json!({"topics": ["orders"]}), "spec.template"),
+        (
+            GROUP(
+                json!({"template": {"image": "x", "env": [{"name": "EVENTOPS_GROUP_ID", "value": "y"}]}}),
+            ),
+            "template.env",
+        ),
+        (
+            GROUP(json!({"scaling": {"scaleDownStabilization": "ten minutes"}})),
+            "spec.scaling.scaleDownStabilization",
+        ),
+        (GROUP(json!({"replicas": 3})), "replicas"),
+    ];
+    for (spec, field) in &group_cases {
+        let err = apply(&groups, "ConsumerGroup", &unique("g"), spec)
+            .await
+            .expect_err(&spec.to_string());
+        assert!(err.contains(field), "{spec}: {err}");
+    }
+
+    // Immutable fields, on update.
+    let name = unique("immutable");
+    apply(&groups, "ConsumerGroup", &name, &GROUP(json!({})))
+        .await
+        .unwrap();
+    let err = apply(
+        &groups,
+        "ConsumerGroup",
+        &name,
+        &GROUP(json!({"groupId": "other"})),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("spec.groupId is immutable"), "{err}");
+    let name = unique("immutable");
+    apply(
+        &topics,
+        "EventTopic",
+        &name,
+        &json!({"partitions": 2, "replicationFactor": 1}),
+    )
+    .await
+    .unwrap();
+    let err = apply(
+        &topics,
+        "EventTopic",
+        &name,
+        &json!({"partitions": 2, "replicationFactor": 3}),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("spec.replicationFactor is immutable"), "{err}");
+}
