@@ -207,6 +207,10 @@ pub struct EventTopicStatus {
     /// Names of the retry topics, in delay order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry_topics: Vec<String>,
+
+    /// ConsumerGroups in this namespace that consume this topic today.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<String>,
 }
 
 impl EventTopic {

@@ -32,6 +32,8 @@ pub struct Context {
     pub settings: Settings,
     /// Prometheus metrics.
     pub metrics: std::sync::Arc<Metrics>,
+    /// Every ConsumerGroup the operator watches, kept current by a reflector.
+    pub groups: kube::runtime::reflector::Store<eventops_crds::ConsumerGroup>,
     recorder: Recorder,
 }
 
@@ -42,6 +44,7 @@ impl Context {
         kafka: KafkaAdmin,
         settings: Settings,
         metrics: std::sync::Arc<Metrics>,
+        groups: kube::runtime::reflector::Store<eventops_crds::ConsumerGroup>,
     ) -> Self {
         let reporter = Reporter {
             controller: crate::FIELD_MANAGER.into(),
@@ -53,6 +56,7 @@ impl Context {
             kafka,
             settings,
             metrics,
+            groups,
         }
     }
 

@@ -35,11 +35,26 @@ pub async fn run(
         topic_naming: config.topic_naming()?,
         worker_kafka: consumergroup::worker_kafka(config),
     };
-    let ctx = Arc::new(Context::new(client, kafka, settings, metrics));
+    // One ConsumerGroup cache for every reader (EventTopic status lists consumers).
+    let (groups, writer) = kube::runtime::reflector::store();
+    let groups_api = match &settings.namespace {
+        Some(ns) => kube::Api::namespaced(client.clone(), ns),
+        None => kube::Api::all(client.clone()),
+    };
+    let reflector = kube::runtime::reflector(
+        writer,
+        kube::runtime::watcher(groups_api, Default::default()),
+    );
+    let reflector = tokio::spawn(futures::StreamExt::for_each(
+        kube::runtime::WatchStreamExt::default_backoff(reflector),
+        |_| async {},
+    ));
+    let ctx = Arc::new(Context::new(client, kafka, settings, metrics, groups));
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     tokio::join!(
         eventtopic::run(ctx.clone(), shutdown.clone()),
         consumergroup::run(ctx, shutdown),
     );
+    reflector.abort();
     Ok(())
 }

@@ -114,6 +114,12 @@ async fn consumer_group_becomes_a_deployment_with_the_worker_contract() {
     assert_eq!(routes[0].topic, topic);
     assert_eq!(routes[0].dead_letter_topic, Some(format!("{topic}.DLT")));
 
+    eventually(TIMEOUT, "the EventTopic to list its consumer", || async {
+        let consumers = s.topics.get("orders").await.ok()?.status?.consumers;
+        (consumers == ["inventory"]).then_some(())
+    })
+    .await;
+
     let secrets: Api<Secret> = Api::namespaced(s.env.client.clone(), &s.ns);
     let secret = secrets.get("inventory-kafka").await.unwrap();
     let data = secret.data.unwrap();

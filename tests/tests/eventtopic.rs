@@ -74,10 +74,14 @@ async fn event_topic_becomes_a_kafka_topic_with_its_dead_letter_topic() {
 
     let (reason, _) = ready(&api, &topic, 1, "True").await;
     assert_eq!(reason, "InSync");
-    let status = api.get(&topic).await.unwrap().status.unwrap();
-    assert_eq!(status.topic_name.as_deref(), Some(topic.as_str()));
-    assert_eq!(status.partitions, Some(3));
-    assert_eq!(status.replication_factor, Some(1));
+    eventually(TIMEOUT, "status to show what Kafka has", || async {
+        let status = api.get(&topic).await.ok()?.status?;
+        (status.topic_name.as_deref() == Some(topic.as_str())
+            && status.partitions == Some(3)
+            && status.replication_factor == Some(1))
+        .then_some(())
+    })
+    .await;
 
     let described = env.describe_topic(&topic).await.unwrap();
     assert_eq!(described.partitions, 3);

@@ -7,15 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventops_crds::{
-    DeletionPolicy, EventTopic, EventTopicStatus, RELEASE_FINALIZER_ANNOTATION, TOPIC_FINALIZER,
-    annotation_is_true,
+    ConsumerGroup, DeletionPolicy, EventTopic, EventTopicStatus, RELEASE_FINALIZER_ANNOTATION,
+    TOPIC_FINALIZER, annotation_is_true,
 };
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
@@ -47,6 +47,18 @@ pub async fn run(shared: Arc<Context>, shutdown: impl Future<Output = ()> + Send
         topics: controller.store(),
     });
     controller
+        // Status lists consumers: a ConsumerGroup change revisits the topics it names.
+        .watches(
+            ctx.shared.api_for_watch::<ConsumerGroup>(),
+            watcher::Config::default(),
+            |cg| {
+                let ns = cg.namespace().unwrap_or_default();
+                let names = cg.spec.topics.clone();
+                names
+                    .into_iter()
+                    .map(move |t| ObjectRef::new(&t).within(&ns))
+            },
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -242,12 +254,13 @@ async fn sync_one(
                         spec.name, spec.partitions
                     ),
                 );
-                state = Some(TopicState {
+                // Ask again: the broker may have chosen the replication factor.
+                let created = ctx.kafka.describe_topic(&spec.name).await.ok().flatten();
+                state = created.or(Some(TopicState {
                     partitions: spec.partitions,
-                    // Unknown until Kafka is asked again when the broker picked it.
                     replication_factor: spec.replication_factor.unwrap_or(0),
                     configs: spec.configs,
-                });
+                }));
             }
             Step::AddPartitions { topic, to } => {
                 ctx.kafka
@@ -410,6 +423,7 @@ async fn write_status(et: &EventTopic, ctx: &Context, outcome: &Outcome) -> Resu
             .or(old.replication_factor),
         dead_letter_topic: et.dead_letter_topic_name(),
         retry_topics: et.retry_topic_names(),
+        consumers: consumers(et, ctx),
     };
     if new == old {
         return Ok(());
@@ -441,6 +455,20 @@ async fn write_status(et: &EventTopic, ctx: &Context, outcome: &Outcome) -> Resu
         }
     }
     Ok(())
+}
+
+/// Names of the ConsumerGroups in `et`'s namespace that name it in `spec.topics`.
+fn consumers(et: &EventTopic, ctx: &Context) -> Vec<String> {
+    let name = et.name_any();
+    let mut names: Vec<String> = ctx
+        .groups
+        .state()
+        .iter()
+        .filter(|cg| cg.namespace() == et.namespace() && cg.spec.topics.contains(&name))
+        .map(|cg| cg.name_any())
+        .collect();
+    names.sort();
+    names
 }
 
 fn api(et: &EventTopic, ctx: &Context) -> Api<EventTopic> {
