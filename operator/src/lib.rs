@@ -28,7 +28,7 @@ pub async fn run(
     metrics: Arc<telemetry::Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
-    let kafka = KafkaAdmin::new(&config.kafka_settings()?)?;
+    let kafka = KafkaAdmin::new(&config.kafka_settings()?, metrics.clone())?;
     let settings = Settings {
         namespace: config.namespace.clone(),
         resync_interval: config.resync_interval.into(),

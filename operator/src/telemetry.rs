@@ -20,6 +20,11 @@ struct ControllerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabel {
+    request: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailureLabels {
     controller: &'static str,
     reason: String,
@@ -31,6 +36,7 @@ pub struct Metrics {
     reconciles: Family<ControllerLabel, Counter>,
     failures: Family<FailureLabels, Counter>,
     duration: Family<ControllerLabel, Histogram>,
+    kafka_requests: Family<RequestLabel, Counter>,
     /// True once this replica leads and its controllers run.
     pub ready: AtomicBool,
 }
@@ -54,11 +60,18 @@ impl Default for Metrics {
             "Time one reconcile took",
             duration.clone(),
         );
+        let kafka_requests = Family::<RequestLabel, Counter>::default();
+        registry.register(
+            "kafka_admin_requests",
+            "Kafka admin requests sent, by request type",
+            kafka_requests.clone(),
+        );
         Self {
             registry,
             reconciles,
             failures,
             duration,
+            kafka_requests,
             ready: AtomicBool::new(false),
         }
     }
@@ -80,6 +93,13 @@ impl Metrics {
             };
             self.failures.get_or_create(&labels).inc();
         }
+    }
+
+    /// Counts one Kafka admin request of type `request` (`CreateTopics`, `Metadata`, ...).
+    pub fn kafka_request(&self, request: &'static str) {
+        self.kafka_requests
+            .get_or_create(&RequestLabel { request })
+            .inc();
     }
 
     /// The metrics in Prometheus' text format.

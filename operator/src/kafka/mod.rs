@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
+
+use crate::telemetry::Metrics;
 use rdkafka::admin::{
     AdminClient, AdminOptions, AlterConfig, ConfigSource, NewPartitions, NewTopic,
     ResourceSpecifier, TopicReplication,
@@ -90,11 +92,12 @@ pub struct NewTopicSpec {
 pub struct KafkaAdmin {
     client: Arc<AdminClient<DefaultClientContext>>,
     timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl KafkaAdmin {
     /// Connects (lazily: librdkafka dials on first use).
-    pub fn new(settings: &KafkaSettings) -> Result<Self, RdKafkaError> {
+    pub fn new(settings: &KafkaSettings, metrics: Arc<Metrics>) -> Result<Self, RdKafkaError> {
         let mut config = ClientConfig::new();
         for (k, v) in &settings.properties {
             config.set(k, v);
@@ -102,6 +105,7 @@ impl KafkaAdmin {
         Ok(Self {
             client: Arc::new(config.create()?),
             timeout: Duration::from_secs(10),
+            metrics,
         })
     }
 
@@ -122,6 +126,7 @@ impl KafkaAdmin {
         let client = self.client.clone();
         let topic = name.to_string();
         let timeout = self.timeout;
+        self.metrics.kafka_request("Metadata");
         // librdkafka's metadata call blocks its caller.
         let metadata = tokio::task::spawn_blocking(move || {
             client.inner().fetch_metadata(Some(&topic), timeout)
@@ -150,6 +155,7 @@ impl KafkaAdmin {
             .find(|p| p.id() == 0)
             .map_or(0, |p| p.replicas().len() as i32);
 
+        self.metrics.kafka_request("DescribeConfigs");
         let results = self
             .client
             .describe_configs([&ResourceSpecifier::Topic(name)], &self.options())
@@ -187,6 +193,7 @@ impl KafkaAdmin {
         for (k, v) in &spec.configs {
             topic = topic.set(k, v);
         }
+        self.metrics.kafka_request("CreateTopics");
         let results = self
             .client
             .create_topics([&topic], &self.options())
@@ -201,6 +208,7 @@ impl KafkaAdmin {
 
     /// Deletes topics; a topic Kafka does not have counts as deleted.
     pub async fn delete_topics(&self, names: &[&str]) -> Result<(), KafkaError> {
+        self.metrics.kafka_request("DeleteTopics");
         let results = self
             .client
             .delete_topics(names, &self.options())
@@ -228,6 +236,7 @@ impl KafkaAdmin {
     /// Raises the partition count of a topic to `partitions`.
     pub async fn create_partitions(&self, name: &str, partitions: i32) -> Result<(), KafkaError> {
         let new = NewPartitions::new(name, partitions as usize);
+        self.metrics.kafka_request("CreatePartitions");
         let results = self
             .client
             .create_partitions([&new], &self.options())
@@ -251,6 +260,7 @@ impl KafkaAdmin {
         for (k, v) in configs {
             alter = alter.set(k, v);
         }
+        self.metrics.kafka_request("AlterConfigs");
         let results = self
             .client
             .alter_configs([&alter], &self.options())
