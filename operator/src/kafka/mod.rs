@@ -15,6 +15,8 @@ use rdkafka::admin::{
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 
+pub mod native;
+
 /// How to reach Kafka: `bootstrap.servers` plus any librdkafka client properties
 /// (security protocol, SASL, TLS).
 #[derive(Clone, Debug, Default)]
@@ -107,6 +109,11 @@ impl KafkaAdmin {
             timeout: Duration::from_secs(10),
             metrics,
         })
+    }
+
+    /// ACL and SCRAM administration over the same connection.
+    pub fn native(&self) -> native::NativeAdmin {
+        native::NativeAdmin::new(self.client.clone(), self.timeout)
     }
 
     fn options(&self) -> AdminOptions {

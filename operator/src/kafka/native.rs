@@ -1,0 +1,1087 @@
+//! Admin calls that the `rdkafka` crate does not wrap (ACLs, SCRAM credentials), made
+//! directly through librdkafka's C API on the operator's existing admin client.
+//!
+//! Every call runs on a blocking thread with its own result queue, and every C object
+//! it creates is owned by a guard that frees it on drop, so no path (errors included)
+//! leaks.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{CStr, CString, c_char, c_int, c_uint};
+use std::ptr::{self, NonNull};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka_sys::bindings::*;
+
+/// A failed native admin call.
+#[derive(Debug, thiserror::Error)]
+pub enum NativeError {
+    /// Kafka (or librdkafka on its behalf) refused the request or one of its items.
+    #[error("{op} failed: {code:?}: {message}")]
+    Kafka {
+        /// What was attempted.
+        op: &'static str,
+        /// Kafka's error code, or one of librdkafka's local (negative) codes.
+        code: RDKafkaErrorCode,
+        /// Kafka's or librdkafka's explanation.
+        message: String,
+    },
+    /// No answer within the request timeout; the request may still take effect.
+    #[error("{op} timed out")]
+    Timeout {
+        /// What was attempted.
+        op: &'static str,
+    },
+    /// The request was rejected before being sent (for example a string with a NUL byte).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// Kafka answered with something this module cannot represent (for example an ACL
+    /// operation newer than librdkafka knows).
+    #[error("{op}: unexpected answer: {what}")]
+    Unexpected {
+        /// What was attempted.
+        op: &'static str,
+        /// What was unexpected.
+        what: String,
+    },
+    /// The Tokio runtime shut down before the call could run.
+    #[error("{op} was cancelled: the runtime is shutting down")]
+    Cancelled {
+        /// What was attempted.
+        op: &'static str,
+    },
+}
+
+/// Defines a Rust enum mirroring some variants of a librdkafka C enum, with conversions
+/// both ways generated from the same table so they cannot disagree.
+macro_rules! c_enum {
+    (
+        $(#[$meta:meta])* $name:ident <=> $c:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $cvariant:ident,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant,)+];
+        }
+
+        impl From<$name> for $c {
+            fn from(v: $name) -> $c {
+                match v {
+                    $($name::$variant => $c::$cvariant,)+
+                }
+            }
+        }
+
+        impl TryFrom<$c> for $name {
+            type Error = $c;
+            fn try_from(c: $c) -> Result<Self, $c> {
+                match c {
+                    $($c::$cvariant => Ok($name::$variant),)+
+                    other => Err(other),
+                }
+            }
+        }
+    };
+}
+
+c_enum! {
+    /// The kind of resource an ACL protects.
+    ResourceType <=> rd_kafka_ResourceType_t {
+        /// A topic.
+        Topic = RD_KAFKA_RESOURCE_TOPIC,
+        /// A consumer group.
+        Group = RD_KAFKA_RESOURCE_GROUP,
+        /// The cluster itself (resource name `kafka-cluster`). librdkafka calls it
+        /// "broker"; both are code 4 in Kafka's protocol.
+        Cluster = RD_KAFKA_RESOURCE_BROKER,
+        /// A transactional id.
+        TransactionalId = RD_KAFKA_RESOURCE_TRANSACTIONAL_ID,
+    }
+}
+
+c_enum! {
+    /// How an ACL's resource name is matched.
+    PatternType <=> rd_kafka_ResourcePatternType_t {
+        /// The exact name (`*` meaning every resource).
+        Literal = RD_KAFKA_RESOURCE_PATTERN_LITERAL,
+        /// Every name starting with the resource name.
+        Prefixed = RD_KAFKA_RESOURCE_PATTERN_PREFIXED,
+    }
+}
+
+c_enum! {
+    /// Which pattern types an [`AclFilter`] selects.
+    PatternTypeFilter <=> rd_kafka_ResourcePatternType_t {
+        /// Any pattern type; the name, if given, is compared literally.
+        Any = RD_KAFKA_RESOURCE_PATTERN_ANY,
+        /// Every ACL that applies to the named resource: literal ones for that name or
+        /// `*`, and prefixed ones whose prefix it starts with.
+        Match = RD_KAFKA_RESOURCE_PATTERN_MATCH,
+        /// Literal ACLs only.
+        Literal = RD_KAFKA_RESOURCE_PATTERN_LITERAL,
+        /// Prefixed ACLs only.
+        Prefixed = RD_KAFKA_RESOURCE_PATTERN_PREFIXED,
+    }
+}
+
+c_enum! {
+    /// What an ACL allows or denies.
+    AclOperation <=> rd_kafka_AclOperation_t {
+        /// Every operation.
+        All = RD_KAFKA_ACL_OPERATION_ALL,
+        /// Read.
+        Read = RD_KAFKA_ACL_OPERATION_READ,
+        /// Write.
+        Write = RD_KAFKA_ACL_OPERATION_WRITE,
+        /// Create.
+        Create = RD_KAFKA_ACL_OPERATION_CREATE,
+        /// Delete.
+        Delete = RD_KAFKA_ACL_OPERATION_DELETE,
+        /// Alter.
+        Alter = RD_KAFKA_ACL_OPERATION_ALTER,
+        /// Describe.
+        Describe = RD_KAFKA_ACL_OPERATION_DESCRIBE,
+        /// Inter-broker actions.
+        ClusterAction = RD_KAFKA_ACL_OPERATION_CLUSTER_ACTION,
+        /// Describe configs.
+        DescribeConfigs = RD_KAFKA_ACL_OPERATION_DESCRIBE_CONFIGS,
+        /// Alter configs.
+        AlterConfigs = RD_KAFKA_ACL_OPERATION_ALTER_CONFIGS,
+        /// Idempotent produce.
+        IdempotentWrite = RD_KAFKA_ACL_OPERATION_IDEMPOTENT_WRITE,
+    }
+}
+
+c_enum! {
+    /// Whether an ACL allows or denies.
+    AclPermission <=> rd_kafka_AclPermissionType_t {
+        /// Allow.
+        Allow = RD_KAFKA_ACL_PERMISSION_TYPE_ALLOW,
+        /// Deny; wins over any Allow.
+        Deny = RD_KAFKA_ACL_PERMISSION_TYPE_DENY,
+    }
+}
+
+c_enum! {
+    /// A SCRAM hash function.
+    ScramMechanism <=> rd_kafka_ScramMechanism_t {
+        /// SCRAM-SHA-256.
+        Sha256 = RD_KAFKA_SCRAM_MECHANISM_SHA_256,
+        /// SCRAM-SHA-512.
+        Sha512 = RD_KAFKA_SCRAM_MECHANISM_SHA_512,
+    }
+}
+
+/// One ACL. Ordered and hashable so callers can diff desired and actual sets.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AclBinding {
+    /// The kind of resource.
+    pub resource_type: ResourceType,
+    /// The resource name, or prefix for [`PatternType::Prefixed`]; `*` for all.
+    pub resource_name: String,
+    /// How `resource_name` is matched.
+    pub pattern_type: PatternType,
+    /// Whom it applies to, like `User:alice`.
+    pub principal: String,
+    /// The client host it applies to; usually `*`.
+    pub host: String,
+    /// The operation.
+    pub operation: AclOperation,
+    /// Allow or deny.
+    pub permission: AclPermission,
+}
+
+/// Selects ACLs to describe or delete; `None` fields match anything.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AclFilter {
+    /// The kind of resource.
+    pub resource_type: Option<ResourceType>,
+    /// The resource name (interpreted according to `pattern_type`).
+    pub resource_name: Option<String>,
+    /// Which pattern types.
+    pub pattern_type: PatternTypeFilter,
+    /// The principal, like `User:alice`.
+    pub principal: Option<String>,
+    /// The host.
+    pub host: Option<String>,
+    /// The operation.
+    pub operation: Option<AclOperation>,
+    /// Allow or deny.
+    pub permission: Option<AclPermission>,
+}
+
+impl AclFilter {
+    /// Every ACL of `principal`.
+    pub fn principal(principal: &str) -> Self {
+        Self {
+            resource_type: None,
+            resource_name: None,
+            pattern_type: PatternTypeFilter::Any,
+            principal: Some(principal.into()),
+            host: None,
+            operation: None,
+            permission: None,
+        }
+    }
+}
+
+impl From<&AclBinding> for AclFilter {
+    /// Exactly that ACL.
+    fn from(b: &AclBinding) -> Self {
+        Self {
+            resource_type: Some(b.resource_type),
+            resource_name: Some(b.resource_name.clone()),
+            pattern_type: match b.pattern_type {
+                PatternType::Literal => PatternTypeFilter::Literal,
+                PatternType::Prefixed => PatternTypeFilter::Prefixed,
+            },
+            principal: Some(b.principal.clone()),
+            host: Some(b.host.clone()),
+            operation: Some(b.operation),
+            permission: Some(b.permission),
+        }
+    }
+}
+
+/// One SCRAM credential of a user (Kafka never reveals the salt or hash).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ScramCredential {
+    /// The hash function.
+    pub mechanism: ScramMechanism,
+    /// PBKDF2 iterations.
+    pub iterations: i32,
+}
+
+/// The SCRAM mechanism and iteration count [`NativeAdmin::upsert_scram_user`] uses.
+pub const SCRAM_MECHANISM: ScramMechanism = ScramMechanism::Sha512;
+/// See [`SCRAM_MECHANISM`].
+pub const SCRAM_ITERATIONS: i32 = 8192;
+
+type Client = AdminClient<DefaultClientContext>;
+
+/// ACL and SCRAM administration on an existing admin client. Cheap to clone.
+#[derive(Clone)]
+pub struct NativeAdmin {
+    client: Arc<Client>,
+    timeout: Duration,
+}
+
+impl NativeAdmin {
+    /// Uses `client`'s connection; each request gives up after `timeout`.
+    pub fn new(client: Arc<AdminClient<DefaultClientContext>>, timeout: Duration) -> Self {
+        Self { client, timeout }
+    }
+
+    /// Creates ACLs; creating one that exists is not an error. On error some of them
+    /// may have been created, so retry the whole set.
+    pub async fn create_acls(&self, acls: &[AclBinding]) -> Result<(), NativeError> {
+        const OP: &str = "create ACLs";
+        if acls.is_empty() {
+            return Ok(());
+        }
+        let acls = acls.to_vec();
+        self.blocking(OP, move |client, timeout| {
+            let c_acls = acls
+                .iter()
+                .map(|a| new_acl(a.try_into()?, true))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut ptrs: Vec<_> = c_acls.iter().map(Owned::as_ptr).collect();
+            let event = request(
+                client,
+                OP,
+                Api::CreateAcls,
+                timeout,
+                |rk, options, queue| {
+                    // SAFETY: `ptrs` holds valid bindings that librdkafka copies; rk,
+                    // options and queue are valid for the call.
+                    unsafe {
+                        rd_kafka_CreateAcls(rk, ptrs.as_mut_ptr(), ptrs.len(), options, queue)
+                    }
+                },
+            )?;
+            let mut n = 0;
+            // SAFETY: request() checked that this is a CreateAcls result, which owns
+            // the array it returns.
+            let results = unsafe {
+                let result = rd_kafka_event_CreateAcls_result(event.as_ptr());
+                c_array(rd_kafka_CreateAcls_result_acls(result, &mut n), n)
+            };
+            if results.len() != acls.len() {
+                return Err(unexpected(
+                    OP,
+                    format!("{n} results for {} ACLs", acls.len()),
+                ));
+            }
+            for (acl, result) in acls.iter().zip(results) {
+                // SAFETY: `result` belongs to the live event, and so does its error.
+                let error = unsafe { item_error(rd_kafka_acl_result_error(*result)) };
+                if let Some((code, message)) = error {
+                    return Err(refused(OP, code, format!("{message} ({acl:?})")));
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The ACLs matching `filter`, sorted.
+    pub async fn describe_acls(&self, filter: &AclFilter) -> Result<Vec<AclBinding>, NativeError> {
+        const OP: &str = "describe ACLs";
+        let filter = filter.clone();
+        self.blocking(OP, move |client, timeout| {
+            let c_filter = new_acl((&filter).try_into()?, false)?;
+            let event = request(
+                client,
+                OP,
+                Api::DescribeAcls,
+                timeout,
+                |rk, options, queue| {
+                    // SAFETY: the filter is valid and librdkafka copies it; rk, options and
+                    // queue are valid for the call.
+                    unsafe { rd_kafka_DescribeAcls(rk, c_filter.as_ptr(), options, queue) }
+                },
+            )?;
+            let mut n = 0;
+            // SAFETY: request() checked that this is a DescribeAcls result, which owns
+            // the array it returns.
+            let acls = unsafe {
+                let result = rd_kafka_event_DescribeAcls_result(event.as_ptr());
+                c_array(rd_kafka_DescribeAcls_result_acls(result, &mut n), n)
+            };
+            let mut acls = acls
+                .iter()
+                // SAFETY: each binding belongs to the live event.
+                .map(|acl| unsafe { read_acl(OP, *acl) })
+                .collect::<Result<Vec<_>, _>>()?;
+            acls.sort();
+            Ok(acls)
+        })
+        .await
+    }
+
+    /// Deletes the ACLs matching any of `filters` and returns them, sorted. On error
+    /// some may have been deleted.
+    pub async fn delete_acls(&self, filters: &[AclFilter]) -> Result<Vec<AclBinding>, NativeError> {
+        const OP: &str = "delete ACLs";
+        if filters.is_empty() {
+            return Ok(Vec::new());
+        }
+        let filters = filters.to_vec();
+        self.blocking(OP, move |client, timeout| {
+            let c_filters = filters
+                .iter()
+                .map(|f| new_acl(f.try_into()?, false))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut ptrs: Vec<_> = c_filters.iter().map(Owned::as_ptr).collect();
+            let event = request(
+                client,
+                OP,
+                Api::DeleteAcls,
+                timeout,
+                |rk, options, queue| {
+                    // SAFETY: `ptrs` holds valid filters that librdkafka copies; rk, options
+                    // and queue are valid for the call.
+                    unsafe {
+                        rd_kafka_DeleteAcls(rk, ptrs.as_mut_ptr(), ptrs.len(), options, queue)
+                    }
+                },
+            )?;
+            let mut n = 0;
+            // SAFETY: request() checked that this is a DeleteAcls result, which owns
+            // the array it returns.
+            let responses = unsafe {
+                let result = rd_kafka_event_DeleteAcls_result(event.as_ptr());
+                c_array(rd_kafka_DeleteAcls_result_responses(result, &mut n), n)
+            };
+            let mut deleted = Vec::new();
+            for response in responses {
+                // SAFETY: `response` belongs to the live event, and so do the error and
+                // matching bindings it returns.
+                unsafe {
+                    if let Some((code, message)) =
+                        item_error(rd_kafka_DeleteAcls_result_response_error(*response))
+                    {
+                        return Err(refused(OP, code, message));
+                    }
+                    let mut m = 0;
+                    let matching = c_array(
+                        rd_kafka_DeleteAcls_result_response_matching_acls(*response, &mut m),
+                        m,
+                    );
+                    for acl in matching {
+                        let binding = read_acl(OP, *acl)?;
+                        // Kafka reports each matching ACL it failed to delete separately.
+                        if let Some((code, message)) = item_error(rd_kafka_AclBinding_error(*acl)) {
+                            return Err(refused(OP, code, format!("{message} ({binding:?})")));
+                        }
+                        deleted.push(binding);
+                    }
+                }
+            }
+            deleted.sort();
+            deleted.dedup();
+            Ok(deleted)
+        })
+        .await
+    }
+
+    /// Sets `user`'s [`SCRAM_MECHANISM`] password (with [`SCRAM_ITERATIONS`] and a salt
+    /// librdkafka generates), creating the credential if needed.
+    pub async fn upsert_scram_user(&self, user: &str, password: &str) -> Result<(), NativeError> {
+        const OP: &str = "upsert SCRAM credential";
+        let c_user = c_string("user", user)?;
+        let password = password.as_bytes().to_vec();
+        self.blocking(OP, move |client, timeout| {
+            // SAFETY: the strings are valid for the call, which copies them; a null salt
+            // of length 0 asks librdkafka for a random one.
+            let alteration = unsafe {
+                rd_kafka_UserScramCredentialUpsertion_new(
+                    c_user.as_ptr(),
+                    SCRAM_MECHANISM.into(),
+                    SCRAM_ITERATIONS,
+                    password.as_ptr(),
+                    password.len(),
+                    ptr::null(),
+                    0,
+                )
+            };
+            // SAFETY: a fresh alteration, owned by no one else.
+            let alteration =
+                unsafe { Owned::new(alteration, rd_kafka_UserScramCredentialAlteration_destroy) }
+                    .ok_or_else(|| unexpected(OP, "librdkafka returned no alteration".into()))?;
+            alter_scram(client, OP, timeout, &alteration)
+        })
+        .await
+    }
+
+    /// Removes `user`'s [`SCRAM_MECHANISM`] credential (other mechanisms stay). Returns
+    /// whether there was one.
+    pub async fn delete_scram_user(&self, user: &str) -> Result<bool, NativeError> {
+        const OP: &str = "delete SCRAM credential";
+        let c_user = c_string("user", user)?;
+        self.blocking(OP, move |client, timeout| {
+            // SAFETY: the string is valid for the call, which copies it.
+            let alteration = unsafe {
+                rd_kafka_UserScramCredentialDeletion_new(c_user.as_ptr(), SCRAM_MECHANISM.into())
+            };
+            // SAFETY: a fresh alteration, owned by no one else.
+            let alteration =
+                unsafe { Owned::new(alteration, rd_kafka_UserScramCredentialAlteration_destroy) }
+                    .ok_or_else(|| unexpected(OP, "librdkafka returned no alteration".into()))?;
+            match alter_scram(client, OP, timeout, &alteration) {
+                Ok(()) => Ok(true),
+                Err(NativeError::Kafka {
+                    code: RDKafkaErrorCode::ResourceNotFound,
+                    ..
+                }) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    /// The SCRAM credentials of `users`, keyed by user. Every requested user is a key; a
+    /// user without credentials maps to an empty list. An empty `users` asks for every
+    /// user that has credentials. Duplicates are ignored.
+    pub async fn describe_scram_users(
+        &self,
+        users: &[&str],
+    ) -> Result<BTreeMap<String, Vec<ScramCredential>>, NativeError> {
+        const OP: &str = "describe SCRAM credentials";
+        // librdkafka refuses duplicates.
+        let users: BTreeSet<&str> = users.iter().copied().collect();
+        let c_users = users
+            .into_iter()
+            .map(|u| c_string("user", u))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.blocking(OP, move |client, timeout| {
+            let mut ptrs: Vec<_> = c_users.iter().map(|u| u.as_ptr()).collect();
+            let event = request(
+                client,
+                OP,
+                Api::DescribeScram,
+                timeout,
+                |rk, options, queue| {
+                    // SAFETY: `ptrs` points into `c_users`, which outlives the call; librdkafka
+                    // copies the strings. rk, options and queue are valid for the call.
+                    unsafe {
+                        rd_kafka_DescribeUserScramCredentials(
+                            rk,
+                            ptrs.as_mut_ptr(),
+                            ptrs.len(),
+                            options,
+                            queue,
+                        )
+                    }
+                },
+            )?;
+            let mut n = 0;
+            // SAFETY: request() checked that this is a DescribeUserScramCredentials
+            // result, which owns the array it returns.
+            let descriptions = unsafe {
+                let result = rd_kafka_event_DescribeUserScramCredentials_result(event.as_ptr());
+                c_array(
+                    rd_kafka_DescribeUserScramCredentials_result_descriptions(result, &mut n),
+                    n,
+                )
+            };
+            descriptions
+                .iter()
+                // SAFETY: each description belongs to the live event.
+                .map(|d| unsafe { read_scram_user(OP, *d) })
+                .collect()
+        })
+        .await
+    }
+
+    /// Runs `f` on a blocking thread: librdkafka's queue poll blocks its caller.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&Client, Duration) -> Result<T, NativeError> + Send + 'static,
+    ) -> Result<T, NativeError> {
+        let client = self.client.clone();
+        let timeout = self.timeout;
+        let task = tokio::task::spawn_blocking(move || f(&client, timeout));
+        match task.await {
+            Ok(result) => result,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(_) => Err(NativeError::Cancelled { op }),
+            },
+        }
+    }
+}
+
+/// A C object freed by its librdkafka destructor when dropped.
+struct Owned<T> {
+    ptr: NonNull<T>,
+    free: unsafe extern "C" fn(*mut T),
+}
+
+impl<T> Owned<T> {
+    /// Takes ownership of `ptr`; `None` if it is null.
+    ///
+    /// # Safety
+    /// `ptr` must be null or a live object that nothing else frees and that `free`
+    /// destroys.
+    unsafe fn new(ptr: *mut T, free: unsafe extern "C" fn(*mut T)) -> Option<Self> {
+        NonNull::new(ptr).map(|ptr| Self { ptr, free })
+    }
+
+    fn as_ptr(&self) -> *mut T {
+        self.ptr.as_ptr()
+    }
+}
+
+impl<T> Drop for Owned<T> {
+    fn drop(&mut self) {
+        // SAFETY: we own the object (see `new`) and free it exactly once.
+        unsafe { (self.free)(self.ptr.as_ptr()) }
+    }
+}
+
+/// The admin APIs used here, with the event type each answers with.
+#[derive(Clone, Copy)]
+enum Api {
+    CreateAcls,
+    DescribeAcls,
+    DeleteAcls,
+    AlterScram,
+    DescribeScram,
+}
+
+impl Api {
+    fn codes(self) -> (rd_kafka_admin_op_t, rd_kafka_event_type_t) {
+        use rd_kafka_admin_op_t::*;
+        match self {
+            Api::CreateAcls => (
+                RD_KAFKA_ADMIN_OP_CREATEACLS,
+                RD_KAFKA_EVENT_CREATEACLS_RESULT,
+            ),
+            Api::DescribeAcls => (
+                RD_KAFKA_ADMIN_OP_DESCRIBEACLS,
+                RD_KAFKA_EVENT_DESCRIBEACLS_RESULT,
+            ),
+            Api::DeleteAcls => (
+                RD_KAFKA_ADMIN_OP_DELETEACLS,
+                RD_KAFKA_EVENT_DELETEACLS_RESULT,
+            ),
+            Api::AlterScram => (
+                RD_KAFKA_ADMIN_OP_ALTERUSERSCRAMCREDENTIALS,
+                RD_KAFKA_EVENT_ALTERUSERSCRAMCREDENTIALS_RESULT,
+            ),
+            Api::DescribeScram => (
+                RD_KAFKA_ADMIN_OP_DESCRIBEUSERSCRAMCREDENTIALS,
+                RD_KAFKA_EVENT_DESCRIBEUSERSCRAMCREDENTIALS_RESULT,
+            ),
+        }
+    }
+}
+
+/// Sends one admin request (through `send`, given the options and a private result
+/// queue) and waits for its result event, which is returned only if it is of the
+/// expected type and carries no request-level error.
+fn request(
+    client: &Client,
+    op: &'static str,
+    api: Api,
+    timeout: Duration,
+    send: impl FnOnce(*mut rd_kafka_t, *const rd_kafka_AdminOptions_t, *mut rd_kafka_queue_t),
+) -> Result<Owned<rd_kafka_event_t>, NativeError> {
+    let (admin_op, event_type) = api.codes();
+    // Valid while `client` is borrowed, which outlasts this function.
+    let rk = client.inner().native_ptr();
+    // SAFETY: rk is the live client handle; the queue is ours alone. A request still in
+    // flight when we destroy it keeps the queue's internals alive and its late result
+    // is discarded.
+    let queue = unsafe { Owned::new(rd_kafka_queue_new(rk), rd_kafka_queue_destroy) }
+        .ok_or_else(|| unexpected(op, "librdkafka returned no queue".into()))?;
+    // SAFETY: as above; the request copies the options, so they may go after `send`.
+    let options = unsafe {
+        Owned::new(
+            rd_kafka_AdminOptions_new(rk, admin_op),
+            rd_kafka_AdminOptions_destroy,
+        )
+    }
+    .ok_or_else(|| unexpected(op, "librdkafka returned no admin options".into()))?;
+    let timeout_ms = c_int::try_from(timeout.as_millis()).unwrap_or(c_int::MAX);
+    let mut errstr = [0 as c_char; 256];
+    // SAFETY: options is live; errstr is writable for its length.
+    let err = unsafe {
+        rd_kafka_AdminOptions_set_request_timeout(
+            options.as_ptr(),
+            timeout_ms,
+            errstr.as_mut_ptr(),
+            errstr.len(),
+        )
+    };
+    if err != rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        // SAFETY: librdkafka NUL-terminates errstr within its length.
+        return Err(NativeError::InvalidArgument(unsafe {
+            read_string(errstr.as_ptr())
+        }));
+    }
+    send(rk, options.as_ptr(), queue.as_ptr());
+    // librdkafka answers with its own timeout error after `timeout`; the margin lets
+    // that (more precise) answer arrive first.
+    let poll_ms = timeout_ms.saturating_add(5_000);
+    // SAFETY: the queue is live; a polled event is ours to destroy.
+    let event = unsafe {
+        Owned::new(
+            rd_kafka_queue_poll(queue.as_ptr(), poll_ms),
+            rd_kafka_event_destroy,
+        )
+    }
+    .ok_or(NativeError::Timeout { op })?;
+    // SAFETY: the event is live; its error string lives as long as it does.
+    let (err, message) = unsafe {
+        let err = rd_kafka_event_error(event.as_ptr());
+        (
+            err,
+            read_string(rd_kafka_event_error_string(event.as_ptr())),
+        )
+    };
+    match err {
+        rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => {}
+        rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT => {
+            return Err(NativeError::Timeout { op });
+        }
+        rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__INVALID_ARG => {
+            return Err(NativeError::InvalidArgument(format!("{op}: {message}")));
+        }
+        err => return Err(refused(op, err.into(), message)),
+    }
+    // SAFETY: the event is live.
+    let actual = unsafe { rd_kafka_event_type(event.as_ptr()) };
+    if actual != event_type {
+        return Err(unexpected(
+            op,
+            format!("event type {actual}, expected {event_type}"),
+        ));
+    }
+    Ok(event)
+}
+
+/// Sends one SCRAM alteration and returns its per-user error, if any.
+fn alter_scram(
+    client: &Client,
+    op: &'static str,
+    timeout: Duration,
+    alteration: &Owned<rd_kafka_UserScramCredentialAlteration_t>,
+) -> Result<(), NativeError> {
+    let mut ptrs = [alteration.as_ptr()];
+    let event = request(
+        client,
+        op,
+        Api::AlterScram,
+        timeout,
+        |rk, options, queue| {
+            // SAFETY: `ptrs` holds one valid alteration that librdkafka copies; rk, options
+            // and queue are valid for the call.
+            unsafe {
+                rd_kafka_AlterUserScramCredentials(
+                    rk,
+                    ptrs.as_mut_ptr(),
+                    ptrs.len(),
+                    options,
+                    queue,
+                )
+            }
+        },
+    )?;
+    let mut n = 0;
+    // SAFETY: request() checked that this is an AlterUserScramCredentials result, which
+    // owns the array and the responses' errors.
+    unsafe {
+        let result = rd_kafka_event_AlterUserScramCredentials_result(event.as_ptr());
+        let responses = c_array(
+            rd_kafka_AlterUserScramCredentials_result_responses(result, &mut n),
+            n,
+        );
+        if responses.len() != 1 {
+            return Err(unexpected(op, format!("{n} responses for one user")));
+        }
+        match item_error(rd_kafka_AlterUserScramCredentials_result_response_error(
+            responses[0],
+        )) {
+            Some((code, message)) => Err(refused(op, code, message)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The fields of an ACL binding or filter, as C strings and C enums; `None` strings
+/// (filters only) match anything.
+struct CAcl {
+    resource_type: rd_kafka_ResourceType_t,
+    name: Option<CString>,
+    pattern_type: rd_kafka_ResourcePatternType_t,
+    principal: Option<CString>,
+    host: Option<CString>,
+    operation: rd_kafka_AclOperation_t,
+    permission: rd_kafka_AclPermissionType_t,
+}
+
+impl TryFrom<&AclBinding> for CAcl {
+    type Error = NativeError;
+    fn try_from(b: &AclBinding) -> Result<Self, NativeError> {
+        Ok(Self {
+            resource_type: b.resource_type.into(),
+            name: Some(c_string("resource name", &b.resource_name)?),
+            pattern_type: b.pattern_type.into(),
+            principal: Some(c_string("principal", &b.principal)?),
+            host: Some(c_string("host", &b.host)?),
+            operation: b.operation.into(),
+            permission: b.permission.into(),
+        })
+    }
+}
+
+impl TryFrom<&AclFilter> for CAcl {
+    type Error = NativeError;
+    fn try_from(f: &AclFilter) -> Result<Self, NativeError> {
+        let opt = |what, s: &Option<String>| s.as_deref().map(|s| c_string(what, s)).transpose();
+        Ok(Self {
+            resource_type: f
+                .resource_type
+                .map_or(rd_kafka_ResourceType_t::RD_KAFKA_RESOURCE_ANY, Into::into),
+            name: opt("resource name", &f.resource_name)?,
+            pattern_type: f.pattern_type.into(),
+            principal: opt("principal", &f.principal)?,
+            host: opt("host", &f.host)?,
+            operation: f.operation.map_or(
+                rd_kafka_AclOperation_t::RD_KAFKA_ACL_OPERATION_ANY,
+                Into::into,
+            ),
+            permission: f.permission.map_or(
+                rd_kafka_AclPermissionType_t::RD_KAFKA_ACL_PERMISSION_TYPE_ANY,
+                Into::into,
+            ),
+        })
+    }
+}
+
+/// Builds a C ACL binding (`binding`) or filter (`!binding`); librdkafka's validation
+/// errors become [`NativeError::InvalidArgument`].
+fn new_acl(acl: CAcl, binding: bool) -> Result<Owned<rd_kafka_AclBinding_t>, NativeError> {
+    let s = |s: &Option<CString>| s.as_ref().map_or(ptr::null(), |s| s.as_ptr());
+    let new = if binding {
+        rd_kafka_AclBinding_new
+    } else {
+        rd_kafka_AclBindingFilter_new
+    };
+    let mut errstr = [0 as c_char; 256];
+    // SAFETY: the strings are NUL-terminated (or null, which filters accept and
+    // bindings reject with an error) and copied by the call; errstr is writable for its
+    // length.
+    let ptr = unsafe {
+        new(
+            acl.resource_type,
+            s(&acl.name),
+            acl.pattern_type,
+            s(&acl.principal),
+            s(&acl.host),
+            acl.operation,
+            acl.permission,
+            errstr.as_mut_ptr(),
+            errstr.len(),
+        )
+    };
+    // SAFETY: a fresh binding, owned by no one else; filters are bindings in C.
+    match unsafe { Owned::new(ptr, rd_kafka_AclBinding_destroy) } {
+        Some(acl) => Ok(acl),
+        // SAFETY: on failure librdkafka wrote a NUL-terminated message into errstr.
+        None => Err(NativeError::InvalidArgument(unsafe {
+            read_string(errstr.as_ptr())
+        })),
+    }
+}
+
+/// Copies a user's SCRAM description librdkafka returned.
+///
+/// # Safety
+/// `d` must be a live description.
+unsafe fn read_scram_user(
+    op: &'static str,
+    d: *const rd_kafka_UserScramCredentialsDescription_t,
+) -> Result<(String, Vec<ScramCredential>), NativeError> {
+    // SAFETY: `d` is live (see the contract), and so are its user, error and credential
+    // infos.
+    unsafe {
+        let user = read_string(rd_kafka_UserScramCredentialsDescription_user(d));
+        match item_error(rd_kafka_UserScramCredentialsDescription_error(d)) {
+            // Kafka's answer for a user without credentials.
+            Some((RDKafkaErrorCode::ResourceNotFound, _)) => return Ok((user, Vec::new())),
+            Some((code, message)) => {
+                return Err(refused(op, code, format!("{message} (user {user})")));
+            }
+            None => {}
+        }
+        let count = rd_kafka_UserScramCredentialsDescription_scramcredentialinfo_count(d);
+        let mut credentials = Vec::with_capacity(count);
+        for i in 0..count {
+            let info = rd_kafka_UserScramCredentialsDescription_scramcredentialinfo(d, i);
+            let raw = scram_mechanism_raw(info);
+            let mechanism = scram_mechanism(raw)
+                .ok_or_else(|| unexpected(op, format!("SCRAM mechanism {raw} of user {user}")))?;
+            let iterations = rd_kafka_ScramCredentialInfo_iterations(info);
+            credentials.push(ScramCredential {
+                mechanism,
+                iterations,
+            });
+        }
+        Ok((user, credentials))
+    }
+}
+
+fn scram_mechanism(raw: c_uint) -> Option<ScramMechanism> {
+    ScramMechanism::ALL
+        .iter()
+        .copied()
+        .find(|m| rd_kafka_ScramMechanism_t::from(*m) as c_uint == raw)
+}
+
+/// Copies a binding librdkafka returned.
+///
+/// # Safety
+/// `acl` must be a live binding.
+unsafe fn read_acl(
+    op: &'static str,
+    acl: *const rd_kafka_AclBinding_t,
+) -> Result<AclBinding, NativeError> {
+    // librdkafka maps values it does not know to UNKNOWN, which has no Rust variant.
+    let known = |what: &str, v: &dyn std::fmt::Debug| unexpected(op, format!("ACL {what} {v:?}"));
+    // SAFETY: `acl` is live (see the contract); the strings it returns live as long.
+    unsafe {
+        Ok(AclBinding {
+            resource_type: ResourceType::try_from(rd_kafka_AclBinding_restype(acl))
+                .map_err(|v| known("resource type", &v))?,
+            resource_name: read_string(rd_kafka_AclBinding_name(acl)),
+            pattern_type: PatternType::try_from(rd_kafka_AclBinding_resource_pattern_type(acl))
+                .map_err(|v| known("pattern type", &v))?,
+            principal: read_string(rd_kafka_AclBinding_principal(acl)),
+            host: read_string(rd_kafka_AclBinding_host(acl)),
+            operation: AclOperation::try_from(rd_kafka_AclBinding_operation(acl))
+                .map_err(|v| known("operation", &v))?,
+            permission: AclPermission::try_from(rd_kafka_AclBinding_permission_type(acl))
+                .map_err(|v| known("permission", &v))?,
+        })
+    }
+}
+
+/// The code and message of a per-item error; `None` if there is none.
+///
+/// # Safety
+/// `error` must be null or a live error.
+unsafe fn item_error(error: *const rd_kafka_error_t) -> Option<(RDKafkaErrorCode, String)> {
+    if error.is_null() {
+        return None;
+    }
+    // SAFETY: `error` is live (see the contract); its string lives as long.
+    let (code, message) = unsafe {
+        (
+            rd_kafka_error_code(error),
+            read_string(rd_kafka_error_string(error)),
+        )
+    };
+    // librdkafka sometimes attaches an error object carrying NO_ERROR.
+    (code != rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then(|| (code.into(), message))
+}
+
+/// A librdkafka result array as a slice; empty if null.
+///
+/// # Safety
+/// `ptr` must be null or point to `len` elements that outlive `'a`.
+unsafe fn c_array<'a, T>(ptr: *mut *const T, len: usize) -> &'a [*const T] {
+    if ptr.is_null() || len == 0 {
+        return &[];
+    }
+    // SAFETY: see the contract.
+    unsafe { std::slice::from_raw_parts(ptr, len) }
+}
+
+/// Copies a C string; null becomes empty and invalid UTF-8 is replaced.
+///
+/// # Safety
+/// `s` must be null or a live NUL-terminated string.
+unsafe fn read_string(s: *const c_char) -> String {
+    if s.is_null() {
+        return String::new();
+    }
+    // SAFETY: see the contract.
+    unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
+}
+
+/// `rd_kafka_ScramCredentialInfo_mechanism` as a plain integer.
+///
+/// # Safety
+/// `info` must be a live credential info.
+unsafe fn scram_mechanism_raw(info: *const rd_kafka_ScramCredentialInfo_t) -> c_uint {
+    // librdkafka copies Kafka's mechanism byte unchecked, and a value outside the Rust
+    // binding's enum would be undefined behaviour, so read it as the int it is in C.
+    unsafe extern "C" {
+        #[link_name = "rd_kafka_ScramCredentialInfo_mechanism"]
+        fn mechanism(info: *const rd_kafka_ScramCredentialInfo_t) -> c_uint;
+    }
+    // SAFETY: see the contract; same symbol and ABI as the binding, C enums being ints.
+    unsafe { mechanism(info) }
+}
+
+fn c_string(what: &str, s: &str) -> Result<CString, NativeError> {
+    CString::new(s)
+        .map_err(|_| NativeError::InvalidArgument(format!("{what} {s:?} contains a NUL byte")))
+}
+
+fn refused(op: &'static str, code: RDKafkaErrorCode, message: String) -> NativeError {
+    NativeError::Kafka { op, code, message }
+}
+
+fn unexpected(op: &'static str, what: String) -> NativeError {
+    NativeError::Unexpected { op, what }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every Rust variant survives the trip to C and back, and distinct variants map to
+    /// distinct C values.
+    fn round_trips<R, C>(all: &[R])
+    where
+        R: Copy + std::fmt::Debug + PartialEq + Into<C> + TryFrom<C>,
+        C: Copy + std::fmt::Debug + PartialEq,
+        <R as TryFrom<C>>::Error: std::fmt::Debug,
+    {
+        let cs: Vec<C> = all.iter().map(|r| (*r).into()).collect();
+        for (r, c) in all.iter().zip(&cs) {
+            assert_eq!(R::try_from(*c).ok(), Some(*r), "{r:?} <-> {c:?}");
+            assert_eq!(cs.iter().filter(|x| *x == c).count(), 1, "{c:?} used twice");
+        }
+    }
+
+    #[test]
+    fn enums_round_trip() {
+        round_trips::<_, rd_kafka_ResourceType_t>(ResourceType::ALL);
+        round_trips::<_, rd_kafka_ResourcePatternType_t>(PatternType::ALL);
+        round_trips::<_, rd_kafka_ResourcePatternType_t>(PatternTypeFilter::ALL);
+        round_trips::<_, rd_kafka_AclOperation_t>(AclOperation::ALL);
+        round_trips::<_, rd_kafka_AclPermissionType_t>(AclPermission::ALL);
+        round_trips::<_, rd_kafka_ScramMechanism_t>(ScramMechanism::ALL);
+        assert_eq!(AclOperation::ALL.len(), 11);
+    }
+
+    #[test]
+    fn c_values_without_a_rust_variant_are_rejected() {
+        use rd_kafka_AclOperation_t::*;
+        use rd_kafka_ResourcePatternType_t::*;
+        use rd_kafka_ResourceType_t::*;
+        assert!(ResourceType::try_from(RD_KAFKA_RESOURCE_ANY).is_err());
+        assert!(ResourceType::try_from(RD_KAFKA_RESOURCE_UNKNOWN).is_err());
+        assert!(PatternType::try_from(RD_KAFKA_RESOURCE_PATTERN_MATCH).is_err());
+        assert!(PatternType::try_from(RD_KAFKA_RESOURCE_PATTERN_ANY).is_err());
+        assert!(AclOperation::try_from(RD_KAFKA_ACL_OPERATION_ANY).is_err());
+        assert!(AclOperation::try_from(RD_KAFKA_ACL_OPERATION_UNKNOWN).is_err());
+        assert!(
+            ScramMechanism::try_from(rd_kafka_ScramMechanism_t::RD_KAFKA_SCRAM_MECHANISM_UNKNOWN)
+                .is_err()
+        );
+        assert_eq!(scram_mechanism(2), Some(ScramMechanism::Sha512));
+        assert_eq!(scram_mechanism(0), None);
+        assert_eq!(scram_mechanism(7), None);
+    }
+
+    fn binding() -> AclBinding {
+        AclBinding {
+            resource_type: ResourceType::Topic,
+            resource_name: "orders.".into(),
+            pattern_type: PatternType::Prefixed,
+            principal: "User:alice".into(),
+            host: "*".into(),
+            operation: AclOperation::Read,
+            permission: AclPermission::Allow,
+        }
+    }
+
+    #[test]
+    fn bindings_and_filters_survive_librdkafka() {
+        let b = binding();
+        let c = new_acl((&b).try_into().unwrap(), true).expect("valid binding");
+        // SAFETY: `c` is live.
+        assert_eq!(unsafe { read_acl("test", c.as_ptr()) }.unwrap(), b);
+        // An exact filter is a valid filter; a principal-only one leaves the rest null.
+        new_acl((&AclFilter::from(&b)).try_into().unwrap(), false).expect("valid filter");
+        new_acl(
+            (&AclFilter::principal("User:alice")).try_into().unwrap(),
+            false,
+        )
+        .expect("valid filter");
+    }
+
+    #[test]
+    fn nul_bytes_are_invalid_arguments() {
+        let b = AclBinding {
+            principal: "User:a\0b".into(),
+            ..binding()
+        };
+        let err = CAcl::try_from(&b).err().expect("rejected");
+        assert!(
+            matches!(err, NativeError::InvalidArgument(ref m) if m.contains("principal")),
+            "{err}"
+        );
+        assert!(matches!(
+            c_string("user", "a\0"),
+            Err(NativeError::InvalidArgument(_))
+        ));
+    }
+}
