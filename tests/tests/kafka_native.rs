@@ -1,0 +1,368 @@
+//! The native admin calls (ACLs, SCRAM users) against the real broker, checked with
+//! Kafka's own AclCommand and ConfigCommand and by authenticating as the user.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use eventops_operator::config::RunConfig;
+use eventops_operator::kafka::KafkaAdmin;
+use eventops_operator::kafka::native::{
+    AclBinding, AclFilter, AclOperation, AclPermission, NativeAdmin, NativeError, PatternType,
+    ResourceType, SCRAM_ITERATIONS, ScramCredential, ScramMechanism,
+};
+use eventops_tests::{TestEnv, env, eventually, unique};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn native(env: &TestEnv) -> NativeAdmin {
+    let mut config = RunConfig::new(&env.info.kafka_bootstrap);
+    config.kafka_username = Some(env.info.kafka_admin_user.clone());
+    config.kafka_password = Some(env.info.kafka_admin_password.clone());
+    config.kafka_sasl_mechanism = env.info.kafka_sasl_mechanism.clone();
+    KafkaAdmin::new(&config.kafka_settings().unwrap())
+        .unwrap()
+        .native()
+}
+
+fn acl(
+    resource_type: ResourceType,
+    name: &str,
+    pattern_type: PatternType,
+    principal: &str,
+    operation: AclOperation,
+    permission: AclPermission,
+) -> AclBinding {
+    AclBinding {
+        resource_type,
+        resource_name: name.into(),
+        pattern_type,
+        principal: principal.into(),
+        host: "*".into(),
+        operation,
+        permission,
+    }
+}
+
+/// `IdempotentWrite` -> `IDEMPOTENT_WRITE`, as Kafka's tools print enum names.
+fn kafka_name(v: impl std::fmt::Debug) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{v:?}").chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+fn acl_line(a: &AclBinding) -> String {
+    format!(
+        "{} {} {} {} {} {} {}",
+        kafka_name(a.resource_type),
+        a.resource_name,
+        kafka_name(a.pattern_type),
+        a.principal,
+        a.host,
+        kafka_name(a.operation),
+        kafka_name(a.permission)
+    )
+}
+
+/// The ACLs of `principal` according to `AclCommand --list`, one line per ACL in
+/// [`acl_line`]'s format.
+async fn acl_command_list(env: &TestEnv, principal: &str) -> BTreeSet<String> {
+    let out = env
+        .kafka_tool(
+            "org.apache.kafka.tools.AclCommand",
+            &["--list", "--principal", principal],
+        )
+        .await
+        .unwrap();
+    let field = |s: &str, name: &str| {
+        s.split([',', '(', ')'])
+            .find_map(|f| f.trim().strip_prefix(name)?.strip_prefix('='))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no {name} in {s:?} of:\n{out}"))
+    };
+    let mut acls = BTreeSet::new();
+    let mut resource = None;
+    for line in out.lines() {
+        if line.contains("ResourcePattern(") {
+            resource = Some(format!(
+                "{} {} {}",
+                field(line, "resourceType"),
+                field(line, "name"),
+                field(line, "patternType")
+            ));
+        } else if line.contains("(principal=") {
+            let resource = resource.as_ref().expect("an ACL line before any resource");
+            acls.insert(format!(
+                "{resource} {} {} {} {}",
+                field(line, "principal"),
+                field(line, "host"),
+                field(line, "operation"),
+                field(line, "permissionType")
+            ));
+        }
+    }
+    acls
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acls_are_created_described_and_deleted() {
+    let env = env().await;
+    let admin = native(&env);
+    let principal = format!("User:{}", unique("native-acl"));
+    let topic = unique("native-acl-topic");
+    let p = principal.as_str();
+    use AclOperation::*;
+    use AclPermission::*;
+    use PatternType::*;
+    use ResourceType::*;
+    let mut wanted = vec![
+        acl(Topic, &topic, Literal, p, Read, Allow),
+        acl(Topic, &topic, Literal, p, Describe, Allow),
+        acl(Topic, "orders.", Prefixed, p, Write, Allow),
+        acl(Group, &topic, Literal, p, Read, Allow),
+        acl(Cluster, "kafka-cluster", Literal, p, IdempotentWrite, Allow),
+        acl(TransactionalId, "tx-", Prefixed, p, Write, Deny),
+    ];
+    wanted.sort();
+    let filter = AclFilter::principal(p);
+    assert_eq!(admin.describe_acls(&filter).await.unwrap(), []);
+
+    admin.create_acls(&wanted).await.unwrap();
+    // Creating existing ACLs again is not an error.
+    admin.create_acls(&wanted[..1]).await.unwrap();
+
+    let described = eventually(TIMEOUT, "the ACLs to be described", || async {
+        let acls = admin.describe_acls(&filter).await.unwrap();
+        (acls.len() == wanted.len()).then_some(acls)
+    })
+    .await;
+    assert_eq!(described, wanted);
+    let expected_lines: BTreeSet<String> = wanted.iter().map(acl_line).collect();
+    assert_eq!(acl_command_list(&env, p).await, expected_lines);
+
+    // A narrower filter: only the Allow ACLs on the literal topic.
+    let on_topic = AclFilter {
+        operation: None,
+        ..AclFilter::from(&wanted[0])
+    };
+    let topic_acls = admin.describe_acls(&on_topic).await.unwrap();
+    assert_eq!(topic_acls.len(), 2, "{topic_acls:?}");
+
+    // Delete one exactly, then the rest by principal.
+    let deleted = admin
+        .delete_acls(&[AclFilter::from(&wanted[0])])
+        .await
+        .unwrap();
+    assert_eq!(deleted, wanted[..1]);
+    let deleted = admin
+        .delete_acls(std::slice::from_ref(&filter))
+        .await
+        .unwrap();
+    assert_eq!(deleted, wanted[1..]);
+
+    eventually(TIMEOUT, "no ACLs left", || async {
+        admin
+            .describe_acls(&filter)
+            .await
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(acl_command_list(&env, p).await, BTreeSet::new());
+    assert_eq!(admin.delete_acls(&[filter]).await.unwrap(), []);
+}
+
+/// Whether `user`/`password` can authenticate: fetching metadata needs a completed
+/// SASL handshake but no ACLs. On failure, the errors librdkafka reported meanwhile.
+async fn authenticates(
+    env: &TestEnv,
+    user: &str,
+    password: &str,
+) -> Result<(), Vec<RDKafkaErrorCode>> {
+    let mut config = env.info.kafka_admin_config();
+    config
+        .set("sasl.username", user)
+        .set("sasl.password", password)
+        .set_log_level(RDKafkaLogLevel::Emerg);
+    let consumer: BaseConsumer = config.create().unwrap();
+    tokio::task::spawn_blocking(move || {
+        if consumer
+            .fetch_metadata(None, Duration::from_secs(5))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        // The metadata call only says the transport failed; why is reported as error
+        // events, which a consumer's poll returns.
+        let mut errors = Vec::new();
+        while let Some(r) = consumer.poll(Duration::from_millis(500)) {
+            if let Err(e) = r {
+                errors.push(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail));
+            }
+        }
+        Err(errors)
+    })
+    .await
+    .unwrap()
+}
+
+/// Asserts that authentication fails because of the credentials.
+fn assert_refused(result: Result<(), Vec<RDKafkaErrorCode>>) {
+    match result {
+        Err(errors) => assert!(
+            errors.contains(&RDKafkaErrorCode::Authentication),
+            "not an authentication failure: {errors:?}"
+        ),
+        Ok(()) => panic!("authenticated"),
+    }
+}
+
+async fn config_command_describe_user(env: &TestEnv, user: &str) -> String {
+    env.kafka_tool(
+        "kafka.admin.ConfigCommand",
+        &[
+            "--describe",
+            "--entity-type",
+            "users",
+            "--entity-name",
+            user,
+        ],
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scram_users_are_upserted_described_and_deleted() {
+    let env = env().await;
+    let admin = native(&env);
+    let user = unique("native-user");
+    let password = "correct horse battery staple";
+
+    let unknown = admin.describe_scram_users(&[&user]).await.unwrap();
+    assert_eq!(unknown.get(&user), Some(&vec![]), "{unknown:?}");
+    assert!(!admin.delete_scram_user(&user).await.unwrap());
+    assert_refused(authenticates(&env, &user, password).await);
+
+    admin.upsert_scram_user(&user, password).await.unwrap();
+    eventually(TIMEOUT, "the new user to authenticate", || async {
+        authenticates(&env, &user, password).await.ok()
+    })
+    .await;
+    assert_refused(authenticates(&env, &user, "wrong password").await);
+    let described = admin.describe_scram_users(&[&user, "admin"]).await.unwrap();
+    assert_eq!(
+        described[&user],
+        [ScramCredential {
+            mechanism: ScramMechanism::Sha512,
+            iterations: SCRAM_ITERATIONS
+        }]
+    );
+    assert_eq!(described["admin"].len(), 1, "{described:?}");
+    let all = admin.describe_scram_users(&[]).await.unwrap();
+    assert_eq!(all.get(&user), described.get(&user), "{all:?}");
+    assert!(all.contains_key("admin"), "{all:?}");
+    let twice = admin.describe_scram_users(&[&user, &user]).await.unwrap();
+    assert_eq!(twice.len(), 1, "{twice:?}");
+    assert_eq!(
+        config_command_describe_user(&env, &user).await.trim(),
+        format!(
+            "SCRAM credential configs for user-principal '{user}' are \
+             SCRAM-SHA-512=iterations={SCRAM_ITERATIONS}"
+        )
+    );
+
+    // A new password replaces the old one.
+    let new_password = "tr0ub4dor&3";
+    admin.upsert_scram_user(&user, new_password).await.unwrap();
+    eventually(TIMEOUT, "the new password to work", || async {
+        authenticates(&env, &user, new_password).await.ok()
+    })
+    .await;
+    assert_refused(authenticates(&env, &user, password).await);
+
+    assert!(admin.delete_scram_user(&user).await.unwrap());
+    let errors = eventually(TIMEOUT, "the deleted user to be refused", || async {
+        authenticates(&env, &user, new_password).await.err()
+    })
+    .await;
+    assert_refused(Err(errors));
+    assert_eq!(
+        admin.describe_scram_users(&[&user]).await.unwrap()[&user],
+        []
+    );
+    assert_eq!(config_command_describe_user(&env, &user).await.trim(), "");
+    assert!(!admin.delete_scram_user(&user).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_arguments_are_clear_errors() {
+    let env = env().await;
+    let admin = native(&env);
+    let good = acl(
+        ResourceType::Topic,
+        "t",
+        PatternType::Literal,
+        "User:x",
+        AclOperation::Read,
+        AclPermission::Allow,
+    );
+
+    // Caught before anything is sent.
+    let nul = AclBinding {
+        principal: "User:a\0b".into(),
+        ..good.clone()
+    };
+    let err = admin.create_acls(&[nul]).await.unwrap_err();
+    assert!(
+        matches!(&err, NativeError::InvalidArgument(m) if m.contains("principal")),
+        "{err}"
+    );
+    let err = admin.upsert_scram_user("a\0b", "pw").await.unwrap_err();
+    assert!(matches!(err, NativeError::InvalidArgument(_)), "{err}");
+    let err = admin.describe_scram_users(&["a\0b"]).await.unwrap_err();
+    assert!(matches!(err, NativeError::InvalidArgument(_)), "{err}");
+    // librdkafka's own validation.
+    let err = admin
+        .upsert_scram_user(&unique("native-empty"), "")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, NativeError::InvalidArgument(m) if m.contains("password")),
+        "{err}"
+    );
+
+    // Refused by Kafka: a principal without a type, and a cluster ACL not named
+    // kafka-cluster.
+    for bad in [
+        AclBinding {
+            principal: "no-type".into(),
+            ..good.clone()
+        },
+        AclBinding {
+            resource_type: ResourceType::Cluster,
+            resource_name: "not-the-cluster".into(),
+            ..good.clone()
+        },
+    ] {
+        let err = admin
+            .create_acls(std::slice::from_ref(&bad))
+            .await
+            .unwrap_err();
+        match &err {
+            NativeError::Kafka { code, message, .. } => {
+                assert_eq!(*code, RDKafkaErrorCode::InvalidRequest, "{err}");
+                assert!(message.contains(&bad.principal), "names the ACL: {err}");
+            }
+            other => panic!("expected Kafka's refusal, got {other}"),
+        }
+    }
+}
