@@ -22,7 +22,7 @@ fn native(env: &TestEnv) -> NativeAdmin {
     config.kafka_username = Some(env.info.kafka_admin_user.clone());
     config.kafka_password = Some(env.info.kafka_admin_password.clone());
     config.kafka_sasl_mechanism = env.info.kafka_sasl_mechanism.clone();
-    KafkaAdmin::new(&config.kafka_settings().unwrap())
+    KafkaAdmin::new(&config.kafka_settings().unwrap(), Default::default())
         .unwrap()
         .native()
 }
