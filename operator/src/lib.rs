@@ -10,6 +10,7 @@ pub mod consumergroup;
 pub mod context;
 pub mod error;
 pub mod eventtopic;
+pub mod finalizer;
 pub mod kafka;
 pub mod telemetry;
 

@@ -15,6 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
+use crate::kafka::native::{AclBinding, AclOperation, AclPermission, PatternType, ResourceType};
+
 /// Label on every object made for a ConsumerGroup, valued with its name.
 pub const GROUP_LABEL: &str = "eventops.dev/consumer-group";
 /// Pod template annotation that changes with the credentials, so pods restart with new ones.
@@ -97,6 +99,55 @@ pub fn kafka_user(cg: &ConsumerGroup) -> String {
         cg.namespace().unwrap_or_default(),
         cg.name_any()
     )
+}
+
+/// The Kafka principal of the group's user.
+pub fn principal(cg: &ConsumerGroup) -> String {
+    format!("User:{}", kafka_user(cg))
+}
+
+/// Least privilege: read (and describe) the consumed topics, read its own group id,
+/// write (and describe) its dead-letter topics, and read and write its retry topics,
+/// since a worker both re-publishes to and consumes from them. Nothing else.
+pub fn acls(cg: &ConsumerGroup, routes: &[TopicRoute]) -> std::collections::BTreeSet<AclBinding> {
+    let principal = principal(cg);
+    let allow = |resource_type, name: &str, operation| AclBinding {
+        resource_type,
+        resource_name: name.to_string(),
+        pattern_type: PatternType::Literal,
+        principal: principal.clone(),
+        host: "*".into(),
+        operation,
+        permission: AclPermission::Allow,
+    };
+    let mut acls = std::collections::BTreeSet::new();
+    acls.insert(allow(
+        ResourceType::Group,
+        cg.kafka_group_id(),
+        AclOperation::Read,
+    ));
+    for route in routes {
+        for op in [AclOperation::Read, AclOperation::Describe] {
+            acls.insert(allow(ResourceType::Topic, &route.topic, op));
+        }
+        if cg.spec.processing.dead_letter
+            && let Some(dlt) = &route.dead_letter_topic
+        {
+            for op in [AclOperation::Write, AclOperation::Describe] {
+                acls.insert(allow(ResourceType::Topic, dlt, op));
+            }
+        }
+        for retry in &route.retry_topics {
+            for op in [
+                AclOperation::Read,
+                AclOperation::Write,
+                AclOperation::Describe,
+            ] {
+                acls.insert(allow(ResourceType::Topic, &retry.topic, op));
+            }
+        }
+    }
+    acls
 }
 
 /// Name of the Secret holding the group's Kafka credentials.
@@ -387,6 +438,43 @@ mod tests {
         assert_eq!(
             config.kafka["sasl.username"],
             format!("from-secret:{}", contract::KAFKA_USERNAME)
+        );
+    }
+
+    #[test]
+    fn acls_are_least_privilege() {
+        let et = topic("orders", "orders.order.placed");
+        let routes = resolve_topics(&group(), |_| Some(&et)).unwrap();
+        let described: Vec<String> = acls(&group(), &routes)
+            .iter()
+            .map(|a| {
+                assert_eq!(a.principal, "User:eventops.shop.inventory");
+                format!(
+                    "{:?} {} {:?}",
+                    a.resource_type, a.resource_name, a.operation
+                )
+            })
+            .collect();
+        assert_eq!(
+            described,
+            [
+                "Topic orders.order.placed Read",
+                "Topic orders.order.placed Describe",
+                "Topic orders.order.placed.DLT Write",
+                "Topic orders.order.placed.DLT Describe",
+                "Topic orders.order.placed.retry-30s Read",
+                "Topic orders.order.placed.retry-30s Write",
+                "Topic orders.order.placed.retry-30s Describe",
+                "Group inventory Read",
+            ]
+        );
+
+        let mut no_dlt = group();
+        no_dlt.spec.processing.dead_letter = false;
+        assert!(
+            !acls(&no_dlt, &routes)
+                .iter()
+                .any(|a| a.resource_name.ends_with(".DLT"))
         );
     }
 

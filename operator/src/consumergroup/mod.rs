@@ -7,7 +7,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventops_crds::{ConsumerGroup, ConsumerGroupStatus, EventTopic};
+use std::collections::BTreeSet;
+
+use eventops_crds::{
+    ConsumerGroup, ConsumerGroupStatus, EventTopic, RELEASE_FINALIZER_ANNOTATION,
+    annotation_is_true,
+};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
@@ -18,11 +23,12 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::conditions::{self, Observed, READY};
 use crate::context::Context;
 use crate::error::Error;
+use crate::kafka::native::{AclBinding, AclFilter, NativeError};
 use build::{ROTATE_ANNOTATION, ROTATED_FOR_ANNOTATION, WorkerKafka};
 
 /// Runs the ConsumerGroup controller until `shutdown` resolves.
@@ -75,6 +81,14 @@ async fn reconcile_inner(
 ) -> Result<(Action, Option<&'static str>), Error> {
     let ns = cg.namespace().unwrap_or_default();
     let resync = ctx.settings.resync_interval;
+    let groups: Api<ConsumerGroup> = Api::namespaced(ctx.client.clone(), &ns);
+    if cg.metadata.deletion_timestamp.is_some() {
+        return Ok((finalize(&cg, ctx, &groups).await?, None));
+    }
+    // The group's Kafka user and ACLs outlive nothing else: remove them on deletion.
+    crate::finalizer::set(&groups, &*cg, CREDENTIALS_FINALIZER, true)
+        .await
+        .map_err(|e| kube_error("add the finalizer to", &cg, e))?;
 
     // Dereference.
     let topics_api: Api<EventTopic> = Api::namespaced(ctx.client.clone(), &ns);
@@ -127,7 +141,16 @@ async fn reconcile_inner(
     let desired_secret = build::secret(&cg, &kafka, &password, rotation.as_deref());
     let desired_deployment = build::deployment(&cg, &routes, &kafka, &credentials_version);
 
-    // Apply: only what differs, so a resync that finds nothing writes nothing.
+    // Apply: only what differs, so a resync that finds nothing writes nothing. Kafka
+    // first: the Secret must never hand out a password Kafka does not know yet.
+    let password_changed =
+        secret_value_of(secret.as_ref(), "password").as_deref() != Some(&password);
+    let desired_acls = build::acls(&cg, &routes);
+    if let Err(e) = sync_kafka_access(&cg, ctx, &password, password_changed, &desired_acls).await {
+        let ready = Observed::ready(false, native_reason(&e), e.to_string());
+        write_status(&cg, ctx, ready, None).await?;
+        return Ok((Action::requeue(Duration::from_secs(5)), Some("KafkaAccess")));
+    }
     let params = PatchParams::apply(crate::FIELD_MANAGER).force();
     if !secret_matches(secret.as_ref(), &desired_secret) {
         secrets
@@ -163,13 +186,120 @@ async fn reconcile_inner(
         true,
         "InSync",
         format!(
-            "Deployment {name} and Secret {secret} match the spec",
+            "Deployment {name}, Secret {secret}, Kafka user {user} and its {n} ACLs match the spec",
             name = cg.name_any(),
-            secret = build::secret_name(&cg)
+            secret = build::secret_name(&cg),
+            user = build::kafka_user(&cg),
+            n = desired_acls.len(),
         ),
     );
     write_status(&cg, ctx, ready, current_replicas).await?;
     Ok((Action::requeue(resync), None))
+}
+
+/// Finalizer held by every ConsumerGroup until its Kafka user and ACLs are removed.
+pub const CREDENTIALS_FINALIZER: &str = "eventops.dev/delete-kafka-credentials";
+
+/// Makes the group's SCRAM user and ACLs in Kafka what the spec asks for: creates the
+/// user when Kafka lacks it or the password changed, creates missing ACLs and deletes
+/// ACLs of the group's principal that are no longer desired. The principal is created
+/// by EventOps for this group alone, so every ACL on it is EventOps'.
+async fn sync_kafka_access(
+    cg: &ConsumerGroup,
+    ctx: &Context,
+    password: &str,
+    password_changed: bool,
+    desired: &BTreeSet<AclBinding>,
+) -> Result<(), NativeError> {
+    let native = ctx.kafka.native();
+    let user = build::kafka_user(cg);
+    ctx.metrics.kafka_request("DescribeUserScramCredentials");
+    let users = native.describe_scram_users(&[&user]).await?;
+    let exists = users.get(&user).is_some_and(|c| !c.is_empty());
+    if !exists || password_changed {
+        ctx.metrics.kafka_request("AlterUserScramCredentials");
+        native.upsert_scram_user(&user, password).await?;
+        info!(%user, "set SCRAM credentials");
+    }
+
+    ctx.metrics.kafka_request("DescribeAcls");
+    let current: BTreeSet<AclBinding> = native
+        .describe_acls(&AclFilter::principal(&build::principal(cg)))
+        .await?
+        .into_iter()
+        .collect();
+    let missing: Vec<AclBinding> = desired.difference(&current).cloned().collect();
+    let extra: Vec<AclFilter> = current.difference(desired).map(AclFilter::from).collect();
+    if !missing.is_empty() {
+        ctx.metrics.kafka_request("CreateAcls");
+        native.create_acls(&missing).await?;
+        info!(%user, created = missing.len(), "created ACLs");
+    }
+    if !extra.is_empty() {
+        ctx.metrics.kafka_request("DeleteAcls");
+        let deleted = native.delete_acls(&extra).await?;
+        info!(%user, deleted = deleted.len(), "deleted ACLs no longer desired");
+    }
+    Ok(())
+}
+
+fn native_reason(e: &NativeError) -> String {
+    match e {
+        NativeError::Kafka { code, .. } => format!("{code:?}"),
+        NativeError::Timeout { .. } | NativeError::Cancelled { .. } => "KafkaUnavailable".into(),
+        NativeError::InvalidArgument(_) | NativeError::Unexpected { .. } => "KafkaError".into(),
+    }
+}
+
+/// Deletion: remove the group's ACLs and SCRAM user from Kafka, then let it go. The
+/// Deployment and Secret go with it through their owner references.
+async fn finalize(
+    cg: &ConsumerGroup,
+    ctx: &Context,
+    groups: &Api<ConsumerGroup>,
+) -> Result<Action, Error> {
+    if !cg.finalizers().iter().any(|f| f == CREDENTIALS_FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let released = annotation_is_true(&cg.metadata, RELEASE_FINALIZER_ANNOTATION);
+    if !released {
+        let native = ctx.kafka.native();
+        let user = build::kafka_user(cg);
+        ctx.metrics.kafka_request("DeleteAcls");
+        let deleted = native
+            .delete_acls(&[AclFilter::principal(&build::principal(cg))])
+            .await;
+        let result = match deleted {
+            Ok(_) => {
+                ctx.metrics.kafka_request("AlterUserScramCredentials");
+                native.delete_scram_user(&user).await.map(drop)
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            let message = format!(
+                "{e}; the resource stays until its Kafka user and ACLs are removed. If Kafka \
+                 is gone for good, annotate it {RELEASE_FINALIZER_ANNOTATION}=true to let it go"
+            );
+            write_status(
+                cg,
+                ctx,
+                Observed::ready(false, native_reason(&e), message),
+                None,
+            )
+            .await?;
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+        info!(%user, "removed Kafka user and ACLs");
+    }
+    crate::finalizer::set(groups, cg, CREDENTIALS_FINALIZER, false)
+        .await
+        .map_err(|e| kube_error("remove the finalizer of", cg, e))?;
+    Ok(Action::await_change())
+}
+
+fn secret_value_of(secret: Option<&Secret>, key: &str) -> Option<String> {
+    secret_value(secret?, key)
 }
 
 /// Whether the stored Secret already holds exactly the desired data.

@@ -303,20 +303,9 @@ async fn sync_one(
 /// topics never make deletion wait for the operator.
 async fn set_finalizer(et: &EventTopic, ctx: &Context) -> Result<(), Error> {
     let want = et.spec.deletion_policy == DeletionPolicy::Delete;
-    let has = et.finalizers().iter().any(|f| f == TOPIC_FINALIZER);
-    if want == has {
-        return Ok(());
-    }
-    let mut finalizers: Vec<&str> = et
-        .finalizers()
-        .iter()
-        .map(String::as_str)
-        .filter(|f| *f != TOPIC_FINALIZER)
-        .collect();
-    if want {
-        finalizers.push(TOPIC_FINALIZER);
-    }
-    patch_finalizers(et, ctx, &finalizers).await
+    crate::finalizer::set(&api(et, ctx), et, TOPIC_FINALIZER, want)
+        .await
+        .map_err(|source| kube_error("update finalizers of", et, source))
 }
 
 /// Deletion: with `deletionPolicy: Delete`, delete the Kafka topics this EventTopic alone
@@ -345,38 +334,10 @@ async fn finalize(et: &EventTopic, ctx: &Ctx) -> Result<Action, Error> {
             .event(et, EventType::Normal, "TopicsDeleted", "Delete", note)
             .await;
     }
-    let rest: Vec<&str> = et
-        .finalizers()
-        .iter()
-        .map(String::as_str)
-        .filter(|f| *f != TOPIC_FINALIZER)
-        .collect();
-    patch_finalizers(et, &ctx.shared, &rest).await?;
-    Ok(Action::await_change())
-}
-
-/// Replaces `metadata.finalizers`, failing on a concurrent change (resourceVersion) so
-/// another controller's finalizer is never dropped.
-async fn patch_finalizers(
-    et: &EventTopic,
-    ctx: &Context,
-    finalizers: &[&str],
-) -> Result<(), Error> {
-    let patch = serde_json::json!({
-        "metadata": {
-            "finalizers": finalizers,
-            "resourceVersion": et.resource_version(),
-        }
-    });
-    api(et, ctx)
-        .patch(
-            &et.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+    crate::finalizer::set(&api(et, &ctx.shared), et, TOPIC_FINALIZER, false)
         .await
-        .map_err(|source| kube_error("update finalizers of", et, source))?;
-    Ok(())
+        .map_err(|source| kube_error("remove the finalizer of", et, source))?;
+    Ok(Action::await_change())
 }
 
 /// Writes status when it differs from what is stored, and an Event when Ready changes.

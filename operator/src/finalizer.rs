@@ -1,0 +1,37 @@
+//! Adding and removing this operator's finalizers.
+
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+/// Makes `obj` hold `finalizer` exactly when `want`. Replaces `metadata.finalizers` with
+/// the resourceVersion as a precondition, so another controller's finalizer added
+/// meanwhile is never dropped (the patch fails and the reconcile is retried).
+pub async fn set<K>(api: &Api<K>, obj: &K, finalizer: &str, want: bool) -> kube::Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let has = obj.finalizers().iter().any(|f| f == finalizer);
+    if has == want {
+        return Ok(());
+    }
+    let mut finalizers: Vec<&str> = obj
+        .finalizers()
+        .iter()
+        .map(String::as_str)
+        .filter(|f| *f != finalizer)
+        .collect();
+    if want {
+        finalizers.push(finalizer);
+    }
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}
+    });
+    api.patch(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map(drop)
+}

@@ -1,0 +1,268 @@
+//! Per-group credentials and least-privilege ACLs, enforced by Kafka's real authorizer:
+//! a client with group A's Secret reads A's topic and writes A's dead-letter topic, and is
+//! refused everything else.
+
+use std::time::{Duration, Instant};
+
+use eventops_crds::{ConsumerGroup, EventTopic};
+use eventops_tests::{TestEnv, env, eventually, unique};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+struct Creds {
+    user: String,
+    password: String,
+}
+
+fn client(env: &TestEnv, creds: &Creds) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &env.info.kafka_bootstrap)
+        .set("security.protocol", "SASL_PLAINTEXT")
+        .set("sasl.mechanism", "SCRAM-SHA-512")
+        .set("sasl.username", &creds.user)
+        .set("sasl.password", &creds.password);
+    c
+}
+
+/// Consumes one record of `topic` as `group`: its payload, or the error Kafka answered.
+async fn consume_one(
+    env: &TestEnv,
+    creds: &Creds,
+    group: &str,
+    topic: &str,
+) -> Result<String, RDKafkaErrorCode> {
+    let mut config = client(env, creds);
+    config
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false");
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config.create().expect("creating a consumer");
+        consumer.subscribe(&[&topic]).expect("subscribing");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    return Ok(String::from_utf8_lossy(m.payload().unwrap_or_default()).into());
+                }
+                Some(Err(e)) => {
+                    if let Some(code) = e.rdkafka_error_code() {
+                        return Err(code);
+                    }
+                }
+                None => {}
+            }
+        }
+        Err(RDKafkaErrorCode::OperationTimedOut)
+    })
+    .await
+    .unwrap()
+}
+
+/// Produces one record: Ok, or the error Kafka answered.
+async fn produce(
+    env: &TestEnv,
+    creds: &Creds,
+    topic: &str,
+    payload: &str,
+) -> Result<(), RDKafkaErrorCode> {
+    let mut config = client(env, creds);
+    config.set("message.timeout.ms", "10000");
+    let (topic, payload) = (topic.to_string(), payload.to_string());
+    tokio::task::spawn_blocking(move || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let producer: ThreadedProducer<Reporter> = config
+            .create_with_context(Reporter(std::sync::Mutex::new(tx)))
+            .expect("creating a producer");
+        producer
+            .send(BaseRecord::<(), _>::to(&topic).payload(&payload))
+            .map_err(|(e, _)| e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail))?;
+        producer.flush(Duration::from_secs(15)).ok();
+        rx.recv_timeout(Duration::from_secs(15))
+            .unwrap_or(Err(RDKafkaErrorCode::MessageTimedOut))
+    })
+    .await
+    .unwrap()
+}
+
+/// Forwards each delivery report's outcome to the test.
+struct Reporter(std::sync::Mutex<std::sync::mpsc::Sender<Result<(), RDKafkaErrorCode>>>);
+
+impl rdkafka::ClientContext for Reporter {}
+impl rdkafka::producer::ProducerContext for Reporter {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        let outcome = result
+            .as_ref()
+            .map(drop)
+            .map_err(|(e, _)| e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail));
+        let _ = self.0.lock().unwrap().send(outcome);
+    }
+}
+
+async fn group_creds(env: &TestEnv, ns: &str, group: &str) -> Creds {
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), ns);
+    let data = secrets
+        .get(&format!("{group}-kafka"))
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    let get = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
+    Creds {
+        user: get("username"),
+        password: get("password"),
+    }
+}
+
+async fn apply<K>(api: &Api<K>, name: &str, spec: serde_json::Value)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let obj = json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()),
+                     "metadata": {"name": name}, "spec": spec});
+    api.patch(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .unwrap();
+}
+
+async fn ready(groups: &Api<ConsumerGroup>, name: &str) {
+    eventually(TIMEOUT, &format!("ConsumerGroup {name} Ready"), || async {
+        let st = groups.get(name).await.ok()?.status?;
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_groups_credentials_reach_its_topics_and_nothing_else() {
+    let env = env().await;
+    let ns = env.namespace("authz").await;
+    let _operator = env.start_operator(&ns);
+    let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
+    let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
+    let (orders, payments) = (
+        unique("orders.order-placed"),
+        unique("payments.payment-captured"),
+    );
+    apply(
+        &topics,
+        "orders",
+        json!({"partitions": 1, "topicName": orders}),
+    )
+    .await;
+    apply(
+        &topics,
+        "payments",
+        json!({"partitions": 1, "topicName": payments}),
+    )
+    .await;
+    apply(
+        &groups,
+        "inventory",
+        json!({"topics": ["orders"], "template": {"image": "inventory:1"}}),
+    )
+    .await;
+    apply(
+        &groups,
+        "billing",
+        json!({"topics": ["payments"], "template": {"image": "billing:1"}}),
+    )
+    .await;
+    ready(&groups, "inventory").await;
+    ready(&groups, "billing").await;
+
+    let admin = Creds {
+        user: env.info.kafka_admin_user.clone(),
+        password: env.info.kafka_admin_password.clone(),
+    };
+    produce(&env, &admin, &orders, "order-1")
+        .await
+        .expect("the admin produces");
+    let inventory = group_creds(&env, &ns, "inventory").await;
+
+    // Allowed: its own topic, as its own group, and its dead-letter topic.
+    assert_eq!(
+        consume_one(&env, &inventory, "inventory", &orders).await,
+        Ok("order-1".into())
+    );
+    assert_eq!(
+        produce(&env, &inventory, &format!("{orders}.DLT"), "poison").await,
+        Ok(())
+    );
+
+    // Denied: another group's topic, another group's id, writing to its source topic.
+    assert_eq!(
+        consume_one(&env, &inventory, "inventory", &payments).await,
+        Err(RDKafkaErrorCode::TopicAuthorizationFailed)
+    );
+    assert_eq!(
+        consume_one(&env, &inventory, "billing", &orders).await,
+        Err(RDKafkaErrorCode::GroupAuthorizationFailed)
+    );
+    assert_eq!(
+        produce(&env, &inventory, &orders, "forged").await,
+        Err(RDKafkaErrorCode::TopicAuthorizationFailed)
+    );
+
+    // Kafka's own AclCommand sees exactly the derived ACLs.
+    let listed = env
+        .kafka_tool(
+            "org.apache.kafka.tools.AclCommand",
+            &["--list", "--principal", &format!("User:{}", inventory.user)],
+        )
+        .await
+        .unwrap();
+    assert!(listed.contains(&format!("name={orders}")), "{listed}");
+    assert!(listed.contains(&format!("name={orders}.DLT")), "{listed}");
+    assert!(!listed.contains(&payments), "{listed}");
+
+    // Deleting the group removes its ACLs and its user.
+    groups
+        .delete("inventory", &Default::default())
+        .await
+        .unwrap();
+    eventually(TIMEOUT, "the ConsumerGroup to go", || async {
+        groups
+            .get_opt("inventory")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let listed = env
+        .kafka_tool(
+            "org.apache.kafka.tools.AclCommand",
+            &["--list", "--principal", &format!("User:{}", inventory.user)],
+        )
+        .await
+        .unwrap();
+    assert!(!listed.contains("ALLOW"), "{listed}");
+    let denied = consume_one(&env, &inventory, "inventory", &orders).await;
+    assert!(
+        matches!(
+            denied,
+            Err(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
+        ),
+        "{denied:?}"
+    );
+}
