@@ -18,11 +18,12 @@ need() {
   command -v "$1" >/dev/null 2>&1 || die "'$1' is not installed: $2"
 }
 
-# timed LABEL CMD...: run a step and say how long it took.
+# timed LABEL CMD...: run a step and say how long it took. The step's output goes to
+# stderr: the install scripts print only their result on stdout.
 timed() {
   local label=$1; shift
   local start=$SECONDS
-  "$@"
+  "$@" >&2
   log "$label done in $((SECONDS - start))s"
 }
 

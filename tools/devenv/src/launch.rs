@@ -42,8 +42,12 @@ impl Components {
                     out.status
                 );
             }
-            let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            Ok(PathBuf::from(line.lines().last().unwrap_or_default()))
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let installed = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+            if !installed.exists() {
+                bail!("{} printed {stdout:?}, not the path of what it installed", path.display());
+            }
+            Ok(installed)
         };
         Ok(Self {
             k8s_bin: script("install-k8s.sh")?,
