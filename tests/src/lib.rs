@@ -232,15 +232,15 @@ pub fn free_port() -> u16 {
 /// (`tools/test` builds every target first).
 pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join(name));
-    match path {
-        Some(p) if p.exists() => p,
-        _ => panic!("{name} is not built; run `cargo build --workspace` (tools/test does)"),
-    }
+    // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("{name} is not built; run `cargo build --workspace` (tools/test does)")
+        })
 }
 
 /// Polls `check` until it returns `Some`, panicking with `what` after `timeout`.

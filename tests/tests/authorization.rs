@@ -266,3 +266,85 @@ async fn a_groups_credentials_reach_its_topics_and_nothing_else() {
         "{denied:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acls_follow_the_spec_and_others_are_left_alone() {
+    let env = env().await;
+    let ns = env.namespace("acls").await;
+    let _operator = env.start_operator(&ns);
+    let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
+    let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
+    let (orders, payments) = (
+        unique("orders.order-moved"),
+        unique("payments.payment-moved"),
+    );
+    apply(
+        &topics,
+        "orders",
+        json!({"partitions": 1, "topicName": orders}),
+    )
+    .await;
+    apply(
+        &topics,
+        "payments",
+        json!({"partitions": 1, "topicName": payments}),
+    )
+    .await;
+    apply(
+        &groups,
+        "audit",
+        json!({"topics": ["orders"], "template": {"image": "audit:1"}}),
+    )
+    .await;
+    ready(&groups, "audit").await;
+    let principal = format!("User:eventops.{ns}.audit");
+
+    // An ACL somebody else made, on a principal EventOps does not own.
+    let bystander = format!("User:{}", unique("bystander"));
+    let acl_tool = |args: Vec<String>| {
+        let env = &env;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            env.kafka_tool("org.apache.kafka.tools.AclCommand", &args)
+                .await
+                .unwrap()
+        }
+    };
+    acl_tool(vec![
+        "--add".into(),
+        "--allow-principal".into(),
+        bystander.clone(),
+        "--operation".into(),
+        "Read".into(),
+        "--topic".into(),
+        orders.clone(),
+    ])
+    .await;
+
+    // The group moves from orders to payments: its ACLs move with it.
+    apply(
+        &groups,
+        "audit",
+        json!({"topics": ["payments"], "template": {"image": "audit:1"}}),
+    )
+    .await;
+    let listed = eventually(TIMEOUT, "ACLs to follow the spec", || async {
+        let listed = acl_tool(vec![
+            "--list".into(),
+            "--principal".into(),
+            principal.clone(),
+        ])
+        .await;
+        (listed.contains(&format!("name={payments},"))
+            && !listed.contains(&format!("name={orders},")))
+        .then_some(listed)
+    })
+    .await;
+    assert!(listed.contains(&format!("name={payments}.DLT")), "{listed}");
+
+    let theirs = acl_tool(vec!["--list".into(), "--principal".into(), bystander]).await;
+    assert!(
+        theirs.contains(&format!("name={orders},")),
+        "an ACL EventOps did not create survives: {theirs}"
+    );
+}

@@ -45,7 +45,10 @@ impl Components {
             let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
             let installed = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
             if !installed.exists() {
-                bail!("{} printed {stdout:?}, not the path of what it installed", path.display());
+                bail!(
+                    "{} printed {stdout:?}, not the path of what it installed",
+                    path.display()
+                );
             }
             Ok(installed)
         };

@@ -1,0 +1,167 @@
+//! Benchmark: apply N EventTopics and N ConsumerGroups at once and report the time until
+//! all are Ready, the operator's peak RSS and the Kafka admin requests it sent.
+//!
+//! Run through `tools/bench-operator [N]`, which builds the operator in release mode and
+//! starts the environment. Prints figures; asserts nothing about speed.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use eventops_crds::{ConsumerGroup, EventTopic};
+use eventops_tests::{env, free_port, http_get, unique, workspace_binary};
+use futures::StreamExt;
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams};
+use serde_json::json;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let n: usize = std::env::args().nth(1).map_or(Ok(500), |a| a.parse())?;
+    let env = env().await;
+    let ns = env.namespace("bench").await;
+    let port = free_port();
+    let mut operator = Command::new(workspace_binary("eventops-operator"))
+        .args([
+            "run",
+            "--namespace",
+            &ns,
+            "--no-leader-election",
+            "--resync-interval",
+            "5m",
+        ])
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .env("KUBECONFIG", &env.info.kubeconfig)
+        .env("EVENTOPS_KAFKA_BOOTSTRAP", &env.info.kafka_bootstrap)
+        .env("EVENTOPS_KAFKA_USERNAME", &env.info.kafka_admin_user)
+        .env("EVENTOPS_KAFKA_PASSWORD", &env.info.kafka_admin_password)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?;
+    while http_get(port, "/readyz").is_none_or(|(c, _)| c != 200) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
+    let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
+    let prefix = unique("bench");
+    let params = PatchParams::apply("bench").force();
+    let started = Instant::now();
+    // Apply everything at once, 32 requests in flight (as `kubectl apply -f dir/` would,
+    // only faster).
+    let applies = (0..n).flat_map(|i| {
+        let topic = json!({"apiVersion": "eventops.dev/v1alpha1", "kind": "EventTopic",
+            "metadata": {"name": format!("t{i}")},
+            "spec": {"partitions": 1, "topicName": format!("{prefix}.t{i}.created")}});
+        let group = json!({"apiVersion": "eventops.dev/v1alpha1", "kind": "ConsumerGroup",
+            "metadata": {"name": format!("g{i}")},
+            "spec": {"topics": [format!("t{i}")], "template": {"image": "worker:1"}}});
+        [
+            (true, format!("t{i}"), topic),
+            (false, format!("g{i}"), group),
+        ]
+    });
+    let results: Vec<kube::Result<()>> = futures::stream::iter(applies)
+        .map(|(is_topic, name, obj)| {
+            let (topics, groups, params) = (topics.clone(), groups.clone(), params.clone());
+            async move {
+                if is_topic {
+                    topics
+                        .patch(&name, &params, &Patch::Apply(&obj))
+                        .await
+                        .map(drop)
+                } else {
+                    groups
+                        .patch(&name, &params, &Patch::Apply(&obj))
+                        .await
+                        .map(drop)
+                }
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    results.into_iter().collect::<kube::Result<Vec<()>>>()?;
+    let applied = started.elapsed();
+    println!(
+        "applied {n} EventTopics and {n} ConsumerGroups in {:.1}s",
+        applied.as_secs_f64()
+    );
+
+    let ready = |conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]| {
+        conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    };
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut last_report = Instant::now();
+    loop {
+        let t = topics.list(&ListParams::default()).await?;
+        let g = groups.list(&ListParams::default()).await?;
+        let ready_topics = t
+            .items
+            .iter()
+            .filter(|x| x.status.as_ref().is_some_and(|s| ready(&s.conditions)))
+            .count();
+        let ready_groups = g
+            .items
+            .iter()
+            .filter(|x| x.status.as_ref().is_some_and(|s| ready(&s.conditions)))
+            .count();
+        if ready_topics == n && ready_groups == n {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            println!(
+                "  {:>5.1}s: {ready_topics}/{n} EventTopics and {ready_groups}/{n} ConsumerGroups Ready",
+                started.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not all Ready after 15 minutes");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let all_ready = started.elapsed();
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", operator.id()))?;
+    let peak_rss = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap_or("VmHWM: ?")
+        .to_string();
+    let (_, metrics) = http_get(port, "/metrics").ok_or_else(|| anyhow::anyhow!("no /metrics"))?;
+    let requests: Vec<(String, f64)> = metrics
+        .lines()
+        .filter(|l| l.starts_with("eventops_operator_kafka_admin_requests_total{"))
+        .filter_map(|l| {
+            let (labels, value) = l.rsplit_once(' ')?;
+            let kind = labels.split('"').nth(1)?.to_string();
+            Some((kind, value.parse().ok()?))
+        })
+        .collect();
+    let total: f64 = requests.iter().map(|(_, v)| v).sum();
+    operator.kill()?;
+    operator.wait()?;
+
+    println!();
+    println!(
+        "objects:                 {n} EventTopics (each with a dead-letter topic) + {n} ConsumerGroups"
+    );
+    println!(
+        "all Ready after:         {:.1}s (apply took {:.1}s)",
+        all_ready.as_secs_f64(),
+        applied.as_secs_f64()
+    );
+    println!(
+        "operator peak RSS:       {}",
+        peak_rss.trim_start_matches("VmHWM:").trim()
+    );
+    println!(
+        "Kafka admin requests:    {total} ({:.1} per object)",
+        total / (2 * n) as f64
+    );
+    for (kind, count) in requests {
+        println!("  {kind:<28} {count}");
+    }
+    Ok(())
+}
