@@ -17,6 +17,25 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failed API call about `obj`, naming its kind, namespace and name.
+    pub fn kube<K: kube::Resource<DynamicType = ()>>(
+        action: &'static str,
+        obj: &K,
+        source: kube::Error,
+    ) -> Self {
+        let meta = obj.meta();
+        Error::Kube {
+            action,
+            object: format!(
+                "{} {}/{}",
+                K::kind(&()),
+                meta.namespace.as_deref().unwrap_or_default(),
+                meta.name.as_deref().unwrap_or_default()
+            ),
+            source,
+        }
+    }
+
     /// The `reason` label of the failure counter.
     pub fn metric_label(&self) -> &'static str {
         match self {

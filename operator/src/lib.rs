@@ -12,6 +12,7 @@ pub mod error;
 pub mod eventtopic;
 pub mod finalizer;
 pub mod kafka;
+pub mod status;
 pub mod telemetry;
 
 use std::sync::Arc;

@@ -118,6 +118,22 @@ impl TestEnv {
         }
     }
 
+    /// The operator binary, configured for this environment, watching `namespace` and
+    /// serving metrics on 127.0.0.1:`metrics_port`. Add flags and spawn it.
+    pub fn operator_command(&self, namespace: &str, metrics_port: u16) -> std::process::Command {
+        let mut cmd = std::process::Command::new(workspace_binary("eventops-operator"));
+        cmd.args(["run", "--namespace", namespace])
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .env("KUBECONFIG", &self.info.kubeconfig)
+            .env("EVENTOPS_KAFKA_BOOTSTRAP", &self.info.kafka_bootstrap)
+            .env("EVENTOPS_KAFKA_USERNAME", &self.info.kafka_admin_user)
+            .env("EVENTOPS_KAFKA_PASSWORD", &self.info.kafka_admin_password)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        cmd
+    }
+
     /// Runs one of Kafka's own command-line tools as the super user (an oracle that
     /// shares no code with EventOps).
     pub async fn kafka_tool(&self, main_class: &str, args: &[&str]) -> anyhow::Result<String> {
@@ -202,6 +218,24 @@ impl TopicSummary {
 pub struct OperatorHandle {
     _stop: oneshot::Sender<()>,
     _task: tokio::task::JoinHandle<()>,
+}
+
+/// Server-side applies an object of kind `K` named `name` with `spec`, as `kubectl apply
+/// --server-side` would.
+pub async fn apply<K>(api: &Api<K>, name: &str, spec: serde_json::Value) -> kube::Result<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let obj = serde_json::json!({
+        "apiVersion": K::api_version(&()), "kind": K::kind(&()),
+        "metadata": {"name": name}, "spec": spec,
+    });
+    api.patch(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&obj),
+    )
+    .await
 }
 
 /// A plain-HTTP GET on 127.0.0.1:`port`: the status code and body, `None` when nothing

@@ -5,10 +5,9 @@
 use std::time::{Duration, Instant};
 
 use eventops_crds::{ConsumerGroup, EventTopic};
-use eventops_tests::{TestEnv, env, eventually, unique};
+use eventops_tests::{TestEnv, apply, env, eventually, unique};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -126,21 +125,6 @@ async fn group_creds(env: &TestEnv, ns: &str, group: &str) -> Creds {
     }
 }
 
-async fn apply<K>(api: &Api<K>, name: &str, spec: serde_json::Value)
-where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let obj = json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()),
-                     "metadata": {"name": name}, "spec": spec});
-    api.patch(
-        name,
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .unwrap();
-}
-
 async fn ready(groups: &Api<ConsumerGroup>, name: &str) {
     eventually(TIMEOUT, &format!("ConsumerGroup {name} Ready"), || async {
         let st = groups.get(name).await.ok()?.status?;
@@ -168,25 +152,29 @@ async fn a_groups_credentials_reach_its_topics_and_nothing_else() {
         "orders",
         json!({"partitions": 1, "topicName": orders}),
     )
-    .await;
+    .await
+    .unwrap();
     apply(
         &topics,
         "payments",
         json!({"partitions": 1, "topicName": payments}),
     )
-    .await;
+    .await
+    .unwrap();
     apply(
         &groups,
         "inventory",
         json!({"topics": ["orders"], "template": {"image": "inventory:1"}}),
     )
-    .await;
+    .await
+    .unwrap();
     apply(
         &groups,
         "billing",
         json!({"topics": ["payments"], "template": {"image": "billing:1"}}),
     )
-    .await;
+    .await
+    .unwrap();
     ready(&groups, "inventory").await;
     ready(&groups, "billing").await;
 
@@ -283,19 +271,22 @@ async fn acls_follow_the_spec_and_others_are_left_alone() {
         "orders",
         json!({"partitions": 1, "topicName": orders}),
     )
-    .await;
+    .await
+    .unwrap();
     apply(
         &topics,
         "payments",
         json!({"partitions": 1, "topicName": payments}),
     )
-    .await;
+    .await
+    .unwrap();
     apply(
         &groups,
         "audit",
         json!({"topics": ["orders"], "template": {"image": "audit:1"}}),
     )
-    .await;
+    .await
+    .unwrap();
     ready(&groups, "audit").await;
     let principal = format!("User:eventops.{ns}.audit");
 
@@ -327,7 +318,8 @@ async fn acls_follow_the_spec_and_others_are_left_alone() {
         "audit",
         json!({"topics": ["payments"], "template": {"image": "audit:1"}}),
     )
-    .await;
+    .await
+    .unwrap();
     let listed = eventually(TIMEOUT, "ACLs to follow the spec", || async {
         let listed = acl_tool(vec![
             "--list".into(),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use eventops_consumer_runtime::contract;
 use eventops_crds::{ConsumerGroup, EventTopic};
-use eventops_tests::{TestEnv, env, eventually, unique};
+use eventops_tests::{TestEnv, apply, env, eventually, unique};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
@@ -33,26 +33,6 @@ async fn setup(prefix: &str) -> Setup {
         ns,
         _operator: operator,
     }
-}
-
-async fn apply<
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
->(
-    api: &Api<K>,
-    name: &str,
-    spec: serde_json::Value,
-) -> K {
-    let obj = json!({
-        "apiVersion": K::api_version(&()), "kind": K::kind(&()),
-        "metadata": {"name": name}, "spec": spec,
-    });
-    api.patch(
-        name,
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .unwrap()
 }
 
 async fn ready(groups: &Api<ConsumerGroup>, name: &str, status: &str) -> (String, String) {
@@ -87,14 +67,16 @@ async fn consumer_group_becomes_a_deployment_with_the_worker_contract() {
         "orders",
         json!({"partitions": 3, "topicName": topic}),
     )
-    .await;
+    .await
+    .unwrap();
     apply(
         &s.groups,
         "inventory",
         json!({"topics": ["orders"], "template": {"image": "inventory:1", "args": ["--fast"]},
                "processing": {"maxAttempts": 5}}),
     )
-    .await;
+    .await
+    .unwrap();
     ready(&s.groups, "inventory", "True").await;
 
     let deployments: Api<Deployment> = Api::namespaced(s.env.client.clone(), &s.ns);
@@ -140,7 +122,8 @@ async fn a_group_waits_for_a_missing_topic_and_recovers_when_it_appears() {
         "payment",
         json!({"topics": ["payments"], "template": {"image": "payment:1"}}),
     )
-    .await;
+    .await
+    .unwrap();
     let (reason, message) = ready(&s.groups, "payment", "False").await;
     assert_eq!(reason, "TopicNotFound");
     assert!(
@@ -153,7 +136,8 @@ async fn a_group_waits_for_a_missing_topic_and_recovers_when_it_appears() {
         "payments",
         json!({"partitions": 1, "topicName": unique("payments.payment-captured")}),
     )
-    .await;
+    .await
+    .unwrap();
     ready(&s.groups, "payment", "True").await;
 }
 
@@ -165,13 +149,15 @@ async fn resyncs_write_nothing_and_replicas_are_left_to_the_autoscaler() {
         "orders",
         json!({"partitions": 4, "topicName": unique("orders.order-quiet")}),
     )
-    .await;
+    .await
+    .unwrap();
     apply(
         &s.groups,
         "notify",
         json!({"topics": ["orders"], "template": {"image": "notify:1"}}),
     )
-    .await;
+    .await
+    .unwrap();
     ready(&s.groups, "notify", "True").await;
     let deployments: Api<Deployment> = Api::namespaced(s.env.client.clone(), &s.ns);
     let secrets: Api<Secret> = Api::namespaced(s.env.client.clone(), &s.ns);
@@ -226,13 +212,15 @@ async fn credentials_rotate_on_request_and_roll_the_workers() {
         "orders",
         json!({"partitions": 1, "topicName": unique("orders.order-rotated")}),
     )
-    .await;
+    .await
+    .unwrap();
     apply(
         &s.groups,
         "billing",
         json!({"topics": ["orders"], "template": {"image": "billing:1"}}),
     )
-    .await;
+    .await
+    .unwrap();
     ready(&s.groups, "billing", "True").await;
     let secrets: Api<Secret> = Api::namespaced(s.env.client.clone(), &s.ns);
     let deployments: Api<Deployment> = Api::namespaced(s.env.client.clone(), &s.ns);

@@ -4,29 +4,12 @@
 use std::time::Duration;
 
 use eventops_crds::EventTopic;
-use eventops_tests::{TestEnv, env, eventually, unique};
+use eventops_tests::{TestEnv, apply, env, eventually, unique};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-async fn apply(
-    api: &Api<EventTopic>,
-    name: &str,
-    spec: serde_json::Value,
-) -> kube::Result<EventTopic> {
-    let obj = json!({
-        "apiVersion": "eventops.dev/v1alpha1", "kind": "EventTopic",
-        "metadata": {"name": name}, "spec": spec,
-    });
-    api.patch(
-        name,
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-}
 
 /// Waits until the Ready condition describes `generation` and has `status`; returns its
 /// reason and message.

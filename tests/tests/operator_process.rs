@@ -2,11 +2,11 @@
 //! Lease, the other takes over when the leader goes, and `/metrics`, `/healthz` and
 //! `/readyz` answer.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use eventops_crds::EventTopic;
-use eventops_tests::{TestEnv, env, eventually, free_port, http_get, unique, workspace_binary};
+use eventops_tests::{TestEnv, env, eventually, free_port, http_get, unique};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -27,25 +27,10 @@ impl Drop for Replica {
 
 fn start(env: &TestEnv, ns: &str, name: &'static str) -> Replica {
     let port = free_port();
-    let child = Command::new(workspace_binary("eventops-operator"))
-        .args([
-            "run",
-            "--namespace",
-            ns,
-            "--lease-namespace",
-            ns,
-            "--resync-interval",
-            "5s",
-        ])
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{port}"))
-        .env("KUBECONFIG", &env.info.kubeconfig)
-        .env("EVENTOPS_KAFKA_BOOTSTRAP", &env.info.kafka_bootstrap)
-        .env("EVENTOPS_KAFKA_USERNAME", &env.info.kafka_admin_user)
-        .env("EVENTOPS_KAFKA_PASSWORD", &env.info.kafka_admin_password)
+    let child = env
+        .operator_command(ns, port)
+        .args(["--lease-namespace", ns, "--resync-interval", "5s"])
         .env("POD_NAME", name)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .expect("starting eventops-operator");
     Replica { name, port, child }

@@ -22,10 +22,10 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
-use crate::conditions::{self, Observed, READY};
+use crate::conditions::{self, Observed};
 use crate::context::Context;
 use crate::error::Error;
 use crate::kafka::native::{AclBinding, AclFilter, NativeError};
@@ -88,7 +88,7 @@ async fn reconcile_inner(
     // The group's Kafka user and ACLs outlive nothing else: remove them on deletion.
     crate::finalizer::set(&groups, &*cg, CREDENTIALS_FINALIZER, true)
         .await
-        .map_err(|e| kube_error("add the finalizer to", &cg, e))?;
+        .map_err(|e| Error::kube("add the finalizer to", &*cg, e))?;
 
     // Dereference.
     let topics_api: Api<EventTopic> = Api::namespaced(ctx.client.clone(), &ns);
@@ -97,7 +97,7 @@ async fn reconcile_inner(
         if let Some(et) = topics_api
             .get_opt(name)
             .await
-            .map_err(|e| kube_error("read", &cg, e))?
+            .map_err(|e| Error::kube("read", &*cg, e))?
         {
             found.insert(name.clone(), et);
         }
@@ -114,12 +114,12 @@ async fn reconcile_inner(
     let secret = secrets
         .get_opt(&build::secret_name(&cg))
         .await
-        .map_err(|e| kube_error("read the Secret of", &cg, e))?;
+        .map_err(|e| Error::kube("read the Secret of", &*cg, e))?;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let deployment = deployments
         .get_opt(&cg.name_any())
         .await
-        .map_err(|e| kube_error("read the Deployment of", &cg, e))?;
+        .map_err(|e| Error::kube("read the Deployment of", &*cg, e))?;
 
     // Build.
     let kafka = ctx.settings.worker_kafka.clone();
@@ -160,7 +160,7 @@ async fn reconcile_inner(
                 &Patch::Apply(&desired_secret),
             )
             .await
-            .map_err(|e| kube_error("apply the Secret of", &cg, e))?;
+            .map_err(|e| Error::kube("apply the Secret of", &*cg, e))?;
         if secret.is_some() {
             ctx.event(
                 &*cg,
@@ -179,7 +179,7 @@ async fn reconcile_inner(
         deployments
             .patch(&cg.name_any(), &params, &Patch::Apply(&desired_deployment))
             .await
-            .map_err(|e| kube_error("apply the Deployment of", &cg, e))?;
+            .map_err(|e| Error::kube("apply the Deployment of", &*cg, e))?;
     }
 
     let ready = Observed::ready(
@@ -294,7 +294,7 @@ async fn finalize(
     }
     crate::finalizer::set(groups, cg, CREDENTIALS_FINALIZER, false)
         .await
-        .map_err(|e| kube_error("remove the finalizer of", cg, e))?;
+        .map_err(|e| Error::kube("remove the finalizer of", cg, e))?;
     Ok(Action::await_change())
 }
 
@@ -379,42 +379,9 @@ async fn write_status(
     if new == old {
         return Ok(());
     }
-    let patch = serde_json::json!({
-        "apiVersion": ConsumerGroup::api_version(&()),
-        "kind": ConsumerGroup::kind(&()),
-        "status": new,
-    });
-    Api::<ConsumerGroup>::namespaced(ctx.client.clone(), &cg.namespace().unwrap_or_default())
-        .patch_status(
-            &cg.name_any(),
-            &PatchParams::apply(crate::FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|e| kube_error("write status of", cg, e))?;
-    let was = conditions::find(&old.conditions, READY).map(|c| (c.status == "True", &c.reason));
-    if was != Some((ready.status, &ready.reason)) {
-        let type_ = if ready.status {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        };
-        ctx.event(cg, type_, &ready.reason, "Reconcile", ready.message)
-            .await;
-    }
+    crate::status::apply(ctx, cg, &new).await?;
+    crate::status::announce_ready(ctx, cg, &old.conditions, &ready).await;
     Ok(())
-}
-
-fn kube_error(action: &'static str, cg: &ConsumerGroup, source: kube::Error) -> Error {
-    Error::Kube {
-        action,
-        object: format!(
-            "ConsumerGroup {}/{}",
-            cg.namespace().unwrap_or_default(),
-            cg.name_any()
-        ),
-        source,
-    }
 }
 
 fn error_policy(cg: Arc<ConsumerGroup>, error: &Error, ctx: Arc<Context>) -> Action {

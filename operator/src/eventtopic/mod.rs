@@ -12,12 +12,11 @@ use eventops_crds::{
 };
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
-use kube::{Api, Resource, ResourceExt};
+use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
 use crate::conditions::{self, Observed, READY};
@@ -305,7 +304,7 @@ async fn set_finalizer(et: &EventTopic, ctx: &Context) -> Result<(), Error> {
     let want = et.spec.deletion_policy == DeletionPolicy::Delete;
     crate::finalizer::set(&api(et, ctx), et, TOPIC_FINALIZER, want)
         .await
-        .map_err(|source| kube_error("update finalizers of", et, source))
+        .map_err(|source| Error::kube("update finalizers of", et, source))
 }
 
 /// Deletion: with `deletionPolicy: Delete`, delete the Kafka topics this EventTopic alone
@@ -336,7 +335,7 @@ async fn finalize(et: &EventTopic, ctx: &Ctx) -> Result<Action, Error> {
     }
     crate::finalizer::set(&api(et, &ctx.shared), et, TOPIC_FINALIZER, false)
         .await
-        .map_err(|source| kube_error("remove the finalizer of", et, source))?;
+        .map_err(|source| Error::kube("remove the finalizer of", et, source))?;
     Ok(Action::await_change())
 }
 
@@ -389,31 +388,9 @@ async fn write_status(et: &EventTopic, ctx: &Context, outcome: &Outcome) -> Resu
     if new == old {
         return Ok(());
     }
-    let patch = serde_json::json!({
-        "apiVersion": EventTopic::api_version(&()),
-        "kind": EventTopic::kind(&()),
-        "status": new,
-    });
-    api(et, ctx)
-        .patch_status(
-            &et.name_any(),
-            &PatchParams::apply(crate::FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|source| kube_error("write status of", et, source))?;
-
+    crate::status::apply(ctx, et, &new).await?;
     if let Some(ready) = &outcome.ready {
-        let was = conditions::find(&old.conditions, READY).map(|c| (c.status == "True", &c.reason));
-        if was != Some((ready.status, &ready.reason)) {
-            let type_ = if ready.status {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            };
-            ctx.event(et, type_, &ready.reason, "Reconcile", ready.message.clone())
-                .await;
-        }
+        crate::status::announce_ready(ctx, et, &old.conditions, ready).await;
     }
     Ok(())
 }
@@ -434,18 +411,6 @@ fn consumers(et: &EventTopic, ctx: &Context) -> Vec<String> {
 
 fn api(et: &EventTopic, ctx: &Context) -> Api<EventTopic> {
     Api::namespaced(ctx.client.clone(), &et.namespace().unwrap_or_default())
-}
-
-fn kube_error(action: &'static str, et: &EventTopic, source: kube::Error) -> Error {
-    Error::Kube {
-        action,
-        object: format!(
-            "EventTopic {}/{}",
-            et.namespace().unwrap_or_default(),
-            et.name_any()
-        ),
-        source,
-    }
 }
 
 fn error_policy(et: Arc<EventTopic>, error: &Error, ctx: Arc<Ctx>) -> Action {

@@ -4,11 +4,10 @@
 //! Run through `tools/bench-operator [N]`, which builds the operator in release mode and
 //! starts the environment. Prints figures; asserts nothing about speed.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use eventops_crds::{ConsumerGroup, EventTopic};
-use eventops_tests::{env, free_port, http_get, unique, workspace_binary};
+use eventops_tests::{env, free_port, http_get, unique};
 use futures::StreamExt;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -20,23 +19,10 @@ async fn main() -> anyhow::Result<()> {
     let env = env().await;
     let ns = env.namespace("bench").await;
     let port = free_port();
-    let mut operator = Command::new(workspace_binary("eventops-operator"))
-        .args([
-            "run",
-            "--namespace",
-            &ns,
-            "--no-leader-election",
-            "--resync-interval",
-            "5m",
-        ])
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{port}"))
-        .env("KUBECONFIG", &env.info.kubeconfig)
-        .env("EVENTOPS_KAFKA_BOOTSTRAP", &env.info.kafka_bootstrap)
-        .env("EVENTOPS_KAFKA_USERNAME", &env.info.kafka_admin_user)
-        .env("EVENTOPS_KAFKA_PASSWORD", &env.info.kafka_admin_password)
+    let mut operator = env
+        .operator_command(&ns, port)
+        .args(["--no-leader-election", "--resync-interval", "5m"])
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
         .spawn()?;
     while http_get(port, "/readyz").is_none_or(|(c, _)| c != 200) {
         tokio::time::sleep(Duration::from_millis(100)).await;
