@@ -346,8 +346,7 @@ impl Environment {
         let cluster_id = kafka_uuid()?;
         run(java("kafka.tools.StorageTool", "256m").args([
             "format",
-            "--cluster-id",
-            &cluster_id,
+            &format!("--cluster-id={cluster_id}"),
             "--config",
             &server_properties.display().to_string(),
             "--add-scram",
@@ -582,10 +581,20 @@ fn log4j_config(level: &str, target: &str) -> String {
     )
 }
 
-/// A Kafka cluster id: 16 random bytes, base64url without padding (Kafka's `Uuid`).
+/// A Kafka cluster id: 16 random bytes, base64url without padding (Kafka's `Uuid`). Like
+/// Kafka's own `Uuid.randomUuid()`, an id starting with '-' is drawn again: command-line
+/// parsers take it for an option.
 fn kafka_uuid() -> anyhow::Result<String> {
+    loop {
+        let id = encode_uuid(random_bytes::<16>()?);
+        if !id.starts_with('-') {
+            return Ok(id);
+        }
+    }
+}
+
+fn encode_uuid(bytes: [u8; 16]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let bytes = random_bytes::<16>()?;
     let mut bits = 0u32;
     let mut nbits = 0;
     let mut out = String::new();
@@ -600,7 +609,7 @@ fn kafka_uuid() -> anyhow::Result<String> {
     if nbits > 0 {
         out.push(ALPHABET[((bits << (6 - nbits)) & 0x3f) as usize] as char);
     }
-    Ok(out)
+    out
 }
 
 fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
@@ -627,6 +636,15 @@ fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_ids_never_start_with_a_dash() {
+        // 0xf8 encodes to '-' as the first character.
+        assert!(encode_uuid([0xf8; 16]).starts_with('-'));
+        for _ in 0..2000 {
+            assert!(!kafka_uuid().unwrap().starts_with('-'));
+        }
+    }
 
     #[test]
     fn kafka_uuid_is_22_base64url_chars() {
