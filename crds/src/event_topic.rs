@@ -60,7 +60,7 @@ pub struct EventTopicSpec {
     /// Name of the Kafka topic. Defaults to metadata.name. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
-    #[x_kube(validation = Rule::new("self != '.' && self != '..'").message("spec.topicName cannot be '.' or '..'"))]
+    #[x_kube(validation = Rule::new("self != '.' && self != '..' && !self.startsWith('__')").message("spec.topicName cannot be '.' or '..' or start with '__' (Kafka's internal topics)"))]
     pub topic_name: Option<String>,
 
     /// Number of partitions. Kafka can add partitions but never remove them, so this can

@@ -84,6 +84,7 @@ impl Context {
     ) where
         K: Resource<DynamicType = ()>,
     {
+        self.metrics.kube_write("Event");
         let event = Event {
             type_,
             reason: reason.into(),

@@ -7,7 +7,13 @@ use serde::de::DeserializeOwned;
 /// Makes `obj` hold `finalizer` exactly when `want`. Replaces `metadata.finalizers` with
 /// the resourceVersion as a precondition, so another controller's finalizer added
 /// meanwhile is never dropped (the patch fails and the reconcile is retried).
-pub async fn set<K>(api: &Api<K>, obj: &K, finalizer: &str, want: bool) -> kube::Result<()>
+pub async fn set<K>(
+    api: &Api<K>,
+    obj: &K,
+    finalizer: &str,
+    want: bool,
+    metrics: &crate::telemetry::Metrics,
+) -> kube::Result<()>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {
@@ -24,6 +30,7 @@ where
     if want {
         finalizers.push(finalizer);
     }
+    metrics.kube_write("finalizers");
     let patch = serde_json::json!({
         "metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}
     });

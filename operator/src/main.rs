@@ -93,8 +93,8 @@ async fn main() -> anyhow::Result<()> {
                 let manager = LeaseManagerBuilder::new(client.clone(), "eventops-operator")
                     .with_namespace(&args.lease_namespace)
                     .with_identity(&identity)
-                    .with_duration(15)
-                    .with_grace(5)
+                    .with_duration(LEASE_SECONDS)
+                    .with_grace(LEASE_GRACE_SECONDS)
                     .with_field_manager(eventops_operator::FIELD_MANAGER)
                     .build()
                     .await
@@ -106,25 +106,35 @@ async fn main() -> anyhow::Result<()> {
                     _ = signals() => return Ok(()),
                 }
                 tracing::info!(%identity, "leading");
-                leader = Some(is_leader);
+                let watchdog =
+                    lease_watchdog(client.clone(), args.lease_namespace.clone(), identity);
+                leader = Some((is_leader, watchdog));
             }
-            let lost = leader.clone();
+            let stopped_by_signal = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let by_signal = stopped_by_signal.clone();
+            let lost = leader.as_ref().map(|(l, w)| (l.clone(), w.clone()));
             let shutdown = async move {
                 let lost = async {
                     match lost {
-                        Some(mut l) => drop(l.wait_for(|leads| !*leads).await),
+                        Some((mut l, w)) => tokio::select! {
+                            _ = l.wait_for(|leads| !*leads) => {},
+                            _ = w.notified() => {},
+                        },
                         None => std::future::pending().await,
                     }
                 };
                 tokio::select! {
-                    _ = signals() => tracing::info!("shutting down"),
+                    _ = signals() => {
+                        tracing::info!("shutting down");
+                        by_signal.store(true, Ordering::Relaxed);
+                    }
                     _ = lost => tracing::warn!("lost leadership; stopping"),
                 }
             };
             metrics.ready.store(true, Ordering::Relaxed);
             eventops_operator::run(client, &args.config, metrics, shutdown).await?;
             server.abort();
-            if leader.is_some_and(|l| !*l.borrow()) {
+            if leader.is_some() && !stopped_by_signal.load(Ordering::Relaxed) {
                 // Exit non-zero so the replica restarts and queues for the Lease again.
                 anyhow::bail!("lost leadership");
             }
@@ -141,4 +151,47 @@ async fn signals() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
+}
+
+/// Lease timing: held for `LEASE_SECONDS`, renewed `LEASE_GRACE_SECONDS` before expiry.
+const LEASE_SECONDS: u64 = 15;
+const LEASE_GRACE_SECONDS: u64 = 5;
+
+/// Notifies when this replica can no longer be sure it leads: the Lease names another
+/// holder, or no renewal could be confirmed for longer than the Lease minus its grace
+/// (the API server is unreachable). The lease manager alone keeps saying "leader" while
+/// its renewals fail, and a cut-off replica must stop before another one takes over.
+fn lease_watchdog(
+    client: kube::Client,
+    namespace: String,
+    identity: String,
+) -> Arc<tokio::sync::Notify> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let lost = Arc::new(tokio::sync::Notify::new());
+    let notify = lost.clone();
+    tokio::spawn(async move {
+        let leases: kube::Api<Lease> = kube::Api::namespaced(client, &namespace);
+        let limit = std::time::Duration::from_secs(LEASE_SECONDS - LEASE_GRACE_SECONDS);
+        let mut confirmed = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            match leases.get("eventops-operator").await {
+                Ok(lease) => {
+                    let holder = lease.spec.and_then(|s| s.holder_identity);
+                    if holder.as_deref() != Some(identity.as_str()) {
+                        tracing::warn!(?holder, "the Lease names another holder");
+                        break;
+                    }
+                    confirmed = std::time::Instant::now();
+                }
+                Err(e) if confirmed.elapsed() > limit => {
+                    tracing::warn!(error = %e, "could not confirm the Lease in time");
+                    break;
+                }
+                Err(_) => {}
+            }
+        }
+        notify.notify_one();
+    });
+    lost
 }

@@ -30,6 +30,7 @@ where
         "status": status,
     });
     let params = PatchParams::apply(crate::FIELD_MANAGER).force();
+    ctx.metrics.kube_write("status");
     api.patch_status(&obj.name_any(), &params, &Patch::Apply(&patch))
         .await
         .map_err(|e| Error::kube("write status of", obj, e))?;

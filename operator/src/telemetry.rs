@@ -37,6 +37,8 @@ pub struct Metrics {
     failures: Family<FailureLabels, Counter>,
     duration: Family<ControllerLabel, Histogram>,
     kafka_requests: Family<RequestLabel, Counter>,
+    kube_writes: Family<RequestLabel, Counter>,
+    writes: std::sync::atomic::AtomicU64,
     /// True once this replica leads and its controllers run.
     pub ready: AtomicBool,
 }
@@ -66,12 +68,20 @@ impl Default for Metrics {
             "Kafka admin requests sent, by request type",
             kafka_requests.clone(),
         );
+        let kube_writes = Family::<RequestLabel, Counter>::default();
+        registry.register(
+            "kubernetes_writes",
+            "Writes to the Kubernetes API (applies, status, finalizers, Events), by kind",
+            kube_writes.clone(),
+        );
         Self {
             registry,
             reconciles,
             failures,
             duration,
             kafka_requests,
+            kube_writes,
+            writes: std::sync::atomic::AtomicU64::new(0),
             ready: AtomicBool::new(false),
         }
     }
@@ -100,6 +110,24 @@ impl Metrics {
         self.kafka_requests
             .get_or_create(&RequestLabel { request })
             .inc();
+    }
+
+    /// Counts one write to the Kubernetes API, of `kind` (`Deployment`, `status`, ...).
+    pub fn kube_write(&self, kind: &'static str) {
+        self.kube_writes
+            .get_or_create(&RequestLabel { request: kind })
+            .inc();
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one Kafka request that changes something (topics, configs, ACLs, users).
+    pub fn kafka_write(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes to Kubernetes and Kafka so far: a quiet resync adds none.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
     }
 
     /// The metrics in Prometheus' text format.

@@ -104,15 +104,18 @@ impl TestEnv {
         config.resync_interval = Duration::from_secs(2).into();
         let (stop, stopped) = oneshot::channel::<()>();
         let client = self.client.clone();
+        let metrics = std::sync::Arc::new(eventops_operator::telemetry::Metrics::default());
+        let handle_metrics = metrics.clone();
         let task = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            eventops_operator::run(client, &config, Default::default(), shutdown)
+            eventops_operator::run(client, &config, metrics, shutdown)
                 .await
                 .expect("operator failed");
         });
         OperatorHandle {
+            metrics: handle_metrics,
             _stop: stop,
             _task: task,
         }
@@ -216,6 +219,8 @@ impl TopicSummary {
 
 /// Stops the in-process operator when dropped.
 pub struct OperatorHandle {
+    /// The operator's metrics, writes counted among them.
+    pub metrics: std::sync::Arc<eventops_operator::telemetry::Metrics>,
     _stop: oneshot::Sender<()>,
     _task: tokio::task::JoinHandle<()>,
 }

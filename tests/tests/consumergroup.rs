@@ -19,7 +19,7 @@ struct Setup {
     ns: String,
     groups: Api<ConsumerGroup>,
     topics: Api<EventTopic>,
-    _operator: eventops_tests::OperatorHandle,
+    operator: eventops_tests::OperatorHandle,
 }
 
 async fn setup(prefix: &str) -> Setup {
@@ -31,7 +31,7 @@ async fn setup(prefix: &str) -> Setup {
         topics: Api::namespaced(env.client.clone(), &ns),
         env,
         ns,
-        _operator: operator,
+        operator,
     }
 }
 
@@ -189,8 +189,15 @@ async fn resyncs_write_nothing_and_replicas_are_left_to_the_autoscaler() {
         &deployments.get("notify").await.unwrap(),
         &secrets.get("notify-kafka").await.unwrap(),
     );
+    let writes_before = s.operator.metrics.writes();
     // Several 2-second resyncs of both EventTopic and ConsumerGroup.
     tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        s.operator.metrics.writes(),
+        writes_before,
+        "no request that changes Kubernetes or Kafka is sent:\n{}",
+        s.operator.metrics.encode()
+    );
     let d = deployments.get("notify").await.unwrap();
     let after = versions(
         &s.groups.get("notify").await.unwrap(),
@@ -226,6 +233,11 @@ async fn credentials_rotate_on_request_and_roll_the_workers() {
     let deployments: Api<Deployment> = Api::namespaced(s.env.client.clone(), &s.ns);
     let password = |sec: Secret| sec.data.unwrap()["password"].0.clone();
     let before = password(secrets.get("billing-kafka").await.unwrap());
+    let template_version = |d: Deployment| {
+        d.spec.template.metadata.unwrap().annotations.unwrap()["eventops.dev/credentials-version"]
+            .clone()
+    };
+    let version_before = template_version(deployments.get("billing").await.unwrap());
 
     let rotate =
         json!({"metadata": {"annotations": {"eventops.dev/rotate-credentials": "2026-11-22"}}});
@@ -239,12 +251,20 @@ async fn credentials_rotate_on_request_and_roll_the_workers() {
     })
     .await;
     assert_eq!(after.len(), 64);
-    let d = deployments.get("billing").await.unwrap();
-    let annotations = d.spec.template.metadata.unwrap().annotations.unwrap();
-    assert_eq!(
-        annotations["eventops.dev/credentials-version"],
-        "2026-11-22"
+    // The pod template follows the new password, so workers restart with it.
+    let expected = eventops_operator::consumergroup::build::credentials_version(
+        &String::from_utf8(after).unwrap(),
     );
+    assert_ne!(expected, version_before);
+    eventually(
+        TIMEOUT,
+        "the pod template to carry the new version",
+        || async {
+            let d = deployments.get("billing").await.ok()?;
+            (template_version(d) == expected).then_some(())
+        },
+    )
+    .await;
     let reasons = s.env.event_reasons(&s.ns, "billing").await;
     assert!(
         reasons.contains(&"CredentialsRotated".to_string()),

@@ -22,16 +22,18 @@ pub const GROUP_LABEL: &str = "eventops.dev/consumer-group";
 /// Pod template annotation that changes with the credentials, so pods restart with new ones.
 pub const CREDENTIALS_VERSION_ANNOTATION: &str = "eventops.dev/credentials-version";
 
-/// How workers reach Kafka (the operator's own settings, minus its credentials).
+/// How workers reach Kafka (the operator's own settings, minus its credentials). Their
+/// SASL mechanism is always SCRAM-SHA-512: the credential EventOps creates for them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerKafka {
     /// `bootstrap.servers` as seen from worker pods.
     pub bootstrap: String,
     /// `security.protocol` for workers.
     pub security_protocol: String,
-    /// SASL mechanism of the group's user.
-    pub sasl_mechanism: String,
 }
+
+/// SASL mechanism of every group's user.
+pub const WORKER_SASL_MECHANISM: &str = "SCRAM-SHA-512";
 
 /// EventTopics the spec names that do not exist (yet).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,8 +43,8 @@ impl MissingTopics {
     /// The condition message: which, where, and that the group waits.
     pub fn message(&self, namespace: &str) -> String {
         format!(
-            "spec.topics names EventTopic {} that does not exist in namespace {namespace}: \
-             waiting for it to be created",
+            "spec.topics names EventTopic {} that does not exist in namespace {namespace} or \
+             does not own its Kafka topic (see its Ready condition): waiting for it",
             self.0.join(", ")
         )
     }
@@ -58,6 +60,10 @@ pub fn resolve_topics<'a>(
     let mut missing = Vec::new();
     for name in &cg.spec.topics {
         match find(name) {
+            // Access is granted only to topics their EventTopic owns: one not yet
+            // reconciled, or refused (another EventTopic owns the Kafka topic, the spec is
+            // invalid), would hand out ACLs on somebody else's topic.
+            Some(et) if !owns_its_topic(et) => missing.push(name.clone()),
             None => missing.push(name.clone()),
             Some(et) => routes.push(TopicRoute {
                 topic: et.kafka_topic_name().to_string(),
@@ -79,6 +85,46 @@ pub fn resolve_topics<'a>(
     } else {
         Err(MissingTopics(missing))
     }
+}
+
+/// Whether an EventTopic has been reconciled and is the owner of its Kafka topics.
+fn owns_its_topic(et: &EventTopic) -> bool {
+    let Some(status) = &et.status else {
+        return false;
+    };
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .is_some_and(|c| c.reason != "ResourceConflict" && c.reason != "InvalidSpec")
+}
+
+/// If an older ConsumerGroup (anywhere) already uses `cg`'s Kafka group id, the message
+/// that says which: the oldest keeps it, so no namespace can join another's group.
+pub fn group_conflict<'a>(
+    cg: &ConsumerGroup,
+    others: impl IntoIterator<Item = &'a ConsumerGroup>,
+) -> Option<String> {
+    let key = |g: &ConsumerGroup| {
+        (
+            g.metadata.creation_timestamp.clone().map(|t| t.0),
+            g.metadata.namespace.clone(),
+            g.metadata.name.clone(),
+        )
+    };
+    others
+        .into_iter()
+        .filter(|o| o.metadata.uid != cg.metadata.uid && o.metadata.deletion_timestamp.is_none())
+        .filter(|o| o.kafka_group_id() == cg.kafka_group_id() && key(o) < key(cg))
+        .map(|o| {
+            format!(
+                "Kafka group id {} is already used by ConsumerGroup {}/{}, created earlier: set a different spec.groupId",
+                cg.kafka_group_id(),
+                o.namespace().unwrap_or_default(),
+                o.name_any()
+            )
+        })
+        .next()
 }
 
 fn delay_ms(delay: &str) -> u64 {
@@ -199,7 +245,7 @@ pub fn secret(
         string_data: Some(BTreeMap::from([
             ("bootstrap.servers".into(), kafka.bootstrap.clone()),
             ("security.protocol".into(), kafka.security_protocol.clone()),
-            ("sasl.mechanism".into(), kafka.sasl_mechanism.clone()),
+            ("sasl.mechanism".into(), WORKER_SASL_MECHANISM.into()),
             ("username".into(), user),
             ("password".into(), password.to_string()),
             ("sasl.jaas.config".into(), jaas),
@@ -207,6 +253,18 @@ pub fn secret(
         type_: Some("Opaque".into()),
         ..Default::default()
     }
+}
+
+/// A version of the credentials for the pod template: changes exactly when the password
+/// does, so workers restart with the new one (also when a lost Secret is recreated). A
+/// 64-bit FNV-1a digest of a 256-bit random password reveals nothing usable.
+pub fn credentials_version(password: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in password.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 /// ConsumerGroup annotation whose new value asks for new credentials.
@@ -254,7 +312,7 @@ pub fn deployment(
             contract::KAFKA_SECURITY_PROTOCOL,
             kafka.security_protocol.clone(),
         ),
-        plain(contract::KAFKA_SASL_MECHANISM, kafka.sasl_mechanism.clone()),
+        plain(contract::KAFKA_SASL_MECHANISM, WORKER_SASL_MECHANISM.into()),
         from_secret(contract::KAFKA_USERNAME, "username"),
         from_secret(contract::KAFKA_PASSWORD, "password"),
         plain(contract::GROUP_ID, cg.kafka_group_id().to_string()),
@@ -353,16 +411,78 @@ mod tests {
     }
 
     fn topic(name: &str, kafka_name: &str) -> EventTopic {
-        let mut et = EventTopic::new(
+        let mut et = reconciled(EventTopic::new(
             name,
             EventTopicSpec {
                 topic_name: Some(kafka_name.into()),
                 partitions: 3,
                 ..Default::default()
             },
-        );
+        ));
         et.spec.retry.delays = vec![RetryDelay("30s".into())];
         et
+    }
+
+    fn with_ready(mut et: EventTopic, status: &str, reason: &str) -> EventTopic {
+        et.status = Some(eventops_crds::EventTopicStatus {
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Ready".into(),
+                status: status.into(),
+                reason: reason.into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ),
+            }],
+            ..Default::default()
+        });
+        et
+    }
+
+    fn reconciled(et: EventTopic) -> EventTopic {
+        with_ready(et, "True", "InSync")
+    }
+
+    #[test]
+    fn topics_another_event_topic_owns_are_not_granted() {
+        let conflicted = with_ready(topic("orders", "theirs"), "False", "ResourceConflict");
+        let err = resolve_topics(&group(), |_| Some(&conflicted)).unwrap_err();
+        assert_eq!(err, MissingTopics(vec!["orders".into()]));
+        let mut unreconciled = topic("orders", "theirs");
+        unreconciled.status = None;
+        assert!(resolve_topics(&group(), |_| Some(&unreconciled)).is_err());
+        // Not ready for another reason (Kafka refused a config): still ours to consume.
+        let refused = with_ready(topic("orders", "ours"), "False", "InvalidConfig");
+        assert!(resolve_topics(&group(), |_| Some(&refused)).is_ok());
+    }
+
+    #[test]
+    fn the_oldest_group_keeps_a_group_id() {
+        let at = |s| {
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(s).unwrap(),
+            ))
+        };
+        let mut old = group();
+        old.metadata.creation_timestamp = at(100);
+        let mut young = group();
+        young.metadata.namespace = Some("other".into());
+        young.metadata.uid = Some("uid-2".into());
+        young.metadata.creation_timestamp = at(200);
+        assert_eq!(group_conflict(&old, [&young]), None);
+        let msg = group_conflict(&young, [&old]).unwrap();
+        assert!(
+            msg.contains("shop/inventory") && msg.contains("spec.groupId"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn credentials_version_follows_the_password() {
+        assert_eq!(credentials_version("a"), credentials_version("a"));
+        assert_ne!(credentials_version("a"), credentials_version("b"));
+        assert_eq!(credentials_version("a").len(), 16);
     }
 
     #[test]
@@ -397,7 +517,6 @@ mod tests {
         let kafka = WorkerKafka {
             bootstrap: "k:9092".into(),
             security_protocol: "SASL_PLAINTEXT".into(),
-            sasl_mechanism: "SCRAM-SHA-512".into(),
         };
         let routes = vec![TopicRoute {
             topic: "orders.order.placed".into(),
@@ -486,7 +605,6 @@ mod tests {
             &WorkerKafka {
                 bootstrap: "b".into(),
                 security_protocol: "SASL_PLAINTEXT".into(),
-                sasl_mechanism: "SCRAM-SHA-512".into(),
             },
             "pw",
             None,

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use crate::conditions::{self, Observed};
 use crate::context::Context;
 use crate::error::Error;
-use crate::kafka::native::{AclBinding, AclFilter, NativeError};
+use crate::kafka::native::{AclBinding, AclFilter, AclPermission, NativeError, ScramMechanism};
 use build::{ROTATE_ANNOTATION, ROTATED_FOR_ANNOTATION, WorkerKafka};
 
 /// Runs the ConsumerGroup controller until `shutdown` resolves.
@@ -86,7 +86,7 @@ async fn reconcile_inner(
         return Ok((finalize(&cg, ctx, &groups).await?, None));
     }
     // The group's Kafka user and ACLs outlive nothing else: remove them on deletion.
-    crate::finalizer::set(&groups, &*cg, CREDENTIALS_FINALIZER, true)
+    crate::finalizer::set(&groups, &*cg, CREDENTIALS_FINALIZER, true, &ctx.metrics)
         .await
         .map_err(|e| Error::kube("add the finalizer to", &*cg, e))?;
 
@@ -101,6 +101,12 @@ async fn reconcile_inner(
         {
             found.insert(name.clone(), et);
         }
+    }
+    let others = ctx.groups.state();
+    if let Some(message) = build::group_conflict(&cg, others.iter().map(AsRef::as_ref)) {
+        let ready = Observed::ready(false, "ResourceConflict", message);
+        write_status(&cg, ctx, ready, None).await?;
+        return Ok((Action::requeue(resync), Some("ResourceConflict")));
     }
     let routes = match build::resolve_topics(&cg, |n| found.get(n)) {
         Ok(routes) => routes,
@@ -137,7 +143,7 @@ async fn reconcile_inner(
         }
         _ => (random_password(), requested_rotation.map(String::from)),
     };
-    let credentials_version = rotation.clone().unwrap_or_else(|| "initial".into());
+    let credentials_version = build::credentials_version(&password);
     let desired_secret = build::secret(&cg, &kafka, &password, rotation.as_deref());
     let desired_deployment = build::deployment(&cg, &routes, &kafka, &credentials_version);
 
@@ -153,6 +159,7 @@ async fn reconcile_inner(
     }
     let params = PatchParams::apply(crate::FIELD_MANAGER).force();
     if !secret_matches(secret.as_ref(), &desired_secret) {
+        ctx.metrics.kube_write("Secret");
         secrets
             .patch(
                 &build::secret_name(&cg),
@@ -161,7 +168,7 @@ async fn reconcile_inner(
             )
             .await
             .map_err(|e| Error::kube("apply the Secret of", &*cg, e))?;
-        if secret.is_some() {
+        if secret.is_some() && password_changed {
             ctx.event(
                 &*cg,
                 EventType::Normal,
@@ -172,10 +179,12 @@ async fn reconcile_inner(
             .await;
         }
     }
+    // Kubernetes omits status.replicas when it is 0.
     let current_replicas = deployment
         .as_ref()
-        .and_then(|d| d.status.as_ref()?.replicas);
+        .map(|d| d.status.as_ref().and_then(|s| s.replicas).unwrap_or(0));
     if !deployment_matches(deployment.as_ref(), &desired_deployment) {
+        ctx.metrics.kube_write("Deployment");
         deployments
             .patch(&cg.name_any(), &params, &Patch::Apply(&desired_deployment))
             .await
@@ -215,9 +224,12 @@ async fn sync_kafka_access(
     let user = build::kafka_user(cg);
     ctx.metrics.kafka_request("DescribeUserScramCredentials");
     let users = native.describe_scram_users(&[&user]).await?;
-    let exists = users.get(&user).is_some_and(|c| !c.is_empty());
+    let exists = users
+        .get(&user)
+        .is_some_and(|creds| creds.iter().any(|c| c.mechanism == ScramMechanism::Sha512));
     if !exists || password_changed {
         ctx.metrics.kafka_request("AlterUserScramCredentials");
+        ctx.metrics.kafka_write();
         native.upsert_scram_user(&user, password).await?;
         info!(%user, "set SCRAM credentials");
     }
@@ -227,16 +239,21 @@ async fn sync_kafka_access(
         .describe_acls(&AclFilter::principal(&build::principal(cg)))
         .await?
         .into_iter()
+        // Only Allow ACLs are EventOps': an administrator's Deny (say, to quarantine
+        // leaked credentials) stays.
+        .filter(|acl| acl.permission == AclPermission::Allow)
         .collect();
     let missing: Vec<AclBinding> = desired.difference(&current).cloned().collect();
     let extra: Vec<AclFilter> = current.difference(desired).map(AclFilter::from).collect();
     if !missing.is_empty() {
         ctx.metrics.kafka_request("CreateAcls");
+        ctx.metrics.kafka_write();
         native.create_acls(&missing).await?;
         info!(%user, created = missing.len(), "created ACLs");
     }
     if !extra.is_empty() {
         ctx.metrics.kafka_request("DeleteAcls");
+        ctx.metrics.kafka_write();
         let deleted = native.delete_acls(&extra).await?;
         info!(%user, deleted = deleted.len(), "deleted ACLs no longer desired");
     }
@@ -292,7 +309,7 @@ async fn finalize(
         }
         info!(%user, "removed Kafka user and ACLs");
     }
-    crate::finalizer::set(groups, cg, CREDENTIALS_FINALIZER, false)
+    crate::finalizer::set(groups, cg, CREDENTIALS_FINALIZER, false, &ctx.metrics)
         .await
         .map_err(|e| Error::kube("remove the finalizer of", cg, e))?;
     Ok(Action::await_change())
@@ -302,19 +319,20 @@ fn secret_value_of(secret: Option<&Secret>, key: &str) -> Option<String> {
     secret_value(secret?, key)
 }
 
-/// Whether the stored Secret already holds exactly the desired data.
+/// Whether the stored Secret already holds the desired keys, annotation and owner.
+/// Keys somebody else added are not ours to judge.
 fn secret_matches(current: Option<&Secret>, desired: &Secret) -> bool {
     let Some(current) = current else { return false };
-    let wanted = desired.string_data.clone().unwrap_or_default();
-    let have: BTreeMap<String, String> = current
-        .data
+    let have = current.data.clone().unwrap_or_default();
+    let keys_match = desired
+        .string_data
         .iter()
         .flatten()
-        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
-        .collect();
-    have == wanted
-        && current.annotations().get(ROTATED_FOR_ANNOTATION)
-            == desired.annotations().get(ROTATED_FOR_ANNOTATION)
+        .all(|(k, v)| have.get(k).is_some_and(|b| b.0 == v.as_bytes()));
+    let annotation = |s: &Secret| s.annotations().get(ROTATED_FOR_ANNOTATION).cloned();
+    keys_match
+        && annotation(current) == annotation(desired)
+        && current.metadata.owner_references == desired.metadata.owner_references
 }
 
 fn secret_value(secret: &Secret, key: &str) -> Option<String> {
@@ -334,15 +352,15 @@ fn deployment_matches(current: Option<&Deployment>, desired: &Deployment) -> boo
             c.command.clone(),
             c.args.clone(),
             c.env.clone(),
-            c.resources.clone(),
+            // The API server returns `resources: {}` for none.
+            c.resources.clone().unwrap_or_default(),
             pod.termination_grace_period_seconds,
         ))
     };
+    // Only the annotation EventOps sets: `kubectl rollout restart` adds its own.
     let annotations = |spec: &k8s_openapi::api::apps::v1::DeploymentSpec| {
-        spec.template
-            .metadata
-            .as_ref()
-            .and_then(|m| m.annotations.clone())
+        let m = spec.template.metadata.as_ref()?.annotations.as_ref()?;
+        m.get(build::CREDENTIALS_VERSION_ANNOTATION).cloned()
     };
     container(c) == container(d)
         && annotations(c) == annotations(d)
@@ -402,6 +420,5 @@ pub fn worker_kafka(config: &crate::config::RunConfig) -> WorkerKafka {
             .kafka_security_protocol
             .clone()
             .unwrap_or_else(|| "SASL_PLAINTEXT".into()),
-        sasl_mechanism: config.kafka_sasl_mechanism.clone(),
     }
 }

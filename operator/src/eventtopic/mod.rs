@@ -173,10 +173,14 @@ async fn sync(topics: &[DesiredTopic], drift: bool, ctx: &Context) -> Outcome {
             Err(refusal) => {
                 let (reason, message, requeue) = match refusal {
                     Refusal::NotSupported(message) => ("NotSupported".into(), message, resync),
-                    Refusal::Kafka(e @ KafkaError::Unavailable { .. }) => {
-                        (e.reason(), e.to_string(), Duration::from_secs(5))
+                    Refusal::Kafka(e) => {
+                        let requeue = if e.is_transient() {
+                            Duration::from_secs(5)
+                        } else {
+                            resync
+                        };
+                        (e.reason(), e.to_string(), requeue)
                     }
-                    Refusal::Kafka(e) => (e.reason(), e.to_string(), resync),
                 };
                 return Outcome {
                     ready: Some(Observed::ready(false, reason, message)),
@@ -302,7 +306,7 @@ async fn sync_one(
 /// topics never make deletion wait for the operator.
 async fn set_finalizer(et: &EventTopic, ctx: &Context) -> Result<(), Error> {
     let want = et.spec.deletion_policy == DeletionPolicy::Delete;
-    crate::finalizer::set(&api(et, ctx), et, TOPIC_FINALIZER, want)
+    crate::finalizer::set(&api(et, ctx), et, TOPIC_FINALIZER, want, &ctx.metrics)
         .await
         .map_err(|source| Error::kube("update finalizers of", et, source))
 }
@@ -333,9 +337,15 @@ async fn finalize(et: &EventTopic, ctx: &Ctx) -> Result<Action, Error> {
             .event(et, EventType::Normal, "TopicsDeleted", "Delete", note)
             .await;
     }
-    crate::finalizer::set(&api(et, &ctx.shared), et, TOPIC_FINALIZER, false)
-        .await
-        .map_err(|source| Error::kube("remove the finalizer of", et, source))?;
+    crate::finalizer::set(
+        &api(et, &ctx.shared),
+        et,
+        TOPIC_FINALIZER,
+        false,
+        &ctx.shared.metrics,
+    )
+    .await
+    .map_err(|source| Error::kube("remove the finalizer of", et, source))?;
     Ok(Action::await_change())
 }
 

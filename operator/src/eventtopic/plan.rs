@@ -86,7 +86,7 @@ pub fn desired_topics(et: &EventTopic) -> Result<Vec<DesiredTopic>, Invalid> {
 /// Retention of a retry topic: a day beyond its delay, so records waiting out the delay
 /// survive a consumer outage of up to a day.
 fn retry_retention_ms(delay: &str) -> u64 {
-    let (n, unit) = delay.split_at(delay.len() - 1);
+    let (n, unit) = delay.split_at(delay.len().saturating_sub(1));
     let n: u64 = n.parse().unwrap_or(0);
     let secs = match unit {
         "h" => n * 3600,
@@ -185,9 +185,10 @@ fn check_topic_name(field: &str, name: &str) -> Result<(), Invalid> {
         || !valid_chars
         || name == "."
         || name == ".."
+        || name.starts_with("__")
     {
         return Err(Invalid(format!(
-            "{field} {name:?} is not a valid Kafka topic name: use 1 to {TOPIC_NAME_MAX_LEN} of a-z, A-Z, 0-9, '.', '_', '-'"
+            "{field} {name:?} is not a valid Kafka topic name: use 1 to {TOPIC_NAME_MAX_LEN} of a-z, A-Z, 0-9, '.', '_', '-', not starting with '__' (Kafka's internal topics)"
         )));
     }
     Ok(())
@@ -339,6 +340,11 @@ mod tests {
         et.spec.topic_name = Some("has space".into());
         let err = desired_topics(&et).unwrap_err();
         assert!(err.0.contains("spec.topicName"), "{err}");
+
+        let mut et = topic("ok", 1);
+        et.spec.topic_name = Some("__consumer_offsets".into());
+        let err = desired_topics(&et).unwrap_err();
+        assert!(err.0.contains("'__'"), "{err}");
 
         let mut et = topic("ok", 1);
         et.spec.dead_letter.topic_name = Some("ok".into());

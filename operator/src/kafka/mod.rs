@@ -40,6 +40,17 @@ pub enum KafkaError {
         /// Kafka's error code.
         code: RDKafkaErrorCode,
     },
+    /// Kafka answered that it cannot do it right now (no leader yet, controller moved,
+    /// request timed out): worth retrying soon.
+    #[error("Kafka could not {op} topic {topic} yet: {code}")]
+    Busy {
+        /// What was attempted.
+        op: &'static str,
+        /// The topic.
+        topic: String,
+        /// Kafka's error code.
+        code: RDKafkaErrorCode,
+    },
     /// Kafka could not be reached or did not answer in time: worth retrying.
     #[error("Kafka is unavailable ({op} {topic}): {source}")]
     Unavailable {
@@ -58,8 +69,34 @@ impl KafkaError {
     /// `KafkaUnavailable` otherwise.
     pub fn reason(&self) -> String {
         match self {
-            KafkaError::Refused { code, .. } => format!("{code:?}"),
+            KafkaError::Refused { code, .. } | KafkaError::Busy { code, .. } => format!("{code:?}"),
             KafkaError::Unavailable { .. } => "KafkaUnavailable".into(),
+        }
+    }
+
+    /// Whether retrying soon may succeed (as opposed to waiting for a spec change).
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, KafkaError::Refused { .. })
+    }
+
+    /// Kafka's answer `code` to `op` on `topic`, classified.
+    fn from_code(op: &'static str, topic: &str, code: RDKafkaErrorCode) -> Self {
+        use RDKafkaErrorCode as C;
+        let topic = topic.to_string();
+        match code {
+            C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::NotController
+            | C::RequestTimedOut
+            | C::NetworkException
+            | C::BrokerNotAvailable
+            | C::NotEnoughReplicas
+            | C::CoordinatorNotAvailable
+            | C::ThrottlingQuotaExceeded
+            // Metadata read just before another reconcile created it: look again.
+            | C::TopicAlreadyExists
+            | C::OperationTimedOut => KafkaError::Busy { op, topic, code },
+            _ => KafkaError::Refused { op, topic, code },
         }
     }
 }
@@ -101,6 +138,10 @@ impl KafkaAdmin {
     /// Connects (lazily: librdkafka dials on first use).
     pub fn new(settings: &KafkaSettings, metrics: Arc<Metrics>) -> Result<Self, RdKafkaError> {
         let mut config = ClientConfig::new();
+        // rdkafka builds admin clients as producers, whose metadata requests ask the
+        // broker to auto-create missing topics: describing a topic would create it with
+        // broker defaults.
+        config.set("allow.auto.create.topics", "false");
         for (k, v) in &settings.properties {
             config.set(k, v);
         }
@@ -147,13 +188,7 @@ impl KafkaAdmin {
         match t.error().map(RDKafkaErrorCode::from) {
             None => {}
             Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return Ok(None),
-            Some(code) => {
-                return Err(KafkaError::Refused {
-                    op: "describe",
-                    topic: name.into(),
-                    code,
-                });
-            }
+            Some(code) => return Err(KafkaError::from_code("describe", name, code)),
         }
         let partitions = t.partitions().len() as i32;
         let replication_factor = t
@@ -172,11 +207,7 @@ impl KafkaAdmin {
             .into_iter()
             .next()
             .expect("one result per requested resource")
-            .map_err(|code| KafkaError::Refused {
-                op: "describe configs of",
-                topic: name.into(),
-                code,
-            })?;
+            .map_err(|code| KafkaError::from_code("describe configs of", name, code))?;
         let configs = resource
             .entries
             .into_iter()
@@ -201,6 +232,7 @@ impl KafkaAdmin {
             topic = topic.set(k, v);
         }
         self.metrics.kafka_request("CreateTopics");
+        self.metrics.kafka_write();
         let results = self
             .client
             .create_topics([&topic], &self.options())
@@ -215,7 +247,12 @@ impl KafkaAdmin {
 
     /// Deletes topics; a topic Kafka does not have counts as deleted.
     pub async fn delete_topics(&self, names: &[&str]) -> Result<(), KafkaError> {
+        // librdkafka refuses an empty request.
+        if names.is_empty() {
+            return Ok(());
+        }
         self.metrics.kafka_request("DeleteTopics");
+        self.metrics.kafka_write();
         let results = self
             .client
             .delete_topics(names, &self.options())
@@ -228,11 +265,7 @@ impl KafkaAdmin {
         for result in results {
             match result {
                 Err((topic, code)) if code != RDKafkaErrorCode::UnknownTopicOrPartition => {
-                    return Err(KafkaError::Refused {
-                        op: "delete",
-                        topic,
-                        code,
-                    });
+                    return Err(KafkaError::from_code("delete", &topic, code));
                 }
                 _ => {}
             }
@@ -244,6 +277,7 @@ impl KafkaAdmin {
     pub async fn create_partitions(&self, name: &str, partitions: i32) -> Result<(), KafkaError> {
         let new = NewPartitions::new(name, partitions as usize);
         self.metrics.kafka_request("CreatePartitions");
+        self.metrics.kafka_write();
         let results = self
             .client
             .create_partitions([&new], &self.options())
@@ -268,6 +302,7 @@ impl KafkaAdmin {
             alter = alter.set(k, v);
         }
         self.metrics.kafka_request("AlterConfigs");
+        self.metrics.kafka_write();
         let results = self
             .client
             .alter_configs([&alter], &self.options())
@@ -278,11 +313,7 @@ impl KafkaAdmin {
                 source,
             })?;
         match results.into_iter().next() {
-            Some(Err((_, code))) => Err(KafkaError::Refused {
-                op: "alter configs of",
-                topic: name.into(),
-                code,
-            }),
+            Some(Err((_, code))) => Err(KafkaError::from_code("alter configs of", name, code)),
             _ => Ok(()),
         }
     }
@@ -294,11 +325,7 @@ fn first_result(
     results: Vec<Result<String, (String, RDKafkaErrorCode)>>,
 ) -> Result<(), KafkaError> {
     match results.into_iter().next() {
-        Some(Err((_, code))) => Err(KafkaError::Refused {
-            op,
-            topic: topic.into(),
-            code,
-        }),
+        Some(Err((_, code))) => Err(KafkaError::from_code(op, topic, code)),
         _ => Ok(()),
     }
 }

@@ -148,9 +148,11 @@ impl Environment {
             info.kafka_admin_properties.display(),
         );
         std::fs::write(dir.join("env.sh"), sh)?;
+        set_mode(&dir.join("env.sh"), 0o600)?;
         let tmp = dir.join("env.json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(info)?)?;
         let path = dir.join("env.json");
+        set_mode(&tmp, 0o600)?;
         std::fs::rename(tmp, &path)?;
         Ok(path)
     }
@@ -169,6 +171,7 @@ impl Environment {
             dir.join("tokens.csv"),
             format!("{token},{ADMIN_TOKEN_USER},{ADMIN_TOKEN_USER},system:masters\n"),
         )?;
+        set_mode(&dir.join("tokens.csv"), 0o600)?;
 
         // etcd
         let (etcd_port, peer_port) = (free_port()?, free_port()?);
@@ -316,7 +319,8 @@ impl Environment {
              share.coordinator.state.topic.replication.factor=1\n\
              share.coordinator.state.topic.min.isr=1\n\
              group.initial.rebalance.delay.ms=0\n\
-             auto.create.topics.enable=false\n",
+             # Kafka's default: tests then catch a client that creates topics by accident.\n\
+             auto.create.topics.enable=true\n",
             data = dir.join("data").display(),
         );
         let server_properties = dir.join("server.properties");
@@ -327,6 +331,9 @@ impl Environment {
                 "security.protocol=SASL_PLAINTEXT\nsasl.mechanism=SCRAM-SHA-512\nsasl.jaas.config={jaas}\n"
             ),
         )?;
+        // Both hold the super user's password.
+        set_mode(&server_properties, 0o600)?;
+        set_mode(&self.info.kafka_admin_properties, 0o600)?;
         let log4j = dir.join("log4j2.properties");
         std::fs::write(&log4j, log4j_config("INFO", "SYSTEM_OUT"))?;
         std::fs::write(
@@ -563,6 +570,7 @@ fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> anyhow
     });
     // JSON is YAML: kubectl and kube-rs read it as a kubeconfig.
     std::fs::write(path, serde_json::to_vec_pretty(&config)?)?;
+    set_mode(path, 0o600)?;
     Ok(())
 }
 
