@@ -31,6 +31,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let kafka = KafkaAdmin::new(&config.kafka_settings()?, metrics.clone())?;
+    metrics.kafka_request("DescribeCluster");
+    match kafka.native().describe_cluster().await {
+        Ok(kafka::native::ClusterDescription {
+            cluster_id,
+            controller,
+            nodes,
+        }) => {
+            tracing::info!(
+                cluster_id,
+                controller,
+                brokers = nodes.len(),
+                "connected to Kafka"
+            );
+        }
+        // Not fatal: the controllers retry Kafka on their own.
+        Err(error) => tracing::warn!(%error, "cannot describe the Kafka cluster"),
+    }
     let settings = Settings {
         namespace: config.namespace.clone(),
         resync_interval: config.resync_interval.into(),

@@ -1,5 +1,6 @@
-//! The native admin calls (ACLs, SCRAM users) against the real broker, checked with
-//! Kafka's own AclCommand and ConfigCommand and by authenticating as the user.
+//! The native admin calls (ACLs, SCRAM users, cluster description) against the real
+//! broker, checked with Kafka's own AclCommand, ConfigCommand and ClusterTool and by
+//! authenticating as the user.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -365,4 +366,65 @@ async fn invalid_arguments_are_clear_errors() {
             other => panic!("expected Kafka's refusal, got {other}"),
         }
     }
+}
+
+/// The cluster id according to Kafka's own `ClusterTool cluster-id`. Not through
+/// [`TestEnv::kafka_tool`]: ClusterTool takes the connection options after its
+/// subcommand, not before it.
+async fn cluster_tool_cluster_id(env: &TestEnv) -> String {
+    let info = env.info.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("java")
+            .arg("-Xmx256m")
+            .arg("-XX:TieredStopAtLevel=1")
+            .arg(format!(
+                "-Dlog4j2.configurationFile={}",
+                info.state_dir
+                    .join("kafka/tools-log4j2.properties")
+                    .display()
+            ))
+            .arg("-cp")
+            .arg(format!("{}/*", info.kafka_lib.display()))
+            .arg("org.apache.kafka.tools.ClusterTool")
+            .arg("cluster-id")
+            .arg("--bootstrap-server")
+            .arg(&info.kafka_bootstrap)
+            .arg("--command-config")
+            .arg(&info.kafka_admin_properties)
+            .output()
+            .expect("running ClusterTool")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "ClusterTool failed ({}): {stdout}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Cluster ID:"))
+        .unwrap_or_else(|| panic!("no cluster id in ClusterTool's output:\n{stdout}"))
+        .trim()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn describe_cluster_matches_kafka() {
+    let env = env().await;
+    let cluster = native(&env).describe_cluster().await.unwrap();
+
+    let port: u16 = env
+        .info
+        .kafka_bootstrap
+        .strip_prefix("127.0.0.1:")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("bootstrap {:?}", env.info.kafka_bootstrap));
+    assert_eq!(cluster.nodes.len(), 1, "{cluster:?}");
+    assert_eq!(cluster.nodes[0].port, port, "{cluster:?}");
+    assert!(cluster.controller.is_some(), "{cluster:?}");
+    assert!(!cluster.cluster_id.is_empty(), "{cluster:?}");
+    assert_eq!(cluster.cluster_id, cluster_tool_cluster_id(&env).await);
 }

@@ -152,7 +152,7 @@ impl KafkaAdmin {
         })
     }
 
-    /// ACL and SCRAM administration over the same connection.
+    /// ACL, SCRAM and cluster administration over the same connection.
     pub fn native(&self) -> native::NativeAdmin {
         native::NativeAdmin::new(self.client.clone(), self.timeout)
     }

@@ -1,5 +1,6 @@
-//! Admin calls that the `rdkafka` crate does not wrap (ACLs, SCRAM credentials), made
-//! directly through librdkafka's C API on the operator's existing admin client.
+//! Admin calls that the `rdkafka` crate does not wrap (ACLs, SCRAM credentials, cluster
+//! description), made directly through librdkafka's C API on the operator's existing
+//! admin client.
 //!
 //! Every call runs on a blocking thread with its own result queue, and every C object
 //! it creates is owned by a guard that frees it on drop, so no path (errors included)
@@ -262,6 +263,28 @@ pub struct ScramCredential {
     pub iterations: i32,
 }
 
+/// The cluster as Kafka describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterDescription {
+    /// The cluster id (the KRaft cluster id).
+    pub cluster_id: String,
+    /// The id of the controller node, if Kafka reported one.
+    pub controller: Option<i32>,
+    /// The brokers, sorted by id.
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// One broker of a [`ClusterDescription`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterNode {
+    /// The broker id.
+    pub id: i32,
+    /// The host it advertises.
+    pub host: String,
+    /// The port it advertises.
+    pub port: u16,
+}
+
 /// The SCRAM mechanism and iteration count [`NativeAdmin::upsert_scram_user`] uses.
 pub const SCRAM_MECHANISM: ScramMechanism = ScramMechanism::Sha512;
 /// See [`SCRAM_MECHANISM`].
@@ -269,7 +292,7 @@ pub const SCRAM_ITERATIONS: i32 = 8192;
 
 type Client = AdminClient<DefaultClientContext>;
 
-/// ACL and SCRAM administration on an existing admin client. Cheap to clone.
+/// ACL, SCRAM and cluster administration on an existing admin client. Cheap to clone.
 #[derive(Clone)]
 pub struct NativeAdmin {
     client: Arc<Client>,
@@ -544,6 +567,49 @@ impl NativeAdmin {
         .await
     }
 
+    /// The cluster's id, controller and brokers.
+    pub async fn describe_cluster(&self) -> Result<ClusterDescription, NativeError> {
+        const OP: &str = "describe cluster";
+        self.blocking(OP, move |client, timeout| {
+            let event = request(
+                client,
+                OP,
+                Api::DescribeCluster,
+                timeout,
+                |rk, options, queue| {
+                    // SAFETY: rk, options and queue are valid for the call.
+                    unsafe { rd_kafka_DescribeCluster(rk, options, queue) }
+                },
+            )?;
+            let mut n = 0;
+            // SAFETY: request() checked that this is a DescribeCluster result, which owns
+            // the cluster id, the controller and the node array, and each node's host.
+            unsafe {
+                let result = rd_kafka_event_DescribeCluster_result(event.as_ptr());
+                let cluster_id = read_string(rd_kafka_DescribeCluster_result_cluster_id(result));
+                // Null when Kafka reported no controller.
+                let controller = rd_kafka_DescribeCluster_result_controller(result);
+                let controller = (!controller.is_null()).then(|| rd_kafka_Node_id(controller));
+                let mut nodes: Vec<_> =
+                    c_array(rd_kafka_DescribeCluster_result_nodes(result, &mut n), n)
+                        .iter()
+                        .map(|node| ClusterNode {
+                            id: rd_kafka_Node_id(*node),
+                            host: read_string(rd_kafka_Node_host(*node)),
+                            port: rd_kafka_Node_port(*node),
+                        })
+                        .collect();
+                nodes.sort_by_key(|node| node.id);
+                Ok(ClusterDescription {
+                    cluster_id,
+                    controller,
+                    nodes,
+                })
+            }
+        })
+        .await
+    }
+
     /// Runs `f` on a blocking thread: librdkafka's queue poll blocks its caller.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -599,6 +665,7 @@ enum Api {
     DeleteAcls,
     AlterScram,
     DescribeScram,
+    DescribeCluster,
 }
 
 impl Api {
@@ -624,6 +691,10 @@ impl Api {
             Api::DescribeScram => (
                 RD_KAFKA_ADMIN_OP_DESCRIBEUSERSCRAMCREDENTIALS,
                 RD_KAFKA_EVENT_DESCRIBEUSERSCRAMCREDENTIALS_RESULT,
+            ),
+            Api::DescribeCluster => (
+                RD_KAFKA_ADMIN_OP_DESCRIBECLUSTER,
+                RD_KAFKA_EVENT_DESCRIBECLUSTER_RESULT,
             ),
         }
     }
