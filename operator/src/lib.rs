@@ -31,23 +31,21 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let kafka = KafkaAdmin::new(&config.kafka_settings()?, metrics.clone())?;
+    // Say which cluster this is, without holding up the controllers when Kafka is down:
+    // they retry it on their own.
     metrics.kafka_request("DescribeCluster");
-    match kafka.native().describe_cluster().await {
-        Ok(kafka::native::ClusterDescription {
-            cluster_id,
-            controller,
-            nodes,
-        }) => {
-            tracing::info!(
-                cluster_id,
-                controller,
-                brokers = nodes.len(),
+    let native = kafka.native();
+    tokio::spawn(async move {
+        match native.describe_cluster().await {
+            Ok(c) => tracing::info!(
+                cluster_id = c.cluster_id,
+                controller = c.controller,
+                brokers = c.nodes.len(),
                 "connected to Kafka"
-            );
+            ),
+            Err(error) => tracing::warn!(%error, "cannot describe the Kafka cluster"),
         }
-        // Not fatal: the controllers retry Kafka on their own.
-        Err(error) => tracing::warn!(%error, "cannot describe the Kafka cluster"),
-    }
+    });
     let settings = Settings {
         namespace: config.namespace.clone(),
         resync_interval: config.resync_interval.into(),
