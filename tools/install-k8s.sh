@@ -40,21 +40,23 @@ import (
 	_ "k8s.io/kubernetes/cmd/kubectl"
 )
 GO
-    log "resolving kubernetes module graph (first time only, a few minutes)"
+    log "resolving kubernetes module graph (first time only; took 7-20 s plus downloads in our cold runs)"
     timed "go mod tidy (kubernetes)" go mod tidy -e >/dev/null
   )
 fi
 
+# How long each took in our cold runs on 2 cores (longer on a busy machine).
+declare -A took=([kube-apiserver]="5-6 min" [kube-controller-manager]="1.5-2.5 min" [kubectl]="about 30 s")
 for cmd in kube-apiserver kube-controller-manager kubectl; do
   if [[ ! -x "$bin/$cmd" ]]; then
-    log "building $cmd v$KUBERNETES_VERSION (first time only; ~5-10 min each on 2 cores)"
+    log "building $cmd v$KUBERNETES_VERSION (first time only; took ${took[$cmd]} here)"
     ( cd "$src" && timed "build $cmd" go build -tags tools -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=v$KUBERNETES_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${KUBERNETES_VERSION#1.}" -o "$bin/$cmd" "k8s.io/kubernetes/cmd/$cmd" )
   fi
 done
 
 etcd_src="$EVENTOPS_CACHE/src/etcd-$ETCD_VERSION"
 if [[ ! -x "$bin/etcd" ]]; then
-  log "building etcd v$ETCD_VERSION (first time only, ~2 min)"
+  log "building etcd v$ETCD_VERSION (first time only; about 30 s)"
   mkdir -p "$etcd_src"
   ( cd "$etcd_src"
     if [[ ! -f go.mod ]]; then

@@ -14,7 +14,7 @@ find_pg_bin() {
 if bin=$(find_pg_bin); then echo "$bin"; exit 0; fi
 command -v apt-get >/dev/null || die "PostgreSQL is missing and apt-get is not available: install PostgreSQL 15+ server binaries"
 [[ $(id -u) == 0 ]] || die "PostgreSQL is missing: run 'sudo apt-get install -y postgresql'"
-log "installing PostgreSQL from Debian's packages (first time only, ~1 min)"
+log "installing PostgreSQL from Debian's packages (first time only)"
 timed "apt-get install postgresql" bash -c 'apt-get update -qq && apt-get install -y -qq postgresql >/dev/null'
 bin=$(find_pg_bin) || die "PostgreSQL was installed but no initdb was found under /usr/lib/postgresql"
 echo "$bin"
