@@ -282,6 +282,53 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
         })
 }
 
+/// EventOps resources, whose status carries conditions.
+pub trait HasConditions {
+    /// The status conditions, empty before the first status write.
+    fn conditions(&self) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>;
+}
+
+impl HasConditions for eventops_crds::EventTopic {
+    fn conditions(&self) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+        self.status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl HasConditions for eventops_crds::ConsumerGroup {
+    fn conditions(&self) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+        self.status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Waits up to a minute until object `name`'s `Ready` condition has `status` ("True" or
+/// "False"); returns its reason and message.
+pub async fn wait_ready<K>(api: &Api<K>, name: &str, status: &str) -> (String, String)
+where
+    K: HasConditions + kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(
+        Duration::from_secs(60),
+        &format!("{name} Ready={status}"),
+        || async {
+            let c = api
+                .get(name)
+                .await
+                .ok()?
+                .conditions()
+                .into_iter()
+                .find(|c| c.type_ == "Ready")?;
+            (c.status == status).then_some((c.reason, c.message))
+        },
+    )
+    .await
+}
+
 /// Polls `check` until it returns `Some`, panicking with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

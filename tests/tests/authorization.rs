@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use eventops_crds::{ConsumerGroup, EventTopic};
-use eventops_tests::{TestEnv, apply, env, eventually, unique};
+use eventops_tests::{TestEnv, apply, env, eventually, unique, wait_ready};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use rdkafka::ClientConfig;
@@ -125,17 +125,6 @@ async fn group_creds(env: &TestEnv, ns: &str, group: &str) -> Creds {
     }
 }
 
-async fn ready(groups: &Api<ConsumerGroup>, name: &str) {
-    eventually(TIMEOUT, &format!("ConsumerGroup {name} Ready"), || async {
-        let st = groups.get(name).await.ok()?.status?;
-        st.conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-            .then_some(())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_groups_credentials_reach_its_topics_and_nothing_else() {
     let env = env().await;
@@ -175,8 +164,8 @@ async fn a_groups_credentials_reach_its_topics_and_nothing_else() {
     )
     .await
     .unwrap();
-    ready(&groups, "inventory").await;
-    ready(&groups, "billing").await;
+    wait_ready(&groups, "inventory", "True").await;
+    wait_ready(&groups, "billing", "True").await;
 
     let admin = Creds {
         user: env.info.kafka_admin_user.clone(),
@@ -287,7 +276,7 @@ async fn acls_follow_the_spec_and_others_are_left_alone() {
     )
     .await
     .unwrap();
-    ready(&groups, "audit").await;
+    wait_ready(&groups, "audit", "True").await;
     let principal = format!("User:eventops.{ns}.audit");
 
     // An ACL somebody else made, on a principal EventOps does not own.

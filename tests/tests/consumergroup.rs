@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use eventops_consumer_runtime::contract;
 use eventops_crds::{ConsumerGroup, EventTopic};
-use eventops_tests::{TestEnv, apply, env, eventually, unique};
+use eventops_tests::{TestEnv, apply, env, eventually, unique, wait_ready};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
@@ -35,23 +35,6 @@ async fn setup(prefix: &str) -> Setup {
     }
 }
 
-async fn ready(groups: &Api<ConsumerGroup>, name: &str, status: &str) -> (String, String) {
-    eventually(
-        TIMEOUT,
-        &format!("ConsumerGroup {name} Ready={status}"),
-        || async {
-            let cg = groups.get(name).await.ok()?;
-            let c = cg
-                .status?
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == "Ready")?;
-            (c.status == status).then_some((c.reason, c.message))
-        },
-    )
-    .await
-}
-
 fn env_value(d: &Deployment, name: &str) -> Option<String> {
     let pod = d.spec.template.spec.as_ref()?;
     let env = pod.containers[0].env.as_ref()?;
@@ -77,7 +60,7 @@ async fn consumer_group_becomes_a_deployment_with_the_worker_contract() {
     )
     .await
     .unwrap();
-    ready(&s.groups, "inventory", "True").await;
+    wait_ready(&s.groups, "inventory", "True").await;
 
     let deployments: Api<Deployment> = Api::namespaced(s.env.client.clone(), &s.ns);
     let d = deployments.get("inventory").await.unwrap();
@@ -124,7 +107,7 @@ async fn a_group_waits_for_a_missing_topic_and_recovers_when_it_appears() {
     )
     .await
     .unwrap();
-    let (reason, message) = ready(&s.groups, "payment", "False").await;
+    let (reason, message) = wait_ready(&s.groups, "payment", "False").await;
     assert_eq!(reason, "TopicNotFound");
     assert!(
         message.contains("spec.topics") && message.contains("payments"),
@@ -138,7 +121,7 @@ async fn a_group_waits_for_a_missing_topic_and_recovers_when_it_appears() {
     )
     .await
     .unwrap();
-    ready(&s.groups, "payment", "True").await;
+    wait_ready(&s.groups, "payment", "True").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -158,7 +141,7 @@ async fn resyncs_write_nothing_and_replicas_are_left_to_the_autoscaler() {
     )
     .await
     .unwrap();
-    ready(&s.groups, "notify", "True").await;
+    wait_ready(&s.groups, "notify", "True").await;
     let deployments: Api<Deployment> = Api::namespaced(s.env.client.clone(), &s.ns);
     let secrets: Api<Secret> = Api::namespaced(s.env.client.clone(), &s.ns);
 
@@ -228,7 +211,7 @@ async fn credentials_rotate_on_request_and_roll_the_workers() {
     )
     .await
     .unwrap();
-    ready(&s.groups, "billing", "True").await;
+    wait_ready(&s.groups, "billing", "True").await;
     let secrets: Api<Secret> = Api::namespaced(s.env.client.clone(), &s.ns);
     let deployments: Api<Deployment> = Api::namespaced(s.env.client.clone(), &s.ns);
     let password = |sec: Secret| sec.data.unwrap()["password"].0.clone();

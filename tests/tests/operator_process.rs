@@ -6,10 +6,9 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use eventops_crds::EventTopic;
-use eventops_tests::{TestEnv, env, eventually, free_port, http_get, unique};
+use eventops_tests::{TestEnv, apply, env, eventually, free_port, http_get, unique, wait_ready};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 struct Replica {
@@ -38,30 +37,6 @@ fn start(env: &TestEnv, ns: &str, name: &'static str) -> Replica {
 
 fn ready(r: &Replica) -> Option<bool> {
     http_get(r.port, "/readyz").map(|(code, _)| code == 200)
-}
-
-async fn topic_ready(api: &Api<EventTopic>, name: &str) {
-    let obj = json!({"apiVersion": "eventops.dev/v1alpha1", "kind": "EventTopic",
-                     "metadata": {"name": name}, "spec": {"partitions": 1}});
-    api.patch(
-        name,
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .unwrap();
-    eventually(
-        Duration::from_secs(60),
-        &format!("{name} Ready"),
-        || async {
-            let st = api.get(name).await.ok()?.status?;
-            st.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-                .then_some(())
-        },
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -95,7 +70,9 @@ async fn two_replicas_elect_one_leader_and_fail_over() {
     assert_eq!(follower_health, Some(200), "a follower is alive");
 
     let api: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
-    topic_ready(&api, &unique("orders.order-led")).await;
+    let led = unique("orders.order-led");
+    apply(&api, &led, json!({"partitions": 1})).await.unwrap();
+    wait_ready(&api, &led, "True").await;
     let (_, metrics) = http_get(replicas[leader].port, "/metrics").unwrap();
     assert!(
         metrics.contains(r#"eventops_operator_reconciles_total{controller="eventtopic"}"#),
@@ -111,7 +88,11 @@ async fn two_replicas_elect_one_leader_and_fail_over() {
         || async { ready(&replicas[follower])?.then_some(()) },
     )
     .await;
-    topic_ready(&api, &unique("orders.order-failed-over")).await;
+    let failed_over = unique("orders.order-failed-over");
+    apply(&api, &failed_over, json!({"partitions": 1}))
+        .await
+        .unwrap();
+    wait_ready(&api, &failed_over, "True").await;
 }
 
 fn sigterm(child: &Child) {
