@@ -37,6 +37,13 @@ pub const IDEMPOTENCY: &str = "EVENTOPS_IDEMPOTENCY";
 /// Port of `/healthz`, `/readyz` and `/metrics`.
 pub const HEALTH_PORT: &str = "EVENTOPS_HEALTH_PORT";
 
+/// The pod's IP, from the downward API (`status.podIP`).
+pub const POD_IP: &str = "EVENTOPS_POD_IP";
+/// Socket address the health and metrics server binds (`<ip>:<port>`). The operator sets
+/// it to `$(EVENTOPS_POD_IP):<HEALTH_PORT>`; when unset the server binds
+/// `0.0.0.0:<HEALTH_PORT>`.
+pub const HEALTH_ADDR: &str = "EVENTOPS_HEALTH_ADDR";
+
 /// Port of the health and metrics endpoints when [`HEALTH_PORT`] is not set.
 pub const DEFAULT_HEALTH_PORT: u16 = 8080;
 
