@@ -256,10 +256,24 @@ async fn all_done(env: &TestEnv, apps: &str) -> Result<(), String> {
     if observed != cg.metadata.generation {
         return Err(format!("ConsumerGroup status.observedGeneration {observed:?}"));
     }
-    if env.event_reasons(apps, "billing").await.is_empty() {
-        return Err("no Event about the ConsumerGroup".into());
+    if operator_events(env, apps, "ConsumerGroup", "billing").await == 0 {
+        return Err("no Event from the operator about the ConsumerGroup".into());
     }
     Ok(())
+}
+
+/// How many Events the operator published about the object `kind`/`name` (the
+/// Deployment's controller writes Events about a Deployment of the same name).
+async fn operator_events(env: &TestEnv, ns: &str, kind: &str, name: &str) -> usize {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), ns);
+    let events = api.list(&Default::default()).await.expect("listing Events");
+    events
+        .items
+        .iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("eventops-operator"))
+        .filter_map(|e| e.regarding.as_ref())
+        .filter(|r| r.kind.as_deref() == Some(kind) && r.name.as_deref() == Some(name))
+        .count()
 }
 
 /// Waits until [`all_done`] holds, up to `timeout`; the last reason it did not.
@@ -502,7 +516,14 @@ async fn removing_any_rule_of_the_charts_rbac_breaks_the_operator() {
             output.to_lowercase().contains("forbidden"),
             "without the rule {what} the operator failed ({result:?}) but no refusal shows:\n{output}"
         );
-        eprintln!("without {what}: {}", result.as_ref().unwrap_err());
+        let refusal = output
+            .lines()
+            .find(|l| l.to_lowercase().contains("forbidden"))
+            .unwrap_or_default();
+        eprintln!(
+            "without {what}: {}\n  {refusal}",
+            result.as_ref().unwrap_err()
+        );
     }
     // And the probe release, with every rule, did everything.
     let operator = start_operator(&env, &probe).await;
