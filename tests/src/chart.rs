@@ -42,11 +42,7 @@ impl From<Output> for Ran {
 impl Ran {
     /// Panics with the output unless the command succeeded; returns stdout.
     pub fn expect_ok(self, what: &str) -> String {
-        assert!(
-            self.ok,
-            "{what} failed:\n{}\n{}",
-            self.stdout, self.stderr
-        );
+        assert!(self.ok, "{what} failed:\n{}\n{}", self.stdout, self.stderr);
         self.stdout
     }
 }
