@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use eventops_crds::{ConsumerGroup, EventTopic};
 use eventops_tests::chart::{ChartOperator, chart_dir};
-use eventops_tests::{HasConditions, TestEnv, env, free_port, unique};
+use eventops_tests::{HasConditions, TestEnv, env, eventually, free_port, unique};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::rbac::v1::Role;
@@ -252,6 +252,9 @@ fn ready_for_generation<K: HasConditions + kube::Resource>(obj: &K) -> Result<()
     if ready.status != "True" {
         return Err(format!("Ready={}: {}", ready.status, ready.message));
     }
+    if obj.conditions().iter().any(|c| c.type_ == "Reconciling") {
+        return Err("Ready, yet a Reconciling condition is left (kstatus: in progress)".into());
+    }
     if ready.observed_generation != generation {
         return Err(format!(
             "Ready observedGeneration {:?} != generation {generation:?}",
@@ -384,7 +387,19 @@ async fn installed_chart_runs_the_operator_under_its_rbac_without_churn() {
 
     let mut operator = start_operator(&env, &release).await;
     let topic = unique("chart.order-placed");
-    apply_manifests(&env, &release.apps, &manifests(&topic));
+    // Besides the pair that becomes Ready, a group waiting for an EventTopic nobody
+    // applied: kstatus must read it as in progress (Reconciling), and it must not churn.
+    let waiting = "apiVersion: eventops.dev/v1alpha1
+kind: ConsumerGroup
+metadata:
+  name: waiting
+spec:
+  topics: [never-applied]
+  template:
+    image: waiting:1
+";
+    let all = format!("{}---\n{waiting}", manifests(&topic));
+    apply_manifests(&env, &release.apps, &all);
     let done = wait_all_done(&env, &release.apps, Duration::from_secs(90)).await;
     assert!(
         done.is_ok(),
@@ -392,6 +407,26 @@ async fn installed_chart_runs_the_operator_under_its_rbac_without_churn() {
         operator.output()
     );
     assert!(operator.running(), "{}", operator.output());
+    let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &release.apps);
+    let (ready, reconciling, waiting) = eventually(
+        Duration::from_secs(30),
+        "the waiting group's status",
+        || async {
+            let waiting = groups.get("waiting").await.ok()?;
+            let find = |t: &str| waiting.conditions().into_iter().find(|c| c.type_ == t);
+            Some((find("Ready")?, find("Reconciling")?, waiting))
+        },
+    )
+    .await;
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "TopicNotFound")
+    );
+    assert_eq!(
+        (reconciling.status.as_str(), reconciling.reason.as_str()),
+        ("True", "TopicNotFound")
+    );
+    assert_eq!(reconciling.observed_generation, waiting.metadata.generation);
     assert!(env.topic_exists(&topic).await, "Kafka has the topic");
     // It leads through the chart's Lease permissions.
     let lease = env
@@ -418,13 +453,13 @@ async fn installed_chart_runs_the_operator_under_its_rbac_without_churn() {
     // GitOps: the same manifests applied again, several resyncs (2 s) later, nothing was
     // written: no resourceVersion moved (spec or status), the operator counted no write.
     let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &release.apps);
-    let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &release.apps);
     let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &release.apps);
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &release.apps);
     let versions = || async {
         (
             topics.get("orders").await.unwrap().resource_version(),
             groups.get("billing").await.unwrap().resource_version(),
+            groups.get("waiting").await.unwrap().resource_version(),
             deployments.get("billing").await.unwrap().resource_version(),
             secrets
                 .get("billing-kafka")
@@ -467,7 +502,7 @@ async fn installed_chart_runs_the_operator_under_its_rbac_without_churn() {
         kafka_writes(&operator),
     );
     for _ in 0..3 {
-        let out = apply_manifests(&env, &release.apps, &manifests(&topic));
+        let out = apply_manifests(&env, &release.apps, &all);
         assert!(out.contains("serverside-applied"), "{out}");
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
