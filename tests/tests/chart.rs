@@ -645,3 +645,83 @@ async fn removing_any_rule_of_the_charts_rbac_breaks_the_operator() {
     let done = wait_all_done(&env, &probe.apps, Duration::from_secs(90)).await;
     assert!(done.is_ok(), "{done:?}:\n{}", operator.output());
 }
+
+/// The ServiceMonitor and PrometheusRule validate against the Prometheus Operator's own
+/// CRDs (fetched from its Go module by `tools/install-prometheus-crds.sh`), and the
+/// dashboard is valid JSON; every metric the rules and dashboard use is in the chart
+/// README's table, the one place the names are kept.
+#[tokio::test]
+async fn monitoring_assets_pass_a_server_side_dry_run() {
+    let env = env().await;
+    let script = chart_dir().join("../../tools/install-prometheus-crds.sh");
+    let out = std::process::Command::new(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let crds = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    env.kubectl(&["apply", "--server-side", "-f", &crds], None)
+        .expect_ok("applying the Prometheus Operator CRDs");
+    env.kubectl(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "crd/prometheusrules.monitoring.coreos.com",
+        ],
+        None,
+    )
+    .expect_ok("waiting for the CRDs");
+
+    let ns = env.namespace("chart-monitoring").await;
+    let manifests = env
+        .helm(&[
+            "template",
+            &unique("mon"),
+            &chart(),
+            "-n",
+            &ns,
+            "--set",
+            "kafka.bootstrapServers=kafka:9092",
+            "--set",
+            EVERYTHING,
+        ])
+        .expect_ok("helm template");
+    let out = env
+        .kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&manifests))
+        .expect_ok("kubectl apply --dry-run=server");
+    for kind in [
+        "servicemonitor.monitoring.coreos.com",
+        "prometheusrule.monitoring.coreos.com",
+        "configmap",
+    ] {
+        assert!(out.contains(kind), "{kind} missing from:\n{out}");
+    }
+
+    let dashboard = std::fs::read_to_string(chart_dir().join("dashboards/eventops.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard JSON");
+    assert!(parsed["panels"].as_array().unwrap().len() >= 4);
+    let rules = std::fs::read_to_string(chart_dir().join("templates/prometheusrule.yaml")).unwrap();
+    let readme = std::fs::read_to_string(chart_dir().join("README.md")).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for text in [&dashboard, &rules] {
+        for (i, _) in text.match_indices("eventops_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            used.insert(name);
+        }
+    }
+    assert!(used.len() >= 6, "{used:?}");
+    for name in &used {
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "{name} is used by the rules or dashboard but not listed in charts/eventops/README.md"
+        );
+    }
+}
