@@ -195,7 +195,9 @@ fn install_args(verb: &str, name: &str, ns: &str, apps: &str, env: &TestEnv) -> 
             env.info.kafka_bootstrap, env.info.kafka_sasl_mechanism
         ),
         "--set",
-        &format!("watchNamespace={apps},resyncInterval=2s,logLevel=info"),
+        // No pods: the test runs the operator itself, from the Deployment's spec, so
+        // that nothing else (a kubelet stand-in) competes for the Lease.
+        &format!("watchNamespace={apps},resyncInterval=2s,logLevel=info,replicaCount=0"),
     ]
     .map(String::from)
     .to_vec()
@@ -383,7 +385,18 @@ async fn installed_chart_runs_the_operator_under_its_rbac_without_churn() {
     );
     assert!(c.resources.as_ref().unwrap().requests.is_some());
     assert!(c.liveness_probe.is_some() && c.readiness_probe.is_some());
-    assert_eq!(d.spec.replicas, Some(2));
+    assert_eq!(d.spec.replicas, Some(0), "as installed by the test");
+    let defaults = env
+        .helm(&[
+            "template",
+            "x",
+            &chart(),
+            "--set",
+            "kafka.bootstrapServers=k:9092",
+        ])
+        .expect_ok("helm template");
+    assert!(defaults.contains("replicas: 2"), "two replicas by default");
+    assert!(defaults.contains("kind: PodDisruptionBudget"));
 
     let mut operator = start_operator(&env, &release).await;
     let topic = unique("chart.order-placed");
@@ -460,7 +473,13 @@ spec:
             topics.get("orders").await.unwrap().resource_version(),
             groups.get("billing").await.unwrap().resource_version(),
             groups.get("waiting").await.unwrap().resource_version(),
-            deployments.get("billing").await.unwrap().resource_version(),
+            // The Deployment's generation: its status moves with the controllers.
+            deployments
+                .get("billing")
+                .await
+                .unwrap()
+                .metadata
+                .generation,
             secrets
                 .get("billing-kafka")
                 .await
