@@ -744,3 +744,92 @@ async fn monitoring_assets_pass_a_server_side_dry_run() {
         );
     }
 }
+
+/// All-namespaces mode: the same rules through a ClusterRole, asked of the API server's
+/// authorizer (`kubectl auth can-i --as` the ServiceAccount) in a namespace the release
+/// knows nothing about, and nothing beyond them.
+#[tokio::test]
+async fn cluster_wide_install_grants_the_rules_everywhere_and_nothing_else() {
+    let env = env().await;
+    let ns = env.namespace("chart-cluster").await;
+    let elsewhere = env.namespace("chart-elsewhere").await;
+    let release = unique("cw");
+    env.helm(&[
+        "install",
+        &release,
+        &chart(),
+        "-n",
+        &ns,
+        "--set",
+        "kafka.bootstrapServers=kafka:9092,replicaCount=0",
+    ])
+    .expect_ok("helm install");
+    let sa = format!("system:serviceaccount:{ns}:{release}-eventops");
+    // `resource/sub` asks for a subresource (kubectl reads `resource/name` otherwise).
+    let can = |verb: &str, resource: &str, namespace: &str| {
+        let mut args = vec!["auth", "can-i", verb, "-n", namespace, "--as", &sa];
+        let sub;
+        match resource.split_once('/') {
+            Some((r, s)) if s == "status" || s == "scale" => {
+                sub = format!("--subresource={s}");
+                args.extend([r, sub.as_str()]);
+            }
+            _ => args.push(resource),
+        }
+        let out = env.kubectl(&args, None);
+        match out.stdout.trim() {
+            "yes" => true,
+            "no" => false,
+            _ => panic!("kubectl {args:?}: {out:?}"),
+        }
+    };
+    let granted = [
+        ("watch", "eventtopics.eventops.dev"),
+        ("patch", "consumergroups.eventops.dev"),
+        ("patch", "consumergroups.eventops.dev/status"),
+        ("patch", "eventtopics.eventops.dev/status"),
+        ("create", "deployments.apps"),
+        ("update", "deployments.apps/scale"),
+        ("create", "secrets"),
+        ("create", "events.events.k8s.io"),
+    ];
+    let refused = [
+        ("list", "secrets"),
+        ("watch", "secrets"),
+        ("delete", "secrets"),
+        ("delete", "deployments.apps"),
+        ("update", "deployments.apps"),
+        ("delete", "eventtopics.eventops.dev"),
+        ("update", "consumergroups.eventops.dev/status"),
+        ("patch", "deployments.apps/status"),
+        ("get", "pods"),
+        ("create", "events"),
+        ("create", "leases.coordination.k8s.io"),
+    ];
+    let mut wrong = vec![];
+    for (verb, resource) in granted {
+        if !can(verb, resource, &elsewhere) {
+            wrong.push(format!("{verb} {resource} refused"));
+        }
+    }
+    for (verb, resource) in refused {
+        if can(verb, resource, &elsewhere) {
+            wrong.push(format!("{verb} {resource} granted"));
+        }
+    }
+    // The Lease only in the release namespace.
+    if !can("create", "leases.coordination.k8s.io", &ns) {
+        wrong.push("create leases refused in the release namespace".into());
+    }
+    if !can("patch", "leases.coordination.k8s.io/eventops-operator", &ns)
+        || can("patch", "leases.coordination.k8s.io/other", &ns)
+    {
+        wrong.push("patch leases not limited to eventops-operator".into());
+    }
+    if can("create", "namespaces", &ns) {
+        wrong.push("create namespaces granted".into());
+    }
+    env.helm(&["uninstall", &release, "-n", &ns])
+        .expect_ok("helm uninstall");
+    assert!(wrong.is_empty(), "{wrong:?}");
+}
