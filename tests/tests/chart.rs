@@ -525,6 +525,12 @@ spec:
         assert!(out.contains("serverside-applied"), "{out}");
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
+    eprintln!(
+        "3 re-applies over 9 s: {} reconciles, {} Kubernetes writes, {} Kafka writes",
+        reconciles(&operator).unwrap() - reconciles_before.unwrap(),
+        writes(&operator).unwrap() - writes_before.unwrap(),
+        kafka_writes(&operator) - kafka_before,
+    );
     assert!(
         reconciles(&operator).unwrap() >= reconciles_before.unwrap() + 4.0,
         "the window held several resyncs of both resources"
