@@ -46,10 +46,41 @@ impl Observed {
     }
 }
 
-/// `conditions` with `observed` set for `generation`. `lastTransitionTime` moves only
-/// when the status flips, so re-observing the same state yields an identical list and
-/// no status write.
+/// kstatus' abnormal-true condition: True, with `Ready`'s reason and message, while
+/// `Ready` is False (the operator keeps working towards the spec); absent once `Ready`.
+/// kstatus (Flux, `kubectl wait`-style tools) ignores `Ready` and reads a resource
+/// without `Reconciling` or `Stalled` as current, so a resource that is not Ready has to
+/// say so this way too.
+pub const RECONCILING: &str = "Reconciling";
+
+/// `conditions` with `observed` set for `generation`; setting `Ready` also sets or
+/// removes [`RECONCILING`]. `lastTransitionTime` moves only when the status flips, so
+/// re-observing the same state yields an identical list and no status write.
 pub fn set(
+    conditions: &[Condition],
+    observed: Observed,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let reconciling = (observed.type_ == READY).then(|| {
+        (!observed.status).then(|| {
+            Observed::new(
+                RECONCILING,
+                true,
+                observed.reason.clone(),
+                observed.message.clone(),
+            )
+        })
+    });
+    let out = set_one(conditions, observed, generation, now);
+    match reconciling {
+        Some(Some(r)) => set_one(&out, r, generation, now),
+        Some(None) => remove(&out, RECONCILING),
+        None => out,
+    }
+}
+
+fn set_one(
     conditions: &[Condition],
     observed: Observed,
     generation: Option<i64>,
@@ -136,6 +167,44 @@ mod tests {
             at(99),
         );
         assert_eq!(once, twice);
+    }
+
+    #[test]
+    fn reconciling_follows_ready_for_kstatus() {
+        let waiting = set(
+            &[],
+            Observed::ready(false, "TopicNotFound", "waiting"),
+            Some(1),
+            at(10),
+        );
+        let r = find(&waiting, RECONCILING).expect("Reconciling while not Ready");
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str(), r.message.as_str()),
+            ("True", "TopicNotFound", "waiting")
+        );
+        assert_eq!(r.observed_generation, Some(1));
+        let again = set(
+            &waiting,
+            Observed::ready(false, "TopicNotFound", "waiting"),
+            Some(1),
+            at(20),
+        );
+        assert_eq!(again, waiting, "no churn while the state stays");
+        let ready = set(
+            &waiting,
+            Observed::ready(true, "InSync", "ok"),
+            Some(1),
+            at(30),
+        );
+        assert_eq!(find(&ready, RECONCILING), None, "gone once Ready");
+        assert_eq!(ready.len(), 1);
+        let other = set(
+            &ready,
+            Observed::new("NamingPolicy", false, "R", "m"),
+            Some(1),
+            at(40),
+        );
+        assert_eq!(find(&other, RECONCILING), None, "only Ready drives it");
     }
 
     #[test]
