@@ -175,8 +175,8 @@ pub fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a [u8]> {
 
 /// Committed offsets of `group` per `(topic, partition)`, as Kafka's
 /// `ConsumerGroupCommand --describe` prints them (partitions without a commit are left
-/// out). Also returns whether the group has active members.
-pub async fn committed_offsets(env: &TestEnv, group: &str) -> (BTreeMap<(String, i32), i64>, bool) {
+/// out).
+pub async fn committed_offsets(env: &TestEnv, group: &str) -> BTreeMap<(String, i32), i64> {
     let out = env
         .kafka_tool(
             "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
@@ -185,19 +185,38 @@ pub async fn committed_offsets(env: &TestEnv, group: &str) -> (BTreeMap<(String,
         .await
         .expect("ConsumerGroupCommand --describe");
     let mut offsets = BTreeMap::new();
-    let mut members = true;
     for line in out.lines() {
-        if line.contains("has no active members") {
-            members = false;
-        }
         let cols: Vec<&str> = line.split_whitespace().collect();
-        if cols.len() >= 4 && cols[0] == group {
-            if let (Ok(p), Ok(o)) = (cols[2].parse::<i32>(), cols[3].parse::<i64>()) {
-                offsets.insert((cols[1].to_string(), p), o);
-            }
+        if cols.len() >= 4
+            && cols[0] == group
+            && let (Ok(p), Ok(o)) = (cols[2].parse::<i32>(), cols[3].parse::<i64>())
+        {
+            offsets.insert((cols[1].to_string(), p), o);
         }
     }
-    (offsets, members)
+    offsets
+}
+
+/// The state (`Stable`, `Empty`, ...) and member count of `group`, from
+/// `ConsumerGroupCommand --describe --state`.
+pub async fn group_state(env: &TestEnv, group: &str) -> (String, usize) {
+    let out = env
+        .kafka_tool(
+            "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+            &["--describe", "--group", group, "--state"],
+        )
+        .await
+        .expect("ConsumerGroupCommand --describe --state");
+    out.lines()
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            (cols.first() == Some(&group) && cols.len() >= 3).then(|| {
+                let n = cols[cols.len() - 1].parse().expect("#MEMBERS is a number");
+                (cols[cols.len() - 2].to_string(), n)
+            })
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no state line for {group} in:\n{out}"))
 }
 
 /// A PostgreSQL client on the test database.

@@ -252,7 +252,7 @@ async fn duplicate_deliveries_are_skipped_with_the_memory_store() {
     for id in ["a", "b", "c"] {
         assert_eq!(handler.attempts(id), 1, "{id} handled once");
     }
-    let (committed, _) = committed_offsets(&env, &group).await;
+    let committed = committed_offsets(&env, &group).await;
     assert_eq!(
         committed.get(&(topic.clone(), 0)),
         Some(&6),
@@ -305,7 +305,7 @@ async fn a_transient_failure_is_retried_then_succeeds() {
     );
     let m = running.metrics.clone();
     eventually(TIMEOUT, "offsets committed", || async {
-        let (c, _) = committed_offsets(&env, &group).await;
+        let c = committed_offsets(&env, &group).await;
         (c.get(&(topic.clone(), 0)) == Some(&2)).then_some(())
     })
     .await;
@@ -380,7 +380,7 @@ async fn a_permanent_failure_is_dead_lettered_without_retries_with_all_headers()
         b"corr-bad-order",
         "original headers are kept"
     );
-    let (committed, _) = committed_offsets(&env, &group).await;
+    let committed = committed_offsets(&env, &group).await;
     assert_eq!(
         committed.get(&(topic.clone(), 2)),
         Some(&(offset + 2)),
@@ -425,7 +425,7 @@ async fn poison_records_are_dead_lettered_without_blocking_the_partition() {
         msg(&dlt[0])
     );
     assert!(msg(&dlt[1]).contains("schemaVersion 9"), "{}", msg(&dlt[1]));
-    let (committed, _) = committed_offsets(&env, &group).await;
+    let committed = committed_offsets(&env, &group).await;
     assert_eq!(
         committed.get(&(topic.clone(), 0)),
         Some(&7),
@@ -490,7 +490,7 @@ async fn retry_topics_redeliver_after_their_delay() {
         ),
         Some(&b"2"[..])
     );
-    let (committed, _) = committed_offsets(&env, &group).await;
+    let committed = committed_offsets(&env, &group).await;
     assert_eq!(
         committed.get(&(topic.clone(), 0)),
         Some(&2),
@@ -560,41 +560,39 @@ async fn killed_mid_batch(mode: &str) {
     let table = sql_name("effects");
     let db = postgres(&env.info).await;
     create_effects_table(&db, &table).await;
-    let per_partition = 150;
+    let per_partition = 200;
     produce_load(&env, &topic, per_partition).await;
 
-    let mut first = worker_process(
-        &env,
-        &group,
-        &topic,
-        &table,
-        mode,
-        10,
-        eventops_tests::free_port(),
-    );
-    eventually(TIMEOUT, "the worker mid-way", || async {
-        let n: i64 = effects(&db, &table).await.values().sum();
-        (n >= 60).then_some(())
+    let port = eventops_tests::free_port();
+    let mut first = worker_process(&env, &group, &topic, &table, mode, 50, port);
+    // Mid-way: some offsets committed on both partitions, more records handled since.
+    eventually(TIMEOUT, "commits on both partitions", || async {
+        let c = committed_offsets(&env, &group).await;
+        (c.len() == 2 && c.values().all(|&o| o > 0)).then_some(())
     })
     .await;
     first.kill().unwrap(); // SIGKILL: no shutdown, no final commit
     first.wait().unwrap();
-    let (at_kill, _) = committed_offsets(&env, &group).await;
+    let at_kill = committed_offsets(&env, &group).await;
     let before = effects(&db, &table).await;
     assert!(
         before.len() < 2 * per_partition as usize,
         "killed before the end"
     );
+    let committed = |p: i32| at_kill.get(&(topic.clone(), p)).copied().unwrap_or(0);
+    // Handled before the kill but not committed: exactly these come again.
+    let uncommitted = before.keys().filter(|(p, o)| *o >= committed(*p)).count();
+    for p in 0..2 {
+        for o in 0..committed(p) {
+            assert!(
+                before.contains_key(&(p, o)),
+                "offset {p}/{o} committed but never handled"
+            );
+        }
+    }
 
-    let mut second = worker_process(
-        &env,
-        &group,
-        &topic,
-        &table,
-        mode,
-        0,
-        eventops_tests::free_port(),
-    );
+    let port = eventops_tests::free_port();
+    let mut second = worker_process(&env, &group, &topic, &table, mode, 0, port);
     eventually(
         TIMEOUT,
         "every record handled after the restart",
@@ -607,6 +605,9 @@ async fn killed_mid_batch(mode: &str) {
     // Let any late re-delivery show up before counting.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = effects(&db, &table).await;
+    let metrics = eventops_tests::http_get(port, "/metrics")
+        .expect("/metrics")
+        .1;
     second.kill().unwrap();
     second.wait().unwrap();
 
@@ -628,22 +629,32 @@ async fn killed_mid_batch(mode: &str) {
             duplicated.is_empty(),
             "exactly one effect with the inbox: {duplicated:?}"
         );
+        let skipped: u64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("eventops_worker_records_duplicate_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(
+            skipped, uncommitted as u64,
+            "re-delivered records recognised by the inbox"
+        );
     } else {
         for (partition, offset) in &duplicated {
-            let committed = at_kill
-                .get(&(topic.clone(), *partition))
-                .copied()
-                .unwrap_or(0);
             assert!(
-                *offset >= committed,
-                "record {partition}/{offset} re-delivered though committed up to {committed}"
+                *offset >= committed(*partition),
+                "record {partition}/{offset} re-delivered though committed up to {}",
+                committed(*partition)
             );
         }
+        assert_eq!(
+            duplicated.len(),
+            uncommitted,
+            "every handled, uncommitted record comes again, once"
+        );
     }
     eprintln!(
-        "{mode}: {} effects before the kill, committed {at_kill:?}, {} records re-delivered",
-        before.values().sum::<i64>(),
-        duplicated.len()
+        "{mode}: {} records handled before the kill, committed {at_kill:?}, {uncommitted} re-delivered",
+        before.len(),
     );
 }
 
@@ -704,8 +715,13 @@ async fn sigterm_during_load_loses_nothing_and_leaves_the_group() {
         .unwrap();
     assert!(status.success(), "graceful exit: {status}");
 
-    let (committed, members) = committed_offsets(&env, &group).await;
-    assert!(!members, "the worker left the group");
+    let (state, members) = group_state(&env, &group).await;
+    assert_eq!(
+        (state.as_str(), members),
+        ("Empty", 0),
+        "the worker left the group"
+    );
+    let committed = committed_offsets(&env, &group).await;
     let handled = effects(&db, &table).await;
     for partition in 0..2 {
         let c = committed
