@@ -72,7 +72,10 @@ impl PartitionState {
     }
 
     fn finished(&self, core: &Core, n: usize) {
-        let left = self.in_flight.fetch_sub(n, Ordering::Relaxed) - n;
+        let left = self
+            .in_flight
+            .fetch_sub(n, Ordering::Relaxed)
+            .saturating_sub(n);
         if left <= self.high_water / 2 && self.flow.lock().unwrap().paused {
             self.update_flow(core, |_| {});
         }

@@ -207,9 +207,9 @@ impl Core {
             return;
         };
         let record = Record::from_message(h.state.topic.clone(), m);
-        if h.records.send(record).is_ok() {
-            h.state.dispatched(self);
-        }
+        // Counted before it is sent: the task may finish it before `send` returns.
+        h.state.dispatched(self);
+        let _ = h.records.send(record);
     }
 }
 

@@ -389,6 +389,102 @@ async fn a_permanent_failure_is_dead_lettered_without_retries_with_all_headers()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_source_offset_stays_uncommitted_while_the_dead_letter_publish_fails() {
+    let env = env().await;
+    let topic = unique("rt");
+    let group = unique("rt-group");
+    // The dead-letter topic lacks the source's partition 2: publishing there fails.
+    create_topics(&env.info, &[(&topic, 3), (&format!("{topic}.DLT"), 1)]).await;
+    let p = producer(&env.info);
+    produce(
+        &p,
+        &topic,
+        2,
+        "bad",
+        &event("bad", 1, serde_json::json!({"permanent": true})),
+    )
+    .await;
+    produce(
+        &p,
+        &topic,
+        2,
+        "after-bad",
+        &event("after-bad", 1, serde_json::json!({})),
+    )
+    .await;
+    produce(
+        &p,
+        &topic,
+        0,
+        "elsewhere",
+        &event("elsewhere", 1, serde_json::json!({})),
+    )
+    .await;
+    let handler = Scripted::default();
+    let worker = Worker::builder(worker_config(&env.info, &group, &[route(&topic)]))
+        .health_server(false)
+        .kafka_property("topic.metadata.refresh.interval.ms", "1000")
+        .build(handler.clone())
+        .await
+        .unwrap();
+    let running = start(worker);
+    let m = running.metrics.clone();
+    eventually(TIMEOUT, "partition 0 handled", || async {
+        (handler.attempts("elsewhere") == 1).then_some(())
+    })
+    .await;
+    eventually(TIMEOUT, "partition 0 committed", || async {
+        let c = committed_offsets(&env, &group).await;
+        (c.get(&(topic.clone(), 0)) == Some(&1)).then_some(c)
+    })
+    .await;
+    let c = committed_offsets(&env, &group).await;
+    assert_eq!(
+        c.get(&(topic.clone(), 2)),
+        None,
+        "nothing committed on partition 2: {c:?}"
+    );
+    assert_eq!(handler.attempts("bad"), 1);
+    assert_eq!(
+        handler.attempts("after-bad"),
+        0,
+        "the partition waits for the dead-letter publish"
+    );
+    assert_eq!(m.dead_lettered(&topic), 0);
+
+    env.kafka_tool(
+        "org.apache.kafka.tools.TopicCommand",
+        &[
+            "--alter",
+            "--topic",
+            &format!("{topic}.DLT"),
+            "--partitions",
+            "3",
+        ],
+    )
+    .await
+    .unwrap();
+    let dlt = read_topic(&env.info, &format!("{topic}.DLT"), 1, TIMEOUT).await;
+    assert_eq!(dlt[0].partition(), 2);
+    eventually(
+        TIMEOUT,
+        "partition 2 committed past both records",
+        || async {
+            let c = committed_offsets(&env, &group).await;
+            (c.get(&(topic.clone(), 2)) == Some(&2)).then_some(())
+        },
+    )
+    .await;
+    running.stop().await;
+    assert_eq!(
+        handler.attempts("bad"),
+        1,
+        "dead-lettering is retried, the handler is not"
+    );
+    assert_eq!(handler.attempts("after-bad"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn poison_records_are_dead_lettered_without_blocking_the_partition() {
     let env = env().await;
     let (topic, group) = setup(&env, 1).await;
@@ -761,4 +857,102 @@ async fn sigterm_during_load_loses_nothing_and_leaves_the_group() {
         duplicated.is_empty(),
         "a graceful stop re-delivers nothing: {duplicated:?}"
     );
+}
+
+/// Records every handled `(partition, offset)`; shared by several workers.
+#[derive(Clone)]
+struct Recorder {
+    seen: Arc<Mutex<BTreeMap<(i32, i64), u32>>>,
+    mine: Arc<std::sync::atomic::AtomicUsize>,
+    delay: Duration,
+}
+
+impl Handler for Recorder {
+    async fn handle(&self, event: &Event<'_>, _ctx: &Context<'_>) -> Result<(), HandlerError> {
+        tokio::time::sleep(self.delay).await;
+        let r = event.record();
+        *self
+            .seen
+            .lock()
+            .unwrap()
+            .entry((r.partition(), r.offset()))
+            .or_default() += 1;
+        self.mine.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partitions_move_to_a_joining_worker_without_loss_or_redelivery() {
+    let env = env().await;
+    let (topic, group) = setup(&env, 4).await;
+    let p = producer(&env.info);
+    let per_partition = 100;
+    let mut sends = Vec::new();
+    for partition in 0..4 {
+        for i in 0..per_partition {
+            let (p, topic) = (p.clone(), topic.clone());
+            sends.push(async move {
+                let id = format!("m-{partition}-{i}");
+                produce(
+                    &p,
+                    &topic,
+                    partition,
+                    &id,
+                    &event(&id, 1, serde_json::json!({})),
+                )
+                .await
+            });
+        }
+    }
+    futures::future::join_all(sends).await;
+
+    let seen = Arc::new(Mutex::new(BTreeMap::new()));
+    let recorder = |delay| Recorder {
+        seen: seen.clone(),
+        mine: Default::default(),
+        delay,
+    };
+    let (a, b) = (
+        recorder(Duration::from_millis(100)),
+        recorder(Duration::from_millis(100)),
+    );
+    let build = |h: Recorder| {
+        Worker::builder(worker_config(&env.info, &group, &[route(&topic)]))
+            .health_server(false)
+            .idempotency(Idempotency::None)
+            .build(h)
+    };
+    let first = start(build(a.clone()).await.unwrap());
+    eventually(TIMEOUT, "the first worker under way", || async {
+        (a.mine.load(std::sync::atomic::Ordering::Relaxed) >= 40).then_some(())
+    })
+    .await;
+    let second = start(build(b.clone()).await.unwrap());
+    eventually(TIMEOUT, "every record handled", || async {
+        (seen.lock().unwrap().len() == 4 * per_partition as usize).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    first.stop().await;
+    second.stop().await;
+
+    let seen = seen.lock().unwrap().clone();
+    let b_count = b.mine.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        b_count > 0,
+        "the joining worker got partitions (cooperative rebalance)"
+    );
+    let again: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        again.is_empty(),
+        "revoked partitions were committed up to what was handled, so nothing came twice: {again:?}"
+    );
+    let committed = committed_offsets(&env, &group).await;
+    for partition in 0..4 {
+        assert_eq!(
+            committed.get(&(topic.clone(), partition)),
+            Some(&per_partition)
+        );
+    }
 }
