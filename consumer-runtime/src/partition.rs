@@ -63,9 +63,9 @@ impl PartitionState {
         }
     }
 
-    /// The poll loop handed over one record.
-    pub fn dispatched(&self, core: &Core) {
-        let n = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    /// The poll loop handed over `count` records.
+    pub fn dispatched(&self, core: &Core, count: usize) {
+        let n = self.in_flight.fetch_add(count, Ordering::Relaxed) + count;
         if n >= self.high_water {
             self.update_flow(core, |_| {});
         }
@@ -117,7 +117,7 @@ impl PartitionState {
 /// The poll loop's end of a partition task.
 pub(crate) struct PartitionHandle {
     pub state: Arc<PartitionState>,
-    pub records: mpsc::UnboundedSender<Record>,
+    pub records: mpsc::UnboundedSender<Vec<Record>>,
     pub stop: watch::Sender<bool>,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -219,20 +219,33 @@ pub(crate) fn spawn<P: Processor>(
     }
 }
 
-async fn run<P: Processor>(part: Part, processor: Arc<P>, mut rx: mpsc::UnboundedReceiver<Record>) {
+async fn run<P: Processor>(
+    part: Part,
+    processor: Arc<P>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Record>>,
+) {
     let limit = part.core.options.batch_size.max(1);
     let mut batch = Vec::with_capacity(limit);
     let mut stop = part.stop.clone();
+    let mut queue = std::collections::VecDeque::new();
+    let mut incoming = Vec::new();
     loop {
-        batch.clear();
-        let n = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => break,
-            n = rx.recv_many(&mut batch, limit) => n,
-        };
-        if n == 0 {
-            break;
+        if queue.is_empty() {
+            let n = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break,
+                n = rx.recv_many(&mut incoming, 64) => n,
+            };
+            if n == 0 {
+                break;
+            }
+            for records in incoming.drain(..) {
+                queue.extend(records);
+            }
         }
+        batch.clear();
+        let n = queue.len().min(limit);
+        batch.extend(queue.drain(..n));
         {
             let mut tracker = part.tracker.lock().unwrap();
             for r in &batch {

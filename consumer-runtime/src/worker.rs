@@ -25,10 +25,11 @@ use crate::contract::{self, ContractError, Idempotency, RetryRoute, WorkerConfig
 use crate::handler::{Handler, TransactionalHandler};
 use crate::idempotency::{InboxError, MemoryStore, PostgresInbox};
 use crate::metrics::{self, Metrics, PartitionLabels};
-use crate::partition::{self, PartitionHandle};
+use crate::partition::{self, PartitionHandle, PartitionState};
 use crate::processor::{Dedup, Plain, Processor, Transactional};
 use crate::record::Record;
 use crate::retry::RetryPolicy;
+use tokio::sync::mpsc::UnboundedSender;
 
 /// Why a worker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +102,14 @@ pub(crate) struct Core {
     plans: HashMap<String, Arc<TopicPlan>>,
     consumer: OnceLock<Weak<BaseConsumer<Ctx>>>,
     partitions: Mutex<HashMap<String, HashMap<i32, PartitionHandle>>>,
+    #[allow(clippy::type_complexity)]
+    pending: Mutex<
+        Vec<(
+            Arc<PartitionState>,
+            UnboundedSender<Vec<Record>>,
+            Vec<Record>,
+        )>,
+    >,
     #[allow(clippy::type_complexity)]
     spawn: Box<dyn Fn(&Arc<Core>, Arc<str>, i32) -> PartitionHandle + Send + Sync>,
     stopping: AtomicBool,
@@ -201,15 +210,32 @@ impl Core {
 
     /// Hands a polled record to its partition's task; drops it when the partition is no
     /// longer ours (it is re-delivered to the new owner from the committed offset).
+    ///
+    /// Records are gathered per partition and sent by [`flush`](Self::flush), once per
+    /// poll burst, so a task is woken once per burst rather than once per record.
     fn dispatch(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
         let map = self.partitions.lock().unwrap();
         let Some(h) = map.get(m.topic()).and_then(|t| t.get(&m.partition())) else {
             return;
         };
         let record = Record::from_message(h.state.topic.clone(), m);
-        // Counted before it is sent: the task may finish it before `send` returns.
-        h.state.dispatched(self);
-        let _ = h.records.send(record);
+        let mut pending = self.pending.lock().unwrap();
+        match pending.iter_mut().find(|p| Arc::ptr_eq(&p.0, &h.state)) {
+            Some(p) => p.2.push(record),
+            None => pending.push((h.state.clone(), h.records.clone(), vec![record])),
+        }
+    }
+
+    /// Sends the gathered records to their tasks. Called after each poll burst and
+    /// before any rebalance, so records always reach the task that owned their
+    /// partition when they were polled.
+    fn flush(&self) {
+        let mut pending = self.pending.lock().unwrap();
+        for (state, tx, records) in pending.drain(..) {
+            // Counted before sending: the task may finish them before `send` returns.
+            state.dispatched(self, records.len());
+            let _ = tx.send(records);
+        }
     }
 }
 
@@ -245,6 +271,9 @@ impl ClientContext for Ctx {
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Some(core) = self.core() {
+            core.flush();
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             let Some(core) = self.core() else { return };
             let parts: Vec<(String, i32)> = tpl
@@ -536,6 +565,7 @@ impl WorkerBuilder {
             plans,
             consumer: OnceLock::new(),
             partitions: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Vec::new()),
             spawn: Box::new(move |core, topic, partition| {
                 partition::spawn(core, processor.clone(), topic, partition)
             }),
@@ -677,13 +707,24 @@ async fn shutdown_signal() {
 /// fetching, releases every partition (finish, commit) and closes the consumer, which
 /// leaves the group.
 fn poll_loop(core: &Arc<Core>, consumer: &Arc<BaseConsumer<Ctx>>) {
+    const BURST: usize = 2048;
     while !core.stopping.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(100)) {
-            None => {}
+            None => continue,
             Some(Ok(m)) => core.dispatch(&m),
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
         }
+        // Drain what librdkafka already fetched, then hand it over in one go.
+        for _ in 0..BURST {
+            match consumer.poll(Duration::ZERO) {
+                None => break,
+                Some(Ok(m)) => core.dispatch(&m),
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+            }
+        }
+        core.flush();
     }
+    core.flush();
     if let Ok(assignment) = consumer.assignment() {
         let _ = consumer.pause(&assignment);
     }
