@@ -53,7 +53,8 @@ impl MemoryStore {
         }
     }
 
-    fn key(&self, id: &str) -> u128 {
+    /// The 128-bit key `id` is remembered by.
+    pub(crate) fn key(&self, id: &str) -> u128 {
         let mut a = self.keys.0.build_hasher();
         a.write(id.as_bytes());
         let mut b = self.keys.1.build_hasher();
@@ -63,14 +64,20 @@ impl MemoryStore {
 
     /// Whether `id` was recorded as processed.
     pub fn contains(&self, id: &str) -> bool {
-        let k = self.key(id);
+        self.contains_key(self.key(id))
+    }
+
+    pub(crate) fn contains_key(&self, k: u128) -> bool {
         self.inner.lock().unwrap().set.contains(&k)
     }
 
     /// Records `id` as processed, forgetting the oldest id when full. Returns `false` when
     /// it was already there.
     pub fn insert(&self, id: &str) -> bool {
-        let k = self.key(id);
+        self.insert_key(self.key(id))
+    }
+
+    pub(crate) fn insert_key(&self, k: u128) -> bool {
         let mut ring = self.inner.lock().unwrap();
         if !ring.set.insert(k) {
             return false;

@@ -75,10 +75,12 @@ impl<H: Handler> Plain<H> {
         event: &Event<'_>,
         attempt: u32,
     ) -> Result<Outcome, HandlerError> {
+        let mut memory_key = 0;
         match &self.dedup {
             Dedup::None => {}
             Dedup::Memory(store) => {
-                if store.contains(event.id()) {
+                memory_key = store.key(event.id());
+                if store.contains_key(memory_key) {
                     return Ok(Outcome::Duplicate);
                 }
             }
@@ -114,7 +116,7 @@ impl<H: Handler> Plain<H> {
         match &self.dedup {
             Dedup::None => {}
             Dedup::Memory(store) => {
-                store.insert(event.id());
+                store.insert_key(memory_key);
             }
             Dedup::Postgres(inbox) => {
                 let client = inbox.pool().get().await.map_err(HandlerError::transient)?;
