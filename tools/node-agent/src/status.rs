@@ -100,9 +100,8 @@ pub fn phase(restart_policy: &str, containers: &[ContainerView]) -> &'static str
     }
     if waiting > 0 || containers.is_empty() {
         "Pending"
-    } else if running > 0 {
-        "Running"
-    } else if restart_policy == "Always" {
+    } else if running > 0 || restart_policy == "Always" {
+        // Running, or stopped and about to be restarted.
         "Running"
     } else if stopped == succeeded {
         "Succeeded"
@@ -288,13 +287,13 @@ mod tests {
         let done = view("d", State::Terminated(exited(0)));
         let failed = view("e", State::Terminated(exited(2)));
 
-        assert_eq!(phase("Always", &[creating.clone()]), "Pending");
+        assert_eq!(phase("Always", std::slice::from_ref(&creating)), "Pending");
         assert_eq!(phase("Always", &[running.clone(), creating]), "Pending");
-        assert_eq!(phase("Always", &[running.clone()]), "Running");
+        assert_eq!(phase("Always", std::slice::from_ref(&running)), "Running");
         assert_eq!(phase("Always", &[crashing.clone()]), "Running");
         assert_eq!(phase("OnFailure", &[crashing]), "Running");
-        assert_eq!(phase("Never", &[done.clone()]), "Succeeded");
-        assert_eq!(phase("OnFailure", &[done.clone()]), "Succeeded");
+        assert_eq!(phase("Never", std::slice::from_ref(&done)), "Succeeded");
+        assert_eq!(phase("OnFailure", std::slice::from_ref(&done)), "Succeeded");
         assert_eq!(phase("Never", &[done.clone(), failed.clone()]), "Failed");
         assert_eq!(phase("Never", &[running, failed]), "Running");
         assert_eq!(phase("Always", &[]), "Pending");
