@@ -227,7 +227,6 @@ async fn a_crashing_container_is_restarted_with_back_off() {
         .and_then(|s| s.terminated.as_ref())
         .expect("the last run's end is reported");
     assert_eq!(last.exit_code, 3);
-    assert!(!cs.ready);
 
     // Its output went to the pod's log file.
     let log = env
@@ -383,4 +382,51 @@ async fn the_service_account_kubeconfig_has_exactly_its_rbac() {
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_failing_liveness_probe_restarts_the_process() {
+    let env = env().await;
+    let ns = env.namespace("node-agent-liveness").await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
+    // Nothing listens on the probed port: every liveness probe fails.
+    let port = eventops_tests::free_port();
+    pods.create(
+        &PostParams::default(),
+        &object(json!({
+            "metadata": {"name": "unhealthy"},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{
+                    "name": "sleeper",
+                    "image": "unused",
+                    "command": ["sh", "-c", "echo started; exec sleep 1000"],
+                    "livenessProbe": {
+                        "tcpSocket": {"port": port},
+                        "periodSeconds": 1,
+                        "failureThreshold": 2,
+                    },
+                }],
+            },
+        })),
+    )
+    .await
+    .unwrap();
+    let pod = eventually(Duration::from_secs(60), "restartCount >= 2", || async {
+        let pod = pods.get("unhealthy").await.ok()?;
+        let cs = pod.status.as_ref()?.container_statuses.as_ref()?[0].clone();
+        (cs.restart_count >= 2).then_some(pod)
+    })
+    .await;
+    let cs = &pod.status.unwrap().container_statuses.unwrap()[0];
+    let last = cs
+        .last_state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .expect("the killed run is reported");
+    // Killed by SIGTERM (15): 128 + 15.
+    assert_eq!(last.exit_code, 143, "{last:?}");
+    pods.delete("unhealthy", &DeleteParams::default())
+        .await
+        .unwrap();
 }
