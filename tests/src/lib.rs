@@ -5,6 +5,7 @@
 
 pub mod chart;
 pub mod runtime;
+pub mod pods;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

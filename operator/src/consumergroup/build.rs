@@ -9,7 +9,8 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, Secret, SecretKeySelector,
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodSpec,
+    PodTemplateSpec, Probe, Secret, SecretKeySelector,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -336,6 +337,23 @@ pub fn deployment(
             contract::HEALTH_PORT,
             contract::DEFAULT_HEALTH_PORT.to_string(),
         ),
+        // Each pod's own address (the node agent gives every local pod its own loopback
+        // IP), defined before the variable that expands it.
+        EnvVar {
+            name: contract::POD_IP.into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    api_version: Some("v1".into()),
+                    field_path: "status.podIP".into(),
+                }),
+                ..Default::default()
+            }),
+        },
+        plain(
+            contract::HEALTH_ADDR,
+            format!("$({}):{}", contract::POD_IP, contract::DEFAULT_HEALTH_PORT),
+        ),
     ];
     env.extend(t.env.iter().cloned());
     let selector = BTreeMap::from([(GROUP_LABEL.to_string(), cg.name_any())]);
@@ -373,16 +391,48 @@ pub fn deployment(
                         args: (!t.args.is_empty()).then(|| t.args.clone()),
                         env: Some(env),
                         resources: t.resources.clone(),
+                        ports: Some(vec![ContainerPort {
+                            name: Some(HEALTH_PORT_NAME.into()),
+                            container_port: contract::DEFAULT_HEALTH_PORT.into(),
+                            protocol: Some("TCP".into()),
+                            ..Default::default()
+                        }]),
+                        readiness_probe: Some(health_probe("/readyz")),
+                        liveness_probe: Some(health_probe("/healthz")),
                         ..Default::default()
                     }],
                     // Time to finish in-flight records and commit after SIGTERM.
-                    termination_grace_period_seconds: Some(60),
+                    termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECONDS),
                     ..Default::default()
                 }),
             },
             ..Default::default()
         },
         status: None,
+    }
+}
+
+/// Name of the worker container's health and metrics port.
+pub const HEALTH_PORT_NAME: &str = "health";
+/// Seconds a worker has after SIGTERM to finish in-flight records and commit.
+pub const TERMINATION_GRACE_PERIOD_SECONDS: i64 = 30;
+
+/// An HTTP probe of the health port. Every field the API server would default is set
+/// here, so the stored Deployment compares equal to the built one and a resync that
+/// finds nothing changed writes nothing.
+pub fn health_probe(path: &str) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(HEALTH_PORT_NAME.into()),
+            scheme: Some("HTTP".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(10),
+        timeout_seconds: Some(1),
+        success_threshold: Some(1),
+        failure_threshold: Some(3),
+        ..Default::default()
     }
 }
 
@@ -554,6 +604,30 @@ mod tests {
         };
         let config = contract::WorkerConfig::from_lookup(lookup).unwrap();
         assert_eq!(config.topics, routes);
+
+        // The health server binds the pod's own IP, defined before it is expanded.
+        let position = |n: &str| env.iter().position(|e| e.name == n).unwrap();
+        assert!(position(contract::POD_IP) < position(contract::HEALTH_ADDR));
+        let pod_ip = get(contract::POD_IP).value_from.unwrap().field_ref.unwrap();
+        assert_eq!(pod_ip.field_path, "status.podIP");
+        assert_eq!(
+            get(contract::HEALTH_ADDR).value.as_deref(),
+            Some("$(EVENTOPS_POD_IP):8080")
+        );
+        let container = &pod.containers[0];
+        let port = &container.ports.as_ref().unwrap()[0];
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some("health"), 8080)
+        );
+        let probe_path = |p: &Option<Probe>| {
+            let http = p.as_ref().unwrap().http_get.clone().unwrap();
+            assert_eq!(http.port, IntOrString::String("health".into()));
+            http.path.unwrap()
+        };
+        assert_eq!(probe_path(&container.readiness_probe), "/readyz");
+        assert_eq!(probe_path(&container.liveness_probe), "/healthz");
+        assert_eq!(pod.termination_grace_period_seconds, Some(30));
         assert_eq!(
             config.kafka["sasl.username"],
             format!("from-secret:{}", contract::KAFKA_USERNAME)

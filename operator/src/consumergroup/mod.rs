@@ -355,6 +355,12 @@ fn deployment_matches(current: Option<&Deployment>, desired: &Deployment) -> boo
             // The API server returns `resources: {}` for none.
             c.resources.clone().unwrap_or_default(),
             pod.termination_grace_period_seconds,
+            // The builder sets every field the API server defaults in these.
+            (
+                c.ports.clone(),
+                c.readiness_probe.clone(),
+                c.liveness_probe.clone(),
+            ),
         ))
     };
     // Only the annotation EventOps sets: `kubectl rollout restart` adds its own.

@@ -71,6 +71,8 @@ pub struct Environment {
 
 const KAFKA_ADMIN_USER: &str = "admin";
 const ADMIN_TOKEN_USER: &str = "eventops-admin";
+/// The Node the node agent registers.
+pub const NODE_NAME: &str = "eventops-local";
 
 impl Environment {
     /// Starts etcd, kube-apiserver, kube-controller-manager, Kafka and PostgreSQL with
@@ -102,6 +104,7 @@ impl Environment {
                 postgres_url: String::new(),
                 kubectl: components.k8s_bin.join("kubectl"),
                 helm: components.helm.clone(),
+                node_name: NODE_NAME.into(),
             },
             procs: Vec::new(),
             keep_state,
@@ -280,6 +283,54 @@ impl Environment {
         })?;
         self.procs.push(cm);
         eprintln!("[devenv] kube-controller-manager running");
+        self.start_node_agent()
+    }
+
+    /// The EventOps node agent (development stand-in for a kubelet, built from this
+    /// workspace next to this executable): pods get bound to its node and run as local
+    /// processes. Started last, so it is stopped first.
+    fn start_node_agent(&mut self) -> anyhow::Result<()> {
+        let exe = std::env::current_exe()?;
+        let bin_dir = exe
+            .parent()
+            .context("devenv's executable has no directory")?;
+        let agent_bin = bin_dir.join("eventops-node-agent");
+        if !agent_bin.exists() {
+            bail!(
+                "{} is not built: run `cargo build -p eventops-node-agent` (tools/test and \
+                 tools/sandbox build it)",
+                agent_bin.display()
+            );
+        }
+        let mut agent = Command::new(&agent_bin);
+        agent
+            .arg("--kubeconfig")
+            .arg(&self.info.kubeconfig)
+            .arg("--state-dir")
+            .arg(&self.info.state_dir)
+            .arg("--bin-dir")
+            .arg(bin_dir)
+            .args(["--node-name", NODE_NAME])
+            // Shorter than the kubelet's 10s..5m, so crash loops show quickly in tests.
+            .args([
+                "--restart-backoff-initial",
+                "1s",
+                "--restart-backoff-max",
+                "20s",
+            ]);
+        let mut agent = Proc::spawn("node-agent", agent, &self.logs(), libc::SIGTERM)?;
+        let (kubectl, kubeconfig) = (self.info.kubectl.clone(), self.info.kubeconfig.clone());
+        agent.wait_ready(Duration::from_secs(60), || {
+            Command::new(&kubectl)
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["get", "node", NODE_NAME, "-o"])
+                .arg("jsonpath={.status.conditions[?(@.type==\"Ready\")].status}")
+                .output()
+                .is_ok_and(|o| o.stdout == b"True")
+        })?;
+        self.procs.push(agent);
+        eprintln!("[devenv] node agent running: node {NODE_NAME} is Ready");
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 //! Starts the real components EventOps runs against (etcd, kube-apiserver,
 //! kube-controller-manager, an Apache Kafka broker in KRaft mode with SASL/SCRAM and the
 //! StandardAuthorizer, PostgreSQL) as plain local processes on free ports of 127.0.0.1,
+//! plus the EventOps node agent, a stand-in for a kubelet that runs pods as local processes,
 //! and describes the running environment in an [`EnvInfo`] file that tests, the sandbox
 //! and humans read.
 
@@ -45,6 +46,10 @@ pub struct EnvInfo {
     pub kubectl: PathBuf,
     /// The helm binary built with the environment.
     pub helm: PathBuf,
+    /// The Node the EventOps node agent registers and runs pods on (as local processes;
+    /// development and test tooling, see `tools/node-agent`).
+    #[serde(default)]
+    pub node_name: String,
 }
 
 impl EnvInfo {

@@ -17,7 +17,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what is missing, start etcd, kube-apiserver, kube-controller-manager,
-    /// Kafka and PostgreSQL, write DIR/env.json and DIR/env.sh, and run until SIGINT or
+    /// the EventOps node agent (built next to this executable), Kafka and PostgreSQL,
+    /// write DIR/env.json and DIR/env.sh, and run until SIGINT or
     /// SIGTERM.
     Up {
         /// Directory for data, logs and credentials (default: a new one under /tmp).
