@@ -397,6 +397,7 @@ mod tests {
             ConsumerGroupSpec {
                 group_id: None,
                 topics: vec!["orders".into()],
+                produces: vec![],
                 template: WorkerTemplate {
                     image: "inventory:1".into(),
                     ..Default::default()

@@ -385,14 +385,22 @@ async fn write_status(
     replicas: Option<i32>,
 ) -> Result<(), Error> {
     let old = cg.status.clone().unwrap_or_default();
+    // The autoscaler writes its own fields (lag, desired replicas, `LagStuck`) under its
+    // own field manager; this writer owns, compares and applies only the rest.
+    let old = ConsumerGroupStatus {
+        observed_generation: old.observed_generation,
+        conditions: conditions::remove(&old.conditions, crate::autoscaler::STUCK),
+        group_id: old.group_id,
+        replicas: old.replicas,
+        ..Default::default()
+    };
     let generation = cg.metadata.generation;
     let new = ConsumerGroupStatus {
         observed_generation: generation,
         conditions: conditions::set(&old.conditions, ready.clone(), generation, Timestamp::now()),
         group_id: Some(cg.kafka_group_id().to_string()),
         replicas: replicas.or(old.replicas),
-        desired_replicas: old.desired_replicas,
-        total_lag: old.total_lag,
+        ..Default::default()
     };
     if new == old {
         return Ok(());
