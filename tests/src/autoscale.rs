@@ -54,7 +54,9 @@ pub fn produce_in_transaction(info: &EnvInfo, topic: &str, partition: i32, n: us
         .create()
         .expect("creating a transactional producer");
     let timeout = Duration::from_secs(30);
-    producer.init_transactions(timeout).expect("init transactions");
+    producer
+        .init_transactions(timeout)
+        .expect("init transactions");
     producer.begin_transaction().expect("begin transaction");
     for i in 0..n {
         let payload = format!("transactional {i}");

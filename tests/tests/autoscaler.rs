@@ -123,7 +123,11 @@ impl Setup {
     }
 
     async fn commit(&self, partition: i32, offset: i64) {
-        let (info, topic, group) = (self.env.info.clone(), self.topic.clone(), self.group_id().await);
+        let (info, topic, group) = (
+            self.env.info.clone(),
+            self.topic.clone(),
+            self.group_id().await,
+        );
         tokio::task::spawn_blocking(move || commit(&info, &group, &topic, partition, offset))
             .await
             .unwrap();
@@ -155,7 +159,10 @@ async fn replicas_follow_lag_up_to_the_partitions_and_down_after_the_window() {
     assert_eq!(status.total_lag, Some(25));
     assert_eq!(status.partition_lag.len(), 1);
     assert_eq!(
-        (status.partition_lag[0].partition, status.partition_lag[0].lag),
+        (
+            status.partition_lag[0].partition,
+            status.partition_lag[0].lag
+        ),
         (0, 25)
     );
     let last = status.last_scale.expect("lastScale");
@@ -228,7 +235,8 @@ async fn activation_lag_keeps_a_group_at_zero() {
     let d = s.deployments.get("workers").await.unwrap();
     assert_eq!(d.spec.replicas, Some(0), "lag 20 is at the activation lag");
     s.produce(1, 1).await;
-    s.wait_replicas(3, "lag 21 is above the activation lag").await;
+    s.wait_replicas(3, "lag 21 is above the activation lag")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -286,7 +294,8 @@ async fn a_stuck_partition_is_reported_and_stops_driving_replicas() {
     )
     .await;
     s.produce(0, 10).await;
-    s.wait_replicas(2, "lag 10 at 1 per replica, 2 partitions").await;
+    s.wait_replicas(2, "lag 10 at 1 per replica, 2 partitions")
+        .await;
     // The worker on partition 0 gets through one record and stops there.
     s.commit(0, 1).await;
     let condition = s
@@ -299,7 +308,9 @@ async fn a_stuck_partition_is_reported_and_stops_driving_replicas() {
         .await;
     assert_eq!(condition.reason, "PartitionsStuck");
     assert!(
-        condition.message.contains(&format!("{}/0 (lag 9)", s.topic)),
+        condition
+            .message
+            .contains(&format!("{}/0 (lag 9)", s.topic)),
         "{}",
         condition.message
     );

@@ -113,7 +113,10 @@ pub fn decide(
     history.progress.retain(|p, _| partitions.contains_key(p));
     let mut stuck = BTreeSet::new();
     for (p, m) in partitions {
-        let entry = history.progress.entry(p.clone()).or_insert((m.committed, now));
+        let entry = history
+            .progress
+            .entry(p.clone())
+            .or_insert((m.committed, now));
         if entry.0 != m.committed || m.lag == 0 || current == 0 {
             *entry = (m.committed, now);
         } else if now.duration_since(entry.1) >= policy.stuck_after {
@@ -135,7 +138,10 @@ pub fn decide(
     )];
     let mut want = if current == 0 && driving <= policy.activation_lag {
         if driving > 0 {
-            notes.push(format!("at or below activationLag {}", policy.activation_lag));
+            notes.push(format!(
+                "at or below activationLag {}",
+                policy.activation_lag
+            ));
         }
         0
     } else {
@@ -326,7 +332,13 @@ mod tests {
         let d = decide(&p, &mut h, &lags(&[400, 0, 0, 0]), 3, later);
         assert_eq!(d.replicas, 3, "{}", d.reason);
         assert!(d.reason.contains("scale-up held"), "{}", d.reason);
-        let d = decide(&p, &mut h, &lags(&[400, 0, 0, 0]), 3, t0 + Duration::from_secs(5));
+        let d = decide(
+            &p,
+            &mut h,
+            &lags(&[400, 0, 0, 0]),
+            3,
+            t0 + Duration::from_secs(5),
+        );
         assert_eq!(d.replicas, 4);
     }
 

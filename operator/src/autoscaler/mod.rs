@@ -180,7 +180,10 @@ impl Cycle<'_> {
     ) -> anyhow::Result<()> {
         let targets = self.targets(states);
         // Forget groups that went away, and their metrics.
-        let live: std::collections::HashSet<_> = targets.iter().map(|t| ObjectRef::from_obj(&*t.cg)).collect();
+        let live: std::collections::HashSet<_> = targets
+            .iter()
+            .map(|t| ObjectRef::from_obj(&*t.cg))
+            .collect();
         states.retain(|key, state| {
             let keep = live.contains(key);
             if !keep {
@@ -214,7 +217,11 @@ impl Cycle<'_> {
                 OffsetSpec::Earliest,
                 IsolationLevel::ReadUncommitted
             ),
-            native.list_offsets(&partitions, OffsetSpec::Latest, IsolationLevel::ReadCommitted),
+            native.list_offsets(
+                &partitions,
+                OffsetSpec::Latest,
+                IsolationLevel::ReadCommitted
+            ),
         )?;
 
         let mut seen_probes = BTreeSet::new();
@@ -324,7 +331,11 @@ impl Cycle<'_> {
                     partition_labels: BTreeSet::new(),
                 });
                 let replicas = match state.applied {
-                    Some((n, at)) if n != observed && now.duration_since(at) < Duration::from_secs(10) => n,
+                    Some((n, at))
+                        if n != observed && now.duration_since(at) < Duration::from_secs(10) =>
+                    {
+                        n
+                    }
                     _ => observed,
                 };
                 Some(Target {
@@ -445,7 +456,11 @@ impl Cycle<'_> {
         let observed = Observed::new(
             STUCK,
             stuck,
-            if stuck { "PartitionsStuck" } else { "Progressing" },
+            if stuck {
+                "PartitionsStuck"
+            } else {
+                "Progressing"
+            },
             message,
         );
         let old_stuck: Vec<_> = conditions::find(&old.conditions, STUCK)
@@ -461,7 +476,7 @@ impl Cycle<'_> {
                 lag: m.lag,
             })
             .collect();
-        partition_lag.sort_by(|a, b| b.lag.cmp(&a.lag));
+        partition_lag.sort_by_key(|p| std::cmp::Reverse(p.lag));
         partition_lag.truncate(STATUS_PARTITIONS);
         let new = ConsumerGroupStatus {
             conditions: conditions::set(
@@ -490,7 +505,13 @@ impl Cycle<'_> {
         }
         if stuck && conditions::find(&old_stuck, STUCK).is_none_or(|c| c.status != "True") {
             self.ctx
-                .event(cg, EventType::Warning, "LagStuck", "Scale", observed.message.clone())
+                .event(
+                    cg,
+                    EventType::Warning,
+                    "LagStuck",
+                    "Scale",
+                    observed.message.clone(),
+                )
                 .await;
         }
         let ns = cg.namespace().unwrap_or_default();

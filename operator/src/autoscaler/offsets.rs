@@ -233,12 +233,13 @@ fn read_loop(consumer: &BaseConsumer<StatsContext>, shared: &Mutex<Shared>, stop
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                if at_end.insert(p) && at_end.len() == partitions {
-                    shared.lock().expect("offsets lock").caught_up = true;
-                    tracing::info!("read every committed offset in {OFFSETS_TOPIC}");
-                }
+            Some(Err(KafkaError::PartitionEOF(p)))
+                if at_end.insert(p) && at_end.len() == partitions =>
+            {
+                shared.lock().expect("offsets lock").caught_up = true;
+                tracing::info!("read every committed offset in {OFFSETS_TOPIC}");
             }
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(error)) => tracing::warn!(%error, "reading {OFFSETS_TOPIC}"),
             Some(Ok(m)) => {
                 let Some(key) = m.key() else { continue };

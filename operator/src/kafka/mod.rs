@@ -242,8 +242,11 @@ impl KafkaAdmin {
             .iter()
             .filter(|t| t.error().is_none())
             .map(|t| {
-                let mut partitions: Vec<_> =
-                    t.partitions().iter().map(|p| (p.id(), p.leader())).collect();
+                let mut partitions: Vec<_> = t
+                    .partitions()
+                    .iter()
+                    .map(|p| (p.id(), p.leader()))
+                    .collect();
                 partitions.sort();
                 (
                     t.name().to_string(),

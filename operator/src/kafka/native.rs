@@ -701,8 +701,7 @@ impl NativeAdmin {
                 let mut offsets = BTreeMap::new();
                 for info in infos {
                     let tp = &*rd_kafka_ListOffsetsResultInfo_topic_partition(*info);
-                    if tp.err == rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && tp.offset >= 0
-                    {
+                    if tp.err == rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && tp.offset >= 0 {
                         offsets.insert((read_string(tp.topic), tp.partition), tp.offset);
                     }
                 }
