@@ -88,7 +88,7 @@ pub fn resolve_topics<'a>(
 }
 
 /// Whether an EventTopic has been reconciled and is the owner of its Kafka topics.
-fn owns_its_topic(et: &EventTopic) -> bool {
+pub fn owns_its_topic(et: &EventTopic) -> bool {
     let Some(status) = &et.status else {
         return false;
     };
