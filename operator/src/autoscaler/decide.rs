@@ -83,6 +83,13 @@ pub struct History {
 }
 
 impl History {
+    /// Somebody else set the replicas to `current` at `now` (`kubectl scale`, a
+    /// rollback): that counts as a fresh recommendation, so a scale-down waits a full
+    /// window instead of undoing it at once.
+    pub fn external_change(&mut self, current: i32, now: Instant) {
+        self.recommendations = VecDeque::from([(now, current)]);
+    }
+
     /// Remembers that replicas were raised at `at`.
     pub fn scaled_up(&mut self, at: Instant) {
         self.last_scale_up = Some(at);
@@ -383,6 +390,19 @@ mod tests {
         let d = decide(&p, &mut h, &moved, 1, later + Duration::from_secs(62));
         assert!(d.stuck.is_empty());
         assert_eq!(d.replicas, 4);
+    }
+
+    #[test]
+    fn a_replica_count_set_by_hand_holds_for_the_window() {
+        let p = policy();
+        let t0 = Instant::now();
+        let mut h = history_for(1, t0);
+        let idle = lags(&[0, 0, 0, 0]);
+        let at = |s| t0 + Duration::from_secs(s);
+        assert_eq!(decide(&p, &mut h, &idle, 1, at(100)).replicas, 0);
+        h.external_change(3, at(101));
+        assert_eq!(decide(&p, &mut h, &idle, 3, at(102)).replicas, 3);
+        assert_eq!(decide(&p, &mut h, &idle, 3, at(162)).replicas, 0);
     }
 
     #[test]

@@ -74,6 +74,8 @@ struct GroupState {
     /// Replicas this loop last set, and when: trusted over a Deployment watch that has
     /// not caught up yet.
     applied: Option<(i32, Instant)>,
+    /// The Deployment's replicas as last seen, to notice changes made by others.
+    seen: i32,
     partition_labels: BTreeSet<PartitionLabels>,
 }
 
@@ -328,8 +330,14 @@ impl Cycle<'_> {
                     last: BTreeMap::new(),
                     written: None,
                     applied: None,
+                    seen: observed,
                     partition_labels: BTreeSet::new(),
                 });
+                let ours = state.applied.is_some_and(|(n, _)| n == observed);
+                if observed != state.seen && !ours {
+                    state.history.external_change(observed, now);
+                }
+                state.seen = observed;
                 let replicas = match state.applied {
                     Some((n, at))
                         if n != observed && now.duration_since(at) < Duration::from_secs(10) =>
