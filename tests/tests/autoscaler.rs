@@ -328,3 +328,111 @@ async fn a_stuck_partition_is_reported_and_stops_driving_replicas() {
     })
     .await;
 }
+
+/// `topic:partition:offset` lines of Kafka's GetOffsetShell, as a map.
+fn parse_offsets(out: &str) -> std::collections::BTreeMap<(String, i32), i64> {
+    out.lines()
+        .filter_map(|l| {
+            let mut parts = l.rsplitn(3, ':');
+            let offset = parts.next()?.parse().ok()?;
+            let partition = parts.next()?.parse().ok()?;
+            Some(((parts.next()?.to_string(), partition), offset))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_offsets_agrees_with_kafkas_get_offset_shell() {
+    use eventops_operator::kafka::native::{IsolationLevel, OffsetSpec};
+    use eventops_operator::kafka::{KafkaAdmin, NewTopicSpec};
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+
+    let env = env().await;
+    let mut config = eventops_operator::config::RunConfig::new(&env.info.kafka_bootstrap);
+    config.kafka_username = Some(env.info.kafka_admin_user.clone());
+    config.kafka_password = Some(env.info.kafka_admin_password.clone());
+    config.kafka_sasl_mechanism = env.info.kafka_sasl_mechanism.clone();
+    let admin = KafkaAdmin::new(&config.kafka_settings().unwrap(), Default::default()).unwrap();
+    let topic = unique("offsets.record.listed");
+    admin
+        .create_topic(&NewTopicSpec {
+            name: topic.clone(),
+            partitions: 2,
+            replication_factor: None,
+            configs: Default::default(),
+        })
+        .await
+        .unwrap();
+    let info = env.info.clone();
+    let t = topic.clone();
+    tokio::task::spawn_blocking(move || {
+        produce(&info, &t, 0, 10);
+        produce(&info, &t, 1, 4);
+    })
+    .await
+    .unwrap();
+    delete_records_before(&env, &topic, 0, 3).await;
+    // An open transaction on partition 1: two records a read_committed consumer cannot
+    // read yet.
+    let open: ThreadedProducer<_> = env
+        .info
+        .kafka_admin_config()
+        .set("transactional.id", unique("open-txn"))
+        .create()
+        .unwrap();
+    let timeout = Duration::from_secs(30);
+    open.init_transactions(timeout).unwrap();
+    open.begin_transaction().unwrap();
+    for _ in 0..2 {
+        open.send(BaseRecord::<(), _>::to(&topic).partition(1).payload("open"))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    open.flush(timeout).unwrap();
+
+    let native = admin.native();
+    let partitions = [(topic.clone(), 0), (topic.clone(), 1)];
+    let key = |p: i32| (topic.clone(), p);
+    let list = |spec, isolation| native.list_offsets(&partitions, spec, isolation);
+    let earliest = list(OffsetSpec::Earliest, IsolationLevel::ReadUncommitted)
+        .await
+        .unwrap();
+    let latest = list(OffsetSpec::Latest, IsolationLevel::ReadUncommitted)
+        .await
+        .unwrap();
+    let stable = list(OffsetSpec::Latest, IsolationLevel::ReadCommitted)
+        .await
+        .unwrap();
+    assert_eq!((earliest[&key(0)], earliest[&key(1)]), (3, 0));
+    assert_eq!((latest[&key(0)], latest[&key(1)]), (10, 6));
+    assert_eq!(
+        (stable[&key(0)], stable[&key(1)]),
+        (10, 4),
+        "the last stable offset stops before the open transaction"
+    );
+    // The oracle, which shares no code with EventOps.
+    for (time, ours) in [("-2", &earliest), ("-1", &latest)] {
+        let out = env
+            .kafka_tool(
+                "org.apache.kafka.tools.GetOffsetShell",
+                &["--topic", &topic, "--time", time],
+            )
+            .await
+            .unwrap();
+        assert_eq!(&parse_offsets(&out), ours, "--time {time}: {out}");
+    }
+    open.abort_transaction(timeout).unwrap();
+
+    // A partition Kafka does not have is left out, not reported as offset 0.
+    let missing = native
+        .list_offsets(
+            &[(topic.clone(), 0), (unique("no.such.topic"), 0)],
+            OffsetSpec::Latest,
+            IsolationLevel::ReadCommitted,
+        )
+        .await;
+    match missing {
+        Ok(offsets) => assert_eq!(offsets.len(), 1, "{offsets:?}"),
+        Err(e) => panic!("one unknown partition failed the whole request: {e}"),
+    }
+}
