@@ -10,6 +10,12 @@ use rdkafka::{Offset, TopicPartitionList};
 
 /// Produces `n` small records to `topic`/`partition` and waits until Kafka has them.
 pub fn produce(info: &EnvInfo, topic: &str, partition: i32, n: usize) {
+    produce_spread(info, topic, &[partition], n);
+}
+
+/// Produces `n` small records round-robin over `partitions` of `topic` from one
+/// producer, as one burst, and waits until Kafka has them all.
+pub fn produce_spread(info: &EnvInfo, topic: &str, partitions: &[i32], n: usize) {
     let producer: ThreadedProducer<DefaultProducerContext> = info
         .kafka_admin_config()
         .set("linger.ms", "5")
@@ -18,7 +24,7 @@ pub fn produce(info: &EnvInfo, topic: &str, partition: i32, n: usize) {
     for i in 0..n {
         let payload = format!("record {i}");
         let mut record = BaseRecord::<(), _>::to(topic)
-            .partition(partition)
+            .partition(partitions[i % partitions.len()])
             .payload(&payload);
         loop {
             match producer.send(record) {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use eventops_crds::{ConsumerGroup, EventTopic};
-use eventops_tests::autoscale::produce;
+use eventops_tests::autoscale::produce_spread;
 use eventops_tests::{TestEnv, env, free_port, http_get, unique};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -96,12 +96,8 @@ async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32) -> anyhow::Result<()>
         .await?;
         let info = env.info.clone();
         let t2 = topic.clone();
-        tokio::task::spawn_blocking(move || {
-            for p in 0..4 {
-                produce(&info, &t2, p, 625);
-            }
-        })
-        .await?;
+        tokio::task::spawn_blocking(move || produce_spread(&info, &t2, &[0, 1, 2, 3], 2500))
+            .await?;
         let burst_end = Instant::now();
         wait_for(Duration::from_secs(60), "replicas to change", || async {
             let d = deployments.get(&g).await.ok()?;
@@ -180,8 +176,9 @@ async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32) -> anyhow::Result<()>
             },
         )
         .await?;
-        // Settle: first status writes, Deployments' first ReplicaSets.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Settle: reconciles of the new groups (each sends admin requests of its own)
+        // and the Deployments' first ReplicaSets, so the window holds autoscaling only.
+        wait_quiet(port).await?;
         let before = operator_sample(port, pid)?;
         tokio::time::sleep(WINDOW).await;
         let after = operator_sample(port, pid)?;
@@ -242,6 +239,31 @@ async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32) -> anyhow::Result<()>
     println!();
     println!("operator RSS with 500 ConsumerGroups evaluated every second: {rss_500}");
     println!("per-group-client baseline RSS with 500 groups:               {baseline_rss}");
+    Ok(())
+}
+
+/// Waits until the operator has run no reconcile for 5 s.
+async fn wait_quiet(port: u16) -> anyhow::Result<()> {
+    let reconciles = || -> f64 {
+        http_get(port, "/metrics")
+            .map(|(_, m)| {
+                m.lines()
+                    .filter(|l| l.starts_with("eventops_operator_reconciles_total{"))
+                    .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (mut last, mut since) = (reconciles(), Instant::now());
+    while since.elapsed() < Duration::from_secs(5) {
+        anyhow::ensure!(Instant::now() < deadline, "reconciles never stopped");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = reconciles();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
     Ok(())
 }
 
@@ -409,6 +431,8 @@ async fn baseline(prefix: &str, n: usize, seconds: u64) -> anyhow::Result<()> {
                 let (c, topic) = (c.clone(), topic.clone());
                 tokio::task::spawn_blocking(move || {
                     let timeout = Duration::from_secs(10);
+                    // Serves the statistics callback, as a polling client would.
+                    let _ = c.poll(Duration::ZERO);
                     let Ok(md) = c.fetch_metadata(Some(&topic), timeout) else {
                         return;
                     };
