@@ -31,7 +31,8 @@ pub struct RunConfig {
     pub kafka_sasl_mechanism: String,
 
     /// SASL user the operator authenticates as. It needs the Alter, Create and Describe
-    /// operations on the cluster and on the topics it manages.
+    /// operations on the cluster and on the topics it manages, and, for the autoscaler,
+    /// Read and Describe on the topic `__consumer_offsets`.
     #[arg(long, env = "EVENTOPS_KAFKA_USERNAME")]
     pub kafka_username: Option<String>,
 

@@ -436,3 +436,25 @@ async fn list_offsets_agrees_with_kafkas_get_offset_shell() {
         Err(e) => panic!("one unknown partition failed the whole request: {e}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn added_partitions_are_measured_at_once() {
+    let s = setup(
+        "as-partitions",
+        1,
+        json!({"minReplicas": 0, "lagPerReplica": 1, "scaleUpInterval": "0s"}),
+    )
+    .await;
+    s.produce(0, 5).await;
+    s.wait_replicas(1, "lag 5, capped at 1 partition").await;
+    let topics: Api<EventTopic> = Api::namespaced(s.env.client.clone(), &s.ns);
+    apply(
+        &topics,
+        "work",
+        json!({"partitions": 3, "topicName": s.topic}),
+    )
+    .await
+    .unwrap();
+    s.wait_replicas(3, "the cap follows the new partition count")
+        .await;
+}
