@@ -206,7 +206,9 @@ impl Cycle<'_> {
         for topic in wanted {
             for (p, leader) in leaders.get(topic).into_iter().flatten().enumerate() {
                 partitions.push((topic.clone(), p as i32));
-                brokers.insert(*leader);
+                if *leader >= 0 {
+                    brokers.insert(*leader);
+                }
             }
         }
         let native = kafka.native();
@@ -235,7 +237,12 @@ impl Cycle<'_> {
             let mut measured = BTreeMap::new();
             let mut complete = true;
             for topic in &target.topics {
-                let count = leaders.get(topic).map_or(0, Vec::len) as i32;
+                // Not in the metadata (just created, or deleted behind our back): no
+                // partitions is not zero lag, so no decision this cycle.
+                let Some(count) = leaders.get(topic).map(|l| l.len() as i32) else {
+                    complete = false;
+                    continue;
+                };
                 for p in 0..count {
                     let tp = (topic.clone(), p);
                     let (Some(&s), Some(&e)) = (start.get(&tp), end.get(&tp)) else {
