@@ -48,6 +48,14 @@ pub struct ConsumerGroupSpec {
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub topics: Vec<String>,
 
+    /// Names of the EventTopics, in this namespace, that the workers publish to (for
+    /// example `payment` publishing `payments.payment.captured`). The group's Kafka user
+    /// is allowed to write them; no other topic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub produces: Vec<String>,
+
     /// The worker container that runs the group's consumers.
     pub template: WorkerTemplate,
 
@@ -195,10 +203,35 @@ pub struct ScalingPolicy {
     #[schemars(range(min = 0))]
     pub activation_lag: i64,
 
-    /// How long lag must stay low before replicas are removed.
+    /// How long lag must stay low before replicas are removed: the group shrinks to the
+    /// highest replica count wanted during this window.
     #[serde(default = "default_scale_down_window")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub scale_down_stabilization: Duration,
+
+    /// Shortest time between two scale-ups. The first scale-up after a quiet period is
+    /// immediate; this only stops a burst from adding replicas every second while the
+    /// new workers are still starting.
+    #[serde(default = "default_scale_up_interval")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub scale_up_interval: Duration,
+
+    /// Never run more replicas than partitions that have lag: a replica assigned only
+    /// drained partitions would idle.
+    #[serde(default)]
+    pub limit_to_partitions_with_lag: bool,
+
+    /// Only use replica counts that divide the partition count evenly (with 12
+    /// partitions: 1, 2, 3, 4, 6, 12), rounding up, so every worker gets the same share.
+    #[serde(default)]
+    pub even_partition_distribution: bool,
+
+    /// A partition whose committed offset has not moved for this long while it has lag
+    /// is reported as stuck (condition `LagStuck` and an Event) and no longer drives
+    /// scale-up: more workers do not help a poison record or a wedged consumer.
+    #[serde(default = "default_stuck_after")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub stuck_after: Duration,
 }
 
 impl Default for ScalingPolicy {
@@ -209,6 +242,10 @@ impl Default for ScalingPolicy {
             lag_per_replica: default_lag_per_replica(),
             activation_lag: 0,
             scale_down_stabilization: default_scale_down_window(),
+            scale_up_interval: default_scale_up_interval(),
+            limit_to_partitions_with_lag: false,
+            even_partition_distribution: false,
+            stuck_after: default_stuck_after(),
         }
     }
 }
@@ -239,9 +276,45 @@ pub struct ConsumerGroupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_replicas: Option<i32>,
 
-    /// Records produced but not yet processed, over all consumed partitions.
+    /// Records produced but not yet processed, over all consumed partitions, when last
+    /// written. Live figures are in the operator's Prometheus metrics: status is written
+    /// when the decision changes, not every measurement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_lag: Option<i64>,
+
+    /// Lag of each partition that has lag (the 32 largest), when last written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partition_lag: Vec<PartitionLag>,
+
+    /// The autoscaler's last change of replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale: Option<ScaleRecord>,
+}
+
+/// Lag of one partition.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionLag {
+    /// Kafka topic.
+    pub topic: String,
+    /// Partition number.
+    pub partition: i32,
+    /// Records not yet processed.
+    pub lag: i64,
+}
+
+/// One change of replicas by the autoscaler.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleRecord {
+    /// When it was applied.
+    pub time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// Replicas before.
+    pub from: i32,
+    /// Replicas after.
+    pub to: i32,
+    /// Why, with the lag that led to it.
+    pub reason: String,
 }
 
 impl ConsumerGroup {
@@ -278,4 +351,10 @@ fn default_lag_per_replica() -> i64 {
 }
 fn default_scale_down_window() -> Duration {
     std::time::Duration::from_secs(60).into()
+}
+fn default_scale_up_interval() -> Duration {
+    std::time::Duration::from_secs(5).into()
+}
+fn default_stuck_after() -> Duration {
+    std::time::Duration::from_secs(120).into()
 }

@@ -31,7 +31,8 @@ pub struct RunConfig {
     pub kafka_sasl_mechanism: String,
 
     /// SASL user the operator authenticates as. It needs the Alter, Create and Describe
-    /// operations on the cluster and on the topics it manages.
+    /// operations on the cluster and on the topics it manages, and, for the autoscaler,
+    /// Read and Describe on the topic `__consumer_offsets`.
     #[arg(long, env = "EVENTOPS_KAFKA_USERNAME")]
     pub kafka_username: Option<String>,
 
@@ -58,6 +59,12 @@ pub struct RunConfig {
     #[arg(long, env = "EVENTOPS_RESYNC_INTERVAL", default_value = "60s")]
     pub resync_interval: kube::core::Duration,
 
+    /// How often the autoscaler measures the lag of every ConsumerGroup and decides
+    /// their replicas. One cycle costs the same Kafka requests however many groups
+    /// there are.
+    #[arg(long, env = "EVENTOPS_AUTOSCALE_INTERVAL", default_value = "1s")]
+    pub autoscale_interval: kube::core::Duration,
+
     /// Regular expression EventTopic topic names are expected to match, reported in each
     /// EventTopic's `NamingPolicy` condition (not enforced). Empty turns the policy off.
     #[arg(long, env = "EVENTOPS_TOPIC_NAMING_PATTERN", default_value = DEFAULT_TOPIC_NAMING_PATTERN)]
@@ -77,6 +84,7 @@ impl RunConfig {
             worker_kafka_bootstrap: None,
             namespace: None,
             resync_interval: std::time::Duration::from_secs(60).into(),
+            autoscale_interval: std::time::Duration::from_secs(1).into(),
             topic_naming_pattern: DEFAULT_TOPIC_NAMING_PATTERN.into(),
         }
     }

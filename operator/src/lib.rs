@@ -4,6 +4,7 @@
 //! Each reconciler follows the same pipeline: dereference (read Kubernetes and Kafka) →
 //! validate and build the desired state (pure, unit-tested) → apply → status.
 
+pub mod autoscaler;
 pub mod conditions;
 pub mod config;
 pub mod consumergroup;
@@ -70,7 +71,13 @@ pub async fn run(
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     tokio::join!(
         eventtopic::run(ctx.clone(), shutdown.clone()),
-        consumergroup::run(ctx, shutdown),
+        consumergroup::run(ctx.clone(), shutdown.clone()),
+        autoscaler::run(
+            ctx,
+            config.kafka_settings()?,
+            config.autoscale_interval.into(),
+            shutdown
+        ),
     );
     reflector.abort();
     Ok(())

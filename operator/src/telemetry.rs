@@ -11,6 +11,7 @@ use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -30,6 +31,39 @@ struct FailureLabels {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientRequestLabels {
+    client: &'static str,
+    request: String,
+}
+
+/// Labels of a ConsumerGroup's autoscaling metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    /// Namespace of the ConsumerGroup.
+    pub namespace: String,
+    /// Name of the ConsumerGroup.
+    pub consumergroup: String,
+}
+
+/// Labels of one partition's lag.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct PartitionLabels {
+    /// Namespace of the ConsumerGroup.
+    pub namespace: String,
+    /// Name of the ConsumerGroup.
+    pub consumergroup: String,
+    /// Kafka topic.
+    pub topic: String,
+    /// Partition number.
+    pub partition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScaleLabels {
+    direction: &'static str,
+}
+
 /// The operator's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -39,6 +73,15 @@ pub struct Metrics {
     kafka_requests: Family<RequestLabel, Counter>,
     kube_writes: Family<RequestLabel, Counter>,
     writes: std::sync::atomic::AtomicU64,
+    client_requests: Family<ClientRequestLabels, Gauge>,
+    /// Lag of each ConsumerGroup, over all its partitions.
+    pub group_lag: Family<GroupLabels, Gauge>,
+    /// Lag of each partition of each ConsumerGroup.
+    pub partition_lag: Family<PartitionLabels, Gauge>,
+    /// Replicas the autoscaler wants for each ConsumerGroup.
+    pub desired_replicas: Family<GroupLabels, Gauge>,
+    scales: Family<ScaleLabels, Counter>,
+    cycles: Histogram,
     /// True once this replica leads and its controllers run.
     pub ready: AtomicBool,
 }
@@ -74,8 +117,51 @@ impl Default for Metrics {
             "Writes to the Kubernetes API (applies, status, finalizers, Events), by kind",
             kube_writes.clone(),
         );
+        let client_requests = Family::<ClientRequestLabels, Gauge>::default();
+        registry.register(
+            "kafka_client_requests",
+            "Requests sent by the operator's Kafka consumers (offsets reader, lag probe), by \
+             type, as counted by librdkafka",
+            client_requests.clone(),
+        );
+        let group_lag = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "consumergroup_lag",
+            "Records not yet processed by a ConsumerGroup, over all its partitions",
+            group_lag.clone(),
+        );
+        let partition_lag = Family::<PartitionLabels, Gauge>::default();
+        registry.register(
+            "consumergroup_partition_lag",
+            "Records not yet processed by a ConsumerGroup in one partition",
+            partition_lag.clone(),
+        );
+        let desired_replicas = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "consumergroup_desired_replicas",
+            "Worker replicas the autoscaler wants for a ConsumerGroup",
+            desired_replicas.clone(),
+        );
+        let scales = Family::<ScaleLabels, Counter>::default();
+        registry.register(
+            "autoscaler_scales",
+            "Replica changes the autoscaler applied, by direction",
+            scales.clone(),
+        );
+        let cycles = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "autoscaler_cycle_duration_seconds",
+            "Time one autoscaler cycle (measure every group, decide, apply) took",
+            cycles.clone(),
+        );
         Self {
             registry,
+            client_requests,
+            group_lag,
+            partition_lag,
+            desired_replicas,
+            scales,
+            cycles,
             reconciles,
             failures,
             duration,
@@ -118,6 +204,26 @@ impl Metrics {
             .get_or_create(&RequestLabel { request: kind })
             .inc();
         self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets the number of `request` requests a Kafka `client` of the operator has sent
+    /// so far, as librdkafka counts them.
+    pub fn client_requests(&self, client: &'static str, request: &str, total: i64) {
+        let labels = ClientRequestLabels {
+            client,
+            request: request.to_string(),
+        };
+        self.client_requests.get_or_create(&labels).set(total);
+    }
+
+    /// Records one autoscaler cycle that took `took`.
+    pub fn autoscaler_cycle(&self, took: Duration) {
+        self.cycles.observe(took.as_secs_f64());
+    }
+
+    /// Counts one replica change, `up` or `down`.
+    pub fn scaled(&self, direction: &'static str) {
+        self.scales.get_or_create(&ScaleLabels { direction }).inc();
     }
 
     /// Counts one Kafka request that changes something (topics, configs, ACLs, users).

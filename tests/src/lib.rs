@@ -6,6 +6,7 @@
 pub mod chart;
 pub mod runtime;
 pub mod pods;
+pub mod autoscale;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

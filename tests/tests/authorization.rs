@@ -329,3 +329,64 @@ async fn acls_follow_the_spec_and_others_are_left_alone() {
         "an ACL EventOps did not create survives: {theirs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_produces_to_its_produces_topics_and_no_other() {
+    let env = env().await;
+    let ns = env.namespace("produces").await;
+    let _operator = env.start_operator(&ns);
+    let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
+    let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
+    let (orders, captured, refunded) = (
+        unique("orders.order.placed"),
+        unique("payments.payment.captured"),
+        unique("payments.payment.refunded"),
+    );
+    for (name, topic) in [
+        ("orders", &orders),
+        ("captured", &captured),
+        ("refunded", &refunded),
+    ] {
+        apply(&topics, name, json!({"partitions": 1, "topicName": topic}))
+            .await
+            .unwrap();
+        wait_ready(&topics, name, "True").await;
+    }
+    apply(
+        &groups,
+        "payment",
+        json!({"topics": ["orders"], "produces": ["captured", "missing"],
+               "template": {"image": "payment:1"}}),
+    )
+    .await
+    .unwrap();
+    // An EventTopic that is not there: nothing is granted, the condition says which.
+    let (reason, message) = wait_ready(&groups, "payment", "False").await;
+    assert_eq!(reason, "TopicNotFound");
+    assert!(
+        message.contains("spec.produces names EventTopic missing"),
+        "{message}"
+    );
+    apply(
+        &groups,
+        "payment",
+        json!({"topics": ["orders"], "produces": ["captured"],
+               "template": {"image": "payment:1"}}),
+    )
+    .await
+    .unwrap();
+    wait_ready(&groups, "payment", "True").await;
+    let payment = group_creds(&env, &ns, "payment").await;
+    assert_eq!(
+        produce(&env, &payment, &captured, "captured-1").await,
+        Ok(())
+    );
+    assert_eq!(
+        produce(&env, &payment, &refunded, "forged").await,
+        Err(RDKafkaErrorCode::TopicAuthorizationFailed)
+    );
+    assert_eq!(
+        produce(&env, &payment, &orders, "forged").await,
+        Err(RDKafkaErrorCode::TopicAuthorizationFailed)
+    );
+}

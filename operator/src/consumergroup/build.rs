@@ -89,7 +89,7 @@ pub fn resolve_topics<'a>(
 }
 
 /// Whether an EventTopic has been reconciled and is the owner of its Kafka topics.
-fn owns_its_topic(et: &EventTopic) -> bool {
+pub fn owns_its_topic(et: &EventTopic) -> bool {
     let Some(status) = &et.status else {
         return false;
     };
@@ -447,6 +447,7 @@ mod tests {
             ConsumerGroupSpec {
                 group_id: None,
                 topics: vec!["orders".into()],
+                produces: vec![],
                 template: WorkerTemplate {
                     image: "inventory:1".into(),
                     ..Default::default()

@@ -2,6 +2,7 @@
 //! ([`build`], pure) → apply (server-side apply, only what differs) → status.
 
 pub mod build;
+pub mod produces;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -51,7 +52,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
                     .state()
                     .into_iter()
                     .filter(|cg| cg.namespace() == et.namespace())
-                    .filter(|cg| cg.spec.topics.contains(&et.name_any()))
+                    .filter(|cg| {
+                        cg.spec.topics.contains(&et.name_any())
+                            || cg.spec.produces.contains(&et.name_any())
+                    })
                     .map(|cg| ObjectRef::from_obj(&*cg))
                     .collect::<Vec<_>>()
             },
@@ -93,7 +97,7 @@ async fn reconcile_inner(
     // Dereference.
     let topics_api: Api<EventTopic> = Api::namespaced(ctx.client.clone(), &ns);
     let mut found = BTreeMap::new();
-    for name in &cg.spec.topics {
+    for name in cg.spec.topics.iter().chain(&cg.spec.produces) {
         if let Some(et) = topics_api
             .get_opt(name)
             .await
@@ -112,6 +116,14 @@ async fn reconcile_inner(
         Ok(routes) => routes,
         Err(missing) => {
             let ready = Observed::ready(false, "TopicNotFound", missing.message(&ns));
+            write_status(&cg, ctx, ready, None).await?;
+            return Ok((Action::requeue(resync), Some("TopicNotFound")));
+        }
+    };
+    let produced = match produces::resolve(&cg, &ns, |n| found.get(n)) {
+        Ok(topics) => topics,
+        Err(message) => {
+            let ready = Observed::ready(false, "TopicNotFound", message);
             write_status(&cg, ctx, ready, None).await?;
             return Ok((Action::requeue(resync), Some("TopicNotFound")));
         }
@@ -151,7 +163,8 @@ async fn reconcile_inner(
     // first: the Secret must never hand out a password Kafka does not know yet.
     let password_changed =
         secret_value_of(secret.as_ref(), "password").as_deref() != Some(&password);
-    let desired_acls = build::acls(&cg, &routes);
+    let mut desired_acls = build::acls(&cg, &routes);
+    desired_acls.extend(produces::acls(&cg, &produced));
     if let Err(e) = sync_kafka_access(&cg, ctx, &password, password_changed, &desired_acls).await {
         let ready = Observed::ready(false, native_reason(&e), e.to_string());
         write_status(&cg, ctx, ready, None).await?;
@@ -391,14 +404,22 @@ async fn write_status(
     replicas: Option<i32>,
 ) -> Result<(), Error> {
     let old = cg.status.clone().unwrap_or_default();
+    // The autoscaler writes its own fields (lag, desired replicas, `LagStuck`) under its
+    // own field manager; this writer owns, compares and applies only the rest.
+    let old = ConsumerGroupStatus {
+        observed_generation: old.observed_generation,
+        conditions: conditions::remove(&old.conditions, crate::autoscaler::STUCK),
+        group_id: old.group_id,
+        replicas: old.replicas,
+        ..Default::default()
+    };
     let generation = cg.metadata.generation;
     let new = ConsumerGroupStatus {
         observed_generation: generation,
         conditions: conditions::set(&old.conditions, ready.clone(), generation, Timestamp::now()),
         group_id: Some(cg.kafka_group_id().to_string()),
         replicas: replicas.or(old.replicas),
-        desired_replicas: old.desired_replicas,
-        total_lag: old.total_lag,
+        ..Default::default()
     };
     if new == old {
         return Ok(());

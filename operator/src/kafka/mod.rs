@@ -221,6 +221,46 @@ impl KafkaAdmin {
         }))
     }
 
+    /// Every topic's partitions, as the leader broker of each partition in partition
+    /// order, from one Metadata request. Re-read every autoscaler cycle so added
+    /// partitions are measured at once.
+    pub async fn partition_leaders(&self) -> Result<BTreeMap<String, Vec<i32>>, KafkaError> {
+        let client = self.client.clone();
+        let timeout = self.timeout;
+        self.metrics.kafka_request("Metadata");
+        let metadata =
+            tokio::task::spawn_blocking(move || client.inner().fetch_metadata(None, timeout))
+                .await
+                .expect("metadata task panicked")
+                .map_err(|source| KafkaError::Unavailable {
+                    op: "describe",
+                    topic: "*".into(),
+                    source,
+                })?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| {
+                let mut partitions: Vec<_> = t
+                    .partitions()
+                    .iter()
+                    .map(|p| (p.id(), p.leader()))
+                    .collect();
+                partitions.sort();
+                (
+                    t.name().to_string(),
+                    partitions.into_iter().map(|(_, leader)| leader).collect(),
+                )
+            })
+            .collect())
+    }
+
+    /// The metrics requests are counted in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Creates a topic.
     pub async fn create_topic(&self, spec: &NewTopicSpec) -> Result<(), KafkaError> {
         let mut topic = NewTopic::new(

@@ -183,6 +183,33 @@ c_enum! {
     }
 }
 
+/// Which records count as readable for [`NativeAdmin::list_offsets`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IsolationLevel {
+    /// Every record, including those of open or aborted transactions.
+    ReadUncommitted,
+    /// Only records of committed transactions: "latest" is the last stable offset.
+    ReadCommitted,
+}
+
+impl From<IsolationLevel> for rd_kafka_IsolationLevel_t {
+    fn from(level: IsolationLevel) -> Self {
+        match level {
+            IsolationLevel::ReadUncommitted => Self::RD_KAFKA_ISOLATION_LEVEL_READ_UNCOMMITTED,
+            IsolationLevel::ReadCommitted => Self::RD_KAFKA_ISOLATION_LEVEL_READ_COMMITTED,
+        }
+    }
+}
+
+/// Which offset [`NativeAdmin::list_offsets`] asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffsetSpec {
+    /// The log-start offset: the first record still stored.
+    Earliest,
+    /// The log-end offset (or last stable offset, under read_committed).
+    Latest,
+}
+
 /// One ACL. Ordered and hashable so callers can diff desired and actual sets.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AclBinding {
@@ -610,6 +637,80 @@ impl NativeAdmin {
         .await
     }
 
+    /// The earliest or latest offset of each of `partitions`, in one ListOffsets request
+    /// per partition leader. With [`IsolationLevel::ReadCommitted`], "latest" is the last
+    /// stable offset: records of open transactions are not counted. A partition Kafka
+    /// reports an error for is left out of the answer, so callers see it as unknown
+    /// rather than as offset 0. Duplicates are ignored.
+    pub async fn list_offsets(
+        &self,
+        partitions: &[(String, i32)],
+        spec: OffsetSpec,
+        isolation: IsolationLevel,
+    ) -> Result<BTreeMap<(String, i32), i64>, NativeError> {
+        const OP: &str = "list offsets";
+        let partitions: BTreeSet<(String, i32)> = partitions.iter().cloned().collect();
+        if partitions.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        for (topic, _) in &partitions {
+            c_string("topic", topic)?;
+        }
+        self.blocking(OP, move |client, timeout| {
+            let mut list = rdkafka::TopicPartitionList::with_capacity(partitions.len());
+            let offset = match spec {
+                OffsetSpec::Earliest => rdkafka::Offset::Beginning,
+                OffsetSpec::Latest => rdkafka::Offset::End,
+            };
+            for (topic, partition) in &partitions {
+                list.add_partition_offset(topic, *partition, offset)
+                    .map_err(|e| NativeError::InvalidArgument(e.to_string()))?;
+            }
+            let event = request_with(
+                client,
+                OP,
+                Api::ListOffsets,
+                timeout,
+                |options| {
+                    // SAFETY: options is live for the call; a returned error is ours to
+                    // destroy, which Owned does.
+                    let error = unsafe {
+                        Owned::new(
+                            rd_kafka_AdminOptions_set_isolation_level(options, isolation.into()),
+                            rd_kafka_error_destroy,
+                        )
+                    };
+                    // SAFETY: the error is live while `error` is.
+                    match error.and_then(|e| unsafe { item_error(e.as_ptr()) }) {
+                        Some((_, message)) => Err(NativeError::InvalidArgument(message)),
+                        None => Ok(()),
+                    }
+                },
+                |rk, options, queue| {
+                    // SAFETY: the list is valid and librdkafka copies it; rk, options and
+                    // queue are valid for the call.
+                    unsafe { rd_kafka_ListOffsets(rk, list.ptr(), options, queue) }
+                },
+            )?;
+            let mut n = 0;
+            // SAFETY: request() checked that this is a ListOffsets result, which owns the
+            // array it returns and each info's partition.
+            unsafe {
+                let result = rd_kafka_event_ListOffsets_result(event.as_ptr());
+                let infos = c_array(rd_kafka_ListOffsets_result_infos(result, &mut n), n);
+                let mut offsets = BTreeMap::new();
+                for info in infos {
+                    let tp = &*rd_kafka_ListOffsetsResultInfo_topic_partition(*info);
+                    if tp.err == rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && tp.offset >= 0 {
+                        offsets.insert((read_string(tp.topic), tp.partition), tp.offset);
+                    }
+                }
+                Ok(offsets)
+            }
+        })
+        .await
+    }
+
     /// Runs `f` on a blocking thread: librdkafka's queue poll blocks its caller.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -666,6 +767,7 @@ enum Api {
     AlterScram,
     DescribeScram,
     DescribeCluster,
+    ListOffsets,
 }
 
 impl Api {
@@ -696,6 +798,10 @@ impl Api {
                 RD_KAFKA_ADMIN_OP_DESCRIBECLUSTER,
                 RD_KAFKA_EVENT_DESCRIBECLUSTER_RESULT,
             ),
+            Api::ListOffsets => (
+                RD_KAFKA_ADMIN_OP_LISTOFFSETS,
+                RD_KAFKA_EVENT_LISTOFFSETS_RESULT,
+            ),
         }
     }
 }
@@ -708,6 +814,18 @@ fn request(
     op: &'static str,
     api: Api,
     timeout: Duration,
+    send: impl FnOnce(*mut rd_kafka_t, *const rd_kafka_AdminOptions_t, *mut rd_kafka_queue_t),
+) -> Result<Owned<rd_kafka_event_t>, NativeError> {
+    request_with(client, op, api, timeout, |_| Ok(()), send)
+}
+
+/// [`request`], with `configure` setting request-specific options first.
+fn request_with(
+    client: &Client,
+    op: &'static str,
+    api: Api,
+    timeout: Duration,
+    configure: impl FnOnce(*mut rd_kafka_AdminOptions_t) -> Result<(), NativeError>,
     send: impl FnOnce(*mut rd_kafka_t, *const rd_kafka_AdminOptions_t, *mut rd_kafka_queue_t),
 ) -> Result<Owned<rd_kafka_event_t>, NativeError> {
     let (admin_op, event_type) = api.codes();
@@ -743,6 +861,7 @@ fn request(
             read_string(errstr.as_ptr())
         }));
     }
+    configure(options.as_ptr())?;
     send(rk, options.as_ptr(), queue.as_ptr());
     // librdkafka answers with its own timeout error after `timeout`; the margin lets
     // that (more precise) answer arrive first.

@@ -1,0 +1,486 @@
+//! Benchmark of the lag-based autoscaler. Prints figures; asserts nothing about speed.
+//!
+//! 1. Reaction time: from the end of a produced burst to the Deployment's replicas
+//!    changing, with the default scaling settings; each run and the median.
+//! 2. Cost per evaluation cycle with 1, 50 and 500 ConsumerGroups on one broker: Kafka
+//!    requests and operator CPU time, and, measured in the same run, the same for a
+//!    per-group-client baseline (one Kafka client per group polling its own metadata,
+//!    committed offsets and watermarks every cycle, as KEDA's Kafka scaler does),
+//!    with the ratio.
+//! 3. Operator RSS with 500 ConsumerGroups being evaluated.
+//!
+//! Run through `tools/bench-autoscaler`, which builds in release mode and starts the
+//! environment. `bench-autoscaler baseline <prefix> <groups> <seconds>` is the baseline
+//! process the benchmark spawns.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use eventops_crds::{ConsumerGroup, EventTopic};
+use eventops_tests::autoscale::produce_spread;
+use eventops_tests::{TestEnv, env, free_port, http_get, unique};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, TopicPartitionList};
+use serde_json::json;
+
+/// Runs of the reaction-time measurement.
+const REACTION_RUNS: usize = 5;
+/// Length of each cost measurement window.
+const WINDOW: Duration = Duration::from_secs(15);
+/// Group counts the cost is measured for.
+const STAGES: [usize; 3] = [1, 50, 500];
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("baseline") {
+        return baseline(&args[2], args[3].parse()?, args[4].parse()?).await;
+    }
+    let env = env().await;
+    let ns = env.namespace("bench-as").await;
+    let port = free_port();
+    let mut operator = env
+        .operator_command(&ns, port)
+        .args(["--no-leader-election", "--resync-interval", "5m"])
+        .env("RUST_LOG", "warn")
+        .spawn()?;
+    while http_get(port, "/readyz").is_none_or(|(c, _)| c != 200) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = operator.id();
+    let result = run(&env, &ns, port, pid).await;
+    operator.kill()?;
+    operator.wait()?;
+    result
+}
+
+async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32) -> anyhow::Result<()> {
+    let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), ns);
+    let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), ns);
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), ns);
+    let prefix = unique("bas");
+
+    // 1. Reaction time, default scaling settings.
+    println!(
+        "reaction time (default settings: lagPerReplica 1000, 1 s cycle; burst of 2500 records, 1 -> 3 replicas)"
+    );
+    let mut reactions = Vec::new();
+    for run in 0..REACTION_RUNS {
+        let (t, g) = (format!("r{run}"), format!("r{run}"));
+        let topic = format!("{prefix}.r{run}.created");
+        apply_pair(
+            &topics,
+            &groups,
+            &t,
+            &g,
+            &topic,
+            4,
+            &format!("{prefix}-r{run}"),
+        )
+        .await?;
+        wait_for(
+            Duration::from_secs(120),
+            "the group evaluated at 1 replica",
+            || async {
+                let cg = groups.get(&g).await.ok()?;
+                let d = deployments.get(&g).await.ok()?;
+                (cg.status?.desired_replicas == Some(1) && d.spec.replicas == Some(1)).then_some(())
+            },
+        )
+        .await?;
+        let info = env.info.clone();
+        let t2 = topic.clone();
+        tokio::task::spawn_blocking(move || produce_spread(&info, &t2, &[0, 1, 2, 3], 2500))
+            .await?;
+        let burst_end = Instant::now();
+        wait_for(Duration::from_secs(60), "replicas to change", || async {
+            let d = deployments.get(&g).await.ok()?;
+            (d.spec.replicas != Some(1)).then_some(())
+        })
+        .await?;
+        let took = burst_end.elapsed();
+        println!("  run {}: {:.0} ms", run + 1, took.as_secs_f64() * 1000.0);
+        reactions.push(took);
+        // Leave it for the cost stages at its own pace: not counted there.
+        groups.delete(&g, &Default::default()).await?;
+        topics.delete(&t, &Default::default()).await?;
+    }
+    reactions.sort();
+    println!(
+        "  median: {:.0} ms over {REACTION_RUNS} runs (target: under 2000 ms)",
+        reactions[REACTION_RUNS / 2].as_secs_f64() * 1000.0
+    );
+
+    // 2. and 3. Cost per cycle by number of groups.
+    println!();
+    println!(
+        "cost per evaluation cycle ({}s windows; Kafka requests = every request the process sent)",
+        WINDOW.as_secs()
+    );
+    println!(
+        "  {:>6} | {:>22} | {:>24} | {:>10} | {:>10}",
+        "groups",
+        "EventOps req / CPU ms",
+        "per-group clients req / CPU ms",
+        "req ratio",
+        "CPU ratio"
+    );
+    let mut created = 0;
+    let mut rss_500 = String::new();
+    let mut baseline_rss = String::new();
+    for n in STAGES {
+        let pairs: Vec<usize> = (created..n).collect();
+        futures::stream::iter(pairs)
+            .map(|i| {
+                let (topics, groups, prefix) = (topics.clone(), groups.clone(), prefix.clone());
+                async move {
+                    apply_pair(
+                        &topics,
+                        &groups,
+                        &format!("t{i}"),
+                        &format!("g{i}"),
+                        &format!("{prefix}.t{i}.created"),
+                        1,
+                        &format!("{prefix}-g{i}"),
+                    )
+                    .await
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<Vec<()>>>()?;
+        created = n;
+        wait_for(
+            Duration::from_secs(900),
+            "every group evaluated",
+            || async {
+                let list = groups.list(&Default::default()).await.ok()?;
+                let evaluated = list
+                    .items
+                    .iter()
+                    .filter(|cg| {
+                        cg.status
+                            .as_ref()
+                            .is_some_and(|s| s.desired_replicas.is_some())
+                    })
+                    .count();
+                (evaluated >= n).then_some(())
+            },
+        )
+        .await?;
+        // Settle: reconciles of the new groups (each sends admin requests of its own)
+        // and the Deployments' first ReplicaSets, so the window holds autoscaling only.
+        wait_quiet(port).await?;
+        let before = operator_sample(port, pid)?;
+        tokio::time::sleep(WINDOW).await;
+        let after = operator_sample(port, pid)?;
+        let cycles = (after.cycles - before.cycles).max(1.0);
+        let ops_req = (after.requests - before.requests) / cycles;
+        let ops_cpu = (after.cpu_ms - before.cpu_ms) / cycles;
+        if n == 500 {
+            rss_500 = after.rss.clone();
+        }
+
+        let out = tokio::process::Command::new(std::env::current_exe()?)
+            .args([
+                "baseline",
+                &prefix,
+                &n.to_string(),
+                &WINDOW.as_secs().to_string(),
+            ])
+            .output()
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("BASELINE"))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "baseline printed no result: {text}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+        let field = |name: &str| -> f64 {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let b_cycles = field("cycles").max(1.0);
+        let b_req = field("requests") / b_cycles;
+        let b_cpu = field("cpu_ms") / b_cycles;
+        if n == 500 {
+            baseline_rss = format!("{:.0} MiB", field("rss_kb") / 1024.0);
+        }
+        println!(
+            "  {n:>6} | {:>10.1} / {:>8.1} | {:>12.1} / {:>10.1} | {:>9.1}x | {:>9.1}x",
+            ops_req,
+            ops_cpu,
+            b_req,
+            b_cpu,
+            b_req / ops_req,
+            b_cpu / ops_cpu
+        );
+        println!(
+            "         (EventOps: {:.0} cycles in the window, by type per cycle: {}; baseline: {:.0} cycles)",
+            cycles,
+            after.by_type_delta(&before, cycles),
+            b_cycles
+        );
+    }
+    println!();
+    println!("operator RSS with 500 ConsumerGroups evaluated every second: {rss_500}");
+    println!("per-group-client baseline RSS with 500 groups:               {baseline_rss}");
+    Ok(())
+}
+
+/// Waits until the operator has run no reconcile for 5 s.
+async fn wait_quiet(port: u16) -> anyhow::Result<()> {
+    let reconciles = || -> f64 {
+        http_get(port, "/metrics")
+            .map(|(_, m)| {
+                m.lines()
+                    .filter(|l| l.starts_with("eventops_operator_reconciles_total{"))
+                    .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (mut last, mut since) = (reconciles(), Instant::now());
+    while since.elapsed() < Duration::from_secs(5) {
+        anyhow::ensure!(Instant::now() < deadline, "reconciles never stopped");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = reconciles();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    Ok(())
+}
+
+async fn apply_pair(
+    topics: &Api<EventTopic>,
+    groups: &Api<ConsumerGroup>,
+    topic_name: &str,
+    group_name: &str,
+    kafka_topic: &str,
+    partitions: i32,
+    group_id: &str,
+) -> anyhow::Result<()> {
+    let params = PatchParams::apply("bench").force();
+    let topic = json!({"apiVersion": "eventops.dev/v1alpha1", "kind": "EventTopic",
+        "metadata": {"name": topic_name},
+        "spec": {"partitions": partitions, "topicName": kafka_topic}});
+    let group = json!({"apiVersion": "eventops.dev/v1alpha1", "kind": "ConsumerGroup",
+        "metadata": {"name": group_name},
+        "spec": {"groupId": group_id, "topics": [topic_name], "template": {"image": "worker:1"}}});
+    topics
+        .patch(topic_name, &params, &Patch::Apply(&topic))
+        .await?;
+    groups
+        .patch(group_name, &params, &Patch::Apply(&group))
+        .await?;
+    Ok(())
+}
+
+async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What the operator's /metrics and /proc say at one moment.
+struct Sample {
+    requests: f64,
+    by_type: std::collections::BTreeMap<String, f64>,
+    cycles: f64,
+    cpu_ms: f64,
+    rss: String,
+}
+
+impl Sample {
+    fn by_type_delta(&self, before: &Sample, cycles: f64) -> String {
+        self.by_type
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    (v - before.by_type.get(k).copied().unwrap_or(0.0)) / cycles,
+                )
+            })
+            .filter(|(_, v)| *v > 0.0)
+            .map(|(k, v)| format!("{k} {v:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn operator_sample(port: u16, pid: u32) -> anyhow::Result<Sample> {
+    let (_, metrics) = http_get(port, "/metrics").ok_or_else(|| anyhow::anyhow!("no /metrics"))?;
+    let mut by_type = std::collections::BTreeMap::new();
+    let mut cycles = 0.0;
+    for line in metrics.lines() {
+        let Some((labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        if line.starts_with("eventops_operator_autoscaler_cycle_duration_seconds_count") {
+            cycles = value;
+        } else if line.starts_with("eventops_operator_kafka_admin_requests_total{") {
+            let kind = labels.split('"').nth(1).unwrap_or("?");
+            *by_type.entry(format!("admin {kind}")).or_default() += value;
+        } else if line.starts_with("eventops_operator_kafka_client_requests{") {
+            let mut quoted = labels.split('"').skip(1).step_by(2);
+            let (client, kind) = (quoted.next().unwrap_or("?"), quoted.next().unwrap_or("?"));
+            *by_type.entry(format!("{client} {kind}")).or_default() += value;
+        }
+    }
+    let (cpu_ms, rss_kb) = process_usage(pid)?;
+    Ok(Sample {
+        requests: by_type.values().sum(),
+        by_type,
+        cycles,
+        cpu_ms,
+        rss: format!("{:.0} MiB", rss_kb / 1024.0),
+    })
+}
+
+/// CPU time (user + system, ms) and resident memory (KiB) of process `pid`.
+fn process_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let hz: f64 = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(f64::NAN);
+    Ok((ticks * 1000.0 / hz, rss))
+}
+
+/// One baseline client: its consumer, its group's topic, its request count.
+type Client = (Arc<BaseConsumer<Counting>>, String, Arc<AtomicI64>);
+
+/// Keeps librdkafka's request counts of one client.
+struct Counting(Arc<AtomicI64>);
+
+impl ClientContext for Counting {
+    fn stats(&self, statistics: Statistics) {
+        let total: i64 = statistics
+            .brokers
+            .values()
+            .flat_map(|b| b.req.values())
+            .sum();
+        self.0.store(total, Ordering::Relaxed);
+    }
+}
+impl ConsumerContext for Counting {}
+
+/// The per-group-client baseline: one Kafka client per group, each cycle reading its
+/// topic's metadata, its committed offsets (OffsetFetch) and each partition's low and
+/// high watermarks (ListOffsets), as KEDA's Kafka scaler does per ScaledObject.
+async fn baseline(prefix: &str, n: usize, seconds: u64) -> anyhow::Result<()> {
+    let info = eventops_devenv::EnvInfo::from_env()?;
+    let mut clients = Vec::new();
+    for i in 0..n {
+        let count = Arc::new(AtomicI64::new(0));
+        let consumer: BaseConsumer<Counting> = info
+            .kafka_admin_config()
+            .set("group.id", format!("{prefix}-g{i}"))
+            .set("enable.auto.commit", "false")
+            .set("statistics.interval.ms", "1000")
+            .create_with_context(Counting(count.clone()))?;
+        clients.push((Arc::new(consumer), format!("{prefix}.t{i}.created"), count));
+    }
+    let cycle = |clients: &Vec<Client>| {
+        let tasks: Vec<_> = clients
+            .iter()
+            .map(|(c, topic, _)| {
+                let (c, topic) = (c.clone(), topic.clone());
+                tokio::task::spawn_blocking(move || {
+                    let timeout = Duration::from_secs(10);
+                    // Serves the statistics callback, as a polling client would.
+                    let _ = c.poll(Duration::ZERO);
+                    let Ok(md) = c.fetch_metadata(Some(&topic), timeout) else {
+                        return;
+                    };
+                    let partitions = md.topics().first().map_or(0, |t| t.partitions().len());
+                    let mut tpl = TopicPartitionList::new();
+                    for p in 0..partitions as i32 {
+                        tpl.add_partition(&topic, p);
+                    }
+                    let _ = c.committed_offsets(tpl, timeout);
+                    for p in 0..partitions as i32 {
+                        let _ = c.fetch_watermarks(&topic, p, timeout);
+                    }
+                })
+            })
+            .collect();
+        futures::future::join_all(tasks)
+    };
+    // Warm up: connect and authenticate every client.
+    for _ in 0..3 {
+        cycle(&clients).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let total = |clients: &Vec<Client>| -> i64 {
+        clients
+            .iter()
+            .map(|(_, _, c)| c.load(Ordering::Relaxed))
+            .sum()
+    };
+    let pid = std::process::id();
+    let (cpu0, _) = process_usage(pid)?;
+    let req0 = total(&clients);
+    let started = Instant::now();
+    let mut cycles = 0u64;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while started.elapsed() < Duration::from_secs(seconds) {
+        ticker.tick().await;
+        cycle(&clients).await;
+        cycles += 1;
+    }
+    // librdkafka publishes statistics every second: wait for the last cycle's counts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (cpu1, rss) = process_usage(pid)?;
+    let req1 = total(&clients);
+    println!(
+        "BASELINE requests={} cycles={cycles} cpu_ms={:.1} rss_kb={rss:.0}",
+        req1 - req0,
+        cpu1 - cpu0
+    );
+    Ok(())
+}

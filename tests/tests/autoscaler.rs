@@ -1,0 +1,460 @@
+//! The autoscaler against the real broker and API server: lag made of real records and
+//! real commits moves the Deployment's replicas through its scale subresource. No
+//! worker pod needs to run: the test commits offsets the way workers would.
+
+use std::time::{Duration, Instant};
+
+use eventops_crds::{ConsumerGroup, EventTopic};
+use eventops_tests::autoscale::{commit, delete_records_before, produce, produce_in_transaction};
+use eventops_tests::{TestEnv, apply, env, eventually, unique, wait_ready};
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::Api;
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Setup {
+    env: TestEnv,
+    ns: String,
+    groups: Api<ConsumerGroup>,
+    deployments: Api<Deployment>,
+    operator: eventops_tests::OperatorHandle,
+    /// The Kafka topic of the group's one EventTopic.
+    topic: String,
+}
+
+/// A namespace with the operator, an EventTopic of `partitions` partitions and a
+/// ConsumerGroup `group` consuming it with `scaling`; returns once the group is Ready.
+async fn setup(prefix: &str, partitions: i32, scaling: serde_json::Value) -> Setup {
+    let env = env().await;
+    let ns = env.namespace(prefix).await;
+    let operator = env.start_operator(&ns);
+    let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
+    let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
+    let topic = unique("scale.work.queued");
+    apply(
+        &topics,
+        "work",
+        json!({"partitions": partitions, "topicName": topic}),
+    )
+    .await
+    .unwrap();
+    wait_ready(&topics, "work", "True").await;
+    apply(
+        &groups,
+        "workers",
+        json!({"groupId": unique("workers"), "topics": ["work"],
+               "template": {"image": "worker:1"}, "scaling": scaling}),
+    )
+    .await
+    .unwrap();
+    wait_ready(&groups, "workers", "True").await;
+    Setup {
+        deployments: Api::namespaced(env.client.clone(), &ns),
+        env,
+        ns,
+        groups,
+        operator,
+        topic,
+    }
+}
+
+impl Setup {
+    async fn group_id(&self) -> String {
+        self.groups
+            .get("workers")
+            .await
+            .unwrap()
+            .spec
+            .group_id
+            .unwrap()
+    }
+
+    /// Waits until the Deployment's replicas are `n`; returns how long that took.
+    async fn wait_replicas(&self, n: i32, why: &str) -> Duration {
+        let started = Instant::now();
+        eventually(TIMEOUT, &format!("{n} replicas: {why}"), || async {
+            let d = self.deployments.get("workers").await.ok()?;
+            (d.spec.replicas == Some(n)).then_some(())
+        })
+        .await;
+        started.elapsed()
+    }
+
+    /// Waits until status satisfies `check`.
+    async fn wait_status<T>(
+        &self,
+        what: &str,
+        check: impl Fn(&eventops_crds::ConsumerGroupStatus) -> Option<T>,
+    ) -> T {
+        eventually(TIMEOUT, what, || async {
+            let cg = self.groups.get("workers").await.ok()?;
+            check(cg.status.as_ref()?)
+        })
+        .await
+    }
+
+    /// The group's lag as the operator's metrics show it now.
+    fn lag(&self) -> Option<i64> {
+        let metrics = self.operator.metrics.encode();
+        let prefix = format!(
+            r#"eventops_operator_consumergroup_lag{{namespace="{}",consumergroup="workers"}} "#,
+            self.ns
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Waits until the metrics show lag `n`.
+    async fn wait_lag(&self, n: i64) {
+        eventually(TIMEOUT, &format!("lag {n} in the metrics"), || async {
+            (self.lag() == Some(n)).then_some(())
+        })
+        .await;
+    }
+
+    async fn produce(&self, partition: i32, n: usize) {
+        let (info, topic) = (self.env.info.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || produce(&info, &topic, partition, n))
+            .await
+            .unwrap();
+    }
+
+    async fn commit(&self, partition: i32, offset: i64) {
+        let (info, topic, group) = (
+            self.env.info.clone(),
+            self.topic.clone(),
+            self.group_id().await,
+        );
+        tokio::task::spawn_blocking(move || commit(&info, &group, &topic, partition, offset))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_follow_lag_up_to_the_partitions_and_down_after_the_window() {
+    let s = setup(
+        "as-follow",
+        4,
+        json!({"minReplicas": 0, "lagPerReplica": 10, "scaleDownStabilization": "3s",
+               "scaleUpInterval": "0s"}),
+    )
+    .await;
+    // The Deployment starts at Kubernetes' default of 1; no lag takes it to zero once
+    // the window has passed.
+    s.wait_replicas(0, "no lag, minReplicas 0").await;
+
+    // 25 records not processed: ceil(25 / 10) = 3.
+    s.produce(0, 25).await;
+    let took = s.wait_replicas(3, "lag 25 at 10 per replica").await;
+    eprintln!("scale-up seen {took:?} after the records were produced");
+    let status = s
+        .wait_status("status shows the decision", |st| {
+            (st.desired_replicas == Some(3)).then(|| st.clone())
+        })
+        .await;
+    assert_eq!(status.total_lag, Some(25));
+    assert_eq!(status.partition_lag.len(), 1);
+    assert_eq!(
+        (
+            status.partition_lag[0].partition,
+            status.partition_lag[0].lag
+        ),
+        (0, 25)
+    );
+    let last = status.last_scale.expect("lastScale");
+    assert_eq!(last.to, 3, "{}", last.reason);
+    assert!(last.from < 3, "{}", last.reason);
+    assert!(last.reason.contains("lag 25"), "{}", last.reason);
+
+    // 125 would need 13: capped at the 4 partitions.
+    s.produce(1, 100).await;
+    s.wait_replicas(4, "capped at 4 partitions").await;
+
+    // Everything processed: down to zero, but only after the 3 s window.
+    s.commit(0, 25).await;
+    let processed = Instant::now();
+    s.commit(1, 100).await;
+    s.wait_replicas(0, "all processed").await;
+    // The window runs from the last cycle that still wanted 4, up to one 1 s cycle
+    // before the commits.
+    assert!(
+        processed.elapsed() >= Duration::from_secs(2),
+        "scaled down after {:?}, inside the stabilization window",
+        processed.elapsed()
+    );
+    s.wait_status("status shows lag 0", |st| {
+        (st.total_lag == Some(0) && st.partition_lag.is_empty()).then_some(())
+    })
+    .await;
+    let reasons = s.env.event_reasons(&s.ns, "workers").await;
+    assert!(reasons.contains(&"ScaledUp".to_string()), "{reasons:?}");
+    assert!(reasons.contains(&"ScaledDown".to_string()), "{reasons:?}");
+    let metrics = s.operator.metrics.encode();
+    assert!(
+        metrics.contains(&format!(
+            r#"eventops_operator_consumergroup_lag{{namespace="{}",consumergroup="workers"}} 0"#,
+            s.ns
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("eventops_operator_consumergroup_partition_lag{"),
+        "{metrics}"
+    );
+
+    // A quiet group: lag 0, replicas 0. Several cycles and resyncs write nothing (once
+    // the reconciler has recorded the Deployment's new replica count).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = s.operator.metrics.writes();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        s.operator.metrics.writes(),
+        before,
+        "a quiet group causes no writes:\n{}",
+        s.operator.metrics.encode()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn activation_lag_keeps_a_group_at_zero() {
+    let s = setup(
+        "as-activation",
+        4,
+        json!({"minReplicas": 0, "lagPerReplica": 10, "activationLag": 20,
+               "scaleDownStabilization": "1s"}),
+    )
+    .await;
+    s.wait_replicas(0, "no lag").await;
+    s.produce(0, 20).await;
+    s.wait_lag(20).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = s.deployments.get("workers").await.unwrap();
+    assert_eq!(d.spec.replicas, Some(0), "lag 20 is at the activation lag");
+    s.produce(1, 1).await;
+    s.wait_replicas(3, "lag 21 is above the activation lag")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lag_of_a_new_group_counts_from_log_start() {
+    let s = setup(
+        "as-logstart",
+        1,
+        json!({"minReplicas": 0, "lagPerReplica": 1000}),
+    )
+    .await;
+    s.produce(0, 50).await;
+    delete_records_before(&s.env, &s.topic, 0, 30).await;
+    // No commit: 50 − 30, not 50 − 0.
+    s.wait_lag(20).await;
+    // A commit behind log-start resumes at log-start: still 20.
+    s.commit(0, 10).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(s.lag(), Some(20));
+    s.commit(0, 45).await;
+    s.wait_lag(5).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_marker_is_not_lag() {
+    let s = setup(
+        "as-txn",
+        1,
+        json!({"minReplicas": 0, "lagPerReplica": 1, "scaleDownStabilization": "1s"}),
+    )
+    .await;
+    s.wait_replicas(0, "no lag").await;
+    let (info, topic) = (s.env.info.clone(), s.topic.clone());
+    tokio::task::spawn_blocking(move || produce_in_transaction(&info, &topic, 0, 3))
+        .await
+        .unwrap();
+    s.wait_replicas(1, "3 records in a transaction").await;
+    // A worker that processed the 3 records commits offset 3; the commit marker sits at
+    // offset 3 and the end is 4. That 1 is not work.
+    s.commit(0, 3).await;
+    s.wait_replicas(0, "only the commit marker is left").await;
+    s.wait_status("status lag 0", |st| (st.total_lag == Some(0)).then_some(()))
+        .await;
+    // A real record after the marker is lag again.
+    s.produce(0, 1).await;
+    s.wait_replicas(1, "one real record").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_partition_is_reported_and_stops_driving_replicas() {
+    let s = setup(
+        "as-stuck",
+        2,
+        json!({"minReplicas": 1, "lagPerReplica": 1, "stuckAfter": "3s",
+               "scaleDownStabilization": "2s", "scaleUpInterval": "0s"}),
+    )
+    .await;
+    s.produce(0, 10).await;
+    s.wait_replicas(2, "lag 10 at 1 per replica, 2 partitions")
+        .await;
+    // The worker on partition 0 gets through one record and stops there.
+    s.commit(0, 1).await;
+    let condition = s
+        .wait_status("LagStuck", |st| {
+            st.conditions
+                .iter()
+                .find(|c| c.type_ == "LagStuck" && c.status == "True")
+                .cloned()
+        })
+        .await;
+    assert_eq!(condition.reason, "PartitionsStuck");
+    assert!(
+        condition
+            .message
+            .contains(&format!("{}/0 (lag 9)", s.topic)),
+        "{}",
+        condition.message
+    );
+    let reasons = s.env.event_reasons(&s.ns, "workers").await;
+    assert!(reasons.contains(&"LagStuck".to_string()), "{reasons:?}");
+    // No longer 2 for ever: the stuck partition needs one worker.
+    s.wait_replicas(1, "stuck lag counts for one replica").await;
+    // It moves again: no longer stuck.
+    s.commit(0, 5).await;
+    s.wait_status("LagStuck cleared", |st| {
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "LagStuck" && c.status == "False")
+            .then_some(())
+    })
+    .await;
+}
+
+/// `topic:partition:offset` lines of Kafka's GetOffsetShell, as a map.
+fn parse_offsets(out: &str) -> std::collections::BTreeMap<(String, i32), i64> {
+    out.lines()
+        .filter_map(|l| {
+            let mut parts = l.rsplitn(3, ':');
+            let offset = parts.next()?.parse().ok()?;
+            let partition = parts.next()?.parse().ok()?;
+            Some(((parts.next()?.to_string(), partition), offset))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_offsets_agrees_with_kafkas_get_offset_shell() {
+    use eventops_operator::kafka::native::{IsolationLevel, OffsetSpec};
+    use eventops_operator::kafka::{KafkaAdmin, NewTopicSpec};
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+
+    let env = env().await;
+    let mut config = eventops_operator::config::RunConfig::new(&env.info.kafka_bootstrap);
+    config.kafka_username = Some(env.info.kafka_admin_user.clone());
+    config.kafka_password = Some(env.info.kafka_admin_password.clone());
+    config.kafka_sasl_mechanism = env.info.kafka_sasl_mechanism.clone();
+    let admin = KafkaAdmin::new(&config.kafka_settings().unwrap(), Default::default()).unwrap();
+    let topic = unique("offsets.record.listed");
+    admin
+        .create_topic(&NewTopicSpec {
+            name: topic.clone(),
+            partitions: 2,
+            replication_factor: None,
+            configs: Default::default(),
+        })
+        .await
+        .unwrap();
+    let info = env.info.clone();
+    let t = topic.clone();
+    tokio::task::spawn_blocking(move || {
+        produce(&info, &t, 0, 10);
+        produce(&info, &t, 1, 4);
+    })
+    .await
+    .unwrap();
+    delete_records_before(&env, &topic, 0, 3).await;
+    // An open transaction on partition 1: two records a read_committed consumer cannot
+    // read yet.
+    let open: ThreadedProducer<_> = env
+        .info
+        .kafka_admin_config()
+        .set("transactional.id", unique("open-txn"))
+        .create()
+        .unwrap();
+    let timeout = Duration::from_secs(30);
+    open.init_transactions(timeout).unwrap();
+    open.begin_transaction().unwrap();
+    for _ in 0..2 {
+        open.send(BaseRecord::<(), _>::to(&topic).partition(1).payload("open"))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    open.flush(timeout).unwrap();
+
+    let native = admin.native();
+    let partitions = [(topic.clone(), 0), (topic.clone(), 1)];
+    let key = |p: i32| (topic.clone(), p);
+    let list = |spec, isolation| native.list_offsets(&partitions, spec, isolation);
+    let earliest = list(OffsetSpec::Earliest, IsolationLevel::ReadUncommitted)
+        .await
+        .unwrap();
+    let latest = list(OffsetSpec::Latest, IsolationLevel::ReadUncommitted)
+        .await
+        .unwrap();
+    let stable = list(OffsetSpec::Latest, IsolationLevel::ReadCommitted)
+        .await
+        .unwrap();
+    assert_eq!((earliest[&key(0)], earliest[&key(1)]), (3, 0));
+    assert_eq!((latest[&key(0)], latest[&key(1)]), (10, 6));
+    assert_eq!(
+        (stable[&key(0)], stable[&key(1)]),
+        (10, 4),
+        "the last stable offset stops before the open transaction"
+    );
+    // The oracle, which shares no code with EventOps.
+    for (time, ours) in [("-2", &earliest), ("-1", &latest)] {
+        let out = env
+            .kafka_tool(
+                "org.apache.kafka.tools.GetOffsetShell",
+                &["--topic", &topic, "--time", time],
+            )
+            .await
+            .unwrap();
+        assert_eq!(&parse_offsets(&out), ours, "--time {time}: {out}");
+    }
+    open.abort_transaction(timeout).unwrap();
+
+    // A partition Kafka does not have is left out, not reported as offset 0.
+    let missing = native
+        .list_offsets(
+            &[(topic.clone(), 0), (unique("no.such.topic"), 0)],
+            OffsetSpec::Latest,
+            IsolationLevel::ReadCommitted,
+        )
+        .await;
+    match missing {
+        Ok(offsets) => assert_eq!(offsets.len(), 1, "{offsets:?}"),
+        Err(e) => panic!("one unknown partition failed the whole request: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn added_partitions_are_measured_at_once() {
+    let s = setup(
+        "as-partitions",
+        1,
+        json!({"minReplicas": 0, "lagPerReplica": 1, "scaleUpInterval": "0s"}),
+    )
+    .await;
+    s.produce(0, 5).await;
+    s.wait_replicas(1, "lag 5, capped at 1 partition").await;
+    let topics: Api<EventTopic> = Api::namespaced(s.env.client.clone(), &s.ns);
+    apply(
+        &topics,
+        "work",
+        json!({"partitions": 3, "topicName": s.topic}),
+    )
+    .await
+    .unwrap();
+    s.wait_replicas(3, "the cap follows the new partition count")
+        .await;
+}
