@@ -1,7 +1,7 @@
 //! The baseline of `tools/bench-runtime`: a plain rdkafka consumer loop as a competent
 //! user would write it. Auto-commit off; after each record is handled its offset is
-//! stored, and stored offsets are committed asynchronously every
-//! [`COMMIT_EVERY_RECORDS`] records or [`COMMIT_INTERVAL`], whichever comes first.
+//! stored, and stored offsets are committed asynchronously every [`COMMIT_INTERVAL`]
+//! (the runtime's default commit interval). Same consumer settings as the runtime.
 //!
 //! Reads its Kafka settings from the worker env contract (`EVENTOPS_*`) and runs until it
 //! is stopped.
@@ -15,9 +15,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 
-/// Commit after this many records...
-const COMMIT_EVERY_RECORDS: u64 = 5_000;
-/// ...or after this long, whichever comes first.
+/// How often stored offsets are committed.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +29,7 @@ fn main() -> anyhow::Result<()> {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .create()
         .context("creating the consumer")?;
     let topics: Vec<&str> = config.topics.iter().map(|t| t.topic.as_str()).collect();
@@ -39,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     let mut seen = Seen::new(SEEN_CAPACITY);
     let (mut uncommitted, mut last_commit) = (0u64, Instant::now());
     let (mut processed, mut duplicates) = (0u64, 0u64);
+    let mut last_report = Instant::now();
     loop {
         if let Some(message) = consumer.poll(Duration::from_millis(100)) {
             let message = message?;
@@ -54,14 +54,13 @@ fn main() -> anyhow::Result<()> {
             consumer.store_offset_from_message(&message)?;
             uncommitted += 1;
         }
-        if uncommitted > 0
-            && (uncommitted >= COMMIT_EVERY_RECORDS || last_commit.elapsed() >= COMMIT_INTERVAL)
-        {
+        if uncommitted > 0 && last_commit.elapsed() >= COMMIT_INTERVAL {
             consumer.commit_consumer_state(CommitMode::Async)?;
             (uncommitted, last_commit) = (0, Instant::now());
-            if processed % 100_000 < COMMIT_EVERY_RECORDS {
-                eprintln!("processed {processed}, duplicates {duplicates}");
-            }
+        }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            eprintln!("processed {processed}, duplicates {duplicates}");
+            last_report = Instant::now();
         }
     }
 }

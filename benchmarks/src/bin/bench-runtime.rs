@@ -44,10 +44,25 @@ struct Args {
     /// Extra JVM options for the Spring contender (space separated).
     #[arg(long, default_value = "")]
     jvm_opts: String,
+    /// Runs of every contender (interleaved); the table shows each contender's median.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Contenders to run, of: rdkafka, runtime, spring (needs --spring-jar), postgres.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "rdkafka,runtime,spring,postgres"
+    )]
+    only: Vec<String>,
     /// Give up on a contender after this many seconds.
     #[arg(long, default_value_t = 900)]
     timeout_secs: u64,
 }
+
+const BASELINE: &str = "rdkafka loop (baseline)";
+const RUNTIME: &str = "eventops runtime (Memory)";
+const SPRING: &str = "Spring Kafka (MANUAL ack)";
+const POSTGRES: &str = "eventops runtime (Postgres inbox)";
 
 /// One contender's figures.
 struct Figures {
@@ -76,36 +91,70 @@ async fn main() -> anyhow::Result<()> {
         .parent()
         .context("the benchmark binary has a directory")?
         .to_path_buf();
-    let mut contenders: Vec<(&str, Command)> = vec![(
-        "rdkafka loop (baseline)",
-        Command::new(bin_dir.join("bench-rdkafka-consumer")),
-    )];
-    if let Some(jar) = &args.spring_jar {
-        let mut java = Command::new("java");
-        java.args(args.jvm_opts.split_whitespace())
-            .arg("-jar")
-            .arg(jar);
-        contenders.push(("Spring Kafka (MANUAL ack)", java));
+    let runtime = |mode: &str| {
+        let mut c = Command::new(bin_dir.join("bench-eventops-consumer"));
+        c.arg(mode);
+        c
+    };
+    let mut contenders: Vec<(&str, Box<dyn Fn() -> Command>)> = vec![
+        (
+            BASELINE,
+            Box::new(|| Command::new(bin_dir.join("bench-rdkafka-consumer"))),
+        ),
+        (RUNTIME, Box::new(move || runtime("memory"))),
+    ];
+    if let Some(jar) = args
+        .spring_jar
+        .as_ref()
+        .filter(|_| args.only.iter().any(|c| c == "spring"))
+    {
+        let jar = jar.clone();
+        let opts = args.jvm_opts.clone();
+        contenders.push((
+            SPRING,
+            Box::new(move || {
+                let mut java = Command::new("java");
+                java.args(opts.split_whitespace()).arg("-jar").arg(&jar);
+                java
+            }),
+        ));
     }
+    contenders.push((POSTGRES, Box::new(move || runtime("postgres"))));
+    let key = |name: &str| match name {
+        BASELINE => "rdkafka",
+        RUNTIME => "runtime",
+        SPRING => "spring",
+        _ => "postgres",
+    };
+    contenders.retain(|(name, _)| args.only.iter().any(|c| c == key(name)));
 
-    let mut results = Vec::new();
-    for (name, command) in contenders {
-        eprintln!("[bench] running {name}");
-        let figures = run(
-            &env,
-            &topic,
-            name,
-            command,
-            &ends,
-            args.messages,
-            Duration::from_secs(args.timeout_secs),
-        )?;
-        eprintln!(
-            "[bench] {name}: {:.0} records/s",
-            figures.rate(args.messages)
-        );
-        results.push(figures);
+    let mut results: Vec<Vec<Figures>> = contenders.iter().map(|_| Vec::new()).collect();
+    for round in 1..=args.rounds {
+        for ((name, command), runs) in contenders.iter().zip(&mut results) {
+            eprintln!("[bench] round {round}: {name}");
+            let figures = run(
+                &env,
+                &topic,
+                name,
+                command(),
+                &ends,
+                args.messages,
+                Duration::from_secs(args.timeout_secs),
+            )?;
+            eprintln!(
+                "[bench] round {round}: {name}: {:.0} records/s",
+                figures.rate(args.messages)
+            );
+            runs.push(figures);
+        }
     }
+    let results: Vec<Figures> = results
+        .into_iter()
+        .map(|mut runs| {
+            runs.sort_by(|a, b| a.elapsed.cmp(&b.elapsed));
+            runs.swap_remove(runs.len() / 2)
+        })
+        .collect();
     report(&results, args.messages, args.partitions);
     Ok(())
 }
@@ -337,4 +386,36 @@ fn report(results: &[Figures], n: u64, partitions: i32) {
             f.cpu.as_secs_f64()
         );
     }
+    let find = |name: &str| results.iter().find(|f| f.name == name);
+    let Some(runtime) = find(RUNTIME) else { return };
+    println!("\nratios (this run)                     measured   target");
+    if let Some(base) = find(BASELINE) {
+        let r = runtime.rate(n) / base.rate(n);
+        println!(
+            "runtime / rdkafka records/s           {r:>8.2}×   ≥ 0.80×  {}",
+            verdict(r >= 0.8)
+        );
+    }
+    if let Some(spring) = find(SPRING) {
+        let r = runtime.rate(n) / spring.rate(n);
+        println!(
+            "runtime / Spring records/s            {r:>8.2}×   ≥ 3.00×  {}",
+            verdict(r >= 3.0)
+        );
+        let m = runtime.peak_rss_kib as f64 / spring.peak_rss_kib as f64;
+        println!(
+            "runtime / Spring peak RSS             {m:>8.3}×   ≤ 0.20×  {}",
+            verdict(m <= 0.2)
+        );
+    }
+    if let Some(pg) = find(POSTGRES) {
+        println!(
+            "PostgreSQL inbox path                 {:>8.0} records/s (batched transactions; no target)",
+            pg.rate(n)
+        );
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
 }
