@@ -44,6 +44,11 @@ pub const POD_IP: &str = "EVENTOPS_POD_IP";
 /// `0.0.0.0:<HEALTH_PORT>`.
 pub const HEALTH_ADDR: &str = "EVENTOPS_HEALTH_ADDR";
 
+/// PostgreSQL connection URL of the worker's own database (`postgres://user:pw@host/db`),
+/// needed when [`IDEMPOTENCY`] is `Postgres`. Not written by the operator: the workload
+/// template supplies it (typically from a Secret).
+pub const POSTGRES_URL: &str = "EVENTOPS_POSTGRES_URL";
+
 /// Port of the health and metrics endpoints when [`HEALTH_PORT`] is not set.
 pub const DEFAULT_HEALTH_PORT: u16 = 8080;
 
@@ -105,6 +110,11 @@ pub struct WorkerConfig {
     pub idempotency: Idempotency,
     /// Health and metrics port.
     pub health_port: u16,
+    /// Socket address for the health server from [`HEALTH_ADDR`] (`<ip>:<port>`), if set;
+    /// otherwise the server binds `0.0.0.0:<health_port>`.
+    pub health_addr: Option<String>,
+    /// The worker's PostgreSQL URL from [`POSTGRES_URL`], if set.
+    pub postgres_url: Option<String>,
 }
 
 /// A missing or malformed variable, named with what it should hold.
@@ -208,6 +218,8 @@ impl WorkerConfig {
             dead_letter,
             idempotency,
             health_port: number(HEALTH_PORT, &DEFAULT_HEALTH_PORT.to_string())? as u16,
+            health_addr: lookup(HEALTH_ADDR).filter(|v| !v.is_empty()),
+            postgres_url: lookup(POSTGRES_URL).filter(|v| !v.is_empty()),
         })
     }
 }
@@ -244,6 +256,20 @@ mod tests {
         assert!(c.dead_letter);
         assert_eq!(c.health_port, DEFAULT_HEALTH_PORT);
         assert!(!c.kafka.contains_key("sasl.username"));
+        assert_eq!(c.health_addr, None);
+        assert_eq!(c.postgres_url, None);
+    }
+
+    #[test]
+    fn health_address_and_database_url_are_read() {
+        let mut vars = MINIMAL.to_vec();
+        vars.extend([
+            (HEALTH_ADDR, "10.0.0.7:8080"),
+            (POSTGRES_URL, "postgres://db/x"),
+        ]);
+        let c = WorkerConfig::from_lookup(lookup(&vars)).unwrap();
+        assert_eq!(c.health_addr.as_deref(), Some("10.0.0.7:8080"));
+        assert_eq!(c.postgres_url.as_deref(), Some("postgres://db/x"));
     }
 
     #[test]

@@ -1,7 +1,66 @@
-//! The library EventOps workers link.
+//! The library EventOps workers link: at-least-once processing with offsets committed only
+//! after a record is handled or dead-lettered, retries with exponential back-off and jitter,
+//! Spring-Kafka-compatible dead-letter topics, non-blocking retry topics, idempotency
+//! (in memory or a PostgreSQL inbox), correlation ids, graceful shutdown, and `/healthz`,
+//! `/readyz` and `/metrics`.
 //!
-//! Today it holds [`contract`]: the environment variables through which the operator
-//! configures every worker pod. Processing (commits after handling, retries, dead-letter
-//! topics, idempotency, graceful shutdown, health and metrics) is still to be built.
+//! A worker reads its configuration from the environment the operator writes
+//! ([`contract`]), implements [`Handler`] (or [`TransactionalHandler`] for exactly-once
+//! effects in PostgreSQL) and runs until SIGTERM:
+//!
+//! ```no_run
+//! use eventops_consumer_runtime::{Context, Event, Handler, HandlerError, ResultExt, Worker};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct OrderPlaced {
+//!     order_id: String,
+//!     quantity: u32,
+//! }
+//!
+//! struct Reserve;
+//!
+//! impl Handler for Reserve {
+//!     async fn handle(&self, event: &Event<'_>, ctx: &Context<'_>) -> Result<(), HandlerError> {
+//!         let order: OrderPlaced = event.data()?; // a mismatch is permanent: dead-lettered
+//!         let reply = format!("{{\"orderId\":\"{}\",\"reserved\":{}}}", order.order_id, order.quantity);
+//!         // Carries the event's correlation id; a failure is transient: retried.
+//!         ctx.publish("inventory.reserved", Some(order.order_id.as_bytes()), reply.as_bytes()).await
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     Worker::from_env()?            // EVENTOPS_* variables, see `contract`
+//!         .key_concurrency(4)        // overridable in code
+//!         .build(Reserve)
+//!         .await?
+//!         .run()                     // until SIGTERM: finish in-flight, commit, leave
+//!         .await?;
+//!     Ok(())
+//! }
+//! ```
 
 pub mod contract;
+pub mod dead_letter;
+pub mod envelope;
+pub mod error;
+mod handler;
+pub mod idempotency;
+pub mod metrics;
+pub mod offsets;
+mod partition;
+mod processor;
+mod record;
+pub mod retry;
+mod worker;
+
+pub use contract::{Idempotency, WorkerConfig};
+pub use envelope::{CORRELATION_HEADER, Envelope};
+pub use error::{ErrorKind, HandlerError, ResultExt};
+pub use handler::{Context, Event, Handler, TransactionalHandler};
+pub use partition::{RETRY_ATTEMPT_HEADER, RETRY_DUE_HEADER};
+pub use record::Record;
+pub use retry::RetryPolicy;
+/// The PostgreSQL client the [`TransactionalHandler`] transaction comes from.
+pub use tokio_postgres;
+pub use worker::{Worker, WorkerBuilder, WorkerError};

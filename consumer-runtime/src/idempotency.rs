@@ -1,0 +1,170 @@
+//! Recognising duplicate deliveries by event id.
+//!
+//! - [`MemoryStore`]: a bounded set of recent event ids (a ring: the oldest id is forgotten
+//!   when it is full). Cheap; survives neither restarts nor rebalances to other pods.
+//! - [`PostgresInbox`]: the `eventops_inbox` table. With a
+//!   [`TransactionalHandler`](crate::TransactionalHandler) the handler's own writes and the
+//!   inbox row commit in one transaction, so a duplicate delivery has its effect exactly
+//!   once, across restarts and pods.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Mutex;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+
+/// Creates the inbox table when it is missing.
+pub const CREATE_INBOX_TABLE: &str = "CREATE TABLE IF NOT EXISTS eventops_inbox (
+    consumer_group text NOT NULL,
+    event_id text NOT NULL,
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer_group, event_id))";
+
+/// Claims an event id for a group; affects no row when it was already processed.
+pub const INSERT_INBOX_ROW: &str = "INSERT INTO eventops_inbox (consumer_group, event_id) \
+    VALUES ($1, $2) ON CONFLICT DO NOTHING";
+
+/// A bounded in-memory set of recently processed event ids.
+///
+/// Ids are stored as 128-bit hashes (two independently keyed SipHashes), so the store
+/// allocates nothing per event; a false duplicate needs a 128-bit collision.
+pub struct MemoryStore {
+    capacity: usize,
+    keys: (std::hash::RandomState, std::hash::RandomState),
+    inner: Mutex<Ring>,
+}
+
+struct Ring {
+    set: HashSet<u128>,
+    order: VecDeque<u128>,
+}
+
+impl MemoryStore {
+    /// A store remembering the last `capacity` event ids (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            capacity,
+            keys: (Default::default(), Default::default()),
+            inner: Mutex::new(Ring {
+                set: HashSet::with_capacity(capacity),
+                order: VecDeque::with_capacity(capacity),
+            }),
+        }
+    }
+
+    fn key(&self, id: &str) -> u128 {
+        let mut a = self.keys.0.build_hasher();
+        a.write(id.as_bytes());
+        let mut b = self.keys.1.build_hasher();
+        b.write(id.as_bytes());
+        (u128::from(a.finish()) << 64) | u128::from(b.finish())
+    }
+
+    /// Whether `id` was recorded as processed.
+    pub fn contains(&self, id: &str) -> bool {
+        let k = self.key(id);
+        self.inner.lock().unwrap().set.contains(&k)
+    }
+
+    /// Records `id` as processed, forgetting the oldest id when full. Returns `false` when
+    /// it was already there.
+    pub fn insert(&self, id: &str) -> bool {
+        let k = self.key(id);
+        let mut ring = self.inner.lock().unwrap();
+        if !ring.set.insert(k) {
+            return false;
+        }
+        ring.order.push_back(k);
+        if ring.order.len() > self.capacity
+            && let Some(old) = ring.order.pop_front()
+        {
+            ring.set.remove(&old);
+        }
+        true
+    }
+
+    /// Ids remembered.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().order.len()
+    }
+
+    /// Whether no id is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The PostgreSQL inbox: a connection pool and the consumer group its rows belong to.
+#[derive(Clone)]
+pub struct PostgresInbox {
+    pool: Pool,
+    group: String,
+}
+
+/// The inbox database could not be reached or set up.
+#[derive(Debug, thiserror::Error)]
+#[error("PostgreSQL inbox: {0}")]
+pub struct InboxError(pub String);
+
+impl PostgresInbox {
+    /// Connects to `url` (a `postgres://` URL or key=value string) with at most
+    /// `pool_size` connections and creates the inbox table if needed.
+    pub async fn connect(url: &str, pool_size: usize, group: &str) -> Result<Self, InboxError> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| InboxError(format!("the database URL is invalid: {e}")))?;
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .build()
+            .map_err(|e| InboxError(e.to_string()))?;
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| InboxError(format!("connecting: {e}")))?;
+        client
+            .batch_execute(CREATE_INBOX_TABLE)
+            .await
+            .map_err(|e| InboxError(format!("creating eventops_inbox: {e}")))?;
+        drop(client);
+        Ok(Self {
+            pool,
+            group: group.to_string(),
+        })
+    }
+
+    /// The connection pool (handlers may use it for reads outside the inbox transaction).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The consumer group the inbox rows are recorded for.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_store_remembers_a_bounded_window() {
+        let s = MemoryStore::new(2);
+        assert!(s.insert("a"));
+        assert!(!s.insert("a"));
+        assert!(s.insert("b"));
+        assert!(s.contains("a"));
+        assert!(s.insert("c"));
+        assert!(!s.contains("a"), "the oldest id is forgotten");
+        assert!(s.contains("b") && s.contains("c"));
+        assert_eq!(s.len(), 2);
+    }
+}

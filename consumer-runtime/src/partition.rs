@@ -1,0 +1,536 @@
+//! One task per assigned partition: records arrive in offset order; the task handles them
+//! (in order, or concurrently by key), retries, dead-letters, and publishes the offset up
+//! to which everything is done. It pauses its partition while it has too much queued or
+//! while it backs off, so the poll loop never blocks and `max.poll.interval.ms` holds.
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use tokio::sync::{mpsc, watch};
+
+use crate::dead_letter::{self, Provenance};
+use crate::envelope::{EnvelopeError, EventEnvelope};
+use crate::error::{ErrorKind, HandlerError};
+use crate::handler::Event;
+use crate::metrics::{FailureLabels, TopicLabel};
+use crate::offsets::OffsetTracker;
+use crate::processor::{Outcome, Processor};
+use crate::record::Record;
+use crate::worker::{Core, TopicPlan};
+
+/// Header with the attempt number of a record in a retry topic.
+pub const RETRY_ATTEMPT_HEADER: &str = "eventops-retry-attempt";
+/// Header with the time (epoch ms) before which a record in a retry topic is not retried.
+pub const RETRY_DUE_HEADER: &str = "eventops-retry-due-ms";
+
+/// State shared between the poll loop, the partition task and the committer.
+pub(crate) struct PartitionState {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    /// Next offset to commit (-1: nothing completed yet).
+    pub committable: AtomicI64,
+    /// Last offset sent in a commit (-1: none).
+    pub committed: AtomicI64,
+    in_flight: AtomicUsize,
+    flow: Mutex<Flow>,
+    high_water: usize,
+}
+
+#[derive(Default)]
+struct Flow {
+    paused: bool,
+    backing_off: bool,
+}
+
+impl PartitionState {
+    pub fn new(topic: Arc<str>, partition: i32, high_water: usize) -> Self {
+        Self {
+            topic,
+            partition,
+            committable: AtomicI64::new(-1),
+            committed: AtomicI64::new(-1),
+            in_flight: AtomicUsize::new(0),
+            flow: Mutex::new(Flow::default()),
+            high_water: high_water.max(1),
+        }
+    }
+
+    /// The poll loop handed over one record.
+    pub fn dispatched(&self, core: &Core) {
+        let n = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.high_water {
+            self.update_flow(core, |_| {});
+        }
+    }
+
+    fn finished(&self, core: &Core, n: usize) {
+        let left = self.in_flight.fetch_sub(n, Ordering::Relaxed) - n;
+        if left <= self.high_water / 2 && self.flow.lock().unwrap().paused {
+            self.update_flow(core, |_| {});
+        }
+    }
+
+    fn set_backing_off(&self, core: &Core, on: bool) {
+        self.update_flow(core, |f| f.backing_off = on);
+    }
+
+    /// Pauses or resumes the partition to match the queue length and back-off.
+    fn update_flow(&self, core: &Core, change: impl FnOnce(&mut Flow)) {
+        let mut flow = self.flow.lock().unwrap();
+        change(&mut flow);
+        let queued = self.in_flight.load(Ordering::Relaxed);
+        let want = flow.backing_off
+            || queued >= self.high_water
+            || (flow.paused && queued > self.high_water / 2);
+        if want == flow.paused {
+            return;
+        }
+        let Some(consumer) = core.consumer() else {
+            return;
+        };
+        let mut tpl = TopicPartitionList::with_capacity(1);
+        tpl.add_partition(&self.topic, self.partition);
+        let result = if want {
+            consumer.pause(&tpl)
+        } else {
+            consumer.resume(&tpl)
+        };
+        match result {
+            Ok(()) => flow.paused = want,
+            Err(e) => tracing::warn!(topic = %self.topic, partition = self.partition, error = %e,
+                "could not {} the partition", if want { "pause" } else { "resume" }),
+        }
+    }
+}
+
+/// The poll loop's end of a partition task.
+pub(crate) struct PartitionHandle {
+    pub state: Arc<PartitionState>,
+    pub records: mpsc::UnboundedSender<Record>,
+    pub stop: watch::Sender<bool>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// What a partition task's helpers need.
+pub(crate) struct Part {
+    pub core: Arc<Core>,
+    pub state: Arc<PartitionState>,
+    pub plan: Arc<TopicPlan>,
+    pub metrics: PartMetrics,
+    tracker: Mutex<OffsetTracker>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Metric handles resolved once per partition.
+pub(crate) struct PartMetrics {
+    pub processed: Counter,
+    pub duplicates: Counter,
+    pub retried: Counter,
+    pub dead_lettered: Counter,
+    pub transient: Counter,
+    pub permanent: Counter,
+    pub latency: Histogram,
+}
+
+impl Part {
+    pub fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn complete(&self, offset: i64) {
+        if let Some(next) = self.tracker.lock().unwrap().completed(offset) {
+            self.state.committable.store(next, Ordering::Release);
+        }
+    }
+
+    /// Sleeps `delay` with the partition paused; `false` when stopped meanwhile.
+    async fn back_off(&self, delay: Duration) -> bool {
+        self.state.set_backing_off(&self.core, true);
+        let mut stop = self.stop.clone();
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(delay) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        self.state.set_backing_off(&self.core, false);
+        !stopped
+    }
+}
+
+/// Starts the task of one newly assigned partition.
+pub(crate) fn spawn<P: Processor>(
+    core: &Arc<Core>,
+    processor: Arc<P>,
+    topic: Arc<str>,
+    partition: i32,
+) -> PartitionHandle {
+    let state = Arc::new(PartitionState::new(
+        topic.clone(),
+        partition,
+        core.options.max_in_flight_per_partition,
+    ));
+    let (records, rx) = mpsc::unbounded_channel();
+    let (stop, stop_rx) = watch::channel(false);
+    let m = &core.metrics;
+    let label = TopicLabel {
+        topic: topic.to_string(),
+    };
+    let failure = |kind: ErrorKind| {
+        m.failed
+            .get_or_create(&FailureLabels {
+                topic: topic.to_string(),
+                kind: kind.as_str(),
+            })
+            .clone()
+    };
+    let metrics = PartMetrics {
+        processed: m.processed.get_or_create(&label).clone(),
+        duplicates: m.duplicates.get_or_create(&label).clone(),
+        retried: m.retried.get_or_create(&label).clone(),
+        dead_lettered: m.dead_lettered.get_or_create(&label).clone(),
+        transient: failure(ErrorKind::Transient),
+        permanent: failure(ErrorKind::Permanent),
+        latency: m.latency.get_or_create(&label).clone(),
+    };
+    let part = Part {
+        core: core.clone(),
+        state: state.clone(),
+        plan: core.plan(&topic),
+        metrics,
+        tracker: Mutex::new(OffsetTracker::new()),
+        stop: stop_rx,
+    };
+    let task = core.runtime.spawn(run(part, processor, rx));
+    PartitionHandle {
+        state,
+        records,
+        stop,
+        task,
+    }
+}
+
+async fn run<P: Processor>(part: Part, processor: Arc<P>, mut rx: mpsc::UnboundedReceiver<Record>) {
+    let limit = part.core.options.batch_size.max(1);
+    let mut batch = Vec::with_capacity(limit);
+    let mut stop = part.stop.clone();
+    loop {
+        batch.clear();
+        let n = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            n = rx.recv_many(&mut batch, limit) => n,
+        };
+        if n == 0 {
+            break;
+        }
+        {
+            let mut tracker = part.tracker.lock().unwrap();
+            for r in &batch {
+                tracker.started(r.offset);
+            }
+        }
+        let lanes = part.core.options.key_concurrency.max(1);
+        if lanes == 1 {
+            let all: Vec<&Record> = batch.iter().collect();
+            lane(&part, &*processor, &all).await;
+        } else {
+            let mut by_key: Vec<Vec<&Record>> = vec![Vec::new(); lanes];
+            for r in &batch {
+                let i = r.key().map_or(0, |k| {
+                    let mut h = part.core.key_hash.build_hasher();
+                    h.write(k);
+                    (h.finish() % lanes as u64) as usize
+                });
+                by_key[i].push(r);
+            }
+            futures::future::join_all(
+                by_key
+                    .iter()
+                    .filter(|l| !l.is_empty())
+                    .map(|l| lane(&part, &*processor, l)),
+            )
+            .await;
+        }
+        part.state.finished(&part.core, n);
+        if part.stopped() {
+            break;
+        }
+    }
+}
+
+/// A record's decoded event, or why it is poison.
+fn decode<'a>(part: &Part, record: &'a Record) -> Result<Event<'a>, EnvelopeError> {
+    let envelope = EventEnvelope::parse(record.payload())?;
+    let versions = &part.core.options.schema_versions;
+    if !versions.contains(&envelope.schema_version) {
+        return Err(EnvelopeError::UnsupportedVersion {
+            event_type: envelope.event_type.to_string(),
+            version: envelope.schema_version,
+            min: *versions.start(),
+            max: *versions.end(),
+        });
+    }
+    Ok(Event { record, envelope })
+}
+
+/// Handles `records` (one key lane, in offset order).
+async fn lane<P: Processor>(part: &Part, processor: &P, records: &[&Record]) {
+    let mut run: Vec<Event<'_>> = Vec::with_capacity(records.len());
+    for record in records {
+        match decode(part, record) {
+            Ok(event) => run.push(event),
+            Err(poison) => {
+                if !handle_run(part, processor, &run).await {
+                    return;
+                }
+                run.clear();
+                let error = HandlerError::permanent(poison);
+                tracing::warn!(topic = %record.topic, partition = record.partition,
+                    offset = record.offset, %error, "poison record");
+                if !fail(part, processor, record, None, error, 1).await {
+                    return;
+                }
+            }
+        }
+    }
+    handle_run(part, processor, &run).await;
+}
+
+/// Handles consecutive decoded events; `false` when stopped before the end.
+async fn handle_run<P: Processor>(part: &Part, processor: &P, events: &[Event<'_>]) -> bool {
+    if part.plan.level > 0 {
+        // A retry topic: each record waits for its due time, then gets one more attempt.
+        for event in events {
+            if !wait_until_due(part, event.record).await {
+                return false;
+            }
+            let attempt = header_number(event.record, RETRY_ATTEMPT_HEADER).unwrap_or(2) as u32;
+            let r = processor.attempt(part, event, attempt).await;
+            if !settle(part, processor, event, r, attempt).await {
+                return false;
+            }
+        }
+        return true;
+    }
+    let mut rest = events;
+    while !rest.is_empty() {
+        if part.stopped() {
+            return false;
+        }
+        let results = processor.first_attempts(part, rest).await;
+        let done = results.len();
+        for (event, r) in rest.iter().zip(results) {
+            if !settle(part, processor, event, r, 1).await {
+                return false;
+            }
+        }
+        rest = &rest[done.min(rest.len())..];
+    }
+    true
+}
+
+/// Records a result; a failure goes through retries and dead-lettering. `false` when the
+/// record is not done because the partition is stopping.
+async fn settle<P: Processor>(
+    part: &Part,
+    processor: &P,
+    event: &Event<'_>,
+    result: Result<Outcome, HandlerError>,
+    attempt: u32,
+) -> bool {
+    match result {
+        Ok(outcome) => {
+            succeeded(part, event.record, outcome);
+            true
+        }
+        Err(error) => fail(part, processor, event.record, Some(event), error, attempt).await,
+    }
+}
+
+fn succeeded(part: &Part, record: &Record, outcome: Outcome) {
+    match outcome {
+        Outcome::Handled => part.metrics.processed.inc(),
+        Outcome::Duplicate => part.metrics.duplicates.inc(),
+    };
+    part.complete(record.offset);
+}
+
+/// Retries (blocking back-off or a retry topic), then dead-letters. `false` when stopped
+/// before the record was done.
+async fn fail<P: Processor>(
+    part: &Part,
+    processor: &P,
+    record: &Record,
+    event: Option<&Event<'_>>,
+    mut error: HandlerError,
+    mut attempt: u32,
+) -> bool {
+    let policy = &part.core.options.retry;
+    loop {
+        match error.kind() {
+            ErrorKind::Transient => part.metrics.transient.inc(),
+            ErrorKind::Permanent => part.metrics.permanent.inc(),
+        };
+        if let (ErrorKind::Transient, Some(event)) = (error.kind(), event) {
+            let non_blocking = !part.plan.retry_topics.is_empty();
+            if non_blocking {
+                if let Some(next) = part.plan.retry_topics.get(part.plan.level) {
+                    part.metrics.retried.inc();
+                    let due = now_ms() + next.delay_ms as i64;
+                    let extra = [
+                        (RETRY_ATTEMPT_HEADER, (attempt + 1).to_string()),
+                        (RETRY_DUE_HEADER, due.to_string()),
+                    ];
+                    let headers = republished_headers(record, &extra);
+                    if !publish(part, &next.topic, record, headers, "retry").await {
+                        return false;
+                    }
+                    part.complete(record.offset);
+                    return true;
+                }
+            } else if policy.should_retry(attempt) {
+                part.metrics.retried.inc();
+                tracing::debug!(topic = %record.topic, offset = record.offset, attempt, %error, "retrying");
+                if !part.back_off(policy.delay(attempt)).await {
+                    return false;
+                }
+                attempt += 1;
+                match processor.attempt(part, event, attempt).await {
+                    Ok(outcome) => {
+                        succeeded(part, record, outcome);
+                        return true;
+                    }
+                    Err(e) => {
+                        error = e;
+                        continue;
+                    }
+                }
+            }
+        }
+        if part.core.options.dead_letter
+            && let Some(dlt) = &part.plan.dead_letter_topic
+        {
+            let from = Provenance {
+                topic: &record.topic,
+                partition: record.partition,
+                offset: record.offset,
+                timestamp: record.timestamp,
+                timestamp_type: record.timestamp_type,
+                group: &part.core.group,
+            };
+            let headers = dead_letter::headers(record.headers(), &from, &error);
+            tracing::warn!(topic = %record.topic, partition = record.partition,
+                offset = record.offset, attempt, %error, dead_letter_topic = %dlt, "dead-lettering");
+            if !publish(part, dlt, record, headers, "dead-letter").await {
+                return false;
+            }
+            part.metrics.dead_lettered.inc();
+            part.complete(record.offset);
+            return true;
+        }
+        // No dead-letter topic: the partition stops at this record and keeps retrying.
+        tracing::error!(topic = %record.topic, partition = record.partition, offset = record.offset,
+            %error, "cannot process the record and there is no dead-letter topic; the partition waits");
+        if !part.back_off(policy.max).await {
+            return false;
+        }
+        let Some(event) = event else {
+            continue;
+        };
+        attempt += 1;
+        match processor.attempt(part, event, attempt).await {
+            Ok(outcome) => {
+                succeeded(part, record, outcome);
+                return true;
+            }
+            Err(e) => error = e,
+        }
+    }
+}
+
+/// The record's headers without earlier retry headers, plus `extra`.
+fn republished_headers(
+    record: &Record,
+    extra: &[(&str, String)],
+) -> Vec<(String, Option<Vec<u8>>)> {
+    record
+        .headers()
+        .filter(|(k, _)| *k != RETRY_ATTEMPT_HEADER && *k != RETRY_DUE_HEADER)
+        .map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec)))
+        .chain(
+            extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), Some(v.clone().into_bytes()))),
+        )
+        .collect()
+}
+
+/// Publishes `record`'s key and value to the same partition number of `topic` with
+/// `headers`, retrying until the broker acknowledges; `false` when stopped first (the
+/// source record is then not done, so its offset is not committed).
+async fn publish(
+    part: &Part,
+    topic: &str,
+    record: &Record,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+    what: &str,
+) -> bool {
+    let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+    for (k, v) in &headers {
+        owned = owned.insert(Header {
+            key: k.as_str(),
+            value: v.as_deref(),
+        });
+    }
+    let mut failures = 0;
+    loop {
+        let mut out = FutureRecord::<[u8], [u8]>::to(topic)
+            .partition(record.partition)
+            .headers(owned.clone());
+        if let Some(k) = record.key() {
+            out = out.key(k);
+        }
+        if let Some(p) = record.payload() {
+            out = out.payload(p);
+        }
+        match part.core.producer.send(out, Duration::from_secs(30)).await {
+            Ok(_) => return true,
+            Err((e, _)) => {
+                failures += 1;
+                tracing::error!(topic, source_topic = %record.topic, partition = record.partition,
+                    offset = record.offset, error = %e, "{what} publish failed; the source offset stays uncommitted");
+                if !part.back_off(part.core.options.retry.delay(failures)).await {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+async fn wait_until_due(part: &Part, record: &Record) -> bool {
+    let Some(due) = header_number(record, RETRY_DUE_HEADER) else {
+        return true;
+    };
+    let wait = due - now_ms();
+    if wait <= 0 {
+        return true;
+    }
+    part.back_off(Duration::from_millis(wait as u64)).await
+}
+
+fn header_number(record: &Record, name: &str) -> Option<i64> {
+    std::str::from_utf8(record.header(name)?).ok()?.parse().ok()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,703 @@
+//! The worker: configuration ([`WorkerBuilder`]), the poll loop, rebalances, commits and
+//! graceful shutdown ([`Worker::run`]).
+//!
+//! A dedicated thread polls the consumer and hands each record to its partition's task
+//! (see the `partition` module); it never blocks on handlers. Partition tasks publish
+//! the offset up to which every record is done; a committer commits those offsets
+//! asynchronously every [`commit_interval`](WorkerBuilder::commit_interval), and
+//! synchronously when partitions are revoked and at shutdown. Only processed (or
+//! dead-lettered) records are ever committed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientContext, Message, Statistics, TopicPartitionList};
+
+use crate::contract::{self, ContractError, Idempotency, RetryRoute, WorkerConfig};
+use crate::handler::{Handler, TransactionalHandler};
+use crate::idempotency::{InboxError, MemoryStore, PostgresInbox};
+use crate::metrics::{self, Metrics, PartitionLabels};
+use crate::partition::{self, PartitionHandle};
+use crate::processor::{Dedup, Plain, Processor, Transactional};
+use crate::record::Record;
+use crate::retry::RetryPolicy;
+
+/// Why a worker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The environment contract is incomplete or malformed.
+    #[error(transparent)]
+    Contract(#[from] ContractError),
+    /// A setting is invalid.
+    #[error("{setting}: {problem}")]
+    Config {
+        /// The setting (a builder method or environment variable).
+        setting: &'static str,
+        /// What is wrong and how to fix it.
+        problem: String,
+    },
+    /// Kafka client creation or subscription failed.
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The PostgreSQL inbox is unusable.
+    #[error(transparent)]
+    Inbox(#[from] InboxError),
+    /// The health server could not bind.
+    #[error("health server on {addr}: {source}")]
+    Health {
+        /// The address.
+        addr: SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
+    /// The poll thread ended unexpectedly.
+    #[error("the poll loop ended unexpectedly: {0}")]
+    PollLoop(String),
+}
+
+/// Tuning beyond the environment contract; every field has a builder method.
+#[derive(Clone, Debug)]
+pub(crate) struct Options {
+    pub retry: RetryPolicy,
+    pub dead_letter: bool,
+    pub idempotency: Idempotency,
+    pub memory_capacity: usize,
+    pub postgres_url: Option<String>,
+    pub postgres_pool_size: usize,
+    pub key_concurrency: usize,
+    pub max_in_flight_per_partition: usize,
+    pub batch_size: usize,
+    pub commit_interval: Duration,
+    pub schema_versions: RangeInclusive<u32>,
+    pub health_addr: Option<SocketAddr>,
+    pub health_server: bool,
+}
+
+/// How records of one consumed topic are retried and dead-lettered.
+#[derive(Debug)]
+pub(crate) struct TopicPlan {
+    /// 0 for a main topic; `i + 1` for its `i`-th retry topic.
+    pub level: usize,
+    pub retry_topics: Vec<RetryRoute>,
+    pub dead_letter_topic: Option<String>,
+}
+
+/// Everything the poll loop, the partition tasks and the committer share.
+pub(crate) struct Core {
+    pub group: String,
+    pub producer: FutureProducer,
+    pub metrics: Arc<Metrics>,
+    pub options: Options,
+    pub runtime: tokio::runtime::Handle,
+    pub key_hash: std::hash::RandomState,
+    plans: HashMap<String, Arc<TopicPlan>>,
+    consumer: OnceLock<Weak<BaseConsumer<Ctx>>>,
+    partitions: Mutex<HashMap<String, HashMap<i32, PartitionHandle>>>,
+    #[allow(clippy::type_complexity)]
+    spawn: Box<dyn Fn(&Arc<Core>, Arc<str>, i32) -> PartitionHandle + Send + Sync>,
+    stopping: AtomicBool,
+}
+
+impl Core {
+    pub fn consumer(&self) -> Option<Arc<BaseConsumer<Ctx>>> {
+        self.consumer.get()?.upgrade()
+    }
+
+    pub fn plan(&self, topic: &str) -> Arc<TopicPlan> {
+        self.plans.get(topic).cloned().unwrap_or_else(|| {
+            Arc::new(TopicPlan {
+                level: 0,
+                retry_topics: Vec::new(),
+                dead_letter_topic: None,
+            })
+        })
+    }
+
+    /// Stops the tasks of `partitions`, waits for their in-flight records, and commits
+    /// what they completed, synchronously. Called on the poll thread.
+    fn release(&self, consumer: &BaseConsumer<Ctx>, partitions: &[(String, i32)]) {
+        let handles: Vec<PartitionHandle> = {
+            let mut map = self.partitions.lock().unwrap();
+            partitions
+                .iter()
+                .filter_map(|(t, p)| map.get_mut(t.as_str())?.remove(p))
+                .collect()
+        };
+        for h in &handles {
+            let _ = h.stop.send(true);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for h in handles {
+            let _ = futures::executor::block_on(h.task);
+            let next = h.state.committable.load(Ordering::Acquire);
+            if next >= 0 {
+                let _ = tpl.add_partition_offset(
+                    &h.state.topic,
+                    h.state.partition,
+                    rdkafka::Offset::Offset(next),
+                );
+            }
+        }
+        if tpl.count() > 0 {
+            self.metrics.commits.inc();
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                self.metrics.commit_failures.inc();
+                tracing::error!(error = %e, "committing the offsets of released partitions failed");
+            }
+        }
+    }
+
+    /// Commits every partition whose completed offset advanced, asynchronously.
+    fn commit_progress(&self, consumer: &BaseConsumer<Ctx>) {
+        let mut tpl = TopicPartitionList::new();
+        {
+            let map = self.partitions.lock().unwrap();
+            for h in map.values().flat_map(|m| m.values()) {
+                let next = h.state.committable.load(Ordering::Acquire);
+                if next > h.state.committed.load(Ordering::Relaxed) {
+                    let _ = tpl.add_partition_offset(
+                        &h.state.topic,
+                        h.state.partition,
+                        rdkafka::Offset::Offset(next),
+                    );
+                    h.state.committed.store(next, Ordering::Relaxed);
+                }
+            }
+        }
+        if tpl.count() > 0 {
+            self.metrics.commits.inc();
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                self.metrics.commit_failures.inc();
+                tracing::warn!(error = %e, "offset commit failed; it is retried with the next one");
+            }
+        }
+    }
+
+    fn assigned(&self, core: &Arc<Core>, tpl: &TopicPartitionList) {
+        let mut map = self.partitions.lock().unwrap();
+        for e in tpl.elements() {
+            let topic = map.entry(e.topic().to_string()).or_default();
+            if let std::collections::hash_map::Entry::Vacant(slot) = topic.entry(e.partition()) {
+                tracing::info!(
+                    topic = e.topic(),
+                    partition = e.partition(),
+                    "partition assigned"
+                );
+                slot.insert((self.spawn)(core, Arc::from(e.topic()), e.partition()));
+            }
+        }
+    }
+
+    /// Hands a polled record to its partition's task; drops it when the partition is no
+    /// longer ours (it is re-delivered to the new owner from the committed offset).
+    fn dispatch(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let map = self.partitions.lock().unwrap();
+        let Some(h) = map.get(m.topic()).and_then(|t| t.get(&m.partition())) else {
+            return;
+        };
+        let record = Record::from_message(h.state.topic.clone(), m);
+        if h.records.send(record).is_ok() {
+            h.state.dispatched(self);
+        }
+    }
+}
+
+/// The consumer's context: rebalance callbacks, commit results and statistics.
+pub(crate) struct Ctx {
+    core: OnceLock<Weak<Core>>,
+}
+
+impl Ctx {
+    fn core(&self) -> Option<Arc<Core>> {
+        self.core.get()?.upgrade()
+    }
+}
+
+impl ClientContext for Ctx {
+    fn stats(&self, statistics: Statistics) {
+        let Some(core) = self.core() else { return };
+        for (name, topic) in &statistics.topics {
+            for (p, s) in &topic.partitions {
+                if *p >= 0 && s.consumer_lag >= 0 {
+                    core.metrics
+                        .lag
+                        .get_or_create(&PartitionLabels {
+                            topic: name.clone(),
+                            partition: *p,
+                        })
+                        .set(s.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let Some(core) = self.core() else { return };
+            let parts: Vec<(String, i32)> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
+            tracing::info!(partitions = ?parts, "partitions revoked; finishing in-flight records");
+            core.release(consumer, &parts);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                if let Some(core) = self.core() {
+                    core.assigned(&core, tpl);
+                }
+            }
+            Rebalance::Error(e) => tracing::error!(error = %e, "rebalance failed"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            if let Some(core) = self.core() {
+                core.metrics.commit_failures.inc();
+            }
+            tracing::warn!(error = %e, offsets = ?offsets.to_topic_map(), "offset commit failed");
+        }
+    }
+}
+
+/// Configures a [`Worker`]: starts from the [`WorkerConfig`] the operator wrote, and
+/// every setting can be overridden in code.
+pub struct WorkerBuilder {
+    config: WorkerConfig,
+    options: Options,
+}
+
+impl WorkerBuilder {
+    /// Starts from `config`.
+    pub fn new(config: WorkerConfig) -> Self {
+        let options = Options {
+            retry: RetryPolicy {
+                max_attempts: config.max_attempts.max(1),
+                initial: config.backoff_initial,
+                max: config.backoff_max,
+                multiplier: config.backoff_multiplier,
+                ..RetryPolicy::default()
+            },
+            dead_letter: config.dead_letter,
+            idempotency: config.idempotency,
+            memory_capacity: 100_000,
+            postgres_url: config.postgres_url.clone(),
+            postgres_pool_size: 4,
+            key_concurrency: 1,
+            max_in_flight_per_partition: 2_000,
+            batch_size: 256,
+            commit_interval: Duration::from_millis(500),
+            schema_versions: 0..=u32::MAX,
+            health_addr: None,
+            health_server: true,
+        };
+        Self { config, options }
+    }
+
+    /// Sets (or overrides) a librdkafka consumer and producer property.
+    pub fn kafka_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.kafka.insert(key.into(), value.into());
+        self
+    }
+
+    /// Overrides the retry policy (attempts, back-off, jitter).
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.options.retry = policy;
+        self
+    }
+
+    /// Whether failed records go to the dead-letter topic (`true`) or stop the
+    /// partition (`false`).
+    pub fn dead_letter(mut self, on: bool) -> Self {
+        self.options.dead_letter = on;
+        self
+    }
+
+    /// Overrides the idempotency store.
+    pub fn idempotency(mut self, idempotency: Idempotency) -> Self {
+        self.options.idempotency = idempotency;
+        self
+    }
+
+    /// Event ids the in-memory store remembers (default 100 000).
+    pub fn memory_capacity(mut self, ids: usize) -> Self {
+        self.options.memory_capacity = ids;
+        self
+    }
+
+    /// The PostgreSQL URL of the inbox (default: [`contract::POSTGRES_URL`]).
+    pub fn postgres_url(mut self, url: impl Into<String>) -> Self {
+        self.options.postgres_url = Some(url.into());
+        self
+    }
+
+    /// Inbox connections (default 4).
+    pub fn postgres_pool_size(mut self, connections: usize) -> Self {
+        self.options.postgres_pool_size = connections;
+        self
+    }
+
+    /// Records of one partition handled concurrently when their keys differ (default 1:
+    /// strictly in order). Records with one key always stay in order.
+    pub fn key_concurrency(mut self, lanes: usize) -> Self {
+        self.options.key_concurrency = lanes;
+        self
+    }
+
+    /// Records queued per partition before it is paused (default 2 000).
+    pub fn max_in_flight_per_partition(mut self, records: usize) -> Self {
+        self.options.max_in_flight_per_partition = records;
+        self
+    }
+
+    /// Most records a partition task takes at once; with the PostgreSQL inbox, most
+    /// records per transaction (default 256).
+    pub fn batch_size(mut self, records: usize) -> Self {
+        self.options.batch_size = records;
+        self
+    }
+
+    /// How often completed offsets are committed (default 500 ms).
+    pub fn commit_interval(mut self, interval: Duration) -> Self {
+        self.options.commit_interval = interval;
+        self
+    }
+
+    /// The schema versions this worker understands; other versions are poison and go to
+    /// the dead-letter topic (default: all).
+    pub fn schema_versions(mut self, versions: RangeInclusive<u32>) -> Self {
+        self.options.schema_versions = versions;
+        self
+    }
+
+    /// Where the health and metrics server binds (default: [`contract::HEALTH_ADDR`],
+    /// else `0.0.0.0:<HEALTH_PORT>`).
+    pub fn health_addr(mut self, addr: SocketAddr) -> Self {
+        self.options.health_addr = Some(addr);
+        self
+    }
+
+    /// Whether to serve `/healthz`, `/readyz` and `/metrics` (default `true`).
+    pub fn health_server(mut self, on: bool) -> Self {
+        self.options.health_server = on;
+        self
+    }
+
+    /// Builds a worker calling `handler`, with the configured idempotency (`None`,
+    /// `Memory`, or `Postgres`: an inbox row written after the handler succeeds).
+    pub async fn build<H: Handler>(self, handler: H) -> Result<Worker, WorkerError> {
+        let dedup = match self.options.idempotency {
+            Idempotency::None => Dedup::None,
+            Idempotency::Memory => Dedup::Memory(MemoryStore::new(self.options.memory_capacity)),
+            Idempotency::Postgres => Dedup::Postgres(self.inbox().await?),
+        };
+        self.start(Plain { handler, dedup }).await
+    }
+
+    /// Builds a worker whose handler writes in the PostgreSQL transaction that records
+    /// the event in the inbox: exactly one effect per event id.
+    pub async fn build_transactional<H: TransactionalHandler>(
+        mut self,
+        handler: H,
+    ) -> Result<Worker, WorkerError> {
+        self.options.idempotency = Idempotency::Postgres;
+        let inbox = self.inbox().await?;
+        self.start(Transactional { handler, inbox }).await
+    }
+
+    async fn inbox(&self) -> Result<PostgresInbox, WorkerError> {
+        let url = self
+            .options
+            .postgres_url
+            .as_deref()
+            .ok_or(WorkerError::Config {
+                setting: contract::POSTGRES_URL,
+                problem: "is not set but idempotency is Postgres; set it to the worker database's \
+                      postgres:// URL (or call WorkerBuilder::postgres_url)"
+                    .into(),
+            })?;
+        Ok(
+            PostgresInbox::connect(url, self.options.postgres_pool_size, &self.config.group_id)
+                .await?,
+        )
+    }
+
+    fn resolve_health_addr(&self) -> Result<SocketAddr, WorkerError> {
+        if let Some(a) = self.options.health_addr {
+            return Ok(a);
+        }
+        match &self.config.health_addr {
+            Some(a) => a.parse().map_err(|_| WorkerError::Config {
+                setting: contract::HEALTH_ADDR,
+                problem: format!("is {a:?}; expected <ip>:<port> such as 10.0.0.7:8080"),
+            }),
+            None => Ok(SocketAddr::from(([0, 0, 0, 0], self.config.health_port))),
+        }
+    }
+
+    async fn start<P: Processor>(self, processor: P) -> Result<Worker, WorkerError> {
+        let o = &self.options;
+        if o.schema_versions.is_empty() {
+            return Err(WorkerError::Config {
+                setting: "schema_versions",
+                problem: "is an empty range; give the versions this worker handles, e.g. 1..=2"
+                    .into(),
+            });
+        }
+        if self.config.topics.is_empty() {
+            return Err(WorkerError::Config {
+                setting: contract::TOPICS,
+                problem: "lists no topic; add at least one {\"topic\": ...}".into(),
+            });
+        }
+        let metrics = Arc::new(Metrics::default());
+        let health = if o.health_server {
+            let addr = self.resolve_health_addr()?;
+            let (bound, task) = metrics::serve(addr, metrics.clone())
+                .await
+                .map_err(|source| WorkerError::Health { addr, source })?;
+            Some((bound, task))
+        } else {
+            None
+        };
+
+        let mut plans = HashMap::new();
+        let mut subscribe = Vec::new();
+        for route in &self.config.topics {
+            let levels = std::iter::once(route.topic.clone())
+                .chain(route.retry_topics.iter().map(|r| r.topic.clone()));
+            for (level, topic) in levels.enumerate() {
+                subscribe.push(topic.clone());
+                plans.insert(
+                    topic,
+                    Arc::new(TopicPlan {
+                        level,
+                        retry_topics: route.retry_topics.clone(),
+                        dead_letter_topic: route.dead_letter_topic.clone(),
+                    }),
+                );
+            }
+        }
+
+        let mut common = ClientConfig::new();
+        for (k, v) in &self.config.kafka {
+            common.set(k, v);
+        }
+        common.set_log_level(RDKafkaLogLevel::Warning);
+        let mut producer_config = common.clone();
+        producer_config
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "5");
+        let producer: FutureProducer = producer_config.create()?;
+
+        let mut consumer_config = common;
+        consumer_config
+            .set("group.id", &self.config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("statistics.interval.ms", "5000");
+        for (k, v) in &self.config.kafka {
+            consumer_config.set(k, v);
+        }
+
+        let processor = Arc::new(processor);
+        let ctx = Ctx {
+            core: OnceLock::new(),
+        };
+        let consumer: Arc<BaseConsumer<Ctx>> = Arc::new(consumer_config.create_with_context(ctx)?);
+        let core = Arc::new(Core {
+            group: self.config.group_id.clone(),
+            producer,
+            metrics: metrics.clone(),
+            options: self.options.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            key_hash: Default::default(),
+            plans,
+            consumer: OnceLock::new(),
+            partitions: Mutex::new(HashMap::new()),
+            spawn: Box::new(move |core, topic, partition| {
+                partition::spawn(core, processor.clone(), topic, partition)
+            }),
+            stopping: AtomicBool::new(false),
+        });
+        let _ = core.consumer.set(Arc::downgrade(&consumer));
+        let _ = consumer.context().core.set(Arc::downgrade(&core));
+        let topics: Vec<&str> = subscribe.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        Ok(Worker {
+            core,
+            consumer,
+            health,
+        })
+    }
+}
+
+/// A configured worker, subscribed and ready to [`run`](Worker::run).
+pub struct Worker {
+    core: Arc<Core>,
+    consumer: Arc<BaseConsumer<Ctx>>,
+    health: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
+}
+
+impl Worker {
+    /// A builder from `config`.
+    pub fn builder(config: WorkerConfig) -> WorkerBuilder {
+        WorkerBuilder::new(config)
+    }
+
+    /// A builder from the environment contract ([`WorkerConfig::from_env`]).
+    pub fn from_env() -> Result<WorkerBuilder, WorkerError> {
+        Ok(WorkerBuilder::new(WorkerConfig::from_env()?))
+    }
+
+    /// The address the health and metrics server listens on, if it runs.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.as_ref().map(|(a, _)| *a)
+    }
+
+    /// The worker's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.core.metrics.clone()
+    }
+
+    /// Runs until SIGTERM or SIGINT, then shuts down gracefully: stops fetching, finishes
+    /// in-flight records, commits, and leaves the group.
+    pub async fn run(self) -> Result<(), WorkerError> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Runs until `shutdown` completes, then shuts down gracefully like [`run`](Self::run).
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), WorkerError> {
+        let Worker {
+            core,
+            consumer,
+            health,
+        } = self;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let poll_core = core.clone();
+        std::thread::Builder::new()
+            .name("eventops-poll".into())
+            .spawn(move || {
+                poll_loop(&poll_core, &consumer);
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| WorkerError::PollLoop(e.to_string()))?;
+        core.metrics.ready.store(true, Ordering::Relaxed);
+
+        let committer = {
+            let core = core.clone();
+            let interval = core.options.commit_interval;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if core.stopping.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Some(c) = core.consumer() {
+                        core.commit_progress(&c);
+                    }
+                }
+            })
+        };
+
+        let mut done_rx = done_rx;
+        let unexpected = tokio::select! {
+            _ = shutdown => false,
+            _ = &mut done_rx => true,
+        };
+        tracing::info!("shutting down: no more fetching, finishing in-flight records");
+        core.metrics.ready.store(false, Ordering::Relaxed);
+        core.stopping.store(true, Ordering::Relaxed);
+        if !unexpected {
+            let _ = done_rx.await;
+        }
+        committer.abort();
+        let _ = rdkafka::producer::Producer::flush(&core.producer, Duration::from_secs(10));
+        if let Some((_, task)) = health {
+            task.abort();
+        }
+        tracing::info!("worker stopped");
+        if unexpected {
+            return Err(WorkerError::PollLoop("the poll thread stopped".into()));
+        }
+        Ok(())
+    }
+}
+
+/// SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The poll thread: polls, dispatches, runs rebalance callbacks; at shutdown pauses
+/// fetching, releases every partition (finish, commit) and closes the consumer, which
+/// leaves the group.
+fn poll_loop(core: &Arc<Core>, consumer: &Arc<BaseConsumer<Ctx>>) {
+    while !core.stopping.load(Ordering::Relaxed) {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(m)) => core.dispatch(&m),
+            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+        }
+    }
+    if let Ok(assignment) = consumer.assignment() {
+        let _ = consumer.pause(&assignment);
+    }
+    let all: Vec<(String, i32)> = {
+        let map = core.partitions.lock().unwrap();
+        map.iter()
+            .flat_map(|(t, ps)| ps.keys().map(move |p| (t.clone(), *p)))
+            .collect()
+    };
+    core.release(consumer, &all);
+    if let Err(e) = consumer.close_queue() {
+        tracing::warn!(error = %e, "closing the consumer");
+    } else {
+        while !consumer.closed() {
+            if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+                // Fetched after the shutdown started: not handled, not committed.
+            }
+        }
+    }
+}
