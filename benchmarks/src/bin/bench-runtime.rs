@@ -33,7 +33,7 @@ use rdkafka::{Offset, TopicPartitionList};
 #[command(about = "Consumer runtime vs plain rdkafka vs Spring Kafka; prints figures")]
 struct Args {
     /// Records to produce and consume.
-    #[arg(long, default_value_t = 500_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     messages: u64,
     /// Partitions of the benchmark topic.
     #[arg(long, default_value_t = 6)]
@@ -155,7 +155,13 @@ async fn main() -> anyhow::Result<()> {
             runs.swap_remove(runs.len() / 2)
         })
         .collect();
-    report(&results, args.messages, args.partitions);
+    report(
+        &results,
+        args.messages,
+        args.partitions,
+        args.rounds,
+        &args.jvm_opts,
+    );
     Ok(())
 }
 
@@ -367,9 +373,24 @@ fn free_port() -> u16 {
         .expect("binding a free port")
 }
 
-fn report(results: &[Figures], n: u64, partitions: i32) {
+fn report(results: &[Figures], n: u64, partitions: i32, rounds: usize, jvm_opts: &str) {
     println!(
-        "\n{n} records × {PAYLOAD_BYTES} B, {partitions} partitions, one worker each, manual commits"
+        "\n{n} records × {PAYLOAD_BYTES} B, {partitions} partitions, one worker each, manual commits; \
+         median of {rounds} run(s) per contender"
+    );
+    println!(
+        "time: first record at the handler → all offsets committed (seen by the broker, polled every 50 ms)\n\
+         startup: process start → first record; peak RSS: VmHWM; CPU: utime + stime of the process\n\
+         Spring: Boot 3.4 / spring-kafka 3.3, AckMode.MANUAL, DefaultErrorHandler, JVM options: {}\n\
+         load average at the end: {}",
+        if jvm_opts.is_empty() {
+            "none (defaults)"
+        } else {
+            jvm_opts
+        },
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     println!(
         "{:<36} {:>12} {:>9} {:>10} {:>12} {:>9}",
