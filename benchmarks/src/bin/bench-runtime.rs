@@ -67,10 +67,15 @@ const RUNTIME: &str = "eventops runtime (Memory)";
 const SPRING: &str = "Spring Kafka (MANUAL ack)";
 const POSTGRES: &str = "eventops runtime (Postgres inbox)";
 
+/// Makes the command that starts one run of a contender.
+type Launcher<'a> = Box<dyn Fn() -> Command + 'a>;
+
 /// One contender's figures.
 struct Figures {
     name: String,
     records: u64,
+    /// Every run's records/s, slowest first (filled in for the median).
+    all_rates: String,
     startup: Duration,
     elapsed: Duration,
     peak_rss_kib: u64,
@@ -109,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
         c.arg(mode);
         c
     };
-    let mut contenders: Vec<(&str, Box<dyn Fn() -> Command>)> = vec![
+    let mut contenders: Vec<(&str, Launcher<'_>)> = vec![
         (
             BASELINE,
             Box::new(|| Command::new(bin_dir.join("bench-rdkafka-consumer"))),
@@ -169,16 +174,14 @@ async fn main() -> anyhow::Result<()> {
     let results: Vec<Figures> = results
         .into_iter()
         .map(|mut runs| {
-            runs.sort_by(|a, b| a.elapsed.cmp(&b.elapsed));
-            runs.swap_remove(runs.len() / 2)
+            runs.sort_by_key(|f| f.elapsed);
+            let all: Vec<String> = runs.iter().map(|f| format!("{:.0}", f.rate())).collect();
+            let mut median = runs.swap_remove(runs.len() / 2);
+            median.all_rates = all.join(" ");
+            median
         })
         .collect();
-    report(
-        &results,
-        args.partitions,
-        args.rounds,
-        &args.jvm_opts,
-    );
+    report(&results, args.partitions, args.rounds, &args.jvm_opts);
     Ok(())
 }
 
@@ -294,6 +297,7 @@ fn run(
     Ok(Figures {
         name: name.into(),
         records: n,
+        all_rates: String::new(),
         startup,
         elapsed,
         peak_rss_kib,
@@ -411,19 +415,20 @@ fn report(results: &[Figures], partitions: i32, rounds: usize, jvm_opts: &str) {
             .trim()
     );
     println!(
-        "{:<34} {:>9} {:>10} {:>8} {:>9} {:>12} {:>8}",
+        "{:<34} {:>9} {:>10} {:>8} {:>9} {:>12} {:>8}  records/s of every run",
         "contender", "records", "records/s", "time s", "startup s", "peak RSS MiB", "CPU s"
     );
     for f in results {
         println!(
-            "{:<34} {:>9} {:>10.0} {:>8.2} {:>9.2} {:>12.1} {:>8.2}",
+            "{:<34} {:>9} {:>10.0} {:>8.2} {:>9.2} {:>12.1} {:>8.2}  {}",
             f.name,
             f.records,
             f.rate(),
             f.elapsed.as_secs_f64(),
             f.startup.as_secs_f64(),
             f.peak_rss_kib as f64 / 1024.0,
-            f.cpu.as_secs_f64()
+            f.cpu.as_secs_f64(),
+            f.all_rates
         );
     }
     let find = |name: &str| results.iter().find(|f| f.name == name);
