@@ -319,6 +319,18 @@ async fn handle_run<P: Processor>(part: &Part, processor: &P, events: &[Event<'_
         }
         return true;
     }
+    if !P::BATCHED {
+        for event in events {
+            if part.stopped() {
+                return false;
+            }
+            let r = processor.attempt(part, event, 1).await;
+            if !settle(part, processor, event, r, 1).await {
+                return false;
+            }
+        }
+        return true;
+    }
     let mut rest = events;
     while !rest.is_empty() {
         if part.stopped() {

@@ -21,6 +21,9 @@ pub(crate) enum Outcome {
 
 /// Handles events for a partition task.
 pub(crate) trait Processor: Send + Sync + 'static {
+    /// Whether [`first_attempts`](Self::first_attempts) handles several events as one unit.
+    const BATCHED: bool;
+
     /// First attempts of consecutive events, in order, as one unit where that pays (one
     /// transaction). Returns results for a prefix of `events` that ends at the first
     /// failure or covers all.
@@ -126,21 +129,19 @@ impl<H: Handler> Plain<H> {
 }
 
 impl<H: Handler> Processor for Plain<H> {
+    /// One event at a time: nothing is gained by grouping, and each finished record is
+    /// committable at once.
+    const BATCHED: bool = false;
+
     async fn first_attempts<'a>(
         &'a self,
         part: &'a Part,
         events: &'a [Event<'a>],
     ) -> Vec<Result<Outcome, HandlerError>> {
-        let mut out = Vec::with_capacity(events.len());
-        for event in events {
-            let r = self.once(part, event, 1).await;
-            let failed = r.is_err();
-            out.push(r);
-            if failed || part.stopped() {
-                break;
-            }
+        match events.first() {
+            Some(event) => vec![self.once(part, event, 1).await],
+            None => Vec::new(),
         }
-        out
     }
 
     async fn attempt<'a>(
@@ -177,11 +178,14 @@ impl<H: TransactionalHandler> Transactional<H> {
             Err(e) => return fail(HandlerError::transient(e)),
         };
         let mut out = Vec::with_capacity(events.len());
+        let started = Instant::now();
         for event in events {
             let r = self.in_savepoint(part, &mut tx, event, attempt).await;
             let failed = r.is_err();
             out.push(r);
-            if failed || part.stopped() {
+            // A transaction lasts at most a commit interval: its records only become
+            // committable when it commits.
+            if failed || part.stopped() || started.elapsed() >= part.core.options.commit_interval {
                 break;
             }
         }
@@ -240,6 +244,8 @@ impl<H: TransactionalHandler> Transactional<H> {
 }
 
 impl<H: TransactionalHandler> Processor for Transactional<H> {
+    const BATCHED: bool = true;
+
     async fn first_attempts<'a>(
         &'a self,
         part: &'a Part,

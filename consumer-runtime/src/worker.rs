@@ -158,8 +158,10 @@ impl Core {
     /// Commits every partition whose completed offset advanced, asynchronously.
     fn commit_progress(&self, consumer: &BaseConsumer<Ctx>) {
         let mut tpl = TopicPartitionList::new();
+        // Committed under the lock, so a partition being released is either committed
+        // here or by `release`, never after it changed owner.
+        let map = self.partitions.lock().unwrap();
         {
-            let map = self.partitions.lock().unwrap();
             for h in map.values().flat_map(|m| m.values()) {
                 let next = h.state.committable.load(Ordering::Acquire);
                 if next > h.state.committed.load(Ordering::Relaxed) {
@@ -179,6 +181,7 @@ impl Core {
                 tracing::warn!(error = %e, "offset commit failed; it is retried with the next one");
             }
         }
+        drop(map);
     }
 
     fn assigned(&self, core: &Arc<Core>, tpl: &TopicPartitionList) {

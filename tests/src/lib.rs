@@ -3,6 +3,8 @@
 //!
 //! Tests isolate themselves by namespace and by Kafka topic names made with [`unique`].
 
+pub mod runtime;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
