@@ -1,0 +1,42 @@
+//! Inventory: reserves stock for every `OrderPlaced`. The reservation is simulated I/O
+//! (`INVENTORY_WORK_MS`, default 5 ms per order), so a traffic spike builds lag.
+
+use std::time::Duration;
+
+use eventops_consumer_runtime::{Context, Event, Handler, HandlerError, Worker};
+use eventops_example_order_processing::{ORDER_PLACED, OrderPlaced, env_millis, init_logging};
+
+struct Inventory {
+    work: Duration,
+}
+
+impl Handler for Inventory {
+    async fn handle(&self, event: &Event<'_>, _ctx: &Context<'_>) -> Result<(), HandlerError> {
+        if event.event_type() != ORDER_PLACED {
+            return Err(HandlerError::message(
+                eventops_consumer_runtime::ErrorKind::Permanent,
+                format!(
+                    "inventory handles {ORDER_PLACED}, not {}",
+                    event.event_type()
+                ),
+            ));
+        }
+        let order: OrderPlaced = event.data()?;
+        tokio::time::sleep(self.work).await;
+        let units: u32 = order.items.iter().map(|l| l.quantity).sum();
+        tracing::debug!(order_id = %order.order_id, units, "stock reserved");
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    let work = env_millis("INVENTORY_WORK_MS", 5)?;
+    Worker::from_env()?
+        .build(Inventory { work })
+        .await?
+        .run()
+        .await?;
+    Ok(())
+}
