@@ -148,6 +148,7 @@ impl TestEnv {
                         match field.field_path.as_str() {
                             "metadata.namespace" => namespace.to_string(),
                             "metadata.name" => format!("{name}-local"),
+                            "status.podIP" => "127.0.0.1".to_string(),
                             other => panic!("field reference {other} is not resolved here"),
                         }
                     } else {

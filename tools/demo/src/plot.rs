@@ -53,6 +53,8 @@ pub fn draw(samples: &[Sample], path: &Path) -> anyhow::Result<()> {
         .build_cartesian_2d(0.0..t_max, 0.0..lag_max * 1.05)
         .map_err(err)?;
     lag.configure_mesh()
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .x_desc("seconds")
         .y_desc("records")
         .draw()
@@ -81,10 +83,13 @@ pub fn draw(samples: &[Sample], path: &Path) -> anyhow::Result<()> {
         .margin(12)
         .x_label_area_size(30)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.0..t_max, 0.0..replicas_max + 0.5)
+        .build_cartesian_2d(0.0..t_max, 0.0..replicas_max + 1.0)
         .map_err(err)?;
     replicas
         .configure_mesh()
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_labels(replicas_max as usize + 2)
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .x_desc("seconds")
         .y_desc("replicas")
         .draw()

@@ -132,7 +132,7 @@ impl Environment {
              export KUBECONFIG='{}'\nexport EVENTOPS_ENV='{}'\n\
              export EVENTOPS_KAFKA_BOOTSTRAP='{}'\nexport EVENTOPS_KAFKA_SASL_MECHANISM='{}'\n\
              export EVENTOPS_KAFKA_USERNAME='{}'\nexport EVENTOPS_KAFKA_PASSWORD='{}'\n\
-             export EVENTOPS_POSTGRES_URL='{}'\nexport PATH='{}':\"$PATH\"\n\
+             export EVENTOPS_POSTGRES_URL='{}'\nexport PATH='{}':'{}':\"$PATH\"\n\
              # Kafka's own command-line tools as the super user, e.g.\n\
              #   kafka_tool org.apache.kafka.tools.TopicCommand --list\n\
              kafka_tool() {{ java -Xmx256m -Dlog4j2.configurationFile='{}' -cp '{}/*' \"$1\" \
@@ -145,6 +145,7 @@ impl Environment {
             info.kafka_admin_password,
             info.postgres_url,
             info.kubectl.parent().unwrap_or(Path::new("/")).display(),
+            info.helm.parent().unwrap_or(Path::new("/")).display(),
             dir.join("kafka/tools-log4j2.properties").display(),
             info.kafka_lib.display(),
             info.kafka_bootstrap,
