@@ -1,5 +1,8 @@
 //! Inventory: reserves stock for every `OrderPlaced`. The reservation is simulated I/O
-//! (`INVENTORY_WORK_MS`, default 5 ms per order), so a traffic spike builds lag.
+//! (`INVENTORY_WORK_MS`, default 5 ms per order) through a pool of
+//! `INVENTORY_CONNECTIONS` (default 4) connections to the stock service per replica, so
+//! one replica handles at most connections / work orders a second, a traffic spike builds
+//! lag, and more replicas drain it faster.
 
 use std::time::Duration;
 
@@ -8,6 +11,7 @@ use eventops_example_order_processing::{ORDER_PLACED, OrderPlaced, env_millis, i
 
 struct Inventory {
     work: Duration,
+    connections: tokio::sync::Semaphore,
 }
 
 impl Handler for Inventory {
@@ -22,7 +26,14 @@ impl Handler for Inventory {
             ));
         }
         let order: OrderPlaced = event.data()?;
-        tokio::time::sleep(self.work).await;
+        {
+            let _connection = self
+                .connections
+                .acquire()
+                .await
+                .map_err(HandlerError::transient)?;
+            tokio::time::sleep(self.work).await;
+        }
         let units: u32 = order.items.iter().map(|l| l.quantity).sum();
         tracing::debug!(order_id = %order.order_id, units, "stock reserved");
         Ok(())
@@ -33,8 +44,17 @@ impl Handler for Inventory {
 async fn main() -> anyhow::Result<()> {
     init_logging();
     let work = env_millis("INVENTORY_WORK_MS", 5)?;
+    let connections = match std::env::var("INVENTORY_CONNECTIONS") {
+        Ok(v) => v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+            anyhow::anyhow!("INVENTORY_CONNECTIONS is {v:?}; expected a whole number above 0")
+        })?,
+        Err(_) => 4,
+    };
     Worker::from_env()?
-        .build(Inventory { work })
+        .build(Inventory {
+            work,
+            connections: tokio::sync::Semaphore::new(connections),
+        })
         .await?
         .run()
         .await?;

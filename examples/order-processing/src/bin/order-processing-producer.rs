@@ -67,6 +67,9 @@ struct Args {
     /// Rate multiplier during the spike.
     #[arg(long, default_value_t = 10.0)]
     spike_factor: f64,
+    /// Make every Nth record undecodable (a poison message the workers dead-letter).
+    #[arg(long)]
+    poison_every: Option<u64>,
 }
 
 impl Args {
@@ -120,9 +123,16 @@ async fn main() -> anyhow::Result<()> {
             let order = order(sent);
             let key = order.order_id.clone();
             let correlation = format!("checkout-{}", new_event_id());
-            let bytes = Envelope::new(ORDER_PLACED, 1, order)
-                .with_correlation_id(correlation.clone())
-                .to_bytes();
+            let poison = args
+                .poison_every
+                .is_some_and(|n| n > 0 && (sent + 1) % n == 0);
+            let bytes = if poison {
+                b"{not json: a corrupted order".to_vec()
+            } else {
+                Envelope::new(ORDER_PLACED, 1, order)
+                    .with_correlation_id(correlation.clone())
+                    .to_bytes()
+            };
             let headers = OwnedHeaders::new().insert(Header {
                 key: CORRELATION_HEADER,
                 value: Some(&correlation),
