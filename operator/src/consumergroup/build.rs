@@ -397,8 +397,8 @@ pub fn deployment(
                             protocol: Some("TCP".into()),
                             ..Default::default()
                         }]),
-                        readiness_probe: Some(health_probe("/readyz")),
-                        liveness_probe: Some(health_probe("/healthz")),
+                        readiness_probe: Some(health_probe("/readyz", READINESS_PERIOD_SECONDS)),
+                        liveness_probe: Some(health_probe("/healthz", 10)),
                         ..Default::default()
                     }],
                     // Time to finish in-flight records and commit after SIGTERM.
@@ -417,10 +417,14 @@ pub const HEALTH_PORT_NAME: &str = "health";
 /// Seconds a worker has after SIGTERM to finish in-flight records and commit.
 pub const TERMINATION_GRACE_PERIOD_SECONDS: i64 = 30;
 
-/// An HTTP probe of the health port. Every field the API server would default is set
-/// here, so the stored Deployment compares equal to the built one and a resync that
-/// finds nothing changed writes nothing.
-pub fn health_probe(path: &str) -> Probe {
+/// Seconds between readiness probes: short, so a replica added during a spike counts as
+/// Ready (and its Deployment as progressing) soon after it has joined the group.
+pub const READINESS_PERIOD_SECONDS: i32 = 2;
+
+/// An HTTP probe of the health port every `period_seconds`. Every field the API server
+/// would default is set here, so the stored Deployment compares equal to the built one
+/// and a resync that finds nothing changed writes nothing.
+pub fn health_probe(path: &str, period_seconds: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -428,7 +432,7 @@ pub fn health_probe(path: &str) -> Probe {
             scheme: Some("HTTP".into()),
             ..Default::default()
         }),
-        period_seconds: Some(10),
+        period_seconds: Some(period_seconds),
         timeout_seconds: Some(1),
         success_threshold: Some(1),
         failure_threshold: Some(3),
