@@ -5,6 +5,7 @@
 
 pub mod autoscale;
 pub mod chart;
+pub mod e2e;
 pub mod pods;
 pub mod runtime;
 
