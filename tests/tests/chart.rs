@@ -2,7 +2,8 @@
 //! of the rendered manifests, and `helm install` into the local API server (RBAC on) with
 //! the operator running under the chart's ServiceAccount and RBAC, as its Deployment
 //! configures it. Removing any one of the chart's RBAC rules breaks it. Re-applying the
-//! same manifests (GitOps resyncs, `helm upgrade`) writes nothing.
+//! same manifests (GitOps resyncs, `helm upgrade`) writes nothing. The chart's own
+//! Deployment also runs as two pods on the local node and reconciles.
 
 use std::time::{Duration, Instant};
 
@@ -160,6 +161,11 @@ struct Release {
 }
 
 async fn install(env: &TestEnv, prefix: &str) -> Release {
+    install_with(env, prefix, "replicaCount=0").await
+}
+
+/// [`install`] with extra `--set` values (later values win).
+async fn install_with(env: &TestEnv, prefix: &str, extra: &str) -> Release {
     let ns = env.namespace(prefix).await;
     let apps = env.namespace(&format!("{prefix}-apps")).await;
     let secret: Secret = serde_json::from_value(serde_json::json!({
@@ -172,13 +178,10 @@ async fn install(env: &TestEnv, prefix: &str) -> Release {
         .await
         .unwrap();
     let name = "eventops".to_string();
-    env.helm(
-        &install_args("install", &name, &ns, &apps, env)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
-    .expect_ok("helm install");
+    let mut args = install_args("install", &name, &ns, &apps, env);
+    args.extend(["--set".to_string(), extra.to_string()]);
+    env.helm(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .expect_ok("helm install");
     Release { name, ns, apps }
 }
 
@@ -838,4 +841,57 @@ async fn cluster_wide_install_grants_the_rules_everywhere_and_nothing_else() {
     env.helm(&["uninstall", &release, "-n", &ns])
         .expect_ok("helm uninstall");
     assert!(wrong.is_empty(), "{wrong:?}");
+}
+
+/// The chart's own Deployment, run as pods by the node agent (a kubelet stand-in): two
+/// operator replicas under the chart's ServiceAccount token and RBAC, one leading through
+/// the Lease, both Ready, and the leader makes an EventTopic and a ConsumerGroup Ready.
+#[tokio::test]
+async fn the_charts_deployment_runs_as_pods_and_reconciles() {
+    let env = env().await;
+    let release = install_with(&env, "chart-pods", "replicaCount=2").await;
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &release.ns);
+    eventually(
+        Duration::from_secs(90),
+        "both operator pods Ready",
+        || async {
+            let d = deployments.get(&release.name).await.ok()?;
+            let ready = d.status.and_then(|s| s.ready_replicas).unwrap_or(0);
+            (ready == 2).then_some(())
+        },
+    )
+    .await;
+
+    let topic = unique("chart.pods.placed");
+    apply_manifests(&env, &release.apps, &manifests(&topic));
+    wait_all_done(&env, &release.apps, Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|e| panic!("the chart's operator pods did not finish: {e}"));
+    assert!(env.topic_exists(&topic).await, "Kafka has no topic {topic}");
+
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.client.clone(), &release.ns);
+    let holder = leases
+        .get("eventops-operator")
+        .await
+        .expect("the operator's Lease in the release namespace")
+        .spec
+        .and_then(|s| s.holder_identity)
+        .expect("a Lease holder");
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(env.client.clone(), &release.ns);
+    let names: Vec<String> = pods
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    assert!(
+        names.iter().any(|n| holder.contains(n.as_str())),
+        "Lease holder {holder} is none of the operator pods {names:?}"
+    );
+    env.helm(&["uninstall", &release.name, "-n", &release.ns, "--wait"])
+        .expect_ok("helm uninstall");
 }
