@@ -42,8 +42,10 @@ pub(crate) trait Processor: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send + 'a;
 }
 
+/// The span a handler call runs in: debug level, so with the usual `info` filter it is
+/// disabled and costs one level check per record.
 fn span(event: &Event<'_>, attempt: u32) -> tracing::Span {
-    tracing::info_span!(
+    tracing::debug_span!(
         "event",
         event_id = event.id(),
         event_type = event.event_type(),

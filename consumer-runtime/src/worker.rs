@@ -64,6 +64,30 @@ pub enum WorkerError {
     PollLoop(String),
 }
 
+/// librdkafka consumer properties a worker starts from; each can be overridden with
+/// [`WorkerBuilder::kafka_property`]. `enable.auto.commit` and `enable.auto.offset.store`
+/// are always `false` on top of these: offsets are committed only after processing.
+///
+/// - `auto.offset.reset=earliest`: a group without a committed offset starts at the
+///   first record of each partition, so nothing produced before the group's first start
+///   is skipped. The operator's autoscaler counts such a group's lag as end − start for
+///   the same reason; override with `latest` to skip history (the autoscaler then
+///   overestimates that group's lag until its first commit).
+/// - `partition.assignment.strategy=cooperative-sticky`: incremental rebalances, so a
+///   scaling group does not stop every partition.
+/// - `queued.max.messages.kbytes=16384`: librdkafka prefetches up to 16 MiB ahead of the
+///   handlers instead of its 64 MiB default. Partition tasks already hold up to
+///   `max_in_flight_per_partition` records each, so a deeper prefetch only costs memory.
+/// - `fetch.queue.backoff.ms=10`: when that prefetch queue is full, librdkafka checks
+///   again after 10 ms rather than its default 1 s, so a consumer that catches up is not
+///   left idle for most of a second (librdkafka's own advice when lowering the queue).
+pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    ("auto.offset.reset", "earliest"),
+    ("partition.assignment.strategy", "cooperative-sticky"),
+    ("queued.max.messages.kbytes", "16384"),
+    ("fetch.queue.backoff.ms", "10"),
+];
+
 /// Tuning beyond the environment contract; every field has a builder method.
 #[derive(Clone, Debug)]
 pub(crate) struct Options {
@@ -233,11 +257,42 @@ impl Core {
         let mut pending = self.pending.lock().unwrap();
         for (state, tx, records) in pending.drain(..) {
             // Counted before sending: the task may finish them before `send` returns.
-            state.dispatched(self, records.len());
+            state.dispatched(records.len());
             let _ = tx.send(records);
         }
     }
 }
+
+impl Core {
+    /// Waits while a fetched partition's task is full (see the `partition` module), at
+    /// most [`FULL_WAIT`]; then pauses the partitions still full.
+    fn wait_for_room(&self) {
+        let started = std::time::Instant::now();
+        loop {
+            let full: Vec<Arc<PartitionState>> = {
+                let map = self.partitions.lock().unwrap();
+                map.values()
+                    .flat_map(|m| m.values())
+                    .filter(|h| h.state.full())
+                    .map(|h| h.state.clone())
+                    .collect()
+            };
+            if full.is_empty() || self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            if started.elapsed() >= FULL_WAIT {
+                for state in full {
+                    state.pause_if_full(self);
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Longest the poll loop waits for a full partition task before pausing its partition.
+const FULL_WAIT: Duration = Duration::from_millis(200);
 
 /// The consumer's context: rebalance callbacks, commit results and statistics.
 pub(crate) struct Ctx {
@@ -373,7 +428,7 @@ impl WorkerBuilder {
         self
     }
 
-    /// The PostgreSQL URL of the inbox (default: [`contract::POSTGRES_URL`]).
+    /// The PostgreSQL URL of the inbox (default: [`contract::DATABASE_URL`]).
     pub fn postgres_url(mut self, url: impl Into<String>) -> Self {
         self.options.postgres_url = Some(url.into());
         self
@@ -459,7 +514,7 @@ impl WorkerBuilder {
             .postgres_url
             .as_deref()
             .ok_or(WorkerError::Config {
-                setting: contract::POSTGRES_URL,
+                setting: contract::DATABASE_URL,
                 problem: "is not set but idempotency is Postgres; set it to the worker database's \
                       postgres:// URL (or call WorkerBuilder::postgres_url)"
                     .into(),
@@ -539,16 +594,18 @@ impl WorkerBuilder {
         let producer: FutureProducer = producer_config.create()?;
 
         let mut consumer_config = common;
-        consumer_config
-            .set("group.id", &self.config.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("statistics.interval.ms", "5000");
+        consumer_config.set("group.id", &self.config.group_id);
+        for (k, v) in CONSUMER_DEFAULTS {
+            consumer_config.set(*k, *v);
+        }
+        consumer_config.set("statistics.interval.ms", "5000");
         for (k, v) in &self.config.kafka {
             consumer_config.set(k, v);
         }
+        // Offsets are committed only after processing, whatever was set above.
+        consumer_config
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
 
         let processor = Arc::new(processor);
         let ctx = Ctx {
@@ -709,6 +766,7 @@ async fn shutdown_signal() {
 fn poll_loop(core: &Arc<Core>, consumer: &Arc<BaseConsumer<Ctx>>) {
     const BURST: usize = 2048;
     while !core.stopping.load(Ordering::Relaxed) {
+        core.wait_for_room();
         match consumer.poll(Duration::from_millis(100)) {
             None => continue,
             Some(Ok(m)) => core.dispatch(&m),
