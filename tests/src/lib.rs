@@ -3,10 +3,10 @@
 //!
 //! Tests isolate themselves by namespace and by Kafka topic names made with [`unique`].
 
-pub mod chart;
-pub mod runtime;
-pub mod pods;
 pub mod autoscale;
+pub mod chart;
+pub mod pods;
+pub mod runtime;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
