@@ -88,6 +88,23 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("fetch.queue.backoff.ms", "10"),
 ];
 
+/// The consumer's properties: `common` (client and security), [`CONSUMER_DEFAULTS`], the
+/// worker's own properties over them, and commits only after processing.
+fn consumer_config(mut c: ClientConfig, config: &WorkerConfig) -> ClientConfig {
+    c.set("group.id", &config.group_id);
+    for (k, v) in CONSUMER_DEFAULTS {
+        c.set(*k, *v);
+    }
+    c.set("statistics.interval.ms", "5000");
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
+    // Offsets are committed only after processing, whatever was set above.
+    c.set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    c
+}
+
 /// Tuning beyond the environment contract; every field has a builder method.
 #[derive(Clone, Debug)]
 pub(crate) struct Options {
@@ -593,19 +610,7 @@ impl WorkerBuilder {
             .set("linger.ms", "5");
         let producer: FutureProducer = producer_config.create()?;
 
-        let mut consumer_config = common;
-        consumer_config.set("group.id", &self.config.group_id);
-        for (k, v) in CONSUMER_DEFAULTS {
-            consumer_config.set(*k, *v);
-        }
-        consumer_config.set("statistics.interval.ms", "5000");
-        for (k, v) in &self.config.kafka {
-            consumer_config.set(k, v);
-        }
-        // Offsets are committed only after processing, whatever was set above.
-        consumer_config
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false");
+        let consumer_config = consumer_config(common, &self.config);
 
         let processor = Arc::new(processor);
         let ctx = Ctx {
@@ -801,5 +806,54 @@ fn poll_loop(core: &Arc<Core>, consumer: &Arc<BaseConsumer<Ctx>>) {
                 // Fetched after the shutdown started: not handled, not committed.
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(kafka: &[(&str, &str)]) -> WorkerConfig {
+        let vars = [
+            (contract::KAFKA_BOOTSTRAP, "k:9092"),
+            (contract::GROUP_ID, "g"),
+            (contract::TOPICS, r#"[{"topic":"t"}]"#),
+        ];
+        let mut c = WorkerConfig::from_lookup(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap();
+        for (k, v) in kafka {
+            c.kafka.insert(k.to_string(), v.to_string());
+        }
+        c
+    }
+
+    #[test]
+    fn a_new_group_starts_at_the_earliest_record_unless_overridden() {
+        let c = consumer_config(ClientConfig::new(), &config(&[]));
+        assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(c.get("group.id"), Some("g"));
+        let c = consumer_config(
+            ClientConfig::new(),
+            &config(&[("auto.offset.reset", "latest")]),
+        );
+        assert_eq!(c.get("auto.offset.reset"), Some("latest"));
+    }
+
+    #[test]
+    fn offsets_are_never_committed_automatically() {
+        let c = consumer_config(
+            ClientConfig::new(),
+            &config(&[
+                ("enable.auto.commit", "true"),
+                ("enable.auto.offset.store", "true"),
+            ]),
+        );
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("10"));
     }
 }
