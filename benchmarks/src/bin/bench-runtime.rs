@@ -355,7 +355,16 @@ fn measure(
         {
             first_ms = Some(ms.context("parsing the first-record time")?);
         }
-        let committed = observer.committed_offsets(tpl.clone(), Duration::from_secs(10))?;
+        // A fresh broker may not have the group's coordinator ready yet (NotCoordinator,
+        // CoordinatorLoadInProgress): ask again; the timeout above bounds it.
+        let committed = match observer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("[bench] committed offsets not available yet: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
         let done = ends.iter().enumerate().all(|(p, end)| {
             matches!(committed.find_partition(topic, p as i32).map(|e| e.offset()),
                 Some(Offset::Offset(o)) if o >= *end)
