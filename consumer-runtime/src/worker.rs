@@ -464,7 +464,11 @@ impl WorkerBuilder {
         self
     }
 
-    /// Records queued per partition before it is paused (default 2 000).
+    /// Records a partition task may hold (default 2 000). When one holds this many, the
+    /// poll loop waits for it; if it has not caught up after 200 ms its partition is
+    /// paused until it is down to half. Memory: about this many records per assigned
+    /// partition, plus librdkafka's prefetch (`queued.max.messages.kbytes`, see
+    /// [`CONSUMER_DEFAULTS`]).
     pub fn max_in_flight_per_partition(mut self, records: usize) -> Self {
         self.options.max_in_flight_per_partition = records;
         self
