@@ -2,7 +2,8 @@
 //! graceful shutdown ([`Worker::run`]).
 //!
 //! A dedicated thread polls the consumer and hands each record to its partition's task
-//! (see the `partition` module); it never blocks on handlers. Partition tasks publish
+//! (see the `partition` module); it waits for a full task at most 200 ms, then pauses
+//! that partition, so it never blocks on a slow handler. Partition tasks publish
 //! the offset up to which every record is done; a committer commits those offsets
 //! asynchronously every [`commit_interval`](WorkerBuilder::commit_interval), and
 //! synchronously when partitions are revoked and at shutdown. Only processed (or
