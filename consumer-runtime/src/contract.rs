@@ -45,9 +45,11 @@ pub const POD_IP: &str = "EVENTOPS_POD_IP";
 pub const HEALTH_ADDR: &str = "EVENTOPS_HEALTH_ADDR";
 
 /// PostgreSQL connection URL of the worker's own database (`postgres://user:pw@host/db`),
-/// needed when [`IDEMPOTENCY`] is `Postgres`. Not written by the operator: the workload
-/// template supplies it (typically from a Secret).
-pub const POSTGRES_URL: &str = "EVENTOPS_POSTGRES_URL";
+/// where the inbox lives; needed when [`IDEMPOTENCY`] is `Postgres`. The conventional
+/// `DATABASE_URL`: set by the user, never by the operator (the ConsumerGroup's
+/// `template.env` may not name `EVENTOPS_*` variables), typically from a Secret through
+/// `valueFrom.secretKeyRef`.
+pub const DATABASE_URL: &str = "DATABASE_URL";
 
 /// Port of the health and metrics endpoints when [`HEALTH_PORT`] is not set.
 pub const DEFAULT_HEALTH_PORT: u16 = 8080;
@@ -113,7 +115,7 @@ pub struct WorkerConfig {
     /// Socket address for the health server from [`HEALTH_ADDR`] (`<ip>:<port>`), if set;
     /// otherwise the server binds `0.0.0.0:<health_port>`.
     pub health_addr: Option<String>,
-    /// The worker's PostgreSQL URL from [`POSTGRES_URL`], if set.
+    /// The worker's PostgreSQL URL from [`DATABASE_URL`], if set.
     pub postgres_url: Option<String>,
 }
 
@@ -219,7 +221,7 @@ impl WorkerConfig {
             idempotency,
             health_port: number(HEALTH_PORT, &DEFAULT_HEALTH_PORT.to_string())? as u16,
             health_addr: lookup(HEALTH_ADDR).filter(|v| !v.is_empty()),
-            postgres_url: lookup(POSTGRES_URL).filter(|v| !v.is_empty()),
+            postgres_url: lookup(DATABASE_URL).filter(|v| !v.is_empty()),
         })
     }
 }
@@ -265,7 +267,7 @@ mod tests {
         let mut vars = MINIMAL.to_vec();
         vars.extend([
             (HEALTH_ADDR, "10.0.0.7:8080"),
-            (POSTGRES_URL, "postgres://db/x"),
+            (DATABASE_URL, "postgres://db/x"),
         ]);
         let c = WorkerConfig::from_lookup(lookup(&vars)).unwrap();
         assert_eq!(c.health_addr.as_deref(), Some("10.0.0.7:8080"));

@@ -24,6 +24,20 @@ pub const CREATE_INBOX_TABLE: &str = "CREATE TABLE IF NOT EXISTS eventops_inbox 
 pub const INSERT_INBOX_ROW: &str = "INSERT INTO eventops_inbox (consumer_group, event_id) \
     VALUES ($1, $2) ON CONFLICT DO NOTHING";
 
+/// Claims a batch of event ids (`$2`, a text array) for a group in one statement; returns
+/// the ids that were not processed before (each once, even if the batch repeats it).
+pub const CLAIM_INBOX_ROWS: &str = "INSERT INTO eventops_inbox (consumer_group, event_id) \
+    SELECT $1, id FROM unnest($2::text[]) AS ids(id) ON CONFLICT DO NOTHING RETURNING event_id";
+
+/// Releases claimed event ids (`$2`, a text array) whose handler did not run in this
+/// transaction, so a later delivery handles them.
+pub const RELEASE_INBOX_ROWS: &str =
+    "DELETE FROM eventops_inbox WHERE consumer_group = $1 AND event_id = ANY($2::text[])";
+
+/// Whether an event id was processed.
+pub const SELECT_INBOX_ROW: &str =
+    "SELECT 1 FROM eventops_inbox WHERE consumer_group = $1 AND event_id = $2";
+
 /// A bounded in-memory set of recently processed event ids.
 ///
 /// Ids are stored as 128-bit hashes (two independently keyed SipHashes), so the store

@@ -63,4 +63,4 @@ pub use record::Record;
 pub use retry::RetryPolicy;
 /// The PostgreSQL client the [`TransactionalHandler`] transaction comes from.
 pub use tokio_postgres;
-pub use worker::{Worker, WorkerBuilder, WorkerError};
+pub use worker::{CONSUMER_DEFAULTS, Worker, WorkerBuilder, WorkerError};

@@ -1,7 +1,14 @@
 //! One task per assigned partition: records arrive in offset order; the task handles them
 //! (in order, or concurrently by key), retries, dead-letters, and publishes the offset up
-//! to which everything is done. It pauses its partition while it has too much queued or
-//! while it backs off, so the poll loop never blocks and `max.poll.interval.ms` holds.
+//! to which everything is done.
+//!
+//! Flow control: when a task holds `max_in_flight_per_partition` records the poll loop
+//! stops polling for a moment (librdkafka then stops fetching once its own bounded queue
+//! is full, and keeps what it fetched); a task still full after that moment, or backing
+//! off, has its partition paused. Pausing makes librdkafka drop the partition's
+//! prefetched records and fetch them again on resume, so it is kept for slow partitions:
+//! pausing on every full queue cut throughput to a third. The poll loop never waits long,
+//! so `max.poll.interval.ms` holds.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -64,11 +71,21 @@ impl PartitionState {
     }
 
     /// The poll loop handed over `count` records.
-    pub fn dispatched(&self, core: &Core, count: usize) {
-        let n = self.in_flight.fetch_add(count, Ordering::Relaxed) + count;
-        if n >= self.high_water {
-            self.update_flow(core, |_| {});
-        }
+    pub fn dispatched(&self, count: usize) {
+        self.in_flight.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Whether the task holds `max_in_flight_per_partition` records or more while its
+    /// partition is fetched (not paused): the poll loop waits for it to catch up.
+    pub fn full(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) >= self.high_water
+            && !self.flow.lock().unwrap().paused
+    }
+
+    /// Pauses the partition if its task is still full: it did not catch up in time, so
+    /// the other partitions are fetched without it until it drains to half.
+    pub fn pause_if_full(&self, core: &Core) {
+        self.update_flow(core, |_| {});
     }
 
     fn finished(&self, core: &Core, n: usize) {

@@ -7,7 +7,10 @@ use tracing::Instrument;
 
 use crate::error::HandlerError;
 use crate::handler::{Context, Event, Handler, TransactionalHandler};
-use crate::idempotency::{INSERT_INBOX_ROW, MemoryStore, PostgresInbox};
+use crate::idempotency::{
+    CLAIM_INBOX_ROWS, INSERT_INBOX_ROW, MemoryStore, PostgresInbox, RELEASE_INBOX_ROWS,
+    SELECT_INBOX_ROW,
+};
 use crate::partition::Part;
 
 /// What became of an event that did not fail.
@@ -42,8 +45,10 @@ pub(crate) trait Processor: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send + 'a;
 }
 
+/// The span a handler call runs in: debug level, so with the usual `info` filter it is
+/// disabled and costs one level check per record.
 fn span(event: &Event<'_>, attempt: u32) -> tracing::Span {
-    tracing::info_span!(
+    tracing::debug_span!(
         "event",
         event_id = event.id(),
         event_type = event.event_type(),
@@ -86,11 +91,12 @@ impl<H: Handler> Plain<H> {
             }
             Dedup::Postgres(inbox) => {
                 let client = inbox.pool().get().await.map_err(HandlerError::transient)?;
+                let select = client
+                    .prepare_cached(SELECT_INBOX_ROW)
+                    .await
+                    .map_err(HandlerError::transient)?;
                 let seen = client
-                    .query_opt(
-                        "SELECT 1 FROM eventops_inbox WHERE consumer_group = $1 AND event_id = $2",
-                        &[&inbox.group(), &event.id()],
-                    )
+                    .query_opt(&select, &[&inbox.group(), &event.id()])
                     .await
                     .map_err(HandlerError::transient)?;
                 if seen.is_some() {
@@ -120,8 +126,12 @@ impl<H: Handler> Plain<H> {
             }
             Dedup::Postgres(inbox) => {
                 let client = inbox.pool().get().await.map_err(HandlerError::transient)?;
+                let insert = client
+                    .prepare_cached(INSERT_INBOX_ROW)
+                    .await
+                    .map_err(HandlerError::transient)?;
                 client
-                    .execute(INSERT_INBOX_ROW, &[&inbox.group(), &event.id()])
+                    .execute(&insert, &[&inbox.group(), &event.id()])
                     .await
                     .map_err(HandlerError::transient)?;
             }
@@ -162,86 +172,125 @@ pub(crate) struct Transactional<H> {
     pub inbox: PostgresInbox,
 }
 
+/// How one transaction of [`Transactional::claimed`] ended.
+enum Batch {
+    /// Results for a prefix of the events, committed.
+    Done(Vec<Result<Outcome, HandlerError>>),
+    /// The handler of event `.0` failed with `.1`: the transaction was rolled back.
+    Failed(usize, HandlerError),
+}
+
 impl<H: TransactionalHandler> Transactional<H> {
-    /// Handles `events` in one transaction, each in a savepoint, up to the first failure.
+    /// Handles `events` in one transaction: one statement claims every event id in the
+    /// inbox (ids already there are duplicates: skipped), then the handlers of the new
+    /// ones write in the same transaction, which commits their writes and inbox rows
+    /// together. Returns results for a prefix ending at the first failure, or for all.
+    ///
+    /// No savepoint per event: when a handler fails, the transaction is rolled back and
+    /// the events before the failing one go again in a new transaction, so they commit
+    /// and the failing one is retried or dead-lettered alone. Their handlers then run
+    /// twice; their database writes happen once (anything a handler publishes outside the
+    /// transaction may be published twice, as after any crash).
     async fn in_transaction(
         &self,
         part: &Part,
         events: &[Event<'_>],
         attempt: u32,
     ) -> Vec<Result<Outcome, HandlerError>> {
-        let fail = |e: HandlerError| vec![Err(e)];
-        let mut client = match self.inbox.pool().get().await {
-            Ok(c) => c,
-            Err(e) => return fail(HandlerError::transient(e)),
-        };
-        let mut tx = match client.transaction().await {
-            Ok(tx) => tx,
-            Err(e) => return fail(HandlerError::transient(e)),
-        };
-        let mut out = Vec::with_capacity(events.len());
-        let started = Instant::now();
-        for event in events {
-            let r = self.in_savepoint(part, &mut tx, event, attempt).await;
-            let failed = r.is_err();
-            out.push(r);
-            // A transaction lasts at most a commit interval: its records only become
-            // committable when it commits.
-            if failed || part.stopped() || started.elapsed() >= part.core.options.commit_interval {
-                break;
+        let mut end = events.len();
+        let mut failure = None;
+        loop {
+            match self.claimed(part, &events[..end], attempt).await {
+                Ok(Batch::Done(mut results)) => {
+                    if results.len() == end
+                        && let Some(e) = failure
+                    {
+                        results.push(Err(e));
+                    }
+                    return results;
+                }
+                Ok(Batch::Failed(0, e)) => return vec![Err(e)],
+                Ok(Batch::Failed(i, e)) => (end, failure) = (i, Some(e)),
+                Err(e) => return vec![Err(e)],
             }
-        }
-        match tx.commit().await {
-            Ok(()) => out,
-            // Nothing of this transaction happened: the first event failed.
-            Err(e) => fail(HandlerError::transient(e)),
         }
     }
 
-    async fn in_savepoint(
+    /// The fast path of [`in_transaction`](Self::in_transaction): no savepoints.
+    async fn claimed(
         &self,
         part: &Part,
-        tx: &mut tokio_postgres::Transaction<'_>,
-        event: &Event<'_>,
+        events: &[Event<'_>],
         attempt: u32,
-    ) -> Result<Outcome, HandlerError> {
-        let sp = tx
-            .savepoint("eventops_event")
+    ) -> Result<Batch, HandlerError> {
+        let mut client = self
+            .inbox
+            .pool()
+            .get()
             .await
             .map_err(HandlerError::transient)?;
-        let claimed = sp
-            .execute(INSERT_INBOX_ROW, &[&self.inbox.group(), &event.id()])
+        let claim = client
+            .prepare_cached(CLAIM_INBOX_ROWS)
             .await
             .map_err(HandlerError::transient)?;
-        if claimed == 0 {
-            sp.commit().await.map_err(HandlerError::transient)?;
-            return Ok(Outcome::Duplicate);
-        }
-        let ctx = Context {
-            producer: &part.core.producer,
-            correlation_id: event.correlation_id(),
-            attempt,
-        };
+        let tx = client
+            .transaction()
+            .await
+            .map_err(HandlerError::transient)?;
+        let ids: Vec<&str> = events.iter().map(|e| e.id()).collect();
+        let rows = tx
+            .query(&claim, &[&self.inbox.group(), &ids])
+            .await
+            .map_err(HandlerError::transient)?;
+        let mut new: std::collections::HashSet<&str> =
+            rows.iter().map(|r| r.get::<_, &str>(0)).collect();
+        let mut out = Vec::with_capacity(events.len());
         let started = Instant::now();
-        let result = self
-            .handler
-            .handle(event, &sp, &ctx)
-            .instrument(span(event, attempt))
-            .await;
-        part.metrics
-            .latency
-            .observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(()) => {
-                sp.commit().await.map_err(HandlerError::transient)?;
-                Ok(Outcome::Handled)
+        for (i, event) in events.iter().enumerate() {
+            if !new.remove(event.id()) {
+                out.push(Ok(Outcome::Duplicate));
+            } else {
+                let ctx = Context {
+                    producer: &part.core.producer,
+                    correlation_id: event.correlation_id(),
+                    attempt,
+                };
+                let handled = Instant::now();
+                let result = self
+                    .handler
+                    .handle(event, &tx, &ctx)
+                    .instrument(span(event, attempt))
+                    .await;
+                part.metrics
+                    .latency
+                    .observe(handled.elapsed().as_secs_f64());
+                if let Err(e) = result {
+                    drop(tx); // rolls back
+                    return Ok(Batch::Failed(i, e));
+                }
+                out.push(Ok(Outcome::Handled));
             }
-            Err(e) => {
-                // Undo this event's writes and its inbox row; earlier events stay.
-                let _ = sp.rollback().await;
-                Err(e)
+            // A transaction lasts at most a commit interval: its records only become
+            // committable when it commits.
+            let last = i + 1 == events.len();
+            if !last && (part.stopped() || started.elapsed() >= part.core.options.commit_interval) {
+                // The ids claimed for events not handled here are released in this
+                // transaction, so their next delivery handles them.
+                if !new.is_empty() {
+                    let release = tx
+                        .prepare_cached(RELEASE_INBOX_ROWS)
+                        .await
+                        .map_err(HandlerError::transient)?;
+                    let left: Vec<&str> = new.into_iter().collect();
+                    tx.execute(&release, &[&self.inbox.group(), &left])
+                        .await
+                        .map_err(HandlerError::transient)?;
+                }
+                break;
             }
         }
+        tx.commit().await.map_err(HandlerError::transient)?;
+        Ok(Batch::Done(out))
     }
 }
 

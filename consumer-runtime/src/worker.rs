@@ -2,7 +2,8 @@
 //! graceful shutdown ([`Worker::run`]).
 //!
 //! A dedicated thread polls the consumer and hands each record to its partition's task
-//! (see the `partition` module); it never blocks on handlers. Partition tasks publish
+//! (see the `partition` module); it waits for a full task at most 200 ms, then pauses
+//! that partition, so it never blocks on a slow handler. Partition tasks publish
 //! the offset up to which every record is done; a committer commits those offsets
 //! asynchronously every [`commit_interval`](WorkerBuilder::commit_interval), and
 //! synchronously when partitions are revoked and at shutdown. Only processed (or
@@ -62,6 +63,47 @@ pub enum WorkerError {
     /// The poll thread ended unexpectedly.
     #[error("the poll loop ended unexpectedly: {0}")]
     PollLoop(String),
+}
+
+/// librdkafka consumer properties a worker starts from; each can be overridden with
+/// [`WorkerBuilder::kafka_property`]. `enable.auto.commit` and `enable.auto.offset.store`
+/// are always `false` on top of these: offsets are committed only after processing.
+///
+/// - `auto.offset.reset=earliest`: a group without a committed offset starts at the
+///   first record of each partition, so nothing produced before the group's first start
+///   is skipped. The operator's autoscaler counts such a group's lag as end − start for
+///   the same reason; override with `latest` to skip history (the autoscaler then
+///   overestimates that group's lag until its first commit).
+/// - `partition.assignment.strategy=cooperative-sticky`: incremental rebalances, so a
+///   scaling group does not stop every partition.
+/// - `queued.max.messages.kbytes=16384`: librdkafka prefetches up to 16 MiB ahead of the
+///   handlers instead of its 64 MiB default. Partition tasks already hold up to
+///   `max_in_flight_per_partition` records each, so a deeper prefetch only costs memory.
+/// - `fetch.queue.backoff.ms=10`: when that prefetch queue is full, librdkafka checks
+///   again after 10 ms rather than its default 1 s, so a consumer that catches up is not
+///   left idle for most of a second (librdkafka's own advice when lowering the queue).
+pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    ("auto.offset.reset", "earliest"),
+    ("partition.assignment.strategy", "cooperative-sticky"),
+    ("queued.max.messages.kbytes", "16384"),
+    ("fetch.queue.backoff.ms", "10"),
+];
+
+/// The consumer's properties: `common` (client and security), [`CONSUMER_DEFAULTS`], the
+/// worker's own properties over them, and commits only after processing.
+fn consumer_config(mut c: ClientConfig, config: &WorkerConfig) -> ClientConfig {
+    c.set("group.id", &config.group_id);
+    for (k, v) in CONSUMER_DEFAULTS {
+        c.set(*k, *v);
+    }
+    c.set("statistics.interval.ms", "5000");
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
+    // Offsets are committed only after processing, whatever was set above.
+    c.set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    c
 }
 
 /// Tuning beyond the environment contract; every field has a builder method.
@@ -233,11 +275,42 @@ impl Core {
         let mut pending = self.pending.lock().unwrap();
         for (state, tx, records) in pending.drain(..) {
             // Counted before sending: the task may finish them before `send` returns.
-            state.dispatched(self, records.len());
+            state.dispatched(records.len());
             let _ = tx.send(records);
         }
     }
 }
+
+impl Core {
+    /// Waits while a fetched partition's task is full (see the `partition` module), at
+    /// most [`FULL_WAIT`]; then pauses the partitions still full.
+    fn wait_for_room(&self) {
+        let started = std::time::Instant::now();
+        loop {
+            let full: Vec<Arc<PartitionState>> = {
+                let map = self.partitions.lock().unwrap();
+                map.values()
+                    .flat_map(|m| m.values())
+                    .filter(|h| h.state.full())
+                    .map(|h| h.state.clone())
+                    .collect()
+            };
+            if full.is_empty() || self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            if started.elapsed() >= FULL_WAIT {
+                for state in full {
+                    state.pause_if_full(self);
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Longest the poll loop waits for a full partition task before pausing its partition.
+const FULL_WAIT: Duration = Duration::from_millis(200);
 
 /// The consumer's context: rebalance callbacks, commit results and statistics.
 pub(crate) struct Ctx {
@@ -373,7 +446,7 @@ impl WorkerBuilder {
         self
     }
 
-    /// The PostgreSQL URL of the inbox (default: [`contract::POSTGRES_URL`]).
+    /// The PostgreSQL URL of the inbox (default: [`contract::DATABASE_URL`]).
     pub fn postgres_url(mut self, url: impl Into<String>) -> Self {
         self.options.postgres_url = Some(url.into());
         self
@@ -392,7 +465,11 @@ impl WorkerBuilder {
         self
     }
 
-    /// Records queued per partition before it is paused (default 2 000).
+    /// Records a partition task may hold (default 2 000). When one holds this many, the
+    /// poll loop waits for it; if it has not caught up after 200 ms its partition is
+    /// paused until it is down to half. Memory: about this many records per assigned
+    /// partition, plus librdkafka's prefetch (`queued.max.messages.kbytes`, see
+    /// [`CONSUMER_DEFAULTS`]).
     pub fn max_in_flight_per_partition(mut self, records: usize) -> Self {
         self.options.max_in_flight_per_partition = records;
         self
@@ -459,7 +536,7 @@ impl WorkerBuilder {
             .postgres_url
             .as_deref()
             .ok_or(WorkerError::Config {
-                setting: contract::POSTGRES_URL,
+                setting: contract::DATABASE_URL,
                 problem: "is not set but idempotency is Postgres; set it to the worker database's \
                       postgres:// URL (or call WorkerBuilder::postgres_url)"
                     .into(),
@@ -538,17 +615,7 @@ impl WorkerBuilder {
             .set("linger.ms", "5");
         let producer: FutureProducer = producer_config.create()?;
 
-        let mut consumer_config = common;
-        consumer_config
-            .set("group.id", &self.config.group_id)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("statistics.interval.ms", "5000");
-        for (k, v) in &self.config.kafka {
-            consumer_config.set(k, v);
-        }
+        let consumer_config = consumer_config(common, &self.config);
 
         let processor = Arc::new(processor);
         let ctx = Ctx {
@@ -709,6 +776,7 @@ async fn shutdown_signal() {
 fn poll_loop(core: &Arc<Core>, consumer: &Arc<BaseConsumer<Ctx>>) {
     const BURST: usize = 2048;
     while !core.stopping.load(Ordering::Relaxed) {
+        core.wait_for_room();
         match consumer.poll(Duration::from_millis(100)) {
             None => continue,
             Some(Ok(m)) => core.dispatch(&m),
@@ -743,5 +811,54 @@ fn poll_loop(core: &Arc<Core>, consumer: &Arc<BaseConsumer<Ctx>>) {
                 // Fetched after the shutdown started: not handled, not committed.
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(kafka: &[(&str, &str)]) -> WorkerConfig {
+        let vars = [
+            (contract::KAFKA_BOOTSTRAP, "k:9092"),
+            (contract::GROUP_ID, "g"),
+            (contract::TOPICS, r#"[{"topic":"t"}]"#),
+        ];
+        let mut c = WorkerConfig::from_lookup(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap();
+        for (k, v) in kafka {
+            c.kafka.insert(k.to_string(), v.to_string());
+        }
+        c
+    }
+
+    #[test]
+    fn a_new_group_starts_at_the_earliest_record_unless_overridden() {
+        let c = consumer_config(ClientConfig::new(), &config(&[]));
+        assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(c.get("group.id"), Some("g"));
+        let c = consumer_config(
+            ClientConfig::new(),
+            &config(&[("auto.offset.reset", "latest")]),
+        );
+        assert_eq!(c.get("auto.offset.reset"), Some("latest"));
+    }
+
+    #[test]
+    fn offsets_are_never_committed_automatically() {
+        let c = consumer_config(
+            ClientConfig::new(),
+            &config(&[
+                ("enable.auto.commit", "true"),
+                ("enable.auto.offset.store", "true"),
+            ]),
+        );
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("10"));
     }
 }

@@ -34,7 +34,7 @@ pub fn contract_vars(info: &EnvInfo, group: &str, routes: &[TopicRoute]) -> Vec<
         (contract::MAX_ATTEMPTS, "4".into()),
         (contract::BACKOFF_INITIAL_MS, "50".into()),
         (contract::BACKOFF_MAX_MS, "500".into()),
-        (contract::POSTGRES_URL, info.postgres_url.clone()),
+        (contract::DATABASE_URL, info.postgres_url.clone()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -222,6 +222,114 @@ async fn duplicate_deliveries_have_one_effect_with_the_postgres_inbox() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_handler_failing_inside_an_inbox_batch_leaves_one_effect_for_the_others() {
+    let env = env().await;
+    let (topic, group) = setup(&env, 1).await;
+    let table = sql_name("effects");
+    let db = postgres(&env.info).await;
+    create_effects_table(&db, &table).await;
+
+    /// Writes its row, then fails permanently for `{"permanent": true}`: that write must
+    /// be undone, and the events around it must keep exactly one row each.
+    #[derive(Clone)]
+    struct WriteThenMaybeFail {
+        table: String,
+        calls: Arc<Mutex<HashMap<String, u32>>>,
+    }
+    impl TransactionalHandler for WriteThenMaybeFail {
+        async fn handle(
+            &self,
+            event: &Event<'_>,
+            tx: &Transaction<'_>,
+            _ctx: &Context<'_>,
+        ) -> Result<(), HandlerError> {
+            *self
+                .calls
+                .lock()
+                .unwrap()
+                .entry(event.id().to_string())
+                .or_default() += 1;
+            let script: Script = event.data()?;
+            let r = event.record();
+            tx.execute(
+                &format!("INSERT INTO {} VALUES ($1, $2, $3, $4)", self.table),
+                &[&event.id(), &r.topic(), &r.partition(), &r.offset()],
+            )
+            .await
+            .map_err(HandlerError::transient)?;
+            if script.permanent {
+                return Err(HandlerError::message(
+                    ErrorKind::Permanent,
+                    "the order cannot be paid",
+                ));
+            }
+            Ok(())
+        }
+    }
+
+    // One partition, produced before the worker starts: the ten events share a batch,
+    // with a duplicate before and after the failing one.
+    let p = producer(&env.info);
+    let ids = ["a", "b", "a", "c", "bad", "d", "b", "e", "f", "g"];
+    for id in ids {
+        let data = serde_json::json!({"permanent": id == "bad"});
+        produce(&p, &topic, 0, id, &event(id, 1, data)).await;
+    }
+    let handler = WriteThenMaybeFail {
+        table: table.clone(),
+        calls: Default::default(),
+    };
+    let worker = Worker::builder(worker_config(&env.info, &group, &[route(&topic)]))
+        .health_server(false)
+        .batch_size(64)
+        .build_transactional(handler.clone())
+        .await
+        .unwrap();
+    let running = start(worker);
+    let dlt = read_topic(&env.info, &format!("{topic}.DLT"), 1, TIMEOUT).await;
+    eventually(TIMEOUT, "every offset committed", || async {
+        let c = committed_offsets(&env, &group).await;
+        (c.get(&(topic.clone(), 0)) == Some(&(ids.len() as i64))).then_some(())
+    })
+    .await;
+    running.stop().await;
+
+    assert_eq!(dlt[0].key(), Some(&b"bad"[..]));
+    let rows = db
+        .query(
+            &format!("SELECT event_id, count(*) FROM {table} GROUP BY 1 ORDER BY 1"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let per_id: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let expected: Vec<(String, i64)> = ["a", "b", "c", "d", "e", "f", "g"]
+        .iter()
+        .map(|id| (id.to_string(), 1))
+        .collect();
+    assert_eq!(
+        per_id, expected,
+        "one effect per good event, none for the failed one"
+    );
+    let inbox: Vec<String> = db
+        .query(
+            "SELECT event_id FROM eventops_inbox WHERE consumer_group = $1 ORDER BY 1",
+            &[&group],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(inbox, ["a", "b", "c", "d", "e", "f", "g"]);
+    assert_eq!(
+        handler.calls.lock().unwrap().get("bad"),
+        Some(&1),
+        "a permanent failure is not retried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn duplicate_deliveries_are_skipped_with_the_memory_store() {
     let env = env().await;
     let (topic, group) = setup(&env, 1).await;

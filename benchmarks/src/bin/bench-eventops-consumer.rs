@@ -6,10 +6,12 @@
 //!   event id), as the comparison asks.
 //! - `bench-eventops-consumer postgres`: idempotency `Postgres`; a
 //!   [`TransactionalHandler`] writes each order to a table, and that row and the inbox
-//!   row commit in the runtime's batched transactions (`DATABASE_URL`).
+//!   row commit in the runtime's batched transactions (`DATABASE_URL`, which the
+//!   runtime reads too).
 
 use anyhow::{Context as _, bail};
 use eventops_benchmarks::{OrderPlaced, SEEN_CAPACITY, first_record_seen};
+use eventops_consumer_runtime::tokio_postgres::types::Type;
 use eventops_consumer_runtime::tokio_postgres::{self, NoTls, Transaction};
 use eventops_consumer_runtime::{
     Context, Event, Handler, HandlerError, Idempotency, TransactionalHandler, Worker,
@@ -37,12 +39,13 @@ impl TransactionalHandler for Record {
     ) -> Result<(), HandlerError> {
         first_record_seen();
         let order: OrderPlaced = event.data()?;
-        tx.execute(
+        // `execute_typed`: parameter types given, so one round trip (no prepare step).
+        tx.execute_typed(
             "INSERT INTO bench_orders (order_id, customer_id, lines) VALUES ($1, $2, $3)",
             &[
-                &order.order_id,
-                &order.customer_id,
-                &(order.items.len() as i32),
+                (&order.order_id, Type::TEXT),
+                (&order.customer_id, Type::TEXT),
+                (&(order.items.len() as i32), Type::INT4),
             ],
         )
         .await
@@ -76,7 +79,6 @@ async fn main() -> anyhow::Result<()> {
             let _ = connection.await;
             builder
                 .idempotency(Idempotency::Postgres)
-                .postgres_url(url)
                 .build_transactional(Record)
                 .await?
         }

@@ -50,11 +50,12 @@ struct Args {
     /// Runs of every contender (interleaved); the table shows each contender's median.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// Contenders to run, of: rdkafka, runtime, spring (needs --spring-jar), postgres.
+    /// Contenders to run, of: fetch-only (the rdkafka loop without per-record work: the
+    /// ceiling), rdkafka, runtime, spring (needs --spring-jar), postgres.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "rdkafka,runtime,spring,postgres"
+        default_value = "fetch-only,rdkafka,runtime,spring,postgres"
     )]
     only: Vec<String>,
     /// Give up on a contender after this many seconds.
@@ -62,6 +63,7 @@ struct Args {
     timeout_secs: u64,
 }
 
+const FETCH_ONLY: &str = "rdkafka loop, no work (ceiling)";
 const BASELINE: &str = "rdkafka loop (baseline)";
 const RUNTIME: &str = "eventops runtime (Memory)";
 const SPRING: &str = "Spring Kafka (MANUAL ack)";
@@ -116,6 +118,14 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut contenders: Vec<(&str, Launcher<'_>)> = vec![
         (
+            FETCH_ONLY,
+            Box::new(|| {
+                let mut c = Command::new(bin_dir.join("bench-rdkafka-consumer"));
+                c.arg("fetch-only");
+                c
+            }),
+        ),
+        (
             BASELINE,
             Box::new(|| Command::new(bin_dir.join("bench-rdkafka-consumer"))),
         ),
@@ -139,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
     }
     contenders.push((POSTGRES, Box::new(move || runtime("postgres"))));
     let key = |name: &str| match name {
+        FETCH_ONLY => "fetch-only",
         BASELINE => "rdkafka",
         RUNTIME => "runtime",
         SPRING => "spring",
@@ -344,7 +355,16 @@ fn measure(
         {
             first_ms = Some(ms.context("parsing the first-record time")?);
         }
-        let committed = observer.committed_offsets(tpl.clone(), Duration::from_secs(10))?;
+        // A fresh broker may not have the group's coordinator ready yet (NotCoordinator,
+        // CoordinatorLoadInProgress): ask again; the timeout above bounds it.
+        let committed = match observer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("[bench] committed offsets not available yet: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
         let done = ends.iter().enumerate().all(|(p, end)| {
             matches!(committed.find_partition(topic, p as i32).map(|e| e.offset()),
                 Some(Offset::Offset(o)) if o >= *end)
@@ -452,6 +472,15 @@ fn report(results: &[Figures], partitions: i32, rounds: usize, jvm_opts: &str) {
             "runtime / Spring peak RSS             {m:>8.3}×   ≤ 0.20×  {}",
             verdict(m <= 0.2)
         );
+        if let Some(ceiling) = find(FETCH_ONLY) {
+            println!(
+                "3× Spring needs {:.0} records/s; the no-work loop (the broker's and client's \
+                 ceiling here) reaches {:.0}, the runtime {:.0}% of it",
+                3.0 * spring.rate(),
+                ceiling.rate(),
+                100.0 * runtime.rate() / ceiling.rate()
+            );
+        }
     }
     if let Some(pg) = find(POSTGRES) {
         println!(

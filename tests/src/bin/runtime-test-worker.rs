@@ -81,7 +81,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         "plain" => {
             let (client, connection) =
-                tokio_postgres::connect(&var("EVENTOPS_POSTGRES_URL")?, NoTls).await?;
+                tokio_postgres::connect(&var("DATABASE_URL")?, NoTls).await?;
             tokio::spawn(connection);
             builder
                 .build(Plain {

@@ -102,8 +102,7 @@ async fn main() -> anyhow::Result<()> {
 
     Worker::from_env()?
         // Charging twice is not an option, whatever the ConsumerGroup says.
-        .idempotency(Idempotency::Postgres)
-        .postgres_url(url)
+        .idempotency(Idempotency::Postgres) // the inbox is in DATABASE_URL's database too
         .build_transactional(Payment {
             work,
             captured_topic,
