@@ -252,3 +252,222 @@ pub async fn effects(client: &tokio_postgres::Client, table: &str) -> BTreeMap<(
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))
         .collect()
 }
+
+/// `(committed offset, log end offset)` of `group` per `(topic, partition)`, as Kafka's
+/// `ConsumerGroupCommand --describe` prints them (partitions without a commit are left
+/// out). Lag is the difference.
+pub async fn group_positions(env: &TestEnv, group: &str) -> BTreeMap<(String, i32), (i64, i64)> {
+    let out = env
+        .kafka_tool(
+            "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+            &["--describe", "--group", group],
+        )
+        .await
+        .expect("ConsumerGroupCommand --describe");
+    let mut positions = BTreeMap::new();
+    for line in out.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() >= 5
+            && cols[0] == group
+            && let (Ok(p), Ok(c), Ok(e)) = (
+                cols[2].parse::<i32>(),
+                cols[3].parse::<i64>(),
+                cols[4].parse::<i64>(),
+            )
+        {
+            positions.insert((cols[1].to_string(), p), (c, e));
+        }
+    }
+    positions
+}
+
+/// Records in `topic` (the sum of its partitions' end offsets), from Kafka's own
+/// `GetOffsetShell`.
+pub async fn topic_record_count(env: &TestEnv, topic: &str) -> i64 {
+    let out = env
+        .kafka_tool(
+            "org.apache.kafka.tools.GetOffsetShell",
+            &["--topic", topic, "--time", "-1"],
+        )
+        .await
+        .expect("GetOffsetShell");
+    out.lines()
+        .filter_map(|l| l.rsplit(':').next()?.trim().parse::<i64>().ok())
+        .sum()
+}
+
+/// A PostgreSQL server of the test's own (initdb in a fresh directory, a free port), so
+/// a test can stop and restart it without disturbing other tests. Stopped and removed
+/// when dropped.
+pub struct PrivatePostgres {
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    port: u16,
+    owner: Option<(u32, u32)>,
+    server: Option<std::process::Child>,
+}
+
+impl PrivatePostgres {
+    /// Creates the cluster and starts the server.
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL's server binaries under /usr/lib/postgresql (tools/install-postgres.sh)")
+            .filter_map(|e| Some(e.ok()?.path().join("bin")))
+            .filter(|b| b.join("initdb").exists())
+            .max()
+            .expect("an initdb under /usr/lib/postgresql/*/bin");
+        let dir = std::env::temp_dir().join(crate::unique("eventops-pg"));
+        std::fs::create_dir_all(&dir).unwrap();
+        // PostgreSQL refuses to run as root: as root, run it as the `postgres` user.
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        let owner = root.then(|| {
+            let id = |flag: &str| -> u32 {
+                let o = std::process::Command::new("id")
+                    .args([flag, "postgres"])
+                    .output()
+                    .expect("id postgres");
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse()
+                    .expect("the postgres user")
+            };
+            let (uid, gid) = (id("-u"), id("-g"));
+            let status = std::process::Command::new("chown")
+                .arg(format!("{uid}:{gid}"))
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown {}", dir.display());
+            (uid, gid)
+        });
+        let mut pg = Self {
+            dir,
+            bin,
+            port: crate::free_port(),
+            owner,
+            server: None,
+        };
+        let status = pg
+            .command("initdb")
+            .arg("-D")
+            .arg(pg.dir.join("data"))
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("initdb");
+        assert!(status.success(), "initdb failed");
+        pg.resume();
+        pg
+    }
+
+    fn command(&self, program: &str) -> std::process::Command {
+        let mut cmd = std::process::Command::new(self.bin.join(program));
+        if let Some((uid, gid)) = self.owner {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    /// Its `postgres://` URL.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server (again) on the same port and waits until it accepts connections.
+    pub fn resume(&mut self) {
+        assert!(self.server.is_none(), "already running");
+        let log = std::fs::File::create(self.dir.join("server.log")).unwrap();
+        let child = self
+            .command("postgres")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-p", &self.port.to_string(), "-k"])
+            .arg(&self.dir)
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting postgres");
+        self.server = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = self
+                .command("pg_isready")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ready {
+                return;
+            }
+            assert!(Instant::now() < deadline, "postgres did not start in 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the server with PostgreSQL's fast shutdown (SIGINT: open transactions are
+    /// rolled back, connections closed) and waits until it has exited.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.server.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Creates SCRAM user `user` with `password` with Kafka's own `ConfigCommand`, for the
+/// broker's SASL mechanism.
+pub async fn create_scram_user(env: &TestEnv, user: &str, password: &str) {
+    let config = format!("{}=[password={password}]", env.info.kafka_sasl_mechanism);
+    env.kafka_tool(
+        "kafka.admin.ConfigCommand",
+        &[
+            "--alter",
+            "--add-config",
+            &config,
+            "--entity-type",
+            "users",
+            "--entity-name",
+            user,
+        ],
+    )
+    .await
+    .expect("ConfigCommand --alter users");
+}
+
+/// Adds (`add`) or removes an ACL allowing `user` `operation` on `resource` (for
+/// example `["--topic", "t"]` or `["--group", "g"]`), with Kafka's own `AclCommand`.
+pub async fn set_acl(env: &TestEnv, add: bool, user: &str, operation: &str, resource: &[&str]) {
+    let principal = format!("User:{user}");
+    let mut args = vec![
+        if add { "--add" } else { "--remove" },
+        "--force",
+        "--allow-principal",
+        &principal,
+        "--operation",
+        operation,
+    ];
+    args.extend_from_slice(resource);
+    env.kafka_tool("org.apache.kafka.tools.AclCommand", &args)
+        .await
+        .expect("AclCommand");
+}
