@@ -147,6 +147,71 @@ impl fmt::Display for HandlerError {
 
 impl std::error::Error for HandlerError {}
 
+/// A handler that panicked: the panic becomes a permanent [`HandlerError`] of this type
+/// (`kafka_dlt-exception-fqcn` is `eventops_consumer_runtime::error::HandlerPanic`), so
+/// the record is dead-lettered with the panic message and its partition goes on.
+#[derive(Debug, thiserror::Error)]
+#[error("handler panicked: {message}")]
+pub struct HandlerPanic {
+    /// The panic's message (`"unknown panic payload"` when it was not a string).
+    pub message: String,
+}
+
+impl HandlerPanic {
+    /// From the payload `std::panic::catch_unwind` returns.
+    pub fn from_payload(payload: &(dyn std::any::Any + Send)) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic payload".into());
+        Self { message }
+    }
+}
+
+/// Why an attempt did not succeed: the record's own failure (the handler's error: it
+/// uses up retries and may dead-letter the record), or a failure of something the
+/// runtime owns (the inbox database), which is never the record's fault: the partition
+/// waits for it to come back and retries the same attempt.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The handler failed (or panicked).
+    Record(HandlerError),
+    /// A dependency of the runtime failed.
+    Dependency(DependencyError),
+}
+
+impl From<HandlerError> for Failure {
+    fn from(e: HandlerError) -> Self {
+        Failure::Record(e)
+    }
+}
+
+/// A failure of a dependency the runtime owns.
+#[derive(Debug)]
+pub(crate) struct DependencyError {
+    /// Which one: a metric label (`inbox`).
+    pub dependency: &'static str,
+    /// What failed.
+    pub message: String,
+}
+
+impl DependencyError {
+    /// The inbox database failed while doing `what`.
+    pub fn inbox(what: &str, error: impl fmt::Display) -> Self {
+        Self {
+            dependency: "inbox",
+            message: format!("{what}: {error}"),
+        }
+    }
+}
+
+impl fmt::Display for DependencyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.dependency, self.message)
+    }
+}
+
 /// Classifies any `Result`'s error: `result.transient()?` or `result.permanent()?`.
 pub trait ResultExt<T> {
     /// Maps the error to a transient [`HandlerError`].
@@ -179,6 +244,20 @@ mod tests {
         assert!(e.type_name().ends_with("Outer"), "{}", e.type_name());
         assert_eq!(e.message_text(), "outer");
         assert!(e.trace().contains("Caused by: disk gone"), "{}", e.trace());
+    }
+
+    #[test]
+    fn panics_keep_their_message() {
+        let p = std::panic::catch_unwind(|| panic!("no customer {}", 7)).unwrap_err();
+        let e = HandlerError::permanent(HandlerPanic::from_payload(&*p));
+        assert_eq!(e.message_text(), "handler panicked: no customer 7");
+        assert!(
+            e.type_name().ends_with("error::HandlerPanic"),
+            "{}",
+            e.type_name()
+        );
+        let p = std::panic::catch_unwind(|| panic!("static")).unwrap_err();
+        assert_eq!(HandlerPanic::from_payload(&*p).message, "static");
     }
 
     #[test]

@@ -11,7 +11,9 @@ use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 /// Creates the inbox table when it is missing.
 pub const CREATE_INBOX_TABLE: &str = "CREATE TABLE IF NOT EXISTS eventops_inbox (
@@ -128,13 +130,53 @@ pub struct PostgresInbox {
 #[error("PostgreSQL inbox: {0}")]
 pub struct InboxError(pub String);
 
+/// Bounds on every wait for the inbox database, so that a database that stops
+/// answering shows as a failure (the partition waits and retries) instead of a hang.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostgresTimeouts {
+    /// Establishing a connection (default 5 s).
+    pub connect: Duration,
+    /// One statement, enforced by the server as `statement_timeout` (default 30 s).
+    pub statement: Duration,
+    /// Waiting for a free connection of the pool (default 5 s).
+    pub pool_wait: Duration,
+}
+
+impl Default for PostgresTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            statement: Duration::from_secs(30),
+            pool_wait: Duration::from_secs(5),
+        }
+    }
+}
+
 impl PostgresInbox {
     /// Connects to `url` (a `postgres://` URL or key=value string) with at most
-    /// `pool_size` connections and creates the inbox table if needed.
+    /// `pool_size` connections and creates the inbox table if needed, with the default
+    /// [`PostgresTimeouts`].
     pub async fn connect(url: &str, pool_size: usize, group: &str) -> Result<Self, InboxError> {
-        let config: tokio_postgres::Config = url
+        Self::connect_with(url, pool_size, group, &PostgresTimeouts::default()).await
+    }
+
+    /// [`connect`](Self::connect) with `timeouts`.
+    pub async fn connect_with(
+        url: &str,
+        pool_size: usize,
+        group: &str,
+        timeouts: &PostgresTimeouts,
+    ) -> Result<Self, InboxError> {
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| InboxError(format!("the database URL is invalid: {e}")))?;
+        config.connect_timeout(timeouts.connect);
+        let statement = format!("-c statement_timeout={}", timeouts.statement.as_millis());
+        let options = match config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} {statement}"),
+            _ => statement,
+        };
+        config.options(&options);
         let manager = Manager::from_config(
             config,
             tokio_postgres::NoTls,
@@ -144,6 +186,10 @@ impl PostgresInbox {
         );
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(timeouts.pool_wait))
+            .create_timeout(Some(timeouts.connect))
+            .recycle_timeout(Some(timeouts.connect))
             .build()
             .map_err(|e| InboxError(e.to_string()))?;
         let client = pool

@@ -1,10 +1,18 @@
 //! The worker's Prometheus metrics (prefix `eventops_worker`) and its HTTP endpoints:
-//! `/healthz` (the process answers), `/readyz` (it consumes and is not shutting down)
-//! and `/metrics`.
+//!
+//! - `/healthz`: the poll loop is alive. It beats at least every few hundred
+//!   milliseconds; when it has not beaten for the liveness timeout (see
+//!   [`WorkerBuilder::liveness_timeout`](crate::WorkerBuilder::liveness_timeout)) the
+//!   answer is 503, so Kubernetes restarts a worker whose poll thread is stuck.
+//! - `/readyz`: the worker has joined its group (received its first assignment), is not
+//!   shutting down, no partition is waiting for a dependency the runtime owns (the inbox
+//!   database, a dead-letter or retry publish), and the last offset commit did not fail.
+//! - `/metrics`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use axum::Router;
 use axum::extract::State;
@@ -29,6 +37,11 @@ pub(crate) struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DependencyLabel {
+    pub dependency: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct PartitionLabels {
     pub topic: String,
     pub partition: i32,
@@ -44,10 +57,24 @@ pub struct Metrics {
     pub(crate) dead_lettered: Family<TopicLabel, Counter>,
     pub(crate) latency: Family<TopicLabel, Histogram>,
     pub(crate) lag: Family<PartitionLabels, Gauge>,
+    pub(crate) panics: Family<TopicLabel, Counter>,
+    pub(crate) dependency_failures: Family<DependencyLabel, Counter>,
     pub(crate) commits: Counter,
     pub(crate) commit_failures: Counter,
-    /// True while the worker consumes (subscribed, not shutting down).
+    /// True while the worker consumes (running, not shutting down). `/readyz` also needs
+    /// the group joined and no dependency outage; see [`Metrics::is_ready`].
     pub ready: AtomicBool,
+    /// The first assignment was received.
+    pub(crate) joined: AtomicBool,
+    /// Partitions waiting for a dependency the runtime owns to come back.
+    pub(crate) waiting_on_dependency: AtomicUsize,
+    /// The last offset commit failed (cleared by the next that succeeds).
+    pub(crate) commit_failing: AtomicBool,
+    /// When the poll loop last beat, in milliseconds since `born`.
+    heartbeat_ms: AtomicU64,
+    /// Longest time without a heartbeat for `/healthz` to pass, in milliseconds.
+    pub(crate) liveness_timeout_ms: AtomicU64,
+    born: Instant,
 }
 
 impl Default for Metrics {
@@ -63,9 +90,17 @@ impl Default for Metrics {
                 Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
             }),
             lag: Family::default(),
+            panics: Family::default(),
+            dependency_failures: Family::default(),
             commits: Counter::default(),
             commit_failures: Counter::default(),
             ready: AtomicBool::new(false),
+            joined: AtomicBool::new(false),
+            waiting_on_dependency: AtomicUsize::new(0),
+            commit_failing: AtomicBool::new(false),
+            heartbeat_ms: AtomicU64::new(0),
+            liveness_timeout_ms: AtomicU64::new(u64::MAX),
+            born: Instant::now(),
             registry: Registry::default(),
         };
         registry.register(
@@ -99,10 +134,25 @@ impl Default for Metrics {
             "Records between the committed offset and the end of the partition",
             m.lag.clone(),
         );
-        registry.register("offset_commits", "Offset commits sent", m.commits.clone());
+        registry.register(
+            "handler_panics",
+            "Handler calls that panicked (each record is dead-lettered as a permanent error)",
+            m.panics.clone(),
+        );
+        registry.register(
+            "dependency_failures",
+            "Failures of what the runtime owns (inbox database, dead-letter and retry \
+             publishes); the partition waits and retries, the record is not at fault",
+            m.dependency_failures.clone(),
+        );
+        registry.register(
+            "offset_commits",
+            "Offset commits the broker acknowledged",
+            m.commits.clone(),
+        );
         registry.register(
             "offset_commit_failures",
-            "Offset commits that failed",
+            "Offset commits that failed (they are sent again)",
             m.commit_failures.clone(),
         );
         Self { registry, ..m }
@@ -127,6 +177,35 @@ impl Metrics {
             .get()
     }
 
+    /// Whether `/readyz` passes: consuming, joined, no dependency outage, commits going
+    /// through.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+            && self.joined.load(Ordering::Relaxed)
+            && self.waiting_on_dependency.load(Ordering::Relaxed) == 0
+            && !self.commit_failing.load(Ordering::Relaxed)
+    }
+
+    /// Whether `/healthz` passes: the poll loop beat within the liveness timeout.
+    pub fn is_live(&self) -> bool {
+        let now = self.born.elapsed().as_millis() as u64;
+        let last = self.heartbeat_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) <= self.liveness_timeout_ms.load(Ordering::Relaxed)
+    }
+
+    /// The poll loop is alive.
+    pub(crate) fn beat(&self) {
+        self.heartbeat_ms
+            .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a failure of `dependency`.
+    pub(crate) fn dependency_failed(&self, dependency: &'static str) {
+        self.dependency_failures
+            .get_or_create(&DependencyLabel { dependency })
+            .inc();
+    }
+
     /// Records of `topic` dead-lettered so far.
     pub fn dead_lettered(&self, topic: &str) -> u64 {
         self.dead_lettered
@@ -148,14 +227,29 @@ pub(crate) async fn serve(
             "/metrics",
             get(|State(m): State<Arc<Metrics>>| async move { m.encode() }),
         )
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                if m.is_live() {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "the poll loop is stuck")
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(|State(m): State<Arc<Metrics>>| async move {
-                if m.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready")
-                } else {
+                if !m.ready.load(Ordering::Relaxed) {
                     (StatusCode::SERVICE_UNAVAILABLE, "not consuming")
+                } else if !m.joined.load(Ordering::Relaxed) {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not in the group yet")
+                } else if m.waiting_on_dependency.load(Ordering::Relaxed) > 0 {
+                    (StatusCode::SERVICE_UNAVAILABLE, "waiting for a dependency")
+                } else if m.commit_failing.load(Ordering::Relaxed) {
+                    (StatusCode::SERVICE_UNAVAILABLE, "offset commits failing")
+                } else {
+                    (StatusCode::OK, "ready")
                 }
             }),
         )

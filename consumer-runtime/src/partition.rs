@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::dead_letter::{self, Provenance};
 use crate::envelope::{EnvelopeError, EventEnvelope};
-use crate::error::{ErrorKind, HandlerError};
+use crate::error::{ErrorKind, Failure, HandlerError};
 use crate::handler::Event;
 use crate::metrics::{FailureLabels, TopicLabel};
 use crate::offsets::OffsetTracker;
@@ -44,8 +44,11 @@ pub(crate) struct PartitionState {
     pub partition: i32,
     /// Next offset to commit (-1: nothing completed yet).
     pub committable: AtomicI64,
-    /// Last offset sent in a commit (-1: none).
+    /// Last offset the broker acknowledged a commit of (-1: none).
     pub committed: AtomicI64,
+    /// Last offset sent in a commit not known to have failed (-1: none); reset to
+    /// `committed` when a commit fails, so the next round sends it again.
+    pub sent: AtomicI64,
     in_flight: AtomicUsize,
     flow: Mutex<Flow>,
     high_water: usize,
@@ -54,7 +57,8 @@ pub(crate) struct PartitionState {
 #[derive(Default)]
 struct Flow {
     paused: bool,
-    backing_off: bool,
+    /// Waits in progress that pause the partition (several key lanes may wait at once).
+    backing_off: u32,
 }
 
 impl PartitionState {
@@ -64,6 +68,7 @@ impl PartitionState {
             partition,
             committable: AtomicI64::new(-1),
             committed: AtomicI64::new(-1),
+            sent: AtomicI64::new(-1),
             in_flight: AtomicUsize::new(0),
             flow: Mutex::new(Flow::default()),
             high_water: high_water.max(1),
@@ -99,7 +104,13 @@ impl PartitionState {
     }
 
     fn set_backing_off(&self, core: &Core, on: bool) {
-        self.update_flow(core, |f| f.backing_off = on);
+        self.update_flow(core, |f| {
+            if on {
+                f.backing_off += 1;
+            } else {
+                f.backing_off = f.backing_off.saturating_sub(1);
+            }
+        });
     }
 
     /// Pauses or resumes the partition to match the queue length and back-off.
@@ -107,7 +118,7 @@ impl PartitionState {
         let mut flow = self.flow.lock().unwrap();
         change(&mut flow);
         let queued = self.in_flight.load(Ordering::Relaxed);
-        let want = flow.backing_off
+        let want = flow.backing_off > 0
             || queued >= self.high_water
             || (flow.paused && queued > self.high_water / 2);
         if want == flow.paused {
@@ -157,6 +168,7 @@ pub(crate) struct PartMetrics {
     pub dead_lettered: Counter,
     pub transient: Counter,
     pub permanent: Counter,
+    pub panics: Counter,
     pub latency: Histogram,
 }
 
@@ -174,13 +186,107 @@ impl Part {
     /// Sleeps `delay` with the partition paused; `false` when stopped meanwhile.
     async fn back_off(&self, delay: Duration) -> bool {
         self.state.set_backing_off(&self.core, true);
-        let mut stop = self.stop.clone();
-        let stopped = tokio::select! {
-            _ = tokio::time::sleep(delay) => false,
-            _ = stop.wait_for(|s| *s) => true,
-        };
+        let go_on = self.sleep(delay).await;
         self.state.set_backing_off(&self.core, false);
-        !stopped
+        go_on
+    }
+
+    /// Sleeps `delay` before retrying a record: paused like [`back_off`](Self::back_off)
+    /// when records are handled in order, but not with concurrency by key, where the
+    /// other keys go on (the in-flight bound still pauses the partition if this key's
+    /// records pile up).
+    async fn back_off_record(&self, delay: Duration) -> bool {
+        if self.core.options.key_concurrency > 1 {
+            self.sleep(delay).await
+        } else {
+            self.back_off(delay).await
+        }
+    }
+
+    /// Sleeps `delay`; `false` when stopped meanwhile.
+    async fn sleep(&self, delay: Duration) -> bool {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = stop.wait_for(|s| *s) => false,
+        }
+    }
+}
+
+/// Longest wait between two tries of a dependency that failed (the retry policy's
+/// back-off, capped lower so a worker notices soon after the dependency returns).
+const DEPENDENCY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A partition waiting for a dependency of the runtime: `/readyz` fails while any exists.
+struct Outage<'a>(&'a Part);
+
+impl<'a> Outage<'a> {
+    fn begin(part: &'a Part) -> Self {
+        part.core
+            .metrics
+            .waiting_on_dependency
+            .fetch_add(1, Ordering::Relaxed);
+        Self(part)
+    }
+}
+
+impl Drop for Outage<'_> {
+    fn drop(&mut self) {
+        self.0
+            .core
+            .metrics
+            .waiting_on_dependency
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The back-off after the `n`-th consecutive failure of a dependency.
+fn dependency_delay(part: &Part, n: u32) -> Duration {
+    part.core.options.retry.delay(n).min(DEPENDENCY_BACKOFF_MAX)
+}
+
+/// Attempt number `attempt` of `event` (`first` is its result when already tried),
+/// tried again while a dependency of the runtime fails: such failures are not the
+/// record's, so they use up no attempt and never dead-letter; the partition is paused
+/// meanwhile and `/readyz` fails. `None` when stopped while waiting.
+async fn attempt_through_outages<P: Processor>(
+    part: &Part,
+    processor: &P,
+    event: &Event<'_>,
+    attempt: u32,
+    first: Option<Result<Outcome, Failure>>,
+) -> Option<Result<Outcome, HandlerError>> {
+    let mut result = match first {
+        Some(r) => r,
+        None => processor.attempt(part, event, attempt).await,
+    };
+    let mut outage = None;
+    let mut failures = 0;
+    loop {
+        match result {
+            Ok(outcome) => {
+                if outage.is_some() {
+                    tracing::info!(topic = %part.state.topic, partition = part.state.partition,
+                        failures, "the dependency is back; the partition goes on");
+                }
+                return Some(Ok(outcome));
+            }
+            Err(Failure::Record(error)) => return Some(Err(error)),
+            Err(Failure::Dependency(error)) => {
+                failures += 1;
+                outage.get_or_insert_with(|| Outage::begin(part));
+                part.core.metrics.dependency_failed(error.dependency);
+                let r = event.record();
+                tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset,
+                    correlation_id = event.correlation_id().unwrap_or(""), %error, failures,
+                    "a dependency of the runtime failed; the partition waits and tries again \
+                     (no attempt is used up)");
+                if !part.back_off(dependency_delay(part, failures)).await {
+                    return None;
+                }
+                result = processor.attempt(part, event, attempt).await;
+            }
+        }
     }
 }
 
@@ -217,6 +323,7 @@ pub(crate) fn spawn<P: Processor>(
         dead_lettered: m.dead_lettered.get_or_create(&label).clone(),
         transient: failure(ErrorKind::Transient),
         permanent: failure(ErrorKind::Permanent),
+        panics: m.panics.get_or_create(&label).clone(),
         latency: m.latency.get_or_create(&label).clone(),
     };
     let part = Part {
@@ -239,6 +346,20 @@ pub(crate) fn spawn<P: Processor>(
 async fn run<P: Processor>(
     part: Part,
     processor: Arc<P>,
+    rx: mpsc::UnboundedReceiver<Vec<Record>>,
+) {
+    let lanes = part.core.options.key_concurrency.max(1);
+    if lanes == 1 {
+        in_order(&part, &*processor, rx).await;
+    } else {
+        by_key(&part, &*processor, rx, lanes).await;
+    }
+}
+
+/// Handles the partition's records strictly in offset order, in batches.
+async fn in_order<P: Processor>(
+    part: &Part,
+    processor: &P,
     mut rx: mpsc::UnboundedReceiver<Vec<Record>>,
 ) {
     let limit = part.core.options.batch_size.max(1);
@@ -269,31 +390,114 @@ async fn run<P: Processor>(
                 tracker.started(r.offset);
             }
         }
-        let lanes = part.core.options.key_concurrency.max(1);
-        if lanes == 1 {
-            let all: Vec<&Record> = batch.iter().collect();
-            lane(&part, &*processor, &all).await;
-        } else {
-            let mut by_key: Vec<Vec<&Record>> = vec![Vec::new(); lanes];
-            for r in &batch {
-                let i = r.key().map_or(0, |k| {
-                    let mut h = part.core.key_hash.build_hasher();
-                    h.write(k);
-                    (h.finish() % lanes as u64) as usize
-                });
-                by_key[i].push(r);
-            }
-            futures::future::join_all(
-                by_key
-                    .iter()
-                    .filter(|l| !l.is_empty())
-                    .map(|l| lane(&part, &*processor, l)),
-            )
-            .await;
-        }
+        let all: Vec<&Record> = batch.iter().collect();
+        lane(part, processor, &all).await;
         part.state.finished(&part.core, n);
         if part.stopped() {
             break;
+        }
+    }
+}
+
+/// Which records must stay in order among themselves: those of one key (by its hash;
+/// keys that collide share an order), and each record without a key alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Ordered {
+    Key(u64),
+    Keyless(u64),
+}
+
+/// Handles the partition's records with up to `lanes` handler calls at once: the records
+/// of one key in offset order, one at a time; different keys, and records without a
+/// key, concurrently. A key waits only for its own records: one that is backing off
+/// holds one of the `lanes`, and the other keys go on in the others.
+async fn by_key<P: Processor>(
+    part: &Part,
+    processor: &P,
+    mut rx: mpsc::UnboundedReceiver<Vec<Record>>,
+    lanes: usize,
+) {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    use std::collections::{HashMap, HashSet, VecDeque};
+
+    let limit = part.core.options.batch_size.max(1);
+    // Records waiting, per order; orders with records and no call running, in turn.
+    let mut queues: HashMap<Ordered, VecDeque<Record>> = HashMap::new();
+    let mut ready: VecDeque<Ordered> = VecDeque::new();
+    let mut busy: HashSet<Ordered> = HashSet::new();
+    let mut running = FuturesUnordered::new();
+    let mut stop = part.stop.clone();
+    let mut incoming = Vec::new();
+    let mut keyless = 0u64;
+    let mut open = true;
+    loop {
+        while open && running.len() < lanes {
+            let Some(order) = ready.pop_front() else {
+                break;
+            };
+            let Some(queue) = queues.get_mut(&order) else {
+                continue;
+            };
+            let n = queue.len().min(limit);
+            let records: Vec<Record> = queue.drain(..n).collect();
+            if queue.is_empty() {
+                queues.remove(&order);
+            }
+            busy.insert(order);
+            running.push(async move {
+                let refs: Vec<&Record> = records.iter().collect();
+                lane(part, processor, &refs).await;
+                (order, records.len())
+            });
+        }
+        if !open && running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s), if open => open = false,
+            Some((order, n)) = running.next(), if !running.is_empty() => {
+                part.state.finished(&part.core, n);
+                busy.remove(&order);
+                if queues.contains_key(&order) {
+                    ready.push_back(order);
+                }
+                if part.stopped() {
+                    open = false;
+                }
+            }
+            n = rx.recv_many(&mut incoming, 64), if open => {
+                if n == 0 {
+                    open = false;
+                    continue;
+                }
+                for records in incoming.drain(..) {
+                    {
+                        let mut tracker = part.tracker.lock().unwrap();
+                        for r in &records {
+                            tracker.started(r.offset);
+                        }
+                    }
+                    for r in records {
+                        let order = match r.key() {
+                            Some(k) => {
+                                let mut h = part.core.key_hash.build_hasher();
+                                h.write(k);
+                                Ordered::Key(h.finish())
+                            }
+                            None => {
+                                keyless = keyless.wrapping_add(1);
+                                Ordered::Keyless(keyless)
+                            }
+                        };
+                        let queue = queues.entry(order).or_default();
+                        queue.push_back(r);
+                        if queue.len() == 1 && !busy.contains(&order) {
+                            ready.push_back(order);
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -387,15 +591,16 @@ async fn settle<P: Processor>(
     part: &Part,
     processor: &P,
     event: &Event<'_>,
-    result: Result<Outcome, HandlerError>,
+    result: Result<Outcome, Failure>,
     attempt: u32,
 ) -> bool {
-    match result {
-        Ok(outcome) => {
+    match attempt_through_outages(part, processor, event, attempt, Some(result)).await {
+        None => false,
+        Some(Ok(outcome)) => {
             succeeded(part, event.record, outcome);
             true
         }
-        Err(error) => fail(part, processor, event.record, Some(event), error, attempt).await,
+        Some(Err(error)) => fail(part, processor, event.record, Some(event), error, attempt).await,
     }
 }
 
@@ -443,16 +648,17 @@ async fn fail<P: Processor>(
             } else if policy.should_retry(attempt) {
                 part.metrics.retried.inc();
                 tracing::debug!(topic = %record.topic, offset = record.offset, attempt, %error, "retrying");
-                if !part.back_off(policy.delay(attempt)).await {
+                if !part.back_off_record(policy.delay(attempt)).await {
                     return false;
                 }
                 attempt += 1;
-                match processor.attempt(part, event, attempt).await {
-                    Ok(outcome) => {
+                match attempt_through_outages(part, processor, event, attempt, None).await {
+                    None => return false,
+                    Some(Ok(outcome)) => {
                         succeeded(part, record, outcome);
                         return true;
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         error = e;
                         continue;
                     }
@@ -483,19 +689,20 @@ async fn fail<P: Processor>(
         // No dead-letter topic: the partition stops at this record and keeps retrying.
         tracing::error!(topic = %record.topic, partition = record.partition, offset = record.offset,
             %error, "cannot process the record and there is no dead-letter topic; the partition waits");
-        if !part.back_off(policy.max).await {
+        if !part.back_off_record(policy.max).await {
             return false;
         }
         let Some(event) = event else {
             continue;
         };
         attempt += 1;
-        match processor.attempt(part, event, attempt).await {
-            Ok(outcome) => {
+        match attempt_through_outages(part, processor, event, attempt, None).await {
+            None => return false,
+            Some(Ok(outcome)) => {
                 succeeded(part, record, outcome);
                 return true;
             }
-            Err(e) => error = e,
+            Some(Err(e)) => error = e,
         }
     }
 }
@@ -535,6 +742,7 @@ async fn publish(
         });
     }
     let mut failures = 0;
+    let mut outage = None;
     loop {
         let mut out = FutureRecord::<[u8], [u8]>::to(topic)
             .partition(record.partition)
@@ -548,10 +756,18 @@ async fn publish(
         match part.core.producer.send(out, Duration::from_secs(30)).await {
             Ok(_) => return true,
             Err((e, _)) => {
+                // Not the record's fault: no attempt is used up, the partition waits
+                // (paused, not ready) and publishes again.
                 failures += 1;
+                outage.get_or_insert_with(|| Outage::begin(part));
+                part.core.metrics.dependency_failed(if what == "retry" {
+                    "retry_publish"
+                } else {
+                    "dead_letter_publish"
+                });
                 tracing::error!(topic, source_topic = %record.topic, partition = record.partition,
                     offset = record.offset, error = %e, "{what} publish failed; the source offset stays uncommitted");
-                if !part.back_off(part.core.options.retry.delay(failures)).await {
+                if !part.back_off(dependency_delay(part, failures)).await {
                     return false;
                 }
             }
@@ -567,7 +783,8 @@ async fn wait_until_due(part: &Part, record: &Record) -> bool {
     if wait <= 0 {
         return true;
     }
-    part.back_off(Duration::from_millis(wait as u64)).await
+    part.back_off_record(Duration::from_millis(wait as u64))
+        .await
 }
 
 fn header_number(record: &Record, name: &str) -> Option<i64> {

@@ -1,11 +1,13 @@
 //! How one event is handled with each idempotency choice: the handler call wrapped in
 //! the duplicate check and, for the PostgreSQL inbox, in a transaction.
 
+use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
+use futures::FutureExt;
 use tracing::Instrument;
 
-use crate::error::HandlerError;
+use crate::error::{DependencyError, Failure, HandlerError, HandlerPanic};
 use crate::handler::{Context, Event, Handler, TransactionalHandler};
 use crate::idempotency::{
     CLAIM_INBOX_ROWS, INSERT_INBOX_ROW, MemoryStore, PostgresInbox, RELEASE_INBOX_ROWS,
@@ -34,7 +36,7 @@ pub(crate) trait Processor: Send + Sync + 'static {
         &'a self,
         part: &'a Part,
         events: &'a [Event<'a>],
-    ) -> impl Future<Output = Vec<Result<Outcome, HandlerError>>> + Send + 'a;
+    ) -> impl Future<Output = Vec<Result<Outcome, Failure>>> + Send + 'a;
 
     /// Attempt number `attempt` of one event.
     fn attempt<'a>(
@@ -42,7 +44,35 @@ pub(crate) trait Processor: Send + Sync + 'static {
         part: &'a Part,
         event: &'a Event<'a>,
         attempt: u32,
-    ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send + 'a;
+    ) -> impl Future<Output = Result<Outcome, Failure>> + Send + 'a;
+}
+
+/// Runs one handler call; a panic becomes a permanent error (so the record is
+/// dead-lettered with the panic message and the partition goes on), is counted, and is
+/// logged with the event's correlation id.
+async fn guarded(
+    part: &Part,
+    event: &Event<'_>,
+    call: impl Future<Output = Result<(), HandlerError>>,
+) -> Result<(), HandlerError> {
+    match AssertUnwindSafe(call).catch_unwind().await {
+        Ok(result) => result,
+        Err(payload) => {
+            let panic = HandlerPanic::from_payload(&*payload);
+            part.metrics.panics.inc();
+            let r = event.record();
+            tracing::error!(
+                correlation_id = event.correlation_id().unwrap_or(""),
+                event_id = event.id(),
+                topic = r.topic(),
+                partition = r.partition(),
+                offset = r.offset(),
+                panic = %panic.message,
+                "the handler panicked; the record is failed as a permanent error"
+            );
+            Err(HandlerError::permanent(panic))
+        }
+    }
 }
 
 /// The span a handler call runs in: debug level, so with the usual `info` filter it is
@@ -74,12 +104,7 @@ pub(crate) struct Plain<H> {
 }
 
 impl<H: Handler> Plain<H> {
-    async fn once(
-        &self,
-        part: &Part,
-        event: &Event<'_>,
-        attempt: u32,
-    ) -> Result<Outcome, HandlerError> {
+    async fn once(&self, part: &Part, event: &Event<'_>, attempt: u32) -> Result<Outcome, Failure> {
         let mut memory_key = 0;
         match &self.dedup {
             Dedup::None => {}
@@ -90,15 +115,19 @@ impl<H: Handler> Plain<H> {
                 }
             }
             Dedup::Postgres(inbox) => {
-                let client = inbox.pool().get().await.map_err(HandlerError::transient)?;
+                let client = inbox
+                    .pool()
+                    .get()
+                    .await
+                    .map_err(inbox_failed("connecting"))?;
                 let select = client
                     .prepare_cached(SELECT_INBOX_ROW)
                     .await
-                    .map_err(HandlerError::transient)?;
+                    .map_err(inbox_failed("preparing the duplicate check"))?;
                 let seen = client
                     .query_opt(&select, &[&inbox.group(), &event.id()])
                     .await
-                    .map_err(HandlerError::transient)?;
+                    .map_err(inbox_failed("checking for a duplicate"))?;
                 if seen.is_some() {
                     return Ok(Outcome::Duplicate);
                 }
@@ -110,11 +139,14 @@ impl<H: Handler> Plain<H> {
             attempt,
         };
         let started = Instant::now();
-        let result = self
-            .handler
-            .handle(event, &ctx)
-            .instrument(span(event, attempt))
-            .await;
+        let result = guarded(
+            part,
+            event,
+            self.handler
+                .handle(event, &ctx)
+                .instrument(span(event, attempt)),
+        )
+        .await;
         part.metrics
             .latency
             .observe(started.elapsed().as_secs_f64());
@@ -125,15 +157,19 @@ impl<H: Handler> Plain<H> {
                 store.insert_key(memory_key);
             }
             Dedup::Postgres(inbox) => {
-                let client = inbox.pool().get().await.map_err(HandlerError::transient)?;
+                let client = inbox
+                    .pool()
+                    .get()
+                    .await
+                    .map_err(inbox_failed("connecting"))?;
                 let insert = client
                     .prepare_cached(INSERT_INBOX_ROW)
                     .await
-                    .map_err(HandlerError::transient)?;
+                    .map_err(inbox_failed("preparing the inbox insert"))?;
                 client
                     .execute(&insert, &[&inbox.group(), &event.id()])
                     .await
-                    .map_err(HandlerError::transient)?;
+                    .map_err(inbox_failed("recording the event id"))?;
             }
         }
         Ok(Outcome::Handled)
@@ -149,7 +185,7 @@ impl<H: Handler> Processor for Plain<H> {
         &'a self,
         part: &'a Part,
         events: &'a [Event<'a>],
-    ) -> Vec<Result<Outcome, HandlerError>> {
+    ) -> Vec<Result<Outcome, Failure>> {
         match events.first() {
             Some(event) => vec![self.once(part, event, 1).await],
             None => Vec::new(),
@@ -161,7 +197,7 @@ impl<H: Handler> Processor for Plain<H> {
         part: &'a Part,
         event: &'a Event<'a>,
         attempt: u32,
-    ) -> Result<Outcome, HandlerError> {
+    ) -> Result<Outcome, Failure> {
         self.once(part, event, attempt).await
     }
 }
@@ -175,7 +211,7 @@ pub(crate) struct Transactional<H> {
 /// How one transaction of [`Transactional::claimed`] ended.
 enum Batch {
     /// Results for a prefix of the events, committed.
-    Done(Vec<Result<Outcome, HandlerError>>),
+    Done(Vec<Result<Outcome, Failure>>),
     /// The handler of event `.0` failed with `.1`: the transaction was rolled back.
     Failed(usize, HandlerError),
 }
@@ -196,7 +232,7 @@ impl<H: TransactionalHandler> Transactional<H> {
         part: &Part,
         events: &[Event<'_>],
         attempt: u32,
-    ) -> Vec<Result<Outcome, HandlerError>> {
+    ) -> Vec<Result<Outcome, Failure>> {
         let mut end = events.len();
         let mut failure = None;
         loop {
@@ -205,11 +241,11 @@ impl<H: TransactionalHandler> Transactional<H> {
                     if results.len() == end
                         && let Some(e) = failure
                     {
-                        results.push(Err(e));
+                        results.push(Err(Failure::Record(e)));
                     }
                     return results;
                 }
-                Ok(Batch::Failed(0, e)) => return vec![Err(e)],
+                Ok(Batch::Failed(0, e)) => return vec![Err(Failure::Record(e))],
                 Ok(Batch::Failed(i, e)) => (end, failure) = (i, Some(e)),
                 Err(e) => return vec![Err(e)],
             }
@@ -222,26 +258,26 @@ impl<H: TransactionalHandler> Transactional<H> {
         part: &Part,
         events: &[Event<'_>],
         attempt: u32,
-    ) -> Result<Batch, HandlerError> {
+    ) -> Result<Batch, Failure> {
         let mut client = self
             .inbox
             .pool()
             .get()
             .await
-            .map_err(HandlerError::transient)?;
+            .map_err(inbox_failed("connecting"))?;
         let claim = client
             .prepare_cached(CLAIM_INBOX_ROWS)
             .await
-            .map_err(HandlerError::transient)?;
+            .map_err(inbox_failed("preparing the claim"))?;
         let tx = client
             .transaction()
             .await
-            .map_err(HandlerError::transient)?;
+            .map_err(inbox_failed("beginning a transaction"))?;
         let ids: Vec<&str> = events.iter().map(|e| e.id()).collect();
         let rows = tx
             .query(&claim, &[&self.inbox.group(), &ids])
             .await
-            .map_err(HandlerError::transient)?;
+            .map_err(inbox_failed("claiming event ids"))?;
         let mut new: std::collections::HashSet<&str> =
             rows.iter().map(|r| r.get::<_, &str>(0)).collect();
         let mut out = Vec::with_capacity(events.len());
@@ -256,16 +292,27 @@ impl<H: TransactionalHandler> Transactional<H> {
                     attempt,
                 };
                 let handled = Instant::now();
-                let result = self
-                    .handler
-                    .handle(event, &tx, &ctx)
-                    .instrument(span(event, attempt))
-                    .await;
+                let result = guarded(
+                    part,
+                    event,
+                    self.handler
+                        .handle(event, &tx, &ctx)
+                        .instrument(span(event, attempt)),
+                )
+                .await;
                 part.metrics
                     .latency
                     .observe(handled.elapsed().as_secs_f64());
                 if let Err(e) = result {
-                    drop(tx); // rolls back
+                    // Rolled back explicitly: when even that fails the connection is
+                    // gone, and the handler most likely failed because the database went
+                    // away. That is the runtime's dependency, not the record's fault.
+                    if let Err(rollback) = tx.rollback().await {
+                        return Err(Failure::Dependency(DependencyError::inbox(
+                            "rolling back after the handler failed",
+                            format!("{rollback} (the handler said: {e})"),
+                        )));
+                    }
                     return Ok(Batch::Failed(i, e));
                 }
                 out.push(Ok(Outcome::Handled));
@@ -280,16 +327,20 @@ impl<H: TransactionalHandler> Transactional<H> {
                     let release = tx
                         .prepare_cached(RELEASE_INBOX_ROWS)
                         .await
-                        .map_err(HandlerError::transient)?;
+                        .map_err(inbox_failed("preparing the release"))?;
                     let left: Vec<&str> = new.into_iter().collect();
                     tx.execute(&release, &[&self.inbox.group(), &left])
                         .await
-                        .map_err(HandlerError::transient)?;
+                        .map_err(inbox_failed("releasing unhandled claims"))?;
                 }
                 break;
             }
         }
-        tx.commit().await.map_err(HandlerError::transient)?;
+        // If the commit's outcome is unknown (the connection broke), the retry finds the
+        // ids either claimed (duplicates, skipped) or not: one effect either way.
+        tx.commit()
+            .await
+            .map_err(inbox_failed("committing the transaction"))?;
         Ok(Batch::Done(out))
     }
 }
@@ -301,7 +352,7 @@ impl<H: TransactionalHandler> Processor for Transactional<H> {
         &'a self,
         part: &'a Part,
         events: &'a [Event<'a>],
-    ) -> Vec<Result<Outcome, HandlerError>> {
+    ) -> Vec<Result<Outcome, Failure>> {
         self.in_transaction(part, events, 1).await
     }
 
@@ -310,10 +361,15 @@ impl<H: TransactionalHandler> Processor for Transactional<H> {
         part: &'a Part,
         event: &'a Event<'a>,
         attempt: u32,
-    ) -> Result<Outcome, HandlerError> {
+    ) -> Result<Outcome, Failure> {
         let mut r = self
             .in_transaction(part, std::slice::from_ref(event), attempt)
             .await;
         r.pop().unwrap_or(Ok(Outcome::Handled))
     }
+}
+
+/// Maps an inbox database error to a dependency failure while doing `what`.
+fn inbox_failed<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> Failure {
+    move |e| Failure::Dependency(DependencyError::inbox(what, e))
 }

@@ -7,7 +7,29 @@
 //! the offset up to which every record is done; a committer commits those offsets
 //! asynchronously every [`commit_interval`](WorkerBuilder::commit_interval), and
 //! synchronously when partitions are revoked and at shutdown. Only processed (or
-//! dead-lettered) records are ever committed.
+//! dead-lettered) records are ever committed, and a partition's committed position
+//! advances only when the broker acknowledges the commit; a refused commit is sent
+//! again.
+//!
+//! Every newly assigned partition starts resumed, whatever it was when it last left
+//! this worker (librdkafka would keep a pause across unassign and assign).
+//!
+//! Failures of what the runtime owns (the PostgreSQL inbox, dead-letter and retry
+//! publishes, offset commits) are never the record's fault: they use up no attempt and
+//! never dead-letter. For the inbox and publishes the partition pauses and tries again
+//! with back-off (at most 5 s apart) until the dependency returns; a refused commit is
+//! sent again with the next round; `/readyz` fails meanwhile. A panicking handler is a
+//! permanent error: the record is dead-lettered with the panic message.
+//!
+//! Bounded waits, each a [`WorkerBuilder`] setting:
+//!
+//! | setting | default | bounds |
+//! |---|---|---|
+//! | [`revoke_timeout`](WorkerBuilder::revoke_timeout) | 15 s | the wait for handlers when partitions are revoked or at shutdown |
+//! | [`liveness_timeout`](WorkerBuilder::liveness_timeout) | 60 s | the poll loop's silence before `/healthz` fails |
+//! | [`postgres_timeouts`](WorkerBuilder::postgres_timeouts) | connect 5 s, statement 30 s, pool wait 5 s | every inbox database call |
+//!
+//! `/readyz` passes only once the group is joined (the first assignment arrived).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,7 +46,7 @@ use rdkafka::{ClientContext, Message, Statistics, TopicPartitionList};
 
 use crate::contract::{self, ContractError, Idempotency, RetryRoute, WorkerConfig};
 use crate::handler::{Handler, TransactionalHandler};
-use crate::idempotency::{InboxError, MemoryStore, PostgresInbox};
+use crate::idempotency::{InboxError, MemoryStore, PostgresInbox, PostgresTimeouts};
 use crate::metrics::{self, Metrics, PartitionLabels};
 use crate::partition::{self, PartitionHandle, PartitionState};
 use crate::processor::{Dedup, Plain, Processor, Transactional};
@@ -122,6 +144,9 @@ pub(crate) struct Options {
     pub schema_versions: RangeInclusive<u32>,
     pub health_addr: Option<SocketAddr>,
     pub health_server: bool,
+    pub revoke_timeout: Duration,
+    pub liveness_timeout: Duration,
+    pub postgres_timeouts: PostgresTimeouts,
 }
 
 /// How records of one consumed topic are retried and dead-lettered.
@@ -172,8 +197,10 @@ impl Core {
         })
     }
 
-    /// Stops the tasks of `partitions`, waits for their in-flight records, and commits
-    /// what they completed, synchronously. Called on the poll thread.
+    /// Stops the tasks of `partitions`, waits for their in-flight records at most
+    /// [`revoke_timeout`](WorkerBuilder::revoke_timeout) (a task still running then is
+    /// aborted: its unfinished records go to the next owner), and commits what they
+    /// completed, synchronously. Called on the poll thread.
     fn release(&self, consumer: &BaseConsumer<Ctx>, partitions: &[(String, i32)]) {
         let handles: Vec<PartitionHandle> = {
             let mut map = self.partitions.lock().unwrap();
@@ -185,11 +212,22 @@ impl Core {
         for h in &handles {
             let _ = h.stop.send(true);
         }
+        let deadline = std::time::Instant::now() + self.options.revoke_timeout;
         let mut tpl = TopicPartitionList::new();
-        for h in handles {
-            let _ = futures::executor::block_on(h.task);
+        for mut h in handles {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let finished = self
+                .runtime
+                .block_on(async { tokio::time::timeout(left, &mut h.task).await.is_ok() });
+            if !finished {
+                h.task.abort();
+                tracing::warn!(topic = %h.state.topic, partition = h.state.partition,
+                    timeout = ?self.options.revoke_timeout,
+                    "the partition's handlers did not finish in time; its unfinished records \
+                     go to the next owner");
+            }
             let next = h.state.committable.load(Ordering::Acquire);
-            if next >= 0 {
+            if next > h.state.committed.load(Ordering::Acquire) {
                 let _ = tpl.add_partition_offset(
                     &h.state.topic,
                     h.state.partition,
@@ -198,56 +236,128 @@ impl Core {
             }
         }
         if tpl.count() > 0 {
-            self.metrics.commits.inc();
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                self.metrics.commit_failures.inc();
-                tracing::error!(error = %e, "committing the offsets of released partitions failed");
+            // Counted by the commit callback; a failure is tried again while time is left
+            // (what stays uncommitted is delivered again to the next owner).
+            for attempt in 1.. {
+                match consumer.commit(&tpl, CommitMode::Sync) {
+                    Ok(()) => break,
+                    Err(e) if attempt < 3 && std::time::Instant::now() < deadline => {
+                        tracing::warn!(error = %e, attempt,
+                            "committing the offsets of released partitions failed; trying again");
+                        std::thread::sleep(Duration::from_millis(100 * attempt));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e,
+                            "committing the offsets of released partitions failed; their \
+                             records after the last commit are delivered again");
+                        break;
+                    }
+                }
             }
         }
     }
 
-    /// Commits every partition whose completed offset advanced, asynchronously.
+    /// Commits every partition whose completed offset is past what was last sent,
+    /// asynchronously. The committed position advances when the broker acknowledges
+    /// ([`Ctx::commit_callback`]); a failed commit resets what was sent, so the next
+    /// round sends it again.
     fn commit_progress(&self, consumer: &BaseConsumer<Ctx>) {
         let mut tpl = TopicPartitionList::new();
         // Committed under the lock, so a partition being released is either committed
         // here or by `release`, never after it changed owner.
         let map = self.partitions.lock().unwrap();
-        {
-            for h in map.values().flat_map(|m| m.values()) {
-                let next = h.state.committable.load(Ordering::Acquire);
-                if next > h.state.committed.load(Ordering::Relaxed) {
-                    let _ = tpl.add_partition_offset(
-                        &h.state.topic,
-                        h.state.partition,
-                        rdkafka::Offset::Offset(next),
-                    );
-                    h.state.committed.store(next, Ordering::Relaxed);
-                }
+        for h in map.values().flat_map(|m| m.values()) {
+            let next = h.state.committable.load(Ordering::Acquire);
+            if next > h.state.sent.load(Ordering::Acquire) {
+                let _ = tpl.add_partition_offset(
+                    &h.state.topic,
+                    h.state.partition,
+                    rdkafka::Offset::Offset(next),
+                );
+                h.state.sent.store(next, Ordering::Release);
             }
         }
-        if tpl.count() > 0 {
-            self.metrics.commits.inc();
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                self.metrics.commit_failures.inc();
-                tracing::warn!(error = %e, "offset commit failed; it is retried with the next one");
+        if tpl.count() > 0
+            && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+        {
+            // Not even sent: send again next round.
+            for e in tpl.elements() {
+                if let Some(h) = map.get(e.topic()).and_then(|m| m.get(&e.partition())) {
+                    h.state
+                        .sent
+                        .store(h.state.committed.load(Ordering::Acquire), Ordering::Release);
+                }
             }
+            self.metrics.commit_failures.inc();
+            self.metrics.commit_failing.store(true, Ordering::Relaxed);
+            tracing::warn!(error = %e, "offset commit failed; it is sent again");
         }
         drop(map);
     }
 
-    fn assigned(&self, core: &Arc<Core>, tpl: &TopicPartitionList) {
-        let mut map = self.partitions.lock().unwrap();
-        for e in tpl.elements() {
-            let topic = map.entry(e.topic().to_string()).or_default();
-            if let std::collections::hash_map::Entry::Vacant(slot) = topic.entry(e.partition()) {
-                tracing::info!(
-                    topic = e.topic(),
-                    partition = e.partition(),
-                    "partition assigned"
-                );
-                slot.insert((self.spawn)(core, Arc::from(e.topic()), e.partition()));
+    /// The broker answered a commit: acknowledged offsets become the committed position;
+    /// failed ones are sent again by the next [`commit_progress`](Self::commit_progress).
+    fn committed(&self, result: &KafkaResult<()>, offsets: &TopicPartitionList) {
+        let map = self.partitions.lock().unwrap();
+        let mut failed = result.is_err();
+        for e in offsets.elements() {
+            let ok = result.is_ok() && e.error().is_ok();
+            failed |= !ok;
+            let rdkafka::Offset::Offset(offset) = e.offset() else {
+                continue;
+            };
+            let Some(h) = map.get(e.topic()).and_then(|m| m.get(&e.partition())) else {
+                continue; // released meanwhile
+            };
+            if ok {
+                h.state.committed.fetch_max(offset, Ordering::AcqRel);
+            } else {
+                h.state
+                    .sent
+                    .store(h.state.committed.load(Ordering::Acquire), Ordering::Release);
             }
         }
+        drop(map);
+        if failed {
+            self.metrics.commit_failures.inc();
+            tracing::warn!(error = ?result.as_ref().err(), offsets = ?offsets.to_topic_map(),
+                "offset commit failed; it is sent again");
+        } else {
+            self.metrics.commits.inc();
+        }
+        self.metrics.commit_failing.store(failed, Ordering::Relaxed);
+    }
+
+    /// Starts a task for each newly assigned partition and resumes the partition.
+    ///
+    /// librdkafka keeps an application's pause across unassign and assign: a partition
+    /// paused here (flow control, back-off) when it was revoked would come back paused,
+    /// and its new task (which believes it is fetched) would never get a record.
+    fn assigned(&self, core: &Arc<Core>, consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) {
+        let mut resume = TopicPartitionList::with_capacity(tpl.count());
+        {
+            let mut map = self.partitions.lock().unwrap();
+            for e in tpl.elements() {
+                let topic = map.entry(e.topic().to_string()).or_default();
+                if let std::collections::hash_map::Entry::Vacant(slot) = topic.entry(e.partition())
+                {
+                    tracing::info!(
+                        topic = e.topic(),
+                        partition = e.partition(),
+                        "partition assigned"
+                    );
+                    slot.insert((self.spawn)(core, Arc::from(e.topic()), e.partition()));
+                    resume.add_partition(e.topic(), e.partition());
+                }
+            }
+        }
+        if resume.count() > 0
+            && let Err(e) = consumer.resume(&resume)
+        {
+            tracing::error!(error = %e, partitions = ?resume.to_topic_map(),
+                "could not resume newly assigned partitions");
+        }
+        self.metrics.joined.store(true, Ordering::Relaxed);
     }
 
     /// Hands a polled record to its partition's task; drops it when the partition is no
@@ -359,11 +469,11 @@ impl ConsumerContext for Ctx {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 if let Some(core) = self.core() {
-                    core.assigned(&core, tpl);
+                    core.assigned(&core, consumer, tpl);
                 }
             }
             Rebalance::Error(e) => tracing::error!(error = %e, "rebalance failed"),
@@ -372,11 +482,8 @@ impl ConsumerContext for Ctx {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            if let Some(core) = self.core() {
-                core.metrics.commit_failures.inc();
-            }
-            tracing::warn!(error = %e, offsets = ?offsets.to_topic_map(), "offset commit failed");
+        if let Some(core) = self.core() {
+            core.committed(&result, offsets);
         }
     }
 }
@@ -411,6 +518,9 @@ impl WorkerBuilder {
             schema_versions: 0..=u32::MAX,
             health_addr: None,
             health_server: true,
+            revoke_timeout: Duration::from_secs(15),
+            liveness_timeout: Duration::from_secs(60),
+            postgres_timeouts: PostgresTimeouts::default(),
         };
         Self { config, options }
     }
@@ -508,6 +618,31 @@ impl WorkerBuilder {
         self
     }
 
+    /// Longest wait, when partitions are revoked (and at shutdown), for their handlers
+    /// to finish the record they are on (default 15 s). A handler still running then is
+    /// cancelled and its record goes to the partition's next owner. The poll thread
+    /// waits meanwhile, so keep this well below `max.poll.interval.ms` (5 min) and the
+    /// [`liveness_timeout`](Self::liveness_timeout).
+    pub fn revoke_timeout(mut self, timeout: Duration) -> Self {
+        self.options.revoke_timeout = timeout;
+        self
+    }
+
+    /// How long the poll loop may go without polling before `/healthz` fails (default
+    /// 60 s), so that Kubernetes restarts a worker whose poll thread is stuck.
+    pub fn liveness_timeout(mut self, timeout: Duration) -> Self {
+        self.options.liveness_timeout = timeout;
+        self
+    }
+
+    /// Timeouts of the PostgreSQL inbox (defaults: connect 5 s, statement 30 s, wait for
+    /// a pooled connection 5 s). A timeout is a failure of the inbox, not of the record:
+    /// the partition waits and tries again.
+    pub fn postgres_timeouts(mut self, timeouts: PostgresTimeouts) -> Self {
+        self.options.postgres_timeouts = timeouts;
+        self
+    }
+
     /// Builds a worker calling `handler`, with the configured idempotency (`None`,
     /// `Memory`, or `Postgres`: an inbox row written after the handler succeeds).
     pub async fn build<H: Handler>(self, handler: H) -> Result<Worker, WorkerError> {
@@ -541,10 +676,13 @@ impl WorkerBuilder {
                       postgres:// URL (or call WorkerBuilder::postgres_url)"
                     .into(),
             })?;
-        Ok(
-            PostgresInbox::connect(url, self.options.postgres_pool_size, &self.config.group_id)
-                .await?,
+        Ok(PostgresInbox::connect_with(
+            url,
+            self.options.postgres_pool_size,
+            &self.config.group_id,
+            &self.options.postgres_timeouts,
         )
+        .await?)
     }
 
     fn resolve_health_addr(&self) -> Result<SocketAddr, WorkerError> {
@@ -569,6 +707,10 @@ impl WorkerBuilder {
                     .into(),
             });
         }
+        if o.liveness_timeout <= o.revoke_timeout {
+            tracing::warn!(liveness_timeout = ?o.liveness_timeout, revoke_timeout = ?o.revoke_timeout,
+                "liveness_timeout is not above revoke_timeout: a slow revoke fails /healthz");
+        }
         if self.config.topics.is_empty() {
             return Err(WorkerError::Config {
                 setting: contract::TOPICS,
@@ -576,6 +718,10 @@ impl WorkerBuilder {
             });
         }
         let metrics = Arc::new(Metrics::default());
+        metrics
+            .liveness_timeout_ms
+            .store(o.liveness_timeout.as_millis() as u64, Ordering::Relaxed);
+        metrics.beat();
         let health = if o.health_server {
             let addr = self.resolve_health_addr()?;
             let (bound, task) = metrics::serve(addr, metrics.clone())
@@ -695,6 +841,7 @@ impl Worker {
             health,
         } = self;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        core.metrics.beat();
         let poll_core = core.clone();
         std::thread::Builder::new()
             .name("eventops-poll".into())
@@ -776,6 +923,7 @@ async fn shutdown_signal() {
 fn poll_loop(core: &Arc<Core>, consumer: &Arc<BaseConsumer<Ctx>>) {
     const BURST: usize = 2048;
     while !core.stopping.load(Ordering::Relaxed) {
+        core.metrics.beat();
         core.wait_for_room();
         match consumer.poll(Duration::from_millis(100)) {
             None => continue,
