@@ -99,7 +99,11 @@ pub fn oracle_classpath() -> String {
     if std::fs::rename(&building, &dest).is_err() {
         let _ = std::fs::remove_dir_all(&building);
     }
-    assert!(dest.join(".complete").exists(), "{} was not built", dest.display());
+    assert!(
+        dest.join(".complete").exists(),
+        "{} was not built",
+        dest.display()
+    );
     classpath
 }
 

@@ -230,11 +230,7 @@ async fn a_record_dead_lettered_from_a_retry_topic_names_the_main_topic_as_its_o
     let payload = event("flaky", 1, serde_json::json!({}));
     let offset = produce(&producer(&env.info), &topic, 1, "flaky", &payload).await;
 
-    let handler = Fails::new(
-        ErrorKind::Transient,
-        "app::Timeout",
-        "inventory timed out",
-    );
+    let handler = Fails::new(ErrorKind::Transient, "app::Timeout", "inventory timed out");
     let routes = [TopicRoute {
         topic: topic.clone(),
         dead_letter_topic: Some(dlt.clone()),
@@ -290,8 +286,10 @@ impl Handler for Notes {
             .lock()
             .unwrap()
             .push((event.record().topic().to_string(), ctx.attempt(), now));
-        Err(HandlerError::message(ErrorKind::Transient, "inventory timed out")
-            .with_type_name("app::Timeout"))
+        Err(
+            HandlerError::message(ErrorKind::Transient, "inventory timed out")
+                .with_type_name("app::Timeout"),
+        )
     }
 }
 
@@ -324,23 +322,32 @@ async fn a_spring_retryable_topic_service_continues_the_runtimes_retry_chain() {
     let offset = produce(&source, &topic, 1, "order-9", &payload).await;
 
     // The runtime fails the record on the main topic and sends it to Spring's retry topic.
-    let worker = Worker::builder(worker_config(&env.info, &group, &[spring_named_route(&topic)]))
-        .health_server(false)
-        .build(Notes::default())
-        .await
-        .unwrap();
+    let worker = Worker::builder(worker_config(
+        &env.info,
+        &group,
+        &[spring_named_route(&topic)],
+    ))
+    .health_server(false)
+    .build(Notes::default())
+    .await
+    .unwrap();
     let running = start(worker);
     let ours = read_topic(&env.info, &retry, 1, TIMEOUT).await;
     stop(running).await;
-    let due = retry_topic::decode_big_integer(header(&ours[0], retry_topic::BACKOFF_TIMESTAMP).unwrap())
-        .expect("a BigInteger back-off timestamp");
+    let due =
+        retry_topic::decode_big_integer(header(&ours[0], retry_topic::BACKOFF_TIMESTAMP).unwrap())
+            .expect("a BigInteger back-off timestamp");
 
     // Spring's retry listener takes it from there: it reads the runtime's headers, retries
     // once more at the due time, and dead-letters it.
     let out = run_oracle(
         &env.info,
         "retry-rest",
-        &[("group", &group), ("topic", &topic), ("message", "still failing")],
+        &[
+            ("group", &group),
+            ("topic", &topic),
+            ("message", "still failing"),
+        ],
         ORACLE_TIMEOUT,
     )
     .await;
@@ -395,7 +402,11 @@ async fn the_runtime_continues_a_spring_retryable_topic_services_retry_chain() {
     run_oracle(
         &env.info,
         "retry-main",
-        &[("group", &group), ("topic", &topic), ("message", "first failure")],
+        &[
+            ("group", &group),
+            ("topic", &topic),
+            ("message", "first failure"),
+        ],
         ORACLE_TIMEOUT,
     )
     .await;
@@ -406,17 +417,23 @@ async fn the_runtime_continues_a_spring_retryable_topic_services_retry_chain() {
         (c.get(&(topic.clone(), 1)) == Some(&(offset + 1))).then_some(())
     })
     .await;
-    let due = retry_topic::decode_big_integer(header(&theirs[0], retry_topic::BACKOFF_TIMESTAMP).unwrap())
-        .expect("Spring's back-off timestamp");
+    let due = retry_topic::decode_big_integer(
+        header(&theirs[0], retry_topic::BACKOFF_TIMESTAMP).unwrap(),
+    )
+    .expect("Spring's back-off timestamp");
 
     // The runtime, on the same chain, retries it at Spring's due time with Spring's
     // attempt number, then dead-letters it to Spring's DLT.
     let notes = Notes::default();
-    let worker = Worker::builder(worker_config(&env.info, &group, &[spring_named_route(&topic)]))
-        .health_server(false)
-        .build(notes.clone())
-        .await
-        .unwrap();
+    let worker = Worker::builder(worker_config(
+        &env.info,
+        &group,
+        &[spring_named_route(&topic)],
+    ))
+    .health_server(false)
+    .build(notes.clone())
+    .await
+    .unwrap();
     let running = start(worker);
     let ours = read_topic(&env.info, &dlt, 1, TIMEOUT).await;
     stop(running).await;
@@ -431,7 +448,10 @@ async fn the_runtime_continues_a_spring_retryable_topic_services_retry_chain() {
         .collect();
     assert_eq!(on_retry.len(), 1, "{on_retry:?}");
     assert_eq!(on_retry[0].0, 2, "Spring's retry_topic-attempts is read");
-    assert!(on_retry[0].1 >= due, "Spring's back-off timestamp is honoured");
+    assert!(
+        on_retry[0].1 >= due,
+        "Spring's back-off timestamp is honoured"
+    );
     let d = &ours[0];
     let h = |name| header(d, name).unwrap_or_else(|| panic!("header {name} missing"));
     assert_eq!(
