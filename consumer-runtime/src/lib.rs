@@ -52,15 +52,16 @@ mod partition;
 mod processor;
 mod record;
 pub mod retry;
+pub mod retry_topic;
 mod worker;
 
 pub use contract::{Idempotency, WorkerConfig};
 pub use envelope::{CORRELATION_HEADER, Envelope};
 pub use error::{ErrorKind, HandlerError, ResultExt};
 pub use handler::{Context, Event, Handler, TransactionalHandler};
-pub use partition::{RETRY_ATTEMPT_HEADER, RETRY_DUE_HEADER};
 pub use record::Record;
 pub use retry::RetryPolicy;
+pub use retry_topic::{RETRY_ATTEMPT_HEADER, RETRY_DUE_HEADER};
 /// The PostgreSQL client the [`TransactionalHandler`] transaction comes from.
 pub use tokio_postgres;
 pub use worker::{CONSUMER_DEFAULTS, Worker, WorkerBuilder, WorkerError};

@@ -19,6 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::Consumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use tokio::sync::{mpsc, watch};
@@ -31,12 +32,8 @@ use crate::metrics::{FailureLabels, TopicLabel};
 use crate::offsets::OffsetTracker;
 use crate::processor::{Outcome, Processor};
 use crate::record::Record;
+use crate::retry_topic;
 use crate::worker::{Core, TopicPlan};
-
-/// Header with the attempt number of a record in a retry topic.
-pub const RETRY_ATTEMPT_HEADER: &str = "eventops-retry-attempt";
-/// Header with the time (epoch ms) before which a record in a retry topic is not retried.
-pub const RETRY_DUE_HEADER: &str = "eventops-retry-due-ms";
 
 /// State shared between the poll loop, the partition task and the committer.
 pub(crate) struct PartitionState {
@@ -548,7 +545,7 @@ async fn handle_run<P: Processor>(part: &Part, processor: &P, events: &[Event<'_
             if !wait_until_due(part, event.record).await {
                 return false;
             }
-            let attempt = header_number(event.record, RETRY_ATTEMPT_HEADER).unwrap_or(2) as u32;
+            let attempt = retry_topic::attempt(|n| event.record.header(n)).unwrap_or(2);
             let r = processor.attempt(part, event, attempt).await;
             if !settle(part, processor, event, r, attempt).await {
                 return false;
@@ -634,11 +631,22 @@ async fn fail<P: Processor>(
                 if let Some(next) = part.plan.retry_topics.get(part.plan.level) {
                     part.metrics.retried.inc();
                     let due = now_ms() + next.delay_ms as i64;
-                    let extra = [
-                        (RETRY_ATTEMPT_HEADER, (attempt + 1).to_string()),
-                        (RETRY_DUE_HEADER, due.to_string()),
-                    ];
-                    let headers = republished_headers(record, &extra);
+                    let extra = retry_topic::retry_headers(
+                        record.headers(),
+                        attempt + 1,
+                        due,
+                        record.timestamp.unwrap_or(-1),
+                    );
+                    // Like Spring's retry topics: the retry record carries the failure and
+                    // the main topic's record as its origin, kept along the chain.
+                    let headers = republished_headers(
+                        dead_letter::retry_hop_headers(
+                            record.headers(),
+                            &provenance(part, record),
+                            &error,
+                        ),
+                        extra,
+                    );
                     if !publish(part, &next.topic, record, headers, "retry").await {
                         return false;
                     }
@@ -668,15 +676,12 @@ async fn fail<P: Processor>(
         if part.core.options.dead_letter
             && let Some(dlt) = &part.plan.dead_letter_topic
         {
-            let from = Provenance {
-                topic: &record.topic,
-                partition: record.partition,
-                offset: record.offset,
-                timestamp: record.timestamp,
-                timestamp_type: record.timestamp_type,
-                group: &part.core.group,
+            let from = provenance(part, record);
+            let headers = if part.plan.level > 0 {
+                dead_letter::retry_hop_headers(record.headers(), &from, &error)
+            } else {
+                dead_letter::headers(record.headers(), &from, &error)
             };
-            let headers = dead_letter::headers(record.headers(), &from, &error);
             tracing::warn!(topic = %record.topic, partition = record.partition,
                 offset = record.offset, attempt, %error, dead_letter_topic = %dlt, "dead-lettering");
             if !publish(part, dlt, record, headers, "dead-letter").await {
@@ -707,26 +712,33 @@ async fn fail<P: Processor>(
     }
 }
 
-/// The record's headers without earlier retry headers, plus `extra`.
+fn provenance<'a>(part: &'a Part, record: &'a Record) -> Provenance<'a> {
+    Provenance {
+        topic: &record.topic,
+        partition: record.partition,
+        offset: record.offset,
+        timestamp: record.timestamp,
+        timestamp_type: record.timestamp_type,
+        group: &part.core.group,
+    }
+}
+
+/// `headers` without earlier retry headers, plus `extra`.
 fn republished_headers(
-    record: &Record,
-    extra: &[(&str, String)],
+    headers: Vec<(String, Option<Vec<u8>>)>,
+    extra: Vec<(&str, Vec<u8>)>,
 ) -> Vec<(String, Option<Vec<u8>>)> {
-    record
-        .headers()
-        .filter(|(k, _)| *k != RETRY_ATTEMPT_HEADER && *k != RETRY_DUE_HEADER)
-        .map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec)))
-        .chain(
-            extra
-                .iter()
-                .map(|(k, v)| (k.to_string(), Some(v.clone().into_bytes()))),
-        )
+    headers
+        .into_iter()
+        .filter(|(k, _)| !retry_topic::is_retry_header(k))
+        .chain(extra.into_iter().map(|(k, v)| (k.to_string(), Some(v))))
         .collect()
 }
 
 /// Publishes `record`'s key and value to the same partition number of `topic` with
 /// `headers`, retrying until the broker acknowledges; `false` when stopped first (the
-/// source record is then not done, so its offset is not committed).
+/// source record is then not done, so its offset is not committed). When `topic` has no
+/// such partition, the producer chooses one, as Spring's `checkPartition` does.
 async fn publish(
     part: &Part,
     topic: &str,
@@ -743,10 +755,12 @@ async fn publish(
     }
     let mut failures = 0;
     let mut outage = None;
+    let mut partition = Some(record.partition);
     loop {
-        let mut out = FutureRecord::<[u8], [u8]>::to(topic)
-            .partition(record.partition)
-            .headers(owned.clone());
+        let mut out = FutureRecord::<[u8], [u8]>::to(topic).headers(owned.clone());
+        if let Some(p) = partition {
+            out = out.partition(p);
+        }
         if let Some(k) = record.key() {
             out = out.key(k);
         }
@@ -755,6 +769,16 @@ async fn publish(
         }
         match part.core.producer.send(out, Duration::from_secs(30)).await {
             Ok(_) => return true,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::UnknownPartition), _))
+                if partition.is_some() =>
+            {
+                tracing::warn!(
+                    topic,
+                    partition = record.partition,
+                    "{what} topic has fewer partitions than the source; the producer chooses one"
+                );
+                partition = None;
+            }
             Err((e, _)) => {
                 // Not the record's fault: no attempt is used up, the partition waits
                 // (paused, not ready) and publishes again.
@@ -776,7 +800,7 @@ async fn publish(
 }
 
 async fn wait_until_due(part: &Part, record: &Record) -> bool {
-    let Some(due) = header_number(record, RETRY_DUE_HEADER) else {
+    let Some(due) = retry_topic::due_ms(|n| record.header(n)) else {
         return true;
     };
     let wait = due - now_ms();
@@ -785,10 +809,6 @@ async fn wait_until_due(part: &Part, record: &Record) -> bool {
     }
     part.back_off_record(Duration::from_millis(wait as u64))
         .await
-}
-
-fn header_number(record: &Record, name: &str) -> Option<i64> {
-    std::str::from_utf8(record.header(name)?).ok()?.parse().ok()
 }
 
 fn now_ms() -> i64 {

@@ -8,6 +8,7 @@ pub mod chart;
 pub mod e2e;
 pub mod pods;
 pub mod runtime;
+pub mod spring;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

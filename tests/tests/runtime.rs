@@ -475,12 +475,20 @@ async fn a_permanent_failure_is_dead_lettered_without_retries_with_all_headers()
     assert_eq!(decode_i32(h(dead_letter::ORIGINAL_PARTITION)), Some(2));
     assert_eq!(decode_i64(h(dead_letter::ORIGINAL_OFFSET)), Some(offset));
     assert!(decode_i64(h(dead_letter::ORIGINAL_TIMESTAMP)).unwrap() > 1_600_000_000_000);
-    assert_eq!(h(dead_letter::ORIGINAL_TIMESTAMP_TYPE), b"CREATE_TIME");
+    assert_eq!(h(dead_letter::ORIGINAL_TIMESTAMP_TYPE), b"CreateTime");
     assert_eq!(h(dead_letter::ORIGINAL_CONSUMER_GROUP), group.as_bytes());
-    assert_eq!(h(dead_letter::EXCEPTION_FQCN), b"tests::NegativeTotal");
+    // As a Spring container wraps a listener's exception (tests/tests/spring_interop.rs).
+    assert_eq!(
+        h(dead_letter::EXCEPTION_FQCN),
+        dead_letter::LISTENER_FAILED_FQCN.as_bytes()
+    );
+    assert_eq!(
+        h(dead_letter::EXCEPTION_CAUSE_FQCN),
+        b"tests::NegativeTotal"
+    );
     assert_eq!(
         h(dead_letter::EXCEPTION_MESSAGE),
-        b"order total is negative"
+        b"Listener failed; order total is negative"
     );
     assert!(!h(dead_letter::EXCEPTION_STACKTRACE).is_empty());
     assert_eq!(
@@ -501,8 +509,23 @@ async fn the_source_offset_stays_uncommitted_while_the_dead_letter_publish_fails
     let env = env().await;
     let topic = unique("rt");
     let group = unique("rt-group");
-    // The dead-letter topic lacks the source's partition 2: publishing there fails.
-    create_topics(&env.info, &[(&topic, 3), (&format!("{topic}.DLT"), 1)]).await;
+    // The dead-letter topic takes no record of this size yet: publishing there fails.
+    create_topics(&env.info, &[(&topic, 3)]).await;
+    let dlt_name = format!("{topic}.DLT");
+    env.kafka_tool(
+        "org.apache.kafka.tools.TopicCommand",
+        &[
+            "--create",
+            "--topic",
+            &dlt_name,
+            "--partitions",
+            "3",
+            "--config",
+            "max.message.bytes=64",
+        ],
+    )
+    .await
+    .unwrap();
     let p = producer(&env.info);
     produce(
         &p,
@@ -561,13 +584,15 @@ async fn the_source_offset_stays_uncommitted_while_the_dead_letter_publish_fails
     assert_eq!(m.dead_lettered(&topic), 0);
 
     env.kafka_tool(
-        "org.apache.kafka.tools.TopicCommand",
+        "org.apache.kafka.tools.ConfigCommand",
         &[
             "--alter",
-            "--topic",
-            &format!("{topic}.DLT"),
-            "--partitions",
-            "3",
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            &dlt_name,
+            "--add-config",
+            "max.message.bytes=1048588",
         ],
     )
     .await

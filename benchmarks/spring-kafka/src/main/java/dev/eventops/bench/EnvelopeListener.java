@@ -2,8 +2,13 @@ package dev.eventops.bench;
 
 import com.fasterxml.jackson.databind.ObjectMapper;
 import java.io.IOException;
-import java.util.LinkedHashSet;
-import java.util.Iterator;
+import java.util.Queue;
+import java.util.Set;
+import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.ConcurrentLinkedQueue;
+import java.util.concurrent.atomic.AtomicBoolean;
+import java.util.concurrent.atomic.AtomicInteger;
+import java.util.concurrent.atomic.LongAdder;
 import org.apache.kafka.clients.consumer.ConsumerRecord;
 import org.springframework.kafka.annotation.KafkaListener;
 import org.springframework.kafka.support.Acknowledgment;
@@ -11,8 +16,10 @@ import org.springframework.stereotype.Component;
 
 /**
  * Per record: parse the JSON envelope, skip it if its event id was seen recently (a
- * bounded in-memory set, like the runtime's Memory idempotency), acknowledge it. The
- * container commits acknowledged offsets after each poll's records (AckMode.MANUAL).
+ * bounded in-memory set shared by all listener threads, like the runtime's Memory
+ * idempotency), acknowledge it. The container commits acknowledged offsets after each
+ * poll's records (AckMode.MANUAL). With listener concurrency above 1 several threads call
+ * {@link #onRecord}, so its state is concurrent.
  */
 @Component
 public class EnvelopeListener {
@@ -21,10 +28,13 @@ public class EnvelopeListener {
     static final int SEEN_CAPACITY = 100_000;
 
     private final ObjectMapper mapper;
-    private final LinkedHashSet<String> seen = new LinkedHashSet<>();
-    private boolean first = true;
-    private long processed;
-    private long duplicates;
+    private final Set<String> seen = ConcurrentHashMap.newKeySet();
+    /** Insertion order of {@link #seen}, to evict the oldest id. */
+    private final Queue<String> order = new ConcurrentLinkedQueue<>();
+    private final AtomicInteger size = new AtomicInteger();
+    private final AtomicBoolean first = new AtomicBoolean(true);
+    private final LongAdder processed = new LongAdder();
+    private final LongAdder duplicates = new LongAdder();
 
     public EnvelopeListener(ObjectMapper mapper) {
         this.mapper = mapper;
@@ -32,22 +42,24 @@ public class EnvelopeListener {
 
     @KafkaListener(topics = "${BENCH_TOPIC}")
     public void onRecord(ConsumerRecord<byte[], byte[]> record, Acknowledgment ack) throws IOException {
-        if (first) {
-            first = false;
+        if (first.compareAndSet(true, false)) {
             // The harness times from this line to the moment all offsets are committed.
             System.out.println("FIRST_RECORD_AT_MS " + System.currentTimeMillis());
             System.out.flush();
         }
         Envelope envelope = mapper.readValue(record.value(), Envelope.class);
         if (seen.add(envelope.id())) {
-            if (seen.size() > SEEN_CAPACITY) {
-                Iterator<String> oldest = seen.iterator();
-                oldest.next();
-                oldest.remove();
+            order.add(envelope.id());
+            if (size.incrementAndGet() > SEEN_CAPACITY) {
+                String oldest = order.poll();
+                if (oldest != null) {
+                    seen.remove(oldest);
+                    size.decrementAndGet();
+                }
             }
-            processed++;
+            processed.increment();
         } else {
-            duplicates++;
+            duplicates.increment();
         }
         ack.acknowledge();
     }
