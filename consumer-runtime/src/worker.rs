@@ -115,6 +115,7 @@ pub(crate) struct Options {
     pub memory_capacity: usize,
     pub postgres_url: Option<String>,
     pub postgres_pool_size: usize,
+    pub postgres: crate::postgres::PostgresOptions,
     pub key_concurrency: usize,
     pub max_in_flight_per_partition: usize,
     pub batch_size: usize,
@@ -385,7 +386,7 @@ impl ConsumerContext for Ctx {
 /// every setting can be overridden in code.
 pub struct WorkerBuilder {
     config: WorkerConfig,
-    options: Options,
+    pub(crate) options: Options,
 }
 
 impl WorkerBuilder {
@@ -404,6 +405,7 @@ impl WorkerBuilder {
             memory_capacity: 100_000,
             postgres_url: config.postgres_url.clone(),
             postgres_pool_size: 4,
+            postgres: Default::default(),
             key_concurrency: 1,
             max_in_flight_per_partition: 2_000,
             batch_size: 256,
@@ -509,7 +511,8 @@ impl WorkerBuilder {
     }
 
     /// Builds a worker calling `handler`, with the configured idempotency (`None`,
-    /// `Memory`, or `Postgres`: an inbox row written after the handler succeeds).
+    /// `Memory`, or `Postgres`: the event id claimed in a transaction that commits when
+    /// the handler succeeds, see [`idempotency`](crate::idempotency)).
     pub async fn build<H: Handler>(self, handler: H) -> Result<Worker, WorkerError> {
         let dedup = match self.options.idempotency {
             Idempotency::None => Dedup::None,
@@ -541,10 +544,13 @@ impl WorkerBuilder {
                       postgres:// URL (or call WorkerBuilder::postgres_url)"
                     .into(),
             })?;
-        Ok(
-            PostgresInbox::connect(url, self.options.postgres_pool_size, &self.config.group_id)
-                .await?,
+        Ok(PostgresInbox::connect_with(
+            url,
+            self.options.postgres_pool_size,
+            &self.config.group_id,
+            &self.options.postgres,
         )
+        .await?)
     }
 
     fn resolve_health_addr(&self) -> Result<SocketAddr, WorkerError> {
