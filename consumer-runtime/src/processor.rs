@@ -45,19 +45,10 @@ pub(crate) trait Processor: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send + 'a;
 }
 
-/// The span a handler call runs in: debug level, so with the usual `info` filter it is
-/// disabled and costs one level check per record.
+/// The span a handler call runs in: `info`, with the correlation id, a child of the
+/// record's `traceparent` (see [`tracing_otel`](crate::tracing_otel)).
 fn span(event: &Event<'_>, attempt: u32) -> tracing::Span {
-    tracing::debug_span!(
-        "event",
-        event_id = event.id(),
-        event_type = event.event_type(),
-        correlation_id = event.correlation_id().unwrap_or(""),
-        topic = event.record().topic(),
-        partition = event.record().partition(),
-        offset = event.record().offset(),
-        attempt,
-    )
+    crate::tracing_otel::event_span(event, attempt)
 }
 
 /// Where a plain [`Handler`]'s duplicates are recognised.
@@ -108,6 +99,7 @@ impl<H: Handler> Plain<H> {
             producer: &part.core.producer,
             correlation_id: event.correlation_id(),
             attempt,
+            traceparent: event.record().header(crate::tracing_otel::TRACEPARENT_HEADER),
         };
         let started = Instant::now();
         let result = self
@@ -254,6 +246,7 @@ impl<H: TransactionalHandler> Transactional<H> {
                     producer: &part.core.producer,
                     correlation_id: event.correlation_id(),
                     attempt,
+                    traceparent: event.record().header(crate::tracing_otel::TRACEPARENT_HEADER),
                 };
                 let handled = Instant::now();
                 let result = self
