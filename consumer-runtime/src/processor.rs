@@ -7,10 +7,7 @@ use tracing::Instrument;
 
 use crate::error::HandlerError;
 use crate::handler::{Context, Event, Handler, TransactionalHandler};
-use crate::idempotency::{
-    CLAIM_INBOX_ROWS, INSERT_INBOX_ROW, MemoryStore, PostgresInbox, RELEASE_INBOX_ROWS,
-    SELECT_INBOX_ROW,
-};
+use crate::idempotency::{CLAIM_INBOX_ROWS, MemoryStore, PostgresInbox, RELEASE_INBOX_ROWS};
 use crate::partition::Part;
 
 /// What became of an event that did not fail.
@@ -81,20 +78,20 @@ impl<H: Handler> Plain<H> {
                 }
             }
             Dedup::Postgres(inbox) => {
-                let client = inbox.pool().get().await.map_err(HandlerError::transient)?;
-                let select = client
-                    .prepare_cached(SELECT_INBOX_ROW)
-                    .await
-                    .map_err(HandlerError::transient)?;
-                let seen = client
-                    .query_opt(&select, &[&inbox.group(), &event.id()])
-                    .await
-                    .map_err(HandlerError::transient)?;
-                if seen.is_some() {
-                    return Ok(Outcome::Duplicate);
-                }
+                // Check and record in one claim: see `postgres::claim`.
+                let call = self.call(part, event, attempt);
+                return crate::postgres::claim::claimed(inbox, event.id(), call).await;
             }
         }
+        self.call(part, event, attempt).await?;
+        if let Dedup::Memory(store) = &self.dedup {
+            store.insert_key(memory_key);
+        }
+        Ok(Outcome::Handled)
+    }
+
+    /// The handler call, timed, in its span.
+    async fn call(&self, part: &Part, event: &Event<'_>, attempt: u32) -> Result<(), HandlerError> {
         let ctx = Context {
             producer: &part.core.producer,
             correlation_id: event.correlation_id(),
@@ -110,25 +107,7 @@ impl<H: Handler> Plain<H> {
         part.metrics
             .latency
             .observe(started.elapsed().as_secs_f64());
-        result?;
-        match &self.dedup {
-            Dedup::None => {}
-            Dedup::Memory(store) => {
-                store.insert_key(memory_key);
-            }
-            Dedup::Postgres(inbox) => {
-                let client = inbox.pool().get().await.map_err(HandlerError::transient)?;
-                let insert = client
-                    .prepare_cached(INSERT_INBOX_ROW)
-                    .await
-                    .map_err(HandlerError::transient)?;
-                client
-                    .execute(&insert, &[&inbox.group(), &event.id()])
-                    .await
-                    .map_err(HandlerError::transient)?;
-            }
-        }
-        Ok(Outcome::Handled)
+        result
     }
 }
 
