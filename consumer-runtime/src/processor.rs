@@ -96,7 +96,9 @@ impl<H: Handler> Plain<H> {
             producer: &part.core.producer,
             correlation_id: event.correlation_id(),
             attempt,
-            traceparent: event.record().header(crate::tracing_otel::TRACEPARENT_HEADER),
+            traceparent: event
+                .record()
+                .header(crate::tracing_otel::TRACEPARENT_HEADER),
         };
         let started = Instant::now();
         let result = self
@@ -225,7 +227,9 @@ impl<H: TransactionalHandler> Transactional<H> {
                     producer: &part.core.producer,
                     correlation_id: event.correlation_id(),
                     attempt,
-                    traceparent: event.record().header(crate::tracing_otel::TRACEPARENT_HEADER),
+                    traceparent: event
+                        .record()
+                        .header(crate::tracing_otel::TRACEPARENT_HEADER),
                 };
                 let handled = Instant::now();
                 let result = self

@@ -235,7 +235,10 @@ mod tests {
         let cx = remote_context(&r);
         let sc = cx.span().span_context().clone();
         assert!(sc.is_remote() && sc.is_valid());
-        assert_eq!(sc.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
         assert!(sc.is_sampled());
         let none = remote_context(&record(&[(TRACEPARENT_HEADER, "garbage")]));

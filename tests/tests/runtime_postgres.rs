@@ -12,9 +12,7 @@ use eventops_consumer_runtime::tokio_postgres::Transaction;
 use eventops_consumer_runtime::{
     Context, Event, Handler, HandlerError, TransactionalHandler, Worker, WorkerError,
 };
-use eventops_tests::pg::{
-    TlsPostgres, connect, fresh_database, migration_file, psql_file,
-};
+use eventops_tests::pg::{TlsPostgres, connect, fresh_database, migration_file, psql_file};
 use eventops_tests::runtime::*;
 use eventops_tests::{TestEnv, env, eventually, unique};
 use tokio::sync::oneshot;
@@ -54,12 +52,16 @@ impl Running {
 
     /// Waits until `n` records were handled or skipped as duplicates.
     async fn wait_done(&self, n: u64) {
-        eventually(TIMEOUT, &format!("{n} records handled or skipped"), || async {
-            (self.count("eventops_worker_records_processed_total")
-                + self.count("eventops_worker_records_duplicate_total")
-                >= n)
-                .then_some(())
-        })
+        eventually(
+            TIMEOUT,
+            &format!("{n} records handled or skipped"),
+            || async {
+                (self.count("eventops_worker_records_processed_total")
+                    + self.count("eventops_worker_records_duplicate_total")
+                    >= n)
+                    .then_some(())
+            },
+        )
         .await;
     }
 
@@ -93,12 +95,9 @@ impl TransactionalHandler for Effects {
         tx: &Transaction<'_>,
         _ctx: &Context<'_>,
     ) -> Result<(), HandlerError> {
-        tx.execute(
-            "INSERT INTO inbox_effects VALUES ($1)",
-            &[&event.id()],
-        )
-        .await
-        .map_err(HandlerError::transient)?;
+        tx.execute("INSERT INTO inbox_effects VALUES ($1)", &[&event.id()])
+            .await
+            .map_err(HandlerError::transient)?;
         Ok(())
     }
 }
@@ -141,7 +140,10 @@ async fn without_auto_migrate_a_worker_refuses_a_database_without_the_inbox_unti
         "0001_inbox.sql",
         "psql",
     ] {
-        assert!(message.contains(needle), "{needle:?} missing from: {message}");
+        assert!(
+            message.contains(needle),
+            "{needle:?} missing from: {message}"
+        );
     }
     assert!(
         !table_exists(&db, "eventops_inbox").await,
@@ -198,10 +200,7 @@ async fn concurrent_auto_migrations_apply_the_shipped_migration_once_and_adopt_a
     let results = tokio::time::timeout(TIMEOUT, futures::future::join_all(runs))
         .await
         .expect("migrations finish within a minute");
-    let applied: Vec<Vec<i32>> = results
-        .into_iter()
-        .map(|r| r.expect("migrate"))
-        .collect();
+    let applied: Vec<Vec<i32>> = results.into_iter().map(|r| r.expect("migrate")).collect();
     assert_eq!(
         applied.iter().filter(|a| !a.is_empty()).count(),
         1,
@@ -314,7 +313,14 @@ async fn a_running_worker_prunes_its_old_inbox_ids_and_still_skips_a_recent_dupl
         .unwrap();
     let running = Running::start(worker);
     let p = producer(&env.info);
-    produce(&p, &topic, 0, "a", &event("recent-1", 1, serde_json::json!({}))).await;
+    produce(
+        &p,
+        &topic,
+        0,
+        "a",
+        &event("recent-1", 1, serde_json::json!({})),
+    )
+    .await;
     running.wait_done(1).await;
 
     let count = |prefix: &'static str| {
@@ -337,7 +343,14 @@ async fn a_running_worker_prunes_its_old_inbox_ids_and_still_skips_a_recent_dupl
     assert_eq!(count("recent-").await, 1, "the recent id is kept");
 
     // The same event again, within the window: recognised, not handled again.
-    produce(&p, &topic, 0, "a", &event("recent-1", 1, serde_json::json!({}))).await;
+    produce(
+        &p,
+        &topic,
+        0,
+        "a",
+        &event("recent-1", 1, serde_json::json!({})),
+    )
+    .await;
     running.wait_done(2).await;
     assert_eq!(running.count("eventops_worker_records_duplicate_total"), 1);
     running.stop().await;
@@ -380,7 +393,14 @@ async fn a_plain_handler_with_the_postgres_inbox_runs_once_per_id_when_deliverie
     let ids: Vec<String> = (0..6).map(|i| format!("{group}-{i}")).collect();
     for partition in 0..2 {
         for id in &ids {
-            produce(&p, &topic, partition, id, &event(id, 1, serde_json::json!({}))).await;
+            produce(
+                &p,
+                &topic,
+                partition,
+                id,
+                &event(id, 1, serde_json::json!({})),
+            )
+            .await;
         }
     }
     let handler = Slow::default();
@@ -428,7 +448,9 @@ async fn tls_session(url: &str) -> Result<bool, String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_require_and_verify_full_connect_and_a_wrong_ca_or_host_name_is_refused() {
     let env = env().await;
-    let server = tokio::task::spawn_blocking(TlsPostgres::start).await.unwrap();
+    let server = tokio::task::spawn_blocking(TlsPostgres::start)
+        .await
+        .unwrap();
     let ca = server.ca.display().to_string();
     let other = server.other_ca.display().to_string();
     let host = TlsPostgres::HOST;
@@ -444,23 +466,25 @@ async fn tls_require_and_verify_full_connect_and_a_wrong_ca_or_host_name_is_refu
         "verify-full with the right CA and name"
     );
     assert_eq!(
-        tls_session(&server.url("127.0.0.1", &format!("sslmode=verify-ca sslrootcert={ca}")))
-            .await,
+        tls_session(&server.url("127.0.0.1", &format!("sslmode=verify-ca sslrootcert={ca}"))).await,
         Ok(true),
         "verify-ca does not check the name"
     );
 
-    let wrong_ca = tls_session(&server.url(host, &format!("sslmode=verify-full sslrootcert={other}")))
-        .await
-        .expect_err("verify-full with another CA is refused");
+    let wrong_ca =
+        tls_session(&server.url(host, &format!("sslmode=verify-full sslrootcert={other}")))
+            .await
+            .expect_err("verify-full with another CA is refused");
     assert!(
         wrong_ca.contains("invalid peer certificate") && wrong_ca.contains("UnknownIssuer"),
         "{wrong_ca}"
     );
-    let wrong_name =
-        tls_session(&server.url("127.0.0.1", &format!("sslmode=verify-full sslrootcert={ca}")))
-            .await
-            .expect_err("verify-full with a name not in the certificate is refused");
+    let wrong_name = tls_session(&server.url(
+        "127.0.0.1",
+        &format!("sslmode=verify-full sslrootcert={ca}"),
+    ))
+    .await
+    .expect_err("verify-full with a name not in the certificate is refused");
     assert!(
         wrong_name.contains("invalid peer certificate")
             && wrong_name.contains("not valid for name \"127.0.0.1\""),

@@ -152,7 +152,14 @@ async fn published_records_continue_the_incoming_trace_with_the_handler_span() {
     .await
     .expect("producing the traced record");
     // A record without a traceparent starts a trace of its own.
-    produce(&p, &topic, 0, "untraced", &event("untraced", 1, serde_json::json!({}))).await;
+    produce(
+        &p,
+        &topic,
+        0,
+        "untraced",
+        &event("untraced", 1, serde_json::json!({})),
+    )
+    .await;
 
     let (stop, stopped) = oneshot::channel::<()>();
     let worker = tokio::spawn({
@@ -208,7 +215,14 @@ async fn every_log_line_about_a_record_carries_its_correlation_id() {
     let p = producer(&env.info);
     // `produce` sets the correlation header `corr-<key>`.
     produce(&p, &topic, 0, "ok", &event("ok", 1, serde_json::json!({}))).await;
-    produce(&p, &topic, 0, "bad", &event("bad", 1, serde_json::json!({"fail": true}))).await;
+    produce(
+        &p,
+        &topic,
+        0,
+        "bad",
+        &event("bad", 1, serde_json::json!({"fail": true})),
+    )
+    .await;
     produce(&p, &topic, 0, "poison", b"not an envelope").await;
 
     let (stop, stopped) = oneshot::channel::<()>();

@@ -39,10 +39,7 @@ const LOCK_KEY: i64 = 0x6576_656e_746f_7073;
 /// The highest migration version recorded in the database (0 when none is).
 pub async fn current_version(client: &impl GenericClient) -> Result<i32, InboxError> {
     let row = client
-        .query_one(
-            "SELECT to_regclass('eventops_migrations') IS NOT NULL",
-            &[],
-        )
+        .query_one("SELECT to_regclass('eventops_migrations') IS NOT NULL", &[])
         .await
         .map_err(|e| InboxError(format!("reading the inbox schema version: {e}")))?;
     if !row.get::<_, bool>(0) {

@@ -88,13 +88,12 @@ pub struct TlsSettings {
 /// Parses a connection string (a `postgres://` URL or `key=value` pairs) into
 /// tokio-postgres' configuration and the TLS settings it does not know.
 pub fn parse(url: &str) -> Result<(tokio_postgres::Config, TlsSettings), InboxError> {
-    let (rest, sslmode, sslrootcert) = if url.starts_with("postgres://")
-        || url.starts_with("postgresql://")
-    {
-        split_url(url)?
-    } else {
-        split_key_values(url)?
-    };
+    let (rest, sslmode, sslrootcert) =
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            split_url(url)?
+        } else {
+            split_key_values(url)?
+        };
     let mode = match &sslmode {
         Some(m) => SslMode::parse(m)?,
         None => SslMode::Prefer,
@@ -156,7 +155,9 @@ fn percent_decode(s: &str) -> Result<String, InboxError> {
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or_else(|| {
-                    InboxError(format!("the database URL has a bad percent escape in {s:?}"))
+                    InboxError(format!(
+                        "the database URL has a bad percent escape in {s:?}"
+                    ))
                 })?;
             out.push(hex);
             i += 3;
@@ -165,8 +166,7 @@ fn percent_decode(s: &str) -> Result<String, InboxError> {
             i += 1;
         }
     }
-    String::from_utf8(out)
-        .map_err(|_| InboxError(format!("the database URL's {s:?} is not UTF-8")))
+    String::from_utf8(out).map_err(|_| InboxError(format!("the database URL's {s:?} is not UTF-8")))
 }
 
 /// Takes `sslmode` and `sslrootcert` out of libpq `key=value` pairs (values optionally in
@@ -304,13 +304,10 @@ impl ServerCertVerifier for ChainOnly {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
-        match self.0.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 NotValidForName | NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -387,9 +384,7 @@ impl ServerCertVerifier for Unverified {
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
