@@ -110,6 +110,8 @@ pub struct Context<'a> {
     pub(crate) producer: &'a FutureProducer,
     pub(crate) correlation_id: Option<&'a str>,
     pub(crate) attempt: u32,
+    /// The handled record's `traceparent`, forwarded when there is no OpenTelemetry span.
+    pub(crate) traceparent: Option<&'a [u8]>,
 }
 
 impl Context<'_> {
@@ -123,19 +125,27 @@ impl Context<'_> {
         self.attempt
     }
 
-    /// Publishes a record with the correlation id header and waits for the broker's
-    /// acknowledgement. A failure is transient.
+    /// Publishes a record with the correlation id header and the current span's W3C
+    /// `traceparent` (see [`tracing_otel`](crate::tracing_otel)), and waits for the
+    /// broker's acknowledgement. A failure is transient.
     pub async fn publish(
         &self,
         topic: &str,
         key: Option<&[u8]>,
         payload: &[u8],
     ) -> Result<(), HandlerError> {
-        let mut headers = OwnedHeaders::new_with_capacity(1);
+        let trace = crate::tracing_otel::outgoing_headers(self.traceparent);
+        let mut headers = OwnedHeaders::new_with_capacity(1 + trace.len());
         if let Some(c) = self.correlation_id {
             headers = headers.insert(Header {
                 key: CORRELATION_HEADER,
                 value: Some(c),
+            });
+        }
+        for (key, value) in &trace {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_str()),
             });
         }
         let mut record = FutureRecord::<[u8], [u8]>::to(topic)

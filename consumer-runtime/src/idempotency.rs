@@ -2,25 +2,24 @@
 //!
 //! - [`MemoryStore`]: a bounded set of recent event ids (a ring: the oldest id is forgotten
 //!   when it is full). Cheap; survives neither restarts nor rebalances to other pods.
-//! - [`PostgresInbox`]: the `eventops_inbox` table. With a
+//! - [`PostgresInbox`]: the `eventops_inbox` table (schema, TLS and retention: see
+//!   [`postgres`](crate::postgres)). With a
 //!   [`TransactionalHandler`](crate::TransactionalHandler) the handler's own writes and the
 //!   inbox row commit in one transaction, so a duplicate delivery has its effect exactly
-//!   once, across restarts and pods.
+//!   once, across restarts and pods. A plain [`Handler`](crate::Handler) claims the id in
+//!   a transaction held open while it runs: it runs to success once per id, unless the
+//!   process dies between its effect and the claim's commit.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 
-/// Creates the inbox table when it is missing.
-pub const CREATE_INBOX_TABLE: &str = "CREATE TABLE IF NOT EXISTS eventops_inbox (
-    consumer_group text NOT NULL,
-    event_id text NOT NULL,
-    processed_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (consumer_group, event_id))";
+use crate::postgres::{self, PostgresOptions, retention};
 
 /// Claims an event id for a group; affects no row when it was already processed.
 pub const INSERT_INBOX_ROW: &str = "INSERT INTO eventops_inbox (consumer_group, event_id) \
@@ -123,6 +122,7 @@ impl MemoryStore {
 pub struct PostgresInbox {
     pool: Pool,
     group: String,
+    _pruner: Option<Arc<retention::Pruner>>,
 }
 
 /// The inbox database could not be reached or set up.
@@ -154,56 +154,43 @@ impl Default for PostgresTimeouts {
 
 impl PostgresInbox {
     /// Connects to `url` (a `postgres://` URL or key=value string) with at most
-    /// `pool_size` connections and creates the inbox table if needed, with the default
-    /// [`PostgresTimeouts`].
+    /// `pool_size` connections, with the default [`PostgresOptions`].
     pub async fn connect(url: &str, pool_size: usize, group: &str) -> Result<Self, InboxError> {
-        Self::connect_with(url, pool_size, group, &PostgresTimeouts::default()).await
+        Self::connect_with(url, pool_size, group, &PostgresOptions::default()).await
     }
 
-    /// [`connect`](Self::connect) with `timeouts`.
+    /// Connects to `url` with at most `pool_size` connections (TLS as its `sslmode`
+    /// says, every wait bounded by `options.timeouts`), applies or checks the shipped
+    /// migrations as `options` say, and starts pruning old ids when `options` set a
+    /// retention window.
     pub async fn connect_with(
         url: &str,
         pool_size: usize,
         group: &str,
-        timeouts: &PostgresTimeouts,
+        options: &PostgresOptions,
     ) -> Result<Self, InboxError> {
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| InboxError(format!("the database URL is invalid: {e}")))?;
-        config.connect_timeout(timeouts.connect);
-        let statement = format!("-c statement_timeout={}", timeouts.statement.as_millis());
-        let options = match config.get_options() {
-            Some(o) if !o.is_empty() => format!("{o} {statement}"),
-            _ => statement,
-        };
-        config.options(&options);
-        let manager = Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(timeouts.pool_wait))
-            .create_timeout(Some(timeouts.connect))
-            .recycle_timeout(Some(timeouts.connect))
-            .build()
-            .map_err(|e| InboxError(e.to_string()))?;
-        let client = pool
-            .get()
-            .await
-            .map_err(|e| InboxError(format!("connecting: {e}")))?;
-        client
-            .batch_execute(CREATE_INBOX_TABLE)
-            .await
-            .map_err(|e| InboxError(format!("creating eventops_inbox: {e}")))?;
+        let pool = postgres::pool_with(url, pool_size, &options.timeouts)?;
+        let mut client = pool.get().await.map_err(postgres::connect_error)?;
+        if options.auto_migrate {
+            postgres::migrate(&mut client).await?;
+        } else {
+            postgres::check(&client).await?;
+        }
         drop(client);
+        let pruner = match options.retention {
+            Some(window) => Some(Arc::new(retention::spawn(
+                postgres::pool(url, 1)?,
+                group.to_string(),
+                window,
+                options.retention_batch,
+                options.retention_interval,
+            ))),
+            None => None,
+        };
         Ok(Self {
             pool,
             group: group.to_string(),
+            _pruner: pruner,
         })
     }
 

@@ -4,6 +4,13 @@
 //! (in memory or a PostgreSQL inbox), correlation ids, graceful shutdown, and `/healthz`,
 //! `/readyz` and `/metrics`.
 //!
+//! With idempotency `Postgres` the inbox lives in the worker's own database
+//! (`DATABASE_URL`, TLS by libpq's `sslmode`); its schema is the shipped, versioned
+//! migrations in `consumer-runtime/migrations/`, applied at startup unless turned off, and
+//! old ids are pruned after a retention window: see [`postgres`]. Records carry W3C
+//! `traceparent` headers in and out, and every log line about a record names its
+//! correlation id: see [`tracing_otel`].
+//!
 //! A worker reads its configuration from the environment the operator writes
 //! ([`contract`]), implements [`Handler`] (or [`TransactionalHandler`] for exactly-once
 //! effects in PostgreSQL) and runs until SIGTERM:
@@ -49,10 +56,12 @@ pub mod idempotency;
 pub mod metrics;
 pub mod offsets;
 mod partition;
+pub mod postgres;
 mod processor;
 mod record;
 pub mod retry;
 pub mod retry_topic;
+pub mod tracing_otel;
 mod worker;
 
 pub use contract::{Idempotency, WorkerConfig};

@@ -23,6 +23,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 use crate::dead_letter::{self, Provenance};
 use crate::envelope::{EnvelopeError, EventEnvelope};
@@ -526,9 +527,13 @@ async fn lane<P: Processor>(part: &Part, processor: &P, records: &[&Record]) {
                 }
                 run.clear();
                 let error = HandlerError::permanent(poison);
-                tracing::warn!(topic = %record.topic, partition = record.partition,
-                    offset = record.offset, %error, "poison record");
-                if !fail(part, processor, record, None, error, 1).await {
+                // The record's span: its log lines carry the correlation id.
+                let span = crate::tracing_otel::record_span(record, None);
+                span.in_scope(|| tracing::warn!(%error, "poison record"));
+                if !fail(part, processor, record, None, error, 1)
+                    .instrument(span)
+                    .await
+                {
                     return;
                 }
             }
@@ -597,7 +602,12 @@ async fn settle<P: Processor>(
             succeeded(part, event.record, outcome);
             true
         }
-        Some(Err(error)) => fail(part, processor, event.record, Some(event), error, attempt).await,
+        Some(Err(error)) => {
+            let span = crate::tracing_otel::record_span(event.record, Some(event));
+            fail(part, processor, event.record, Some(event), error, attempt)
+                .instrument(span)
+                .await
+        }
     }
 }
 

@@ -9,10 +9,7 @@ use tracing::Instrument;
 
 use crate::error::{DependencyError, Failure, HandlerError, HandlerPanic};
 use crate::handler::{Context, Event, Handler, TransactionalHandler};
-use crate::idempotency::{
-    CLAIM_INBOX_ROWS, INSERT_INBOX_ROW, MemoryStore, PostgresInbox, RELEASE_INBOX_ROWS,
-    SELECT_INBOX_ROW,
-};
+use crate::idempotency::{CLAIM_INBOX_ROWS, MemoryStore, PostgresInbox, RELEASE_INBOX_ROWS};
 use crate::partition::Part;
 
 /// What became of an event that did not fail.
@@ -75,19 +72,10 @@ async fn guarded(
     }
 }
 
-/// The span a handler call runs in: debug level, so with the usual `info` filter it is
-/// disabled and costs one level check per record.
+/// The span a handler call runs in: `info`, with the correlation id, a child of the
+/// record's `traceparent` (see [`tracing_otel`](crate::tracing_otel)).
 fn span(event: &Event<'_>, attempt: u32) -> tracing::Span {
-    tracing::debug_span!(
-        "event",
-        event_id = event.id(),
-        event_type = event.event_type(),
-        correlation_id = event.correlation_id().unwrap_or(""),
-        topic = event.record().topic(),
-        partition = event.record().partition(),
-        offset = event.record().offset(),
-        attempt,
-    )
+    crate::tracing_otel::event_span(event, attempt)
 }
 
 /// Where a plain [`Handler`]'s duplicates are recognised.
@@ -115,28 +103,27 @@ impl<H: Handler> Plain<H> {
                 }
             }
             Dedup::Postgres(inbox) => {
-                let client = inbox
-                    .pool()
-                    .get()
-                    .await
-                    .map_err(inbox_failed("connecting"))?;
-                let select = client
-                    .prepare_cached(SELECT_INBOX_ROW)
-                    .await
-                    .map_err(inbox_failed("preparing the duplicate check"))?;
-                let seen = client
-                    .query_opt(&select, &[&inbox.group(), &event.id()])
-                    .await
-                    .map_err(inbox_failed("checking for a duplicate"))?;
-                if seen.is_some() {
-                    return Ok(Outcome::Duplicate);
-                }
+                // Check and record in one claim: see `postgres::claim`.
+                let call = self.call(part, event, attempt);
+                return crate::postgres::claim::claimed(inbox, event.id(), call).await;
             }
         }
+        self.call(part, event, attempt).await?;
+        if let Dedup::Memory(store) = &self.dedup {
+            store.insert_key(memory_key);
+        }
+        Ok(Outcome::Handled)
+    }
+
+    /// The handler call, timed, in its span.
+    async fn call(&self, part: &Part, event: &Event<'_>, attempt: u32) -> Result<(), HandlerError> {
         let ctx = Context {
             producer: &part.core.producer,
             correlation_id: event.correlation_id(),
             attempt,
+            traceparent: event
+                .record()
+                .header(crate::tracing_otel::TRACEPARENT_HEADER),
         };
         let started = Instant::now();
         let result = guarded(
@@ -150,29 +137,7 @@ impl<H: Handler> Plain<H> {
         part.metrics
             .latency
             .observe(started.elapsed().as_secs_f64());
-        result?;
-        match &self.dedup {
-            Dedup::None => {}
-            Dedup::Memory(store) => {
-                store.insert_key(memory_key);
-            }
-            Dedup::Postgres(inbox) => {
-                let client = inbox
-                    .pool()
-                    .get()
-                    .await
-                    .map_err(inbox_failed("connecting"))?;
-                let insert = client
-                    .prepare_cached(INSERT_INBOX_ROW)
-                    .await
-                    .map_err(inbox_failed("preparing the inbox insert"))?;
-                client
-                    .execute(&insert, &[&inbox.group(), &event.id()])
-                    .await
-                    .map_err(inbox_failed("recording the event id"))?;
-            }
-        }
-        Ok(Outcome::Handled)
+        result
     }
 }
 
@@ -290,6 +255,9 @@ impl<H: TransactionalHandler> Transactional<H> {
                     producer: &part.core.producer,
                     correlation_id: event.correlation_id(),
                     attempt,
+                    traceparent: event
+                        .record()
+                        .header(crate::tracing_otel::TRACEPARENT_HEADER),
                 };
                 let handled = Instant::now();
                 let result = guarded(

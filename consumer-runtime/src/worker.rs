@@ -137,6 +137,7 @@ pub(crate) struct Options {
     pub memory_capacity: usize,
     pub postgres_url: Option<String>,
     pub postgres_pool_size: usize,
+    pub postgres: crate::postgres::PostgresOptions,
     pub key_concurrency: usize,
     pub max_in_flight_per_partition: usize,
     pub batch_size: usize,
@@ -146,7 +147,7 @@ pub(crate) struct Options {
     pub health_server: bool,
     pub revoke_timeout: Duration,
     pub liveness_timeout: Duration,
-    pub postgres_timeouts: PostgresTimeouts,
+
 }
 
 /// How records of one consumed topic are retried and dead-lettered.
@@ -492,7 +493,7 @@ impl ConsumerContext for Ctx {
 /// every setting can be overridden in code.
 pub struct WorkerBuilder {
     config: WorkerConfig,
-    options: Options,
+    pub(crate) options: Options,
 }
 
 impl WorkerBuilder {
@@ -511,6 +512,7 @@ impl WorkerBuilder {
             memory_capacity: 100_000,
             postgres_url: config.postgres_url.clone(),
             postgres_pool_size: 4,
+            postgres: Default::default(),
             key_concurrency: 1,
             max_in_flight_per_partition: 2_000,
             batch_size: 256,
@@ -520,7 +522,6 @@ impl WorkerBuilder {
             health_server: true,
             revoke_timeout: Duration::from_secs(15),
             liveness_timeout: Duration::from_secs(60),
-            postgres_timeouts: PostgresTimeouts::default(),
         };
         Self { config, options }
     }
@@ -639,12 +640,13 @@ impl WorkerBuilder {
     /// a pooled connection 5 s). A timeout is a failure of the inbox, not of the record:
     /// the partition waits and tries again.
     pub fn postgres_timeouts(mut self, timeouts: PostgresTimeouts) -> Self {
-        self.options.postgres_timeouts = timeouts;
+        self.options.postgres.timeouts = timeouts;
         self
     }
 
     /// Builds a worker calling `handler`, with the configured idempotency (`None`,
-    /// `Memory`, or `Postgres`: an inbox row written after the handler succeeds).
+    /// `Memory`, or `Postgres`: the event id claimed in a transaction that commits when
+    /// the handler succeeds, see [`idempotency`](crate::idempotency)).
     pub async fn build<H: Handler>(self, handler: H) -> Result<Worker, WorkerError> {
         let dedup = match self.options.idempotency {
             Idempotency::None => Dedup::None,
@@ -680,7 +682,7 @@ impl WorkerBuilder {
             url,
             self.options.postgres_pool_size,
             &self.config.group_id,
-            &self.options.postgres_timeouts,
+            &self.options.postgres,
         )
         .await?)
     }
