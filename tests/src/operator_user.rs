@@ -91,7 +91,11 @@ impl TestEnv {
         let mut args: Vec<String> = if add {
             vec!["--add".into(), "--allow-principal".into()]
         } else {
-            vec!["--remove".into(), "--force".into(), "--allow-principal".into()]
+            vec![
+                "--remove".into(),
+                "--force".into(),
+                "--allow-principal".into(),
+            ]
         };
         args.push(principal.into());
         for op in operations {

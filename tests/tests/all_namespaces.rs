@@ -21,9 +21,13 @@ async fn same_names_in_two_namespaces_do_not_collide() {
         let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), ns);
         let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), ns);
         let topic = unique("orders.order-placed");
-        apply(&topics, "orders", json!({"partitions": 1, "topicName": topic}))
-            .await
-            .unwrap();
+        apply(
+            &topics,
+            "orders",
+            json!({"partitions": 1, "topicName": topic}),
+        )
+        .await
+        .unwrap();
         apply(
             &groups,
             "inventory",
@@ -63,8 +67,14 @@ async fn same_names_in_two_namespaces_do_not_collide() {
             .await
             .unwrap();
         assert!(listed.contains(&format!("name={topic},")), "{listed}");
-        assert!(listed.contains(&format!("name={ns}-inventory,")), "{listed}");
+        assert!(
+            listed.contains(&format!("name={ns}-inventory,")),
+            "{listed}"
+        );
         assert!(!listed.contains(other.as_str()), "{listed}");
     }
-    assert_ne!(passwords[0], passwords[1], "each group has its own credentials");
+    assert_ne!(
+        passwords[0], passwords[1],
+        "each group has its own credentials"
+    );
 }

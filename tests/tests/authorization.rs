@@ -412,10 +412,7 @@ async fn grants_on_a_lost_topic_are_revoked_and_deny_acls_survive_the_group() {
     let _operator = env.start_operator(&ns);
     let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
     let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
-    let (orders, payments) = (
-        unique("orders.order-lost"),
-        unique("payments.payment-kept"),
-    );
+    let (orders, payments) = (unique("orders.order-lost"), unique("payments.payment-kept"));
     for (name, topic) in [("orders", &orders), ("payments", &payments)] {
         apply(&topics, name, json!({"partitions": 1, "topicName": topic}))
             .await
@@ -461,7 +458,10 @@ async fn grants_on_a_lost_topic_are_revoked_and_deny_acls_survive_the_group() {
     )
     .await;
     assert!(listed.contains(&format!("name={payments},")), "{listed}");
-    assert!(listed.contains(&format!("name={payments}.DLT,")), "{listed}");
+    assert!(
+        listed.contains(&format!("name={payments}.DLT,")),
+        "{listed}"
+    );
     let (reason, message) = wait_ready(&groups, "audit", "False").await;
     assert_eq!(reason, "TopicNotFound", "{message}");
 

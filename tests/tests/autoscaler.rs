@@ -492,8 +492,10 @@ async fn a_stuck_group_with_growing_lag_does_not_rewrite_its_status() {
     }
     let after = version(s.groups.get("workers").await.unwrap());
     let written = s.operator.metrics.writes() - writes;
+    // Old behaviour: a write every 1 s cycle (the lag figure was in the condition). Now
+    // at most the reconciler's record of the worker pod count may land in the window.
     assert!(
-        written <= 1,
+        written <= 2,
         "{written} writes for a group whose state did not change (before {before:?}, after \
          {after:?}):\n{}",
         s.operator.metrics.encode()

@@ -269,6 +269,8 @@ async fn a_group_never_takes_over_a_deployment_or_secret_it_does_not_control() {
     )
     .await
     .unwrap();
+    // The topic first, so the group's first verdict is about the objects in its way.
+    wait_ready(&s.topics, "orders", "True").await;
     let deployments: Api<Deployment> = Api::namespaced(s.env.client.clone(), &s.ns);
     let secrets: Api<Secret> = Api::namespaced(s.env.client.clone(), &s.ns);
     let params = PatchParams::apply("another-team").force();

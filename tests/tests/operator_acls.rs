@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use eventops_crds::{ConsumerGroup, EventTopic};
 use eventops_tests::operator_user::{AclResource, OPERATOR_ACLS, OperatorUser};
-use eventops_tests::{HasConditions, OperatorHandle, TestEnv, apply, env, eventually, unique, wait_ready};
+use eventops_tests::{
+    HasConditions, OperatorHandle, TestEnv, apply, env, eventually, unique, wait_ready,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::Api;
@@ -49,7 +51,13 @@ fn condition<K: HasConditions>(obj: &K, type_: &str) -> Option<Condition> {
 
 /// Waits until `name`'s condition `type_` has `status` and a message containing
 /// `needle`; returns the message.
-async fn wait_condition<K>(api: &Api<K>, name: &str, type_: &str, status: &str, needle: &str) -> String
+async fn wait_condition<K>(
+    api: &Api<K>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    needle: &str,
+) -> String
 where
     K: HasConditions + kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -119,8 +127,7 @@ async fn the_operator_does_all_its_work_with_exactly_the_documented_acls() {
     .unwrap();
     eventually(TIMEOUT, "2 partitions and retention.ms", || async {
         let d = s.env.describe_topic(&topic).await.ok()?;
-        (d.partitions == 2 && d.configs.contains(&"retention.ms=3600000".to_string()))
-            .then_some(())
+        (d.partitions == 2 && d.configs.contains(&"retention.ms=3600000".to_string())).then_some(())
     })
     .await;
 
@@ -149,7 +156,13 @@ async fn the_operator_does_all_its_work_with_exactly_the_documented_acls() {
         .env
         .kafka_tool(
             "kafka.admin.ConfigCommand",
-            &["--describe", "--entity-type", "users", "--entity-name", &format!("eventops.{}.audit", s.ns)],
+            &[
+                "--describe",
+                "--entity-type",
+                "users",
+                "--entity-name",
+                &format!("eventops.{}.audit", s.ns),
+            ],
         )
         .await
         .unwrap();
@@ -166,7 +179,12 @@ async fn the_operator_does_all_its_work_with_exactly_the_documented_acls() {
     // Deletion: the group's user and ACLs, then the topics.
     s.groups.delete("audit", &Default::default()).await.unwrap();
     eventually(TIMEOUT, "the group to go", || async {
-        s.groups.get_opt("audit").await.unwrap().is_none().then_some(())
+        s.groups
+            .get_opt("audit")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
     })
     .await;
     let listed = s
@@ -178,9 +196,17 @@ async fn the_operator_does_all_its_work_with_exactly_the_documented_acls() {
         .await
         .unwrap();
     assert!(!listed.contains("ALLOW"), "{listed}");
-    s.topics.delete("orders", &Default::default()).await.unwrap();
+    s.topics
+        .delete("orders", &Default::default())
+        .await
+        .unwrap();
     eventually(TIMEOUT, "the EventTopic to go", || async {
-        s.topics.get_opt("orders").await.unwrap().is_none().then_some(())
+        s.topics
+            .get_opt("orders")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
     })
     .await;
     for t in &kafka_topics {
@@ -236,7 +262,9 @@ async fn without_any_one_documented_acl_a_condition_names_it() {
         .unwrap();
         wait_ready(&s.topics, &name, "True").await;
 
-        s.env.set_acls(false, &principal, resource, &[operation]).await;
+        s.env
+            .set_acls(false, &principal, resource, &[operation])
+            .await;
         let on = match resource {
             AclResource::Cluster => "on the Cluster",
             AclResource::AnyTopic => "on Topic",
@@ -292,14 +320,22 @@ async fn without_any_one_documented_acl_a_condition_names_it() {
                 wait_condition(&s.topics, &name, "Ready", "False", "AlterConfigs").await
             }
             (_, "Read") => {
-                wait_condition(&s.groups, "measured", "LagMeasured", "False", "Read on Topic")
-                    .await
+                wait_condition(
+                    &s.groups,
+                    "measured",
+                    "LagMeasured",
+                    "False",
+                    "Read on Topic",
+                )
+                .await
             }
             other => panic!("no check for {other:?}: add one"),
         };
         eprintln!("without {operation} {on}: {message}");
 
-        s.env.set_acls(true, &principal, resource, &[operation]).await;
+        s.env
+            .set_acls(true, &principal, resource, &[operation])
+            .await;
     }
     // Everything recovers once the ACLs are back.
     wait_condition(&s.groups, "measured", "LagMeasured", "True", "").await;
@@ -342,9 +378,7 @@ async fn an_unreadable_offsets_topic_is_reported_not_taken_for_lag() {
     wait_ready(&s.groups, "workers", "True").await;
     produce(&s.env, &topic, 0, 3).await;
     produce(&s.env, &topic, 1, 3).await;
-    let replicas = || async {
-        deployments.get("workers").await.ok()?.spec.replicas
-    };
+    let replicas = || async { deployments.get("workers").await.ok()?.spec.replicas };
     eventually(TIMEOUT, "2 replicas for lag 6", || async {
         (replicas().await == Some(2)).then_some(())
     })
@@ -354,8 +388,15 @@ async fn an_unreadable_offsets_topic_is_reported_not_taken_for_lag() {
         let (env, principal) = (&s.env, s.user.principal());
         async move {
             let action = if add { "--add" } else { "--remove" };
-            let mut args = vec![action, "--deny-principal", &principal, "--operation", "Read",
-                                "--topic", "__consumer_offsets"];
+            let mut args = vec![
+                action,
+                "--deny-principal",
+                &principal,
+                "--operation",
+                "Read",
+                "--topic",
+                "__consumer_offsets",
+            ];
             if !add {
                 args.push("--force");
             }
@@ -365,13 +406,27 @@ async fn an_unreadable_offsets_topic_is_reported_not_taken_for_lag() {
         }
     };
     deny(true).await;
-    let message = wait_condition(&s.groups, "workers", "LagMeasured", "False", "TopicAuthorizationFailed").await;
-    assert!(message.contains("Read on Topic __consumer_offsets"), "{message}");
+    let message = wait_condition(
+        &s.groups,
+        "workers",
+        "LagMeasured",
+        "False",
+        "TopicAuthorizationFailed",
+    )
+    .await;
+    assert!(
+        message.contains("Read on Topic __consumer_offsets"),
+        "{message}"
+    );
     let metric = format!(
         r#"eventops_operator_consumergroup_lag_measured{{namespace="{}",consumergroup="workers"}} 0"#,
         s.ns
     );
-    assert!(s.operator.metrics.encode().contains(&metric), "{}", s.operator.metrics.encode());
+    assert!(
+        s.operator.metrics.encode().contains(&metric),
+        "{}",
+        s.operator.metrics.encode()
+    );
     let cg = s.groups.get("workers").await.unwrap();
     assert_eq!(total_lag(&cg), None, "unknown lag is not shown as a figure");
 
@@ -382,7 +437,11 @@ async fn an_unreadable_offsets_topic_is_reported_not_taken_for_lag() {
     let writes = s.operator.metrics.writes();
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(replicas().await, Some(2), "replicas unchanged while lag is unknown");
+        assert_eq!(
+            replicas().await,
+            Some(2),
+            "replicas unchanged while lag is unknown"
+        );
     }
     assert!(
         // At most the reconciler's record of the Deployment's pod count.

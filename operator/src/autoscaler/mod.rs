@@ -237,13 +237,15 @@ impl Cycle<'_> {
             })
         };
         let (targets, blind): (Vec<Target>, Vec<(Target, String)>) =
-            targets.into_iter().fold((vec![], vec![]), |(mut ok, mut blind), t| {
-                match unreadable(t.cg.kafka_group_id()) {
-                    Some(why) => blind.push((t, why)),
-                    None => ok.push(t),
-                }
-                (ok, blind)
-            });
+            targets
+                .into_iter()
+                .fold((vec![], vec![]), |(mut ok, mut blind), t| {
+                    match unreadable(t.cg.kafka_group_id()) {
+                        Some(why) => blind.push((t, why)),
+                        None => ok.push(t),
+                    }
+                    (ok, blind)
+                });
         for (target, why) in &blind {
             let state = states.get_mut(&ObjectRef::from_obj(&*target.cg));
             self.unmeasured(target, state.expect("a state for every target"), why)
@@ -496,8 +498,12 @@ impl Cycle<'_> {
         };
         self.ctx.metrics.scaled(direction);
         info!(consumergroup = %cg.name_any(), from, to, reason = %decision.reason, "scaled");
-        self.scale_event(cg, reason, format!("{from} → {to} replicas: {}", decision.reason))
-            .await;
+        self.scale_event(
+            cg,
+            reason,
+            format!("{from} → {to} replicas: {}", decision.reason),
+        )
+        .await;
         Ok(ScaleRecord {
             time: Time(Timestamp::now()),
             from,
@@ -632,7 +638,12 @@ impl Cycle<'_> {
     }
 
     /// Applies the fields this loop owns in `cg`'s status.
-    async fn apply_status(&self, cg: &ConsumerGroup, state: &mut GroupState, new: ConsumerGroupStatus) {
+    async fn apply_status(
+        &self,
+        cg: &ConsumerGroup,
+        state: &mut GroupState,
+        new: ConsumerGroupStatus,
+    ) {
         let ns = cg.namespace().unwrap_or_default();
         let api: Api<ConsumerGroup> = Api::namespaced(self.ctx.client.clone(), &ns);
         let patch = serde_json::json!({

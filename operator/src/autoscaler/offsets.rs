@@ -260,7 +260,9 @@ fn read_loop(consumer: &BaseConsumer<StatsContext>, shared: &Mutex<Shared>, stop
     let assign = |next: &BTreeMap<i32, i64>| {
         let mut assignment = TopicPartitionList::new();
         for p in 0..partitions as i32 {
-            let offset = next.get(&p).map_or(Offset::Beginning, |&o| Offset::Offset(o));
+            let offset = next
+                .get(&p)
+                .map_or(Offset::Beginning, |&o| Offset::Offset(o));
             assignment
                 .add_partition_offset(OFFSETS_TOPIC, p, offset)
                 .expect("a valid offset");
@@ -358,9 +360,9 @@ fn read_loop(consumer: &BaseConsumer<StatsContext>, shared: &Mutex<Shared>, stop
 /// it: `abs(groupId.hashCode()) % partitions`, Java's `String.hashCode` over UTF-16
 /// units and Kafka's `Utils.abs` (`n & 0x7fffffff`).
 pub fn offsets_partition(group: &str, partitions: usize) -> i32 {
-    let hash = group
-        .encode_utf16()
-        .fold(0i32, |h, unit| h.wrapping_mul(31).wrapping_add(i32::from(unit)));
+    let hash = group.encode_utf16().fold(0i32, |h, unit| {
+        h.wrapping_mul(31).wrapping_add(i32::from(unit))
+    });
     ((hash & 0x7fff_ffff) as usize % partitions.max(1)) as i32
 }
 
@@ -463,7 +465,10 @@ mod tests {
     #[test]
     fn groups_map_to_the_partition_kafka_uses() {
         // "billing".hashCode() is -109829509 in Java: a negative hash.
-        assert_eq!(offsets_partition("billing", 50), (-109_829_509i32 & 0x7fff_ffff) % 50);
+        assert_eq!(
+            offsets_partition("billing", 50),
+            (-109_829_509i32 & 0x7fff_ffff) % 50
+        );
         assert_eq!(offsets_partition("", 50), 0);
         assert_eq!(offsets_partition("a", 50), 97 % 50);
         assert_eq!(offsets_partition("group", 1), 0);

@@ -573,9 +573,15 @@ mod tests {
         assert_eq!(foreign_objects(&cg, None, None), None);
         for meta in [&unowned, &other_controller, &owner_not_controller] {
             let message = foreign_objects(&cg, Some(meta), None).unwrap();
-            assert!(message.starts_with("Deployment shop/inventory already exists"), "{message}");
+            assert!(
+                message.starts_with("Deployment shop/inventory already exists"),
+                "{message}"
+            );
             let message = foreign_objects(&cg, Some(&ours), Some(meta)).unwrap();
-            assert!(message.starts_with("Secret shop/inventory-kafka already"), "{message}");
+            assert!(
+                message.starts_with("Secret shop/inventory-kafka already"),
+                "{message}"
+            );
         }
         let both = foreign_objects(&cg, Some(&unowned), Some(&unowned)).unwrap();
         assert!(both.starts_with("Deployment shop/inventory and Secret shop/inventory-kafka"));
