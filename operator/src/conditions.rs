@@ -124,6 +124,58 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
     conditions.iter().find(|c| c.type_ == type_)
 }
 
+/// The Kafka ACL the operator's own user needs for `request` (an admin request as the
+/// operator names it: `"create ACLs"`, `"create"` a topic, ...): operation and resource,
+/// as listed in the README's "Kafka permissions". `None` for requests that need none.
+pub fn operator_permission(request: &str) -> Option<&'static str> {
+    Some(match request {
+        "create ACLs" | "delete ACLs" | "upsert SCRAM credential" | "delete SCRAM credential" => {
+            "Alter on the Cluster"
+        }
+        "describe ACLs" | "describe SCRAM credentials" => {
+            "Describe on the Cluster (implied by Alter on the Cluster)"
+        }
+        "create" => "Create on Topic",
+        "delete" => "Delete on Topic",
+        "add partitions to" => "Alter on Topic",
+        "alter configs of" => "AlterConfigs on Topic",
+        "describe configs of" => "DescribeConfigs on Topic (implied by AlterConfigs)",
+        "describe" | "list offsets" => "Describe on Topic (implied by Alter, Delete or Read)",
+        "read committed offsets" => "Read on Topic __consumer_offsets",
+        _ => return None,
+    })
+}
+
+/// Whether Kafka's answer `code` means the operator's own user lacks an ACL.
+pub fn is_authorization_failure(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::TopicAuthorizationFailed
+            | C::GroupAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::TransactionalIdAuthorizationFailed
+            | C::DelegationTokenAuthorizationFailed
+    )
+}
+
+/// `message` with, when Kafka refused `request` for lack of an ACL, the ACL the
+/// operator's Kafka user is missing: the operator's own permissions are the platform
+/// team's to fix, not the resource owner's.
+pub fn with_permission_hint(
+    message: String,
+    request: &str,
+    code: rdkafka::types::RDKafkaErrorCode,
+) -> String {
+    match operator_permission(request) {
+        Some(acl) if is_authorization_failure(code) => format!(
+            "{message}; the operator's Kafka user lacks the ACL \"{acl}\" (see the Kafka \
+             permissions in the EventOps chart README)"
+        ),
+        _ => message,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -80,6 +80,9 @@ pub struct Metrics {
     pub partition_lag: Family<PartitionLabels, Gauge>,
     /// Replicas the autoscaler wants for each ConsumerGroup.
     pub desired_replicas: Family<GroupLabels, Gauge>,
+    /// 1 while a ConsumerGroup's lag can be measured, 0 while it cannot (committed
+    /// offsets unreadable): its lag gauges are absent then, not zero.
+    pub lag_measured: Family<GroupLabels, Gauge>,
     scales: Family<ScaleLabels, Counter>,
     cycles: Histogram,
     /// True once this replica leads and its controllers run.
@@ -142,6 +145,13 @@ impl Default for Metrics {
             "Worker replicas the autoscaler wants for a ConsumerGroup",
             desired_replicas.clone(),
         );
+        let lag_measured = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "consumergroup_lag_measured",
+            "1 while a ConsumerGroup's lag can be measured, 0 while its committed offsets \
+             cannot be read (see its LagMeasured condition)",
+            lag_measured.clone(),
+        );
         let scales = Family::<ScaleLabels, Counter>::default();
         registry.register(
             "autoscaler_scales",
@@ -160,6 +170,7 @@ impl Default for Metrics {
             group_lag,
             partition_lag,
             desired_replicas,
+            lag_measured,
             scales,
             cycles,
             reconciles,

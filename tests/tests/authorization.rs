@@ -390,3 +390,96 @@ async fn a_group_produces_to_its_produces_topics_and_no_other() {
         Err(RDKafkaErrorCode::TopicAuthorizationFailed)
     );
 }
+
+/// `AclCommand --list` for one principal, from Kafka's own tool.
+async fn list_acls(env: &TestEnv, principal: &str) -> String {
+    env.kafka_tool(
+        "org.apache.kafka.tools.AclCommand",
+        &["--list", "--principal", principal],
+    )
+    .await
+    .unwrap()
+}
+
+/// A group keeps grants only on topics its EventTopics own: when one EventTopic is
+/// deleted, the grants on its topics go in the next reconcile, while the group waits
+/// for it. On the group's deletion only the bindings EventOps made go: an
+/// administrator's Deny on the group's principal stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn grants_on_a_lost_topic_are_revoked_and_deny_acls_survive_the_group() {
+    let env = env().await;
+    let ns = env.namespace("acl-lost").await;
+    let _operator = env.start_operator(&ns);
+    let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
+    let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
+    let (orders, payments) = (unique("orders.order-lost"), unique("payments.payment-kept"));
+    for (name, topic) in [("orders", &orders), ("payments", &payments)] {
+        apply(&topics, name, json!({"partitions": 1, "topicName": topic}))
+            .await
+            .unwrap();
+    }
+    apply(
+        &groups,
+        "audit",
+        json!({"topics": ["orders", "payments"], "template": {"image": "audit:1"}}),
+    )
+    .await
+    .unwrap();
+    wait_ready(&groups, "audit", "True").await;
+    let principal = format!("User:eventops.{ns}.audit");
+    let listed = list_acls(&env, &principal).await;
+    assert!(listed.contains(&format!("name={orders},")), "{listed}");
+
+    // An administrator quarantines the group from one topic.
+    env.kafka_tool(
+        "org.apache.kafka.tools.AclCommand",
+        &[
+            "--add",
+            "--deny-principal",
+            &principal,
+            "--operation",
+            "Read",
+            "--topic",
+            &payments,
+        ],
+    )
+    .await
+    .unwrap();
+
+    // The orders EventTopic goes: so do the group's grants on its topics.
+    topics.delete("orders", &Default::default()).await.unwrap();
+    let listed = eventually(
+        TIMEOUT,
+        "the grants on the deleted EventTopic's topics to be revoked",
+        || async {
+            let listed = list_acls(&env, &principal).await;
+            (!listed.contains(&format!("name={orders}"))).then_some(listed)
+        },
+    )
+    .await;
+    assert!(listed.contains(&format!("name={payments},")), "{listed}");
+    assert!(
+        listed.contains(&format!("name={payments}.DLT,")),
+        "{listed}"
+    );
+    let (reason, message) = wait_ready(&groups, "audit", "False").await;
+    assert_eq!(reason, "TopicNotFound", "{message}");
+
+    // The group goes: its grants go, the administrator's Deny stays.
+    groups.delete("audit", &Default::default()).await.unwrap();
+    eventually(TIMEOUT, "the ConsumerGroup to go", || async {
+        groups
+            .get_opt("audit")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let listed = list_acls(&env, &principal).await;
+    assert!(!listed.contains("ALLOW"), "{listed}");
+    assert!(
+        listed.contains(&format!("name={payments},")) && listed.contains("permissionType=DENY"),
+        "the administrator's Deny survives: {listed}"
+    );
+}

@@ -308,10 +308,13 @@ async fn a_stuck_partition_is_reported_and_stops_driving_replicas() {
         .await;
     assert_eq!(condition.reason, "PartitionsStuck");
     assert!(
-        condition
-            .message
-            .contains(&format!("{}/0 (lag 9)", s.topic)),
+        condition.message.contains(&format!("{}/0", s.topic)),
         "{}",
+        condition.message
+    );
+    assert!(
+        !condition.message.contains("lag 9"),
+        "figures that move every cycle stay out of the condition: {}",
         condition.message
     );
     let reasons = s.env.event_reasons(&s.ns, "workers").await;
@@ -457,4 +460,84 @@ async fn added_partitions_are_measured_at_once() {
     .unwrap();
     s.wait_replicas(3, "the cap follows the new partition count")
         .await;
+}
+
+/// A stuck group whose lag keeps growing is the same state every cycle: status is
+/// written when that state changes, not with every new lag figure.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_group_with_growing_lag_does_not_rewrite_its_status() {
+    let s = setup(
+        "as-churn",
+        2,
+        json!({"minReplicas": 1, "maxReplicas": 1, "lagPerReplica": 1, "stuckAfter": "2s"}),
+    )
+    .await;
+    s.produce(0, 5).await;
+    s.commit(0, 1).await;
+    s.wait_status("LagStuck", |st| {
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "LagStuck" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let version = |cg: ConsumerGroup| cg.metadata.resource_version;
+    let before = version(s.groups.get("workers").await.unwrap());
+    let writes = s.operator.metrics.writes();
+    // New records every second: the lag figure changes every 1 s cycle.
+    for _ in 0..6 {
+        s.produce(0, 1).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let after = version(s.groups.get("workers").await.unwrap());
+    let written = s.operator.metrics.writes() - writes;
+    // Old behaviour: a write every 1 s cycle (the lag figure was in the condition). Now
+    // at most the reconciler's record of the worker pod count may land in the window.
+    assert!(
+        written <= 2,
+        "{written} writes for a group whose state did not change (before {before:?}, after \
+         {after:?}):\n{}",
+        s.operator.metrics.encode()
+    );
+}
+
+/// Notes of the Events about `name` with `reason`, oldest first.
+async fn event_notes(env: &TestEnv, ns: &str, name: &str, reason: &str) -> Vec<String> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), ns);
+    let mut events: Vec<_> = api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .collect();
+    events.sort_by_key(|e| e.event_time.clone().map(|t| t.0));
+    events.into_iter().filter_map(|e| e.note).collect()
+}
+
+/// Two scale-ups a few seconds apart are two Events, each with its own from → to.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_scale_event_shows_its_own_from_and_to() {
+    let s = setup(
+        "as-events",
+        4,
+        json!({"minReplicas": 0, "lagPerReplica": 1, "scaleDownStabilization": "1s",
+               "scaleUpInterval": "0s"}),
+    )
+    .await;
+    s.wait_replicas(0, "no lag, minReplicas 0").await;
+    s.produce(0, 1).await;
+    s.wait_replicas(1, "lag 1").await;
+    s.produce(1, 1).await;
+    s.wait_replicas(2, "lag 2").await;
+    let notes = eventually(TIMEOUT, "two ScaledUp Events", || async {
+        let notes = event_notes(&s.env, &s.ns, "workers", "ScaledUp").await;
+        (notes.len() >= 2).then_some(notes)
+    })
+    .await;
+    assert!(notes[0].starts_with("0 → 1 replicas"), "{notes:?}");
+    assert!(notes[1].starts_with("1 → 2 replicas"), "{notes:?}");
 }

@@ -255,3 +255,111 @@ async fn credentials_rotate_on_request_and_roll_the_workers() {
         "{reasons:?}"
     );
 }
+
+/// A Deployment and a Secret named like a group's but made by somebody else (another
+/// team's, a Helm release's) are neither changed nor read: the group says which object
+/// is in the way, and its Kafka user never gets the password stored there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_never_takes_over_a_deployment_or_secret_it_does_not_control() {
+    let s = setup("cg-foreign").await;
+    apply(
+        &s.topics,
+        "orders",
+        json!({"partitions": 1, "topicName": unique("orders.order-foreign")}),
+    )
+    .await
+    .unwrap();
+    // The topic first, so the group's first verdict is about the objects in its way.
+    wait_ready(&s.topics, "orders", "True").await;
+    let deployments: Api<Deployment> = Api::namespaced(s.env.client.clone(), &s.ns);
+    let secrets: Api<Secret> = Api::namespaced(s.env.client.clone(), &s.ns);
+    let params = PatchParams::apply("another-team").force();
+    let foreign_deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "ledger", "labels": {"app": "ledger"}},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": "ledger"}},
+            "template": {
+                "metadata": {"labels": {"app": "ledger"}},
+                "spec": {"containers": [{"name": "ledger", "image": "ledger:7"}]}
+            }
+        }
+    });
+    deployments
+        .patch("ledger", &params, &Patch::Apply(&foreign_deployment))
+        .await
+        .unwrap();
+    let foreign_password = "another-teams-password";
+    let foreign_secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "ledger-kafka"},
+        "stringData": {"password": foreign_password}
+    });
+    secrets
+        .patch("ledger-kafka", &params, &Patch::Apply(&foreign_secret))
+        .await
+        .unwrap();
+
+    apply(
+        &s.groups,
+        "ledger",
+        json!({"topics": ["orders"], "template": {"image": "ledger-worker:1"}}),
+    )
+    .await
+    .unwrap();
+    let (reason, message) = wait_ready(&s.groups, "ledger", "False").await;
+    assert_eq!(reason, "ResourceConflict", "{message}");
+    assert!(
+        message.contains(&format!("Deployment {}/ledger", s.ns)),
+        "{message}"
+    );
+
+    // Neither object was touched.
+    let d = deployments.get("ledger").await.unwrap();
+    assert_eq!(d.metadata.owner_references, None);
+    let pod = d.spec.template.spec.unwrap();
+    assert_eq!(pod.containers[0].image.as_deref(), Some("ledger:7"));
+    let secret = secrets.get("ledger-kafka").await.unwrap();
+    assert_eq!(secret.metadata.owner_references, None);
+    let data = secret.data.unwrap();
+    assert_eq!(data["password"].0, foreign_password.as_bytes());
+    assert_eq!(data.len(), 1, "no key was added: {:?}", data.keys());
+
+    // The Deployment goes; the Secret is still somebody else's.
+    deployments
+        .delete("ledger", &Default::default())
+        .await
+        .unwrap();
+    let message = eventually(TIMEOUT, "the conflict to name only the Secret", || async {
+        let cg = s.groups.get("ledger").await.ok()?;
+        let c = eventops_tests::HasConditions::conditions(&cg)
+            .into_iter()
+            .find(|c| c.type_ == "Ready")?;
+        let deployment_named = c.message.contains(&format!("Deployment {}/ledger", s.ns));
+        (c.reason == "ResourceConflict" && !deployment_named).then_some(c.message)
+    })
+    .await;
+    assert!(
+        message.contains(&format!("Secret {}/ledger-kafka", s.ns)),
+        "{message}"
+    );
+    assert!(
+        deployments.get_opt("ledger").await.unwrap().is_none(),
+        "no Deployment is made while the Secret is in the way"
+    );
+    let data = secrets.get("ledger-kafka").await.unwrap().data.unwrap();
+    assert_eq!(data["password"].0, foreign_password.as_bytes());
+
+    // Once the Secret goes too, the group makes its own, with a fresh password.
+    secrets
+        .delete("ledger-kafka", &Default::default())
+        .await
+        .unwrap();
+    wait_ready(&s.groups, "ledger", "True").await;
+    let secret = secrets.get("ledger-kafka").await.unwrap();
+    assert_eq!(secret.metadata.owner_references.unwrap()[0].name, "ledger");
+    let password = secret.data.unwrap()["password"].0.clone();
+    assert_ne!(password, foreign_password.as_bytes());
+    assert_eq!(password.len(), 64);
+}

@@ -28,7 +28,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
-use kube::{Api, ResourceExt};
+use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::conditions::{self, Observed};
@@ -42,6 +42,14 @@ use lag::{OffsetReset, Offsets};
 
 /// Condition type set while partitions have lag that is not being processed.
 pub const STUCK: &str = "LagStuck";
+
+/// Condition type that says whether the group's lag could be measured. False (with
+/// Kafka's error) while committed offsets cannot be read: then no scaling decision is
+/// made, and the lag is neither zero nor everything, but unknown.
+pub const LAG_MEASURED: &str = "LagMeasured";
+
+/// The condition types this loop owns in a ConsumerGroup's status.
+pub const CONDITIONS: [&str; 2] = [LAG_MEASURED, STUCK];
 
 /// Field manager of the autoscaler's status fields and of the replicas it sets: the
 /// reconciler's status apply leaves these alone, so the two writers never fight.
@@ -116,7 +124,7 @@ pub async fn run(
             _ = &mut shutdown => break,
             _ = ticker.tick() => {}
         }
-        if !committed.caught_up() {
+        if committed.failure().is_none() && !committed.caught_up() {
             if !waiting_logged {
                 info!("autoscaler waits until every committed offset is read");
                 waiting_logged = true;
@@ -197,9 +205,55 @@ impl Cycle<'_> {
             return Ok(());
         }
 
-        // Measure: the same requests for one group or a thousand.
+        // Measure: the same requests for one group or a thousand. What cannot be
+        // measured is reported, per group, and decides nothing.
         let kafka = &self.ctx.kafka;
-        let leaders = kafka.partition_leaders().await?;
+        let leaders = match kafka.partition_leaders().await {
+            Ok(leaders) => leaders,
+            Err(error) => {
+                let why = error.to_string();
+                for target in &targets {
+                    let state = states.get_mut(&ObjectRef::from_obj(&*target.cg));
+                    let state = state.expect("a state for every target");
+                    self.unmeasured(target, state, &why).await;
+                }
+                return Err(error.into());
+            }
+        };
+        let reader_failure = self.committed.failure();
+        let offsets_leaders = leaders.get(offsets::OFFSETS_TOPIC);
+        let unreadable = |group: &str| -> Option<String> {
+            if let Some(why) = &reader_failure {
+                return Some(why.clone());
+            }
+            let leaders = offsets_leaders?;
+            let p = offsets::offsets_partition(group, leaders.len());
+            leaders.get(p as usize).is_some_and(|l| *l < 0).then(|| {
+                format!(
+                    "partition {p} of {}, where group {group}'s commits are kept, has no \
+                     leader",
+                    offsets::OFFSETS_TOPIC
+                )
+            })
+        };
+        let (targets, blind): (Vec<Target>, Vec<(Target, String)>) =
+            targets
+                .into_iter()
+                .fold((vec![], vec![]), |(mut ok, mut blind), t| {
+                    match unreadable(t.cg.kafka_group_id()) {
+                        Some(why) => blind.push((t, why)),
+                        None => ok.push(t),
+                    }
+                    (ok, blind)
+                });
+        for (target, why) in &blind {
+            let state = states.get_mut(&ObjectRef::from_obj(&*target.cg));
+            self.unmeasured(target, state.expect("a state for every target"), why)
+                .await;
+        }
+        if targets.is_empty() {
+            return Ok(());
+        }
         let wanted: BTreeSet<&String> = targets.iter().flat_map(|t| &t.topics).collect();
         let mut partitions = Vec::new();
         let mut brokers = BTreeSet::new();
@@ -215,7 +269,7 @@ impl Cycle<'_> {
         for _ in 0..2 * brokers.len() {
             kafka.metrics().kafka_request("ListOffsets");
         }
-        let (start, end) = tokio::try_join!(
+        let listed = tokio::try_join!(
             native.list_offsets(
                 &partitions,
                 OffsetSpec::Earliest,
@@ -226,7 +280,24 @@ impl Cycle<'_> {
                 OffsetSpec::Latest,
                 IsolationLevel::ReadCommitted
             ),
-        )?;
+        );
+        let (start, end) = match listed {
+            Ok(offsets) => offsets,
+            Err(error) => {
+                let why = match &error {
+                    crate::kafka::native::NativeError::Kafka { op, code, .. } => {
+                        conditions::with_permission_hint(error.to_string(), op, *code)
+                    }
+                    _ => error.to_string(),
+                };
+                for target in &targets {
+                    let state = states.get_mut(&ObjectRef::from_obj(&*target.cg));
+                    self.unmeasured(target, state.expect("a state for every target"), &why)
+                        .await;
+                }
+                return Err(error.into());
+            }
+        };
 
         let mut seen_probes = BTreeSet::new();
         let mut probes_left = PROBES_PER_CYCLE;
@@ -427,21 +498,52 @@ impl Cycle<'_> {
         };
         self.ctx.metrics.scaled(direction);
         info!(consumergroup = %cg.name_any(), from, to, reason = %decision.reason, "scaled");
-        self.ctx
-            .event(
-                cg,
-                EventType::Normal,
-                reason,
-                "Scale",
-                format!("{from} → {to} replicas: {}", decision.reason),
-            )
-            .await;
+        self.scale_event(
+            cg,
+            reason,
+            format!("{from} → {to} replicas: {}", decision.reason),
+        )
+        .await;
         Ok(ScaleRecord {
             time: Time(Timestamp::now()),
             from,
             to,
             reason: decision.reason.clone(),
         })
+    }
+
+    /// Publishes a scale Event as an Event of its own. kube-runtime's Recorder keys its
+    /// series by reason and action, not by note, and only bumps the first Event's count
+    /// for a repeat within its cache lifetime: the second `ScaledUp` would show the
+    /// first one's from → to. Each scale is a separate fact with its own numbers.
+    async fn scale_event(&self, cg: &ConsumerGroup, reason: &str, note: String) {
+        use k8s_openapi::api::events::v1::Event;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+        let ns = cg.namespace().unwrap_or_default();
+        let now = Timestamp::now();
+        let instance = std::env::var("POD_NAME").unwrap_or_else(|_| crate::FIELD_MANAGER.into());
+        let event = Event {
+            metadata: ObjectMeta {
+                // Unique per Event, like the Recorder's names: `<object>.<nanoseconds>`.
+                name: Some(format!("{}.{:x}", cg.name_any(), now.as_nanosecond())),
+                namespace: Some(ns.clone()),
+                ..Default::default()
+            },
+            action: Some("Scale".into()),
+            reason: Some(reason.into()),
+            note: Some(note),
+            type_: Some("Normal".into()),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(cg.object_ref(&())),
+            reporting_controller: Some(crate::FIELD_MANAGER.into()),
+            reporting_instance: Some(instance),
+            ..Default::default()
+        };
+        self.ctx.metrics.kube_write("Event");
+        let api: Api<Event> = Api::namespaced(self.ctx.client.clone(), &ns);
+        if let Err(error) = api.create(&Default::default(), &event).await {
+            warn!(%error, reason, "could not publish Event");
+        }
     }
 
     async fn write_status(
@@ -454,11 +556,14 @@ impl Cycle<'_> {
         measured: &BTreeMap<Partition, Measured>,
     ) {
         let stuck = !decision.stuck.is_empty();
+        // Which partitions, not how much lag: the lag moves every cycle, and a condition
+        // that changed with it would be a status write every cycle. The figures are in
+        // status.partitionLag and the metrics.
         let message = if stuck {
             let list: Vec<String> = decision
                 .stuck
                 .iter()
-                .map(|(t, p)| format!("{t}/{p} (lag {})", measured[&(t.clone(), *p)].lag))
+                .map(|(t, p)| format!("{t}/{p}"))
                 .collect();
             format!(
                 "committed offset not moving for scaling.stuckAfter while lag remains: {}; \
@@ -478,10 +583,15 @@ impl Cycle<'_> {
             },
             message,
         );
-        let old_stuck: Vec<_> = conditions::find(&old.conditions, STUCK)
-            .cloned()
-            .into_iter()
-            .collect();
+        let old_own = own_conditions(&old.conditions);
+        let generation = cg.metadata.generation;
+        let measured_ok = Observed::new(
+            LAG_MEASURED,
+            true,
+            "Measured",
+            "committed offsets and partition ends were read",
+        );
+        let own = conditions::set(&old_own, measured_ok, generation, Timestamp::now());
         let mut partition_lag: Vec<PartitionLag> = measured
             .iter()
             .filter(|(_, m)| m.lag > 0)
@@ -494,12 +604,7 @@ impl Cycle<'_> {
         partition_lag.sort_by_key(|p| std::cmp::Reverse(p.lag));
         partition_lag.truncate(STATUS_PARTITIONS);
         let new = ConsumerGroupStatus {
-            conditions: conditions::set(
-                &old_stuck,
-                observed.clone(),
-                cg.metadata.generation,
-                Timestamp::now(),
-            ),
+            conditions: conditions::set(&own, observed.clone(), generation, Timestamp::now()),
             desired_replicas: Some(decision.replicas),
             total_lag: Some(decision.total_lag),
             partition_lag,
@@ -508,7 +613,7 @@ impl Cycle<'_> {
         };
         let decision_changed = new.desired_replicas != old.desired_replicas
             || new.last_scale != old.last_scale
-            || new.conditions != old_stuck;
+            || new.conditions != old_own;
         let figures_changed =
             new.total_lag != old.total_lag || new.partition_lag != old.partition_lag;
         let due = state
@@ -518,7 +623,7 @@ impl Cycle<'_> {
         if !(decision_changed || (figures_changed && due)) {
             return;
         }
-        if stuck && conditions::find(&old_stuck, STUCK).is_none_or(|c| c.status != "True") {
+        if stuck && conditions::find(&old_own, STUCK).is_none_or(|c| c.status != "True") {
             self.ctx
                 .event(
                     cg,
@@ -529,6 +634,16 @@ impl Cycle<'_> {
                 )
                 .await;
         }
+        self.apply_status(cg, state, new).await;
+    }
+
+    /// Applies the fields this loop owns in `cg`'s status.
+    async fn apply_status(
+        &self,
+        cg: &ConsumerGroup,
+        state: &mut GroupState,
+        new: ConsumerGroupStatus,
+    ) {
         let ns = cg.namespace().unwrap_or_default();
         let api: Api<ConsumerGroup> = Api::namespaced(self.ctx.client.clone(), &ns);
         let patch = serde_json::json!({
@@ -547,6 +662,71 @@ impl Cycle<'_> {
         }
     }
 
+    /// A group whose lag cannot be measured this cycle (`why`, in Kafka's words): no
+    /// decision, replicas left as they are, lag figures withdrawn rather than shown as
+    /// zero or stale, and `LagMeasured=False` written once, when that becomes so.
+    async fn unmeasured(&self, target: &Target, state: &mut GroupState, why: &str) {
+        let cg = &target.cg;
+        let m = &self.ctx.metrics;
+        let group = GroupLabels {
+            namespace: cg.namespace().unwrap_or_default(),
+            consumergroup: cg.name_any(),
+        };
+        m.lag_measured.get_or_create(&group).set(0);
+        m.group_lag.remove(&group);
+        for l in &state.partition_labels {
+            m.partition_lag.remove(l);
+        }
+        state.partition_labels.clear();
+        // Offsets seen before the gap say nothing about progress across it.
+        state.last.clear();
+        let old = state
+            .written
+            .as_ref()
+            .map(|(s, _)| s.clone())
+            .or_else(|| cg.status.clone())
+            .unwrap_or_default();
+        let old_own = own_conditions(&old.conditions);
+        let observed = Observed::new(
+            LAG_MEASURED,
+            false,
+            "OffsetsUnreadable",
+            format!(
+                "lag is unknown, so replicas stay at {} until it can be measured again: {why}",
+                target.replicas
+            ),
+        );
+        let was_measured =
+            conditions::find(&old_own, LAG_MEASURED).is_none_or(|c| c.status == "True");
+        let new = ConsumerGroupStatus {
+            conditions: conditions::set(
+                &old_own,
+                observed.clone(),
+                cg.metadata.generation,
+                Timestamp::now(),
+            ),
+            desired_replicas: old.desired_replicas,
+            last_scale: old.last_scale.clone(),
+            ..Default::default()
+        };
+        if new.conditions == old_own && old.total_lag.is_none() && old.partition_lag.is_empty() {
+            return;
+        }
+        if was_measured {
+            warn!(consumergroup = %cg.name_any(), error = %why, "lag cannot be measured");
+            self.ctx
+                .event(
+                    &**cg,
+                    EventType::Warning,
+                    "LagUnmeasured",
+                    "Scale",
+                    observed.message.clone(),
+                )
+                .await;
+        }
+        self.apply_status(cg, state, new).await;
+    }
+
     fn record_metrics(
         &self,
         cg: &ConsumerGroup,
@@ -559,6 +739,7 @@ impl Cycle<'_> {
             namespace: cg.namespace().unwrap_or_default(),
             consumergroup: cg.name_any(),
         };
+        m.lag_measured.get_or_create(&group).set(1);
         m.group_lag.get_or_create(&group).set(decision.total_lag);
         m.desired_replicas
             .get_or_create(&group)
@@ -588,8 +769,19 @@ impl Cycle<'_> {
         };
         m.group_lag.remove(&group);
         m.desired_replicas.remove(&group);
+        m.lag_measured.remove(&group);
         for l in &state.partition_labels {
             m.partition_lag.remove(l);
         }
     }
+}
+
+/// The conditions among `all` that this loop owns.
+fn own_conditions(
+    all: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    all.iter()
+        .filter(|c| CONDITIONS.contains(&c.type_.as_str()))
+        .cloned()
+        .collect()
 }

@@ -106,7 +106,16 @@ pub type Commits = HashMap<String, BTreeMap<(String, i32), i64>>;
 struct Shared {
     commits: Commits,
     caught_up: bool,
+    /// Why `__consumer_offsets` cannot be read right now (Kafka's error), if it cannot:
+    /// the commits held are then stale, however caught up they once were.
+    failure: Option<String>,
 }
+
+/// How long the reader waits after a failure before it restarts fetching from where it
+/// stopped, to see whether the cause (a missing ACL, a partition without a leader) is
+/// gone: librdkafka reports a fetch error once and then retries quietly, and reports no
+/// recovery at all.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(3);
 
 /// The latest committed offsets of every group, kept current by a background consumer
 /// of `__consumer_offsets`. Cheap to clone.
@@ -137,6 +146,12 @@ impl CommittedOffsets {
     /// group may look like it has no commits when its commit is just not read yet.
     pub fn caught_up(&self) -> bool {
         self.shared.lock().expect("offsets lock").caught_up
+    }
+
+    /// Why the committed offsets cannot be read now, in Kafka's words; `None` while the
+    /// reader is healthy. While `Some`, no offset it holds may be trusted.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.lock().expect("offsets lock").failure.clone()
     }
 
     /// The committed offsets of `group`.
@@ -205,6 +220,13 @@ fn reader_consumer(
 }
 
 fn read_loop(consumer: &BaseConsumer<StatsContext>, shared: &Mutex<Shared>, stop: &AtomicBool) {
+    let fail = |why: String| {
+        let mut shared = shared.lock().expect("offsets lock");
+        if shared.failure.as_ref() != Some(&why) {
+            tracing::warn!(error = %why, "cannot read {OFFSETS_TOPIC}");
+        }
+        shared.failure = Some(why);
+    };
     // Wait for the topic: a cluster where no group ever committed has none yet.
     let partitions = loop {
         if stop.load(Ordering::Relaxed) {
@@ -215,35 +237,95 @@ fn read_loop(consumer: &BaseConsumer<StatsContext>, shared: &Mutex<Shared>, stop
                 Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
                     break t.partitions().len();
                 }
-                _ => shared.lock().expect("offsets lock").caught_up = true,
+                // Not there (yet): no group has committed, so there is nothing to read.
+                None => shared.lock().expect("offsets lock").caught_up = true,
+                Some(t) => match t.error().map(rdkafka::types::RDKafkaErrorCode::from) {
+                    None | Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) => {
+                        shared.lock().expect("offsets lock").caught_up = true;
+                    }
+                    // Not authorized, say: unknown is not the same as empty.
+                    Some(code) => fail(crate::conditions::with_permission_hint(
+                        format!("{OFFSETS_TOPIC} metadata: {code:?} ({code})"),
+                        "read committed offsets",
+                        code,
+                    )),
+                },
             },
-            Err(error) => tracing::warn!(%error, "cannot read {OFFSETS_TOPIC} metadata"),
+            Err(error) => fail(format!("{OFFSETS_TOPIC} metadata: {error}")),
         }
         std::thread::sleep(Duration::from_secs(2));
     };
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..partitions as i32 {
-        assignment
-            .add_partition_offset(OFFSETS_TOPIC, p, Offset::Beginning)
-            .expect("a valid offset");
-    }
-    if let Err(error) = consumer.assign(&assignment) {
+    // The next offset to read per partition, to restart from after a failure.
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    let assign = |next: &BTreeMap<i32, i64>| {
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            let offset = next
+                .get(&p)
+                .map_or(Offset::Beginning, |&o| Offset::Offset(o));
+            assignment
+                .add_partition_offset(OFFSETS_TOPIC, p, offset)
+                .expect("a valid offset");
+        }
+        consumer.assign(&assignment)
+    };
+    if let Err(error) = assign(&next) {
         tracing::error!(%error, "cannot assign {OFFSETS_TOPIC}; lag cannot be measured");
+        fail(format!("assign {OFFSETS_TOPIC}: {error}"));
         return;
     }
+    // Partitions read to their end since the last (re)start of fetching.
     let mut at_end = std::collections::BTreeSet::new();
+    let mut retry_at: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
+        if retry_at.is_some_and(|at| Instant::now() >= at) {
+            // A new assignment resets librdkafka's per-partition error and end-of-partition
+            // memory: the error is reported again if it persists, the end again if not.
+            retry_at = None;
+            at_end.clear();
+            if let Err(error) = assign(&next) {
+                fail(format!("assign {OFFSETS_TOPIC}: {error}"));
+                retry_at = Some(Instant::now() + RETRY_AFTER_FAILURE);
+            }
+        }
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
-            Some(Err(KafkaError::PartitionEOF(p)))
-                if at_end.insert(p) && at_end.len() == partitions =>
-            {
-                shared.lock().expect("offsets lock").caught_up = true;
-                tracing::info!("read every committed offset in {OFFSETS_TOPIC}");
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                if at_end.insert(p) && at_end.len() == partitions {
+                    let mut shared = shared.lock().expect("offsets lock");
+                    // Healthy again only once every partition was read to its end after the
+                    // restart, so no commit made meanwhile is missing.
+                    if retry_at.is_none() {
+                        if shared.failure.take().is_some() {
+                            tracing::info!("{OFFSETS_TOPIC} can be read again");
+                        }
+                        if !shared.caught_up {
+                            tracing::info!("read every committed offset in {OFFSETS_TOPIC}");
+                        }
+                        shared.caught_up = true;
+                    }
+                }
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(error)) => tracing::warn!(%error, "reading {OFFSETS_TOPIC}"),
+            // librdkafka looks up the coordinator of any group id it is given, even for a
+            // consumer that only assigns: refused, that says nothing about reading.
+            Some(Err(error))
+                if error.rdkafka_error_code()
+                    == Some(rdkafka::types::RDKafkaErrorCode::GroupAuthorizationFailed) =>
+            {
+                tracing::debug!(%error, "the offsets reader's group id is not authorized");
+            }
+            Some(Err(error)) => {
+                let why = format!("reading {OFFSETS_TOPIC}: {error}");
+                fail(match error.rdkafka_error_code() {
+                    Some(code) => {
+                        crate::conditions::with_permission_hint(why, "read committed offsets", code)
+                    }
+                    None => why,
+                });
+                retry_at.get_or_insert(Instant::now() + RETRY_AFTER_FAILURE);
+            }
             Some(Ok(m)) => {
+                next.insert(m.partition(), m.offset() + 1);
                 let Some(key) = m.key() else { continue };
                 let Some(OffsetRecord::Commit {
                     group,
@@ -272,6 +354,16 @@ fn read_loop(consumer: &BaseConsumer<StatsContext>, shared: &Mutex<Shared>, stop
             }
         }
     }
+}
+
+/// The `__consumer_offsets` partition that records `group`'s commits, as Kafka places
+/// it: `abs(groupId.hashCode()) % partitions`, Java's `String.hashCode` over UTF-16
+/// units and Kafka's `Utils.abs` (`n & 0x7fffffff`).
+pub fn offsets_partition(group: &str, partitions: usize) -> i32 {
+    let hash = group.encode_utf16().fold(0i32, |h, unit| {
+        h.wrapping_mul(31).wrapping_add(i32::from(unit))
+    });
+    ((hash & 0x7fff_ffff) as usize % partitions.max(1)) as i32
 }
 
 /// Reads single partitions to see whether anything a consumer would receive lies
@@ -368,6 +460,18 @@ mod tests {
                 "key v{kv} value v{vv}"
             );
         }
+    }
+
+    #[test]
+    fn groups_map_to_the_partition_kafka_uses() {
+        // "billing".hashCode() is -109829509 in Java: a negative hash.
+        assert_eq!(
+            offsets_partition("billing", 50),
+            (-109_829_509i32 & 0x7fff_ffff) % 50
+        );
+        assert_eq!(offsets_partition("", 50), 0);
+        assert_eq!(offsets_partition("a", 50), 97 % 50);
+        assert_eq!(offsets_partition("group", 1), 0);
     }
 
     #[test]

@@ -57,6 +57,21 @@ pub fn resolve_topics<'a>(
     cg: &ConsumerGroup,
     find: impl Fn(&str) -> Option<&'a EventTopic>,
 ) -> Result<Vec<TopicRoute>, MissingTopics> {
+    let (routes, missing) = resolve_some_topics(cg, find);
+    if missing.0.is_empty() {
+        Ok(routes)
+    } else {
+        Err(missing)
+    }
+}
+
+/// [`resolve_topics`] in part: the routes of the consumed EventTopics that resolve, and
+/// those that do not. The group keeps grants only on the first: access to a topic whose
+/// EventTopic is gone or no longer owns it is revoked even while the group waits.
+pub fn resolve_some_topics<'a>(
+    cg: &ConsumerGroup,
+    find: impl Fn(&str) -> Option<&'a EventTopic>,
+) -> (Vec<TopicRoute>, MissingTopics) {
     let mut routes = Vec::new();
     let mut missing = Vec::new();
     for name in &cg.spec.topics {
@@ -81,18 +96,19 @@ pub fn resolve_topics<'a>(
             }),
         }
     }
-    if missing.is_empty() {
-        Ok(routes)
-    } else {
-        Err(MissingTopics(missing))
-    }
+    (routes, MissingTopics(missing))
 }
 
 /// Whether an EventTopic has been reconciled and is the owner of its Kafka topics.
+/// One being deleted does not: its topics are about to go, and a new EventTopic may claim
+/// the name next.
 pub fn owns_its_topic(et: &EventTopic) -> bool {
     let Some(status) = &et.status else {
         return false;
     };
+    if et.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
     status
         .conditions
         .iter()
@@ -126,6 +142,47 @@ pub fn group_conflict<'a>(
             )
         })
         .next()
+}
+
+/// Whether `meta`'s controller is `cg` (a controller ownerReference to its uid): only
+/// such objects are the group's to change or read.
+pub fn controlled_by(cg: &ConsumerGroup, meta: &ObjectMeta) -> bool {
+    let Some(uid) = cg.metadata.uid.as_deref() else {
+        return false;
+    };
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.controller == Some(true) && r.uid == uid)
+}
+
+/// If an existing Deployment or Secret with the name the group needs is not controlled
+/// by the group, the message naming each and the fix. Such an object belongs to somebody
+/// else (another tool, a Helm release, a person): a forced apply would take it over and
+/// reading its password would hand another team's credential to this group's user.
+pub fn foreign_objects(
+    cg: &ConsumerGroup,
+    deployment: Option<&ObjectMeta>,
+    secret: Option<&ObjectMeta>,
+) -> Option<String> {
+    let ns = cg.namespace().unwrap_or_default();
+    let foreign: Vec<String> = [
+        ("Deployment", cg.name_any(), deployment),
+        ("Secret", secret_name(cg), secret),
+    ]
+    .into_iter()
+    .filter(|(_, _, meta)| meta.is_some_and(|m| !controlled_by(cg, m)))
+    .map(|(kind, name, _)| format!("{kind} {ns}/{name}"))
+    .collect();
+    (!foreign.is_empty()).then(|| {
+        format!(
+            "{} already exists and is not controlled by ConsumerGroup {ns}/{name} (no \
+             controller ownerReference to it), so EventOps neither changes nor reads it: \
+             delete or rename it, or rename the ConsumerGroup (metadata.name)",
+            foreign.join(" and "),
+            name = cg.name_any()
+        )
+    })
 }
 
 fn delay_ms(delay: &str) -> u64 {
@@ -497,6 +554,37 @@ mod tests {
 
     fn reconciled(et: EventTopic) -> EventTopic {
         with_ready(et, "True", "InSync")
+    }
+
+    #[test]
+    fn only_objects_the_group_controls_are_its_own() {
+        let cg = group();
+        let kafka = WorkerKafka {
+            bootstrap: "kafka:9092".into(),
+            security_protocol: "SASL_PLAINTEXT".into(),
+        };
+        let ours = deployment(&cg, &[], &kafka, "v1").metadata;
+        let unowned = ObjectMeta::default();
+        let mut other_controller = ours.clone();
+        other_controller.owner_references.as_mut().unwrap()[0].uid = "uid-2".into();
+        let mut owner_not_controller = ours.clone();
+        owner_not_controller.owner_references.as_mut().unwrap()[0].controller = Some(false);
+        assert_eq!(foreign_objects(&cg, Some(&ours), Some(&ours)), None);
+        assert_eq!(foreign_objects(&cg, None, None), None);
+        for meta in [&unowned, &other_controller, &owner_not_controller] {
+            let message = foreign_objects(&cg, Some(meta), None).unwrap();
+            assert!(
+                message.starts_with("Deployment shop/inventory already exists"),
+                "{message}"
+            );
+            let message = foreign_objects(&cg, Some(&ours), Some(meta)).unwrap();
+            assert!(
+                message.starts_with("Secret shop/inventory-kafka already"),
+                "{message}"
+            );
+        }
+        let both = foreign_objects(&cg, Some(&unowned), Some(&unowned)).unwrap();
+        assert!(both.starts_with("Deployment shop/inventory and Secret shop/inventory-kafka"));
     }
 
     #[test]

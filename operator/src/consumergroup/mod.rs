@@ -29,7 +29,9 @@ use tracing::{info, warn};
 use crate::conditions::{self, Observed};
 use crate::context::Context;
 use crate::error::Error;
-use crate::kafka::native::{AclBinding, AclFilter, AclPermission, NativeError, ScramMechanism};
+use crate::kafka::native::{
+    AclBinding, AclFilter, AclPermission, NativeError, PatternType, ScramMechanism,
+};
 use build::{ROTATE_ANNOTATION, ROTATED_FOR_ANNOTATION, WorkerKafka};
 
 /// Runs the ConsumerGroup controller until `shutdown` resolves.
@@ -112,22 +114,28 @@ async fn reconcile_inner(
         write_status(&cg, ctx, ready, None).await?;
         return Ok((Action::requeue(resync), Some("ResourceConflict")));
     }
-    let routes = match build::resolve_topics(&cg, |n| found.get(n)) {
-        Ok(routes) => routes,
-        Err(missing) => {
-            let ready = Observed::ready(false, "TopicNotFound", missing.message(&ns));
-            write_status(&cg, ctx, ready, None).await?;
-            return Ok((Action::requeue(resync), Some("TopicNotFound")));
-        }
+    let (routes, missing) = build::resolve_some_topics(&cg, |n| found.get(n));
+    let (produced, missing_produced) = produces::resolve_some(&cg, |n| found.get(n));
+    let mut desired_acls = build::acls(&cg, &routes);
+    desired_acls.extend(produces::acls(&cg, &produced));
+    let waiting = if missing.0.is_empty() {
+        produces::missing_message(&missing_produced, &ns)
+    } else {
+        Some(missing.message(&ns))
     };
-    let produced = match produces::resolve(&cg, &ns, |n| found.get(n)) {
-        Ok(topics) => topics,
-        Err(message) => {
-            let ready = Observed::ready(false, "TopicNotFound", message);
+    if let Some(message) = waiting {
+        // Grants on a topic the group has lost (its EventTopic deleted, or no longer
+        // owning it) go now, not when the group is whole again: the topic may be
+        // somebody else's by then.
+        if let Err(e) = revoke_acls(&cg, ctx, &desired_acls).await {
+            let ready = Observed::ready(false, native_reason(&e), native_message(&e));
             write_status(&cg, ctx, ready, None).await?;
-            return Ok((Action::requeue(resync), Some("TopicNotFound")));
+            return Ok((Action::requeue(Duration::from_secs(5)), Some("KafkaAccess")));
         }
-    };
+        let ready = Observed::ready(false, "TopicNotFound", message);
+        write_status(&cg, ctx, ready, None).await?;
+        return Ok((Action::requeue(resync), Some("TopicNotFound")));
+    }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let secret = secrets
         .get_opt(&build::secret_name(&cg))
@@ -138,6 +146,18 @@ async fn reconcile_inner(
         .get_opt(&cg.name_any())
         .await
         .map_err(|e| Error::kube("read the Deployment of", &*cg, e))?;
+
+    // Objects somebody else made under the names this group needs are left alone,
+    // before anything (the Kafka user included) is derived from them.
+    if let Some(message) = build::foreign_objects(
+        &cg,
+        deployment.as_ref().map(|d| &d.metadata),
+        secret.as_ref().map(|s| &s.metadata),
+    ) {
+        let ready = Observed::ready(false, "ResourceConflict", message);
+        write_status(&cg, ctx, ready, None).await?;
+        return Ok((Action::requeue(resync), Some("ResourceConflict")));
+    }
 
     // Build.
     let kafka = ctx.settings.worker_kafka.clone();
@@ -163,10 +183,8 @@ async fn reconcile_inner(
     // first: the Secret must never hand out a password Kafka does not know yet.
     let password_changed =
         secret_value_of(secret.as_ref(), "password").as_deref() != Some(&password);
-    let mut desired_acls = build::acls(&cg, &routes);
-    desired_acls.extend(produces::acls(&cg, &produced));
     if let Err(e) = sync_kafka_access(&cg, ctx, &password, password_changed, &desired_acls).await {
-        let ready = Observed::ready(false, native_reason(&e), e.to_string());
+        let ready = Observed::ready(false, native_reason(&e), native_message(&e));
         write_status(&cg, ctx, ready, None).await?;
         return Ok((Action::requeue(Duration::from_secs(5)), Some("KafkaAccess")));
     }
@@ -224,8 +242,7 @@ pub const CREDENTIALS_FINALIZER: &str = "eventops.dev/delete-kafka-credentials";
 
 /// Makes the group's SCRAM user and ACLs in Kafka what the spec asks for: creates the
 /// user when Kafka lacks it or the password changed, creates missing ACLs and deletes
-/// ACLs of the group's principal that are no longer desired. The principal is created
-/// by EventOps for this group alone, so every ACL on it is EventOps'.
+/// the ACLs EventOps made for the group that are no longer desired.
 async fn sync_kafka_access(
     cg: &ConsumerGroup,
     ctx: &Context,
@@ -247,30 +264,76 @@ async fn sync_kafka_access(
         info!(%user, "set SCRAM credentials");
     }
 
-    ctx.metrics.kafka_request("DescribeAcls");
-    let current: BTreeSet<AclBinding> = native
-        .describe_acls(&AclFilter::principal(&build::principal(cg)))
-        .await?
-        .into_iter()
-        // Only Allow ACLs are EventOps': an administrator's Deny (say, to quarantine
-        // leaked credentials) stays.
-        .filter(|acl| acl.permission == AclPermission::Allow)
-        .collect();
+    let current = operator_acls(cg, ctx).await?;
     let missing: Vec<AclBinding> = desired.difference(&current).cloned().collect();
-    let extra: Vec<AclFilter> = current.difference(desired).map(AclFilter::from).collect();
     if !missing.is_empty() {
         ctx.metrics.kafka_request("CreateAcls");
         ctx.metrics.kafka_write();
         native.create_acls(&missing).await?;
         info!(%user, created = missing.len(), "created ACLs");
     }
-    if !extra.is_empty() {
-        ctx.metrics.kafka_request("DeleteAcls");
-        ctx.metrics.kafka_write();
-        let deleted = native.delete_acls(&extra).await?;
-        info!(%user, deleted = deleted.len(), "deleted ACLs no longer desired");
+    delete_acls(cg, ctx, current.difference(desired)).await
+}
+
+/// Deletes the ACLs EventOps made for the group that `keep` does not hold, creating
+/// none: what a group waiting for a topic may still do.
+async fn revoke_acls(
+    cg: &ConsumerGroup,
+    ctx: &Context,
+    keep: &BTreeSet<AclBinding>,
+) -> Result<(), NativeError> {
+    let current = operator_acls(cg, ctx).await?;
+    delete_acls(cg, ctx, current.difference(keep)).await
+}
+
+/// The ACLs on the group's principal that have the shape EventOps gives its own: Allow,
+/// literal, any host. An administrator's Deny (say, to quarantine leaked credentials)
+/// or prefixed grant is not EventOps' to delete.
+async fn operator_acls(
+    cg: &ConsumerGroup,
+    ctx: &Context,
+) -> Result<BTreeSet<AclBinding>, NativeError> {
+    ctx.metrics.kafka_request("DescribeAcls");
+    Ok(ctx
+        .kafka
+        .native()
+        .describe_acls(&AclFilter::principal(&build::principal(cg)))
+        .await?
+        .into_iter()
+        .filter(|acl| {
+            acl.permission == AclPermission::Allow
+                && acl.pattern_type == PatternType::Literal
+                && acl.host == "*"
+        })
+        .collect())
+}
+
+/// Deletes exactly `acls`, each by a filter that matches that binding alone.
+async fn delete_acls<'a>(
+    cg: &ConsumerGroup,
+    ctx: &Context,
+    acls: impl IntoIterator<Item = &'a AclBinding>,
+) -> Result<(), NativeError> {
+    let filters: Vec<AclFilter> = acls.into_iter().map(AclFilter::from).collect();
+    if filters.is_empty() {
+        return Ok(());
     }
+    ctx.metrics.kafka_request("DeleteAcls");
+    ctx.metrics.kafka_write();
+    let deleted = ctx.kafka.native().delete_acls(&filters).await?;
+    info!(user = %build::kafka_user(cg), deleted = deleted.len(), "deleted ACLs no longer desired");
     Ok(())
+}
+
+/// The condition message for a failed Kafka call: Kafka's words, and the ACL the
+/// operator's own user lacks when that is why.
+fn native_message(e: &NativeError) -> String {
+    match e {
+        NativeError::Kafka { op, code, .. } => {
+            conditions::with_permission_hint(e.to_string(), op, *code)
+        }
+        _ => e.to_string(),
+    }
 }
 
 fn native_reason(e: &NativeError) -> String {
@@ -295,12 +358,14 @@ async fn finalize(
     if !released {
         let native = ctx.kafka.native();
         let user = build::kafka_user(cg);
-        ctx.metrics.kafka_request("DeleteAcls");
-        let deleted = native
-            .delete_acls(&[AclFilter::principal(&build::principal(cg))])
-            .await;
+        // Only the bindings EventOps made: an administrator's Deny on the principal
+        // outlives the group (a group of the same name may come back).
+        let deleted = match operator_acls(cg, ctx).await {
+            Ok(acls) => delete_acls(cg, ctx, &acls).await,
+            Err(e) => Err(e),
+        };
         let result = match deleted {
-            Ok(_) => {
+            Ok(()) => {
                 ctx.metrics.kafka_request("AlterUserScramCredentials");
                 native.delete_scram_user(&user).await.map(drop)
             }
@@ -308,8 +373,9 @@ async fn finalize(
         };
         if let Err(e) = result {
             let message = format!(
-                "{e}; the resource stays until its Kafka user and ACLs are removed. If Kafka \
-                 is gone for good, annotate it {RELEASE_FINALIZER_ANNOTATION}=true to let it go"
+                "{}; the resource stays until its Kafka user and ACLs are removed. If Kafka \
+                 is gone for good, annotate it {RELEASE_FINALIZER_ANNOTATION}=true to let it go",
+                native_message(&e)
             );
             write_status(
                 cg,
@@ -404,11 +470,13 @@ async fn write_status(
     replicas: Option<i32>,
 ) -> Result<(), Error> {
     let old = cg.status.clone().unwrap_or_default();
-    // The autoscaler writes its own fields (lag, desired replicas, `LagStuck`) under its
+    // The autoscaler writes its own fields (lag, desired replicas, its conditions) under its
     // own field manager; this writer owns, compares and applies only the rest.
     let old = ConsumerGroupStatus {
         observed_generation: old.observed_generation,
-        conditions: conditions::remove(&old.conditions, crate::autoscaler::STUCK),
+        conditions: crate::autoscaler::CONDITIONS
+            .iter()
+            .fold(old.conditions, |c, type_| conditions::remove(&c, type_)),
         group_id: old.group_id,
         replicas: old.replicas,
         ..Default::default()

@@ -17,6 +17,19 @@ pub fn resolve<'a>(
     namespace: &str,
     find: impl Fn(&str) -> Option<&'a EventTopic>,
 ) -> Result<Vec<String>, String> {
+    let (topics, missing) = resolve_some(cg, find);
+    match missing_message(&missing, namespace) {
+        None => Ok(topics),
+        Some(message) => Err(message),
+    }
+}
+
+/// [`resolve`] in part: the Kafka topics of the produced EventTopics that resolve, and
+/// the names of those that do not.
+pub fn resolve_some<'a, 'c>(
+    cg: &'c ConsumerGroup,
+    find: impl Fn(&str) -> Option<&'a EventTopic>,
+) -> (Vec<String>, Vec<&'c str>) {
     let mut topics = Vec::new();
     let mut missing = Vec::new();
     for name in &cg.spec.produces {
@@ -25,15 +38,18 @@ pub fn resolve<'a>(
             _ => missing.push(name.as_str()),
         }
     }
-    if missing.is_empty() {
-        Ok(topics)
-    } else {
-        Err(format!(
+    (topics, missing)
+}
+
+/// The condition message for produced EventTopics that do not resolve, if any.
+pub fn missing_message(missing: &[&str], namespace: &str) -> Option<String> {
+    (!missing.is_empty()).then(|| {
+        format!(
             "spec.produces names EventTopic {} that does not exist in namespace {namespace} or \
              does not own its Kafka topic (see its Ready condition): waiting for it",
             missing.join(", ")
-        ))
-    }
+        )
+    })
 }
 
 /// Write and Describe on each produced topic, for the group's principal.

@@ -179,7 +179,7 @@ async fn sync(topics: &[DesiredTopic], drift: bool, ctx: &Context) -> Outcome {
                         } else {
                             resync
                         };
-                        (e.reason(), e.to_string(), requeue)
+                        (e.reason(), kafka_message(&e), requeue)
                     }
                 };
                 return Outcome {
@@ -311,6 +311,17 @@ async fn set_finalizer(et: &EventTopic, ctx: &Context) -> Result<(), Error> {
         .map_err(|source| Error::kube("update finalizers of", et, source))
 }
 
+/// Kafka's refusal, with the ACL the operator's own user lacks when that is why.
+fn kafka_message(e: &crate::kafka::KafkaError) -> String {
+    match e {
+        crate::kafka::KafkaError::Refused { op, code, .. }
+        | crate::kafka::KafkaError::Busy { op, code, .. } => {
+            crate::conditions::with_permission_hint(e.to_string(), op, *code)
+        }
+        crate::kafka::KafkaError::Unavailable { .. } => e.to_string(),
+    }
+}
+
 /// Deletion: with `deletionPolicy: Delete`, delete the Kafka topics this EventTopic alone
 /// asks for, then let the resource go.
 async fn finalize(et: &EventTopic, ctx: &Ctx) -> Result<Action, Error> {
@@ -324,8 +335,9 @@ async fn finalize(et: &EventTopic, ctx: &Ctx) -> Result<Action, Error> {
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         if let Err(e) = ctx.shared.kafka.delete_topics(&names).await {
             let message = format!(
-                "{e}; the resource stays until its topics are deleted. If Kafka is gone for \
-                 good, annotate it {RELEASE_FINALIZER_ANNOTATION}=true to let it go"
+                "{}; the resource stays until its topics are deleted. If Kafka is gone for \
+                 good, annotate it {RELEASE_FINALIZER_ANNOTATION}=true to let it go",
+                kafka_message(&e)
             );
             let outcome = Outcome::not_ready(&e.reason(), message, Duration::from_secs(5));
             write_status(et, &ctx.shared, &outcome).await?;

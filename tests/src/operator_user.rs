@@ -1,0 +1,163 @@
+//! The operator as a platform team installs it: its own SCRAM user holding exactly the
+//! Kafka ACLs the README lists, not the super user. Kafka's own tools (`ConfigCommand`,
+//! `AclCommand`) make the user and its grants.
+
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::{OperatorHandle, TestEnv, unique};
+
+/// A resource an operator ACL is on, as `AclCommand` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AclResource {
+    /// The cluster.
+    Cluster,
+    /// Every topic (the literal wildcard `*`): the operator manages whatever topic names
+    /// its EventTopics ask for.
+    AnyTopic,
+}
+
+impl AclResource {
+    fn args(self) -> Vec<String> {
+        match self {
+            AclResource::Cluster => vec!["--cluster".into()],
+            AclResource::AnyTopic => vec!["--topic".into(), "*".into()],
+        }
+    }
+}
+
+/// Exactly the ACLs README.md and charts/eventops/README.md list for the operator's
+/// Kafka user, as (resource, operation). Kafka implies Describe from Alter, Delete or
+/// Read and DescribeConfigs from AlterConfigs, so those are not listed.
+pub const OPERATOR_ACLS: &[(AclResource, &str)] = &[
+    (AclResource::Cluster, "Alter"),
+    (AclResource::AnyTopic, "Create"),
+    (AclResource::AnyTopic, "Delete"),
+    (AclResource::AnyTopic, "Alter"),
+    (AclResource::AnyTopic, "AlterConfigs"),
+    (AclResource::AnyTopic, "Read"),
+];
+
+/// A SCRAM-SHA-512 user of its own for an operator under test.
+#[derive(Clone, Debug)]
+pub struct OperatorUser {
+    /// The user name.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl OperatorUser {
+    /// `User:<name>`.
+    pub fn principal(&self) -> String {
+        format!("User:{}", self.user)
+    }
+}
+
+impl TestEnv {
+    /// Creates a fresh SCRAM-SHA-512 user with `ConfigCommand`, holding no ACL yet.
+    pub async fn create_operator_user(&self) -> OperatorUser {
+        let user = OperatorUser {
+            user: unique("eventops-operator"),
+            password: unique("secret"),
+        };
+        let config = format!("SCRAM-SHA-512=[iterations=4096,password={}]", user.password);
+        self.kafka_tool(
+            "kafka.admin.ConfigCommand",
+            &[
+                "--alter",
+                "--add-config",
+                &config,
+                "--entity-type",
+                "users",
+                "--entity-name",
+                &user.user,
+            ],
+        )
+        .await
+        .expect("creating the operator's SCRAM user");
+        user
+    }
+
+    /// Adds (`add`) or removes allow ACLs of `principal` with `AclCommand`.
+    pub async fn set_acls(
+        &self,
+        add: bool,
+        principal: &str,
+        resource: AclResource,
+        operations: &[&str],
+    ) {
+        let mut args: Vec<String> = if add {
+            vec!["--add".into(), "--allow-principal".into()]
+        } else {
+            vec![
+                "--remove".into(),
+                "--force".into(),
+                "--allow-principal".into(),
+            ]
+        };
+        args.push(principal.into());
+        for op in operations {
+            args.push("--operation".into());
+            args.push((*op).into());
+        }
+        args.extend(resource.args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.kafka_tool("org.apache.kafka.tools.AclCommand", &args)
+            .await
+            .unwrap_or_else(|e| panic!("AclCommand {args:?}: {e:#}"));
+    }
+
+    /// Grants `user` exactly [`OPERATOR_ACLS`].
+    pub async fn grant_operator_acls(&self, user: &OperatorUser) {
+        for resource in [AclResource::Cluster, AclResource::AnyTopic] {
+            let ops: Vec<&str> = OPERATOR_ACLS
+                .iter()
+                .filter(|(r, _)| *r == resource)
+                .map(|(_, op)| *op)
+                .collect();
+            self.set_acls(true, &user.principal(), resource, &ops).await;
+        }
+    }
+
+    /// Starts the operator in this process as `user`, watching `namespace` (all
+    /// namespaces when `None`), with a short resync and autoscaler interval. It stops
+    /// when the handle is dropped.
+    pub fn start_operator_as(
+        &self,
+        namespace: Option<&str>,
+        user: Option<&OperatorUser>,
+    ) -> OperatorHandle {
+        let mut config = eventops_operator::config::RunConfig::new(&self.info.kafka_bootstrap);
+        let (name, password) = match user {
+            Some(u) => (u.user.clone(), u.password.clone()),
+            None => (
+                self.info.kafka_admin_user.clone(),
+                self.info.kafka_admin_password.clone(),
+            ),
+        };
+        config.kafka_username = Some(name);
+        config.kafka_password = Some(password);
+        config.kafka_sasl_mechanism = self.info.kafka_sasl_mechanism.clone();
+        config.namespace = namespace.map(String::from);
+        config.resync_interval = Duration::from_secs(2).into();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let client = self.client.clone();
+        let metrics = std::sync::Arc::new(eventops_operator::telemetry::Metrics::default());
+        let handle_metrics = metrics.clone();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            eventops_operator::run(client, &config, metrics, shutdown)
+                .await
+                .expect("operator failed");
+        });
+        OperatorHandle {
+            metrics: handle_metrics,
+            _stop: stop,
+            _task: task,
+        }
+    }
+}
