@@ -32,9 +32,11 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
 
 # start_env STATE_DIR: starts eventops-devenv in the background (PID in DEVENV_PID) and
 # waits until it has written STATE_DIR/env.json. Fails with the component logs if it dies.
+# EVENTOPS_BROKERS (default 1) sets how many Kafka brokers run.
 start_env() {
   local state=$1
-  "$TARGET_DIR/debug/eventops-devenv" up --state-dir "$state" --keep &
+  "$TARGET_DIR/debug/eventops-devenv" up --state-dir "$state" --keep \
+    --brokers "${EVENTOPS_BROKERS:-1}" &
   DEVENV_PID=$!
   local waited=0
   until [[ -f "$state/env.json" ]]; do
@@ -47,6 +49,27 @@ start_env() {
     # Generous: the first run fetches and builds Kafka, Kubernetes and Helm (~12 min).
     (( waited < 3600 )) || die "the environment was not ready after 30 minutes"
   done
+}
+
+# run_watched CMD...: runs CMD while the environment runs. If a component of the
+# environment dies, eventops-devenv stops (printing which component and the end of its
+# log); then CMD and everything it started is stopped at once and this fails, rather
+# than letting tests time out one by one against a dead server.
+run_watched() {
+  set -m
+  "$@" &
+  local pid=$!
+  set +m
+  while kill -0 "$pid" 2>/dev/null; do
+    if ! kill -0 "$DEVENV_PID" 2>/dev/null; then
+      kill -TERM -- "-$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+      log "the environment stopped during the run: a component died (named above, with its log)"
+      return 125
+    fi
+    sleep 1
+  done
+  wait "$pid"
 }
 
 # stop_env: stops the environment started by start_env.

@@ -67,6 +67,7 @@ pub struct Environment {
     pub info: EnvInfo,
     procs: Vec<Proc>,
     keep_state: bool,
+    brokers: usize,
 }
 
 const KAFKA_ADMIN_USER: &str = "admin";
@@ -81,7 +82,11 @@ impl Environment {
         components: &Components,
         state_dir: &Path,
         keep_state: bool,
+        brokers: usize,
     ) -> anyhow::Result<Self> {
+        if brokers == 0 {
+            bail!("--brokers must be at least 1");
+        }
         std::fs::create_dir_all(state_dir)?;
         let state_dir = state_dir.canonicalize()?;
         // PostgreSQL runs as its own user and must be able to reach its directory.
@@ -105,16 +110,18 @@ impl Environment {
                 kubectl: components.k8s_bin.join("kubectl"),
                 helm: components.helm.clone(),
                 node_name: NODE_NAME.into(),
+                kafka_brokers: brokers,
             },
             procs: Vec::new(),
             keep_state,
+            brokers,
         };
         let started = Instant::now();
         // Kafka's JVM takes the longest to come up; start it first and check it last.
-        let kafka_port = env.start_kafka(components)?;
+        let kafka_ports = env.start_kafka(components)?;
         env.start_postgres(components)?;
         env.start_kubernetes(components, &secret)?;
-        env.wait_kafka(kafka_port)?;
+        env.wait_kafka(&kafka_ports)?;
         eprintln!(
             "[devenv] environment ready in {:.1}s",
             started.elapsed().as_secs_f64()
@@ -161,9 +168,53 @@ impl Environment {
         Ok(path)
     }
 
-    /// Fails if any process has died.
+    /// Fails if any process has died, unless it was stopped on request.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         self.procs.iter_mut().try_for_each(Proc::check_alive)
+    }
+
+    /// Carries out the fault requests that [`EnvInfo::fault`] left in `faults/`: stops
+    /// (SIGTERM or the component's clean-stop signal, then SIGKILL after 20 s), kills
+    /// (SIGKILL) or starts a component again, with its data, ports and command line, and
+    /// acknowledges each request.
+    pub fn handle_faults(&mut self) -> anyhow::Result<()> {
+        let dir = self.info.state_dir.join(crate::FAULTS_DIR);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "done" || e == "tmp") {
+                continue;
+            }
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            let request = std::fs::read_to_string(&path)?;
+            std::fs::remove_file(&path)?;
+            let (action, nonce) = request
+                .trim()
+                .split_once(' ')
+                .unwrap_or((request.trim(), ""));
+            let outcome = match self.procs.iter_mut().find(|p| p.name == name) {
+                None => format!("error no component named {name}"),
+                Some(proc) => match crate::Fault::parse(action) {
+                    None => format!("error unknown action {action}"),
+                    Some(fault) => {
+                        eprintln!("[devenv] fault: {action} {name}");
+                        match fault {
+                            crate::Fault::Stop => proc.stop(Duration::from_secs(20)),
+                            crate::Fault::Kill => proc.stop(Duration::ZERO),
+                            crate::Fault::Start => proc.start()?,
+                        }
+                        "ok".to_string()
+                    }
+                },
+            };
+            let done = dir.join(format!("{name}.done"));
+            std::fs::write(&done, format!("{nonce} {outcome}"))?;
+        }
+        Ok(())
     }
 
     fn start_kubernetes(&mut self, c: &Components, secret: &str) -> anyhow::Result<()> {
@@ -179,19 +230,21 @@ impl Environment {
 
         // etcd
         let (etcd_port, peer_port) = (free_port()?, free_port()?);
-        let mut etcd = Command::new(c.k8s_bin.join("etcd"));
-        etcd.args([
-            "--name=eventops",
-            &format!("--data-dir={}", dir.join("etcd").display()),
-            &format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
-            &format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
-            &format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
-            &format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
-            &format!("--initial-cluster=eventops=http://127.0.0.1:{peer_port}"),
-            // A throw-away local store: durability across power loss buys nothing here.
-            "--unsafe-no-fsync",
-            "--log-level=warn",
-        ]);
+        let etcd = recipe(
+            c.k8s_bin.join("etcd"),
+            [
+                "--name=eventops",
+                &format!("--data-dir={}", dir.join("etcd").display()),
+                &format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+                &format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+                &format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+                &format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+                &format!("--initial-cluster=eventops=http://127.0.0.1:{peer_port}"),
+                // A throw-away local store: durability across power loss buys nothing here.
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        );
         let mut etcd = Proc::spawn("etcd", etcd, &self.logs(), libc::SIGTERM)?;
         etcd.wait_ready(Duration::from_secs(30), || {
             http_get(etcd_port, "/health").is_some_and(|r| r.contains(r#""health":"true""#))
@@ -202,32 +255,34 @@ impl Environment {
         // kube-apiserver, flags as controller-runtime's envtest uses them, RBAC on.
         let api_port = free_port()?;
         let p = |f: &str| dir.join(f).display().to_string();
-        let mut apiserver = Command::new(c.k8s_bin.join("kube-apiserver"));
-        apiserver.args([
-            &format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            &format!("--secure-port={api_port}"),
-            &format!("--tls-cert-file={}", pki.server_cert.display()),
-            &format!("--tls-private-key-file={}", pki.server_key.display()),
-            &format!("--client-ca-file={}", pki.ca_cert.display()),
-            &format!("--token-auth-file={}", p("tokens.csv")),
-            "--authorization-mode=RBAC",
-            "--service-cluster-ip-range=10.96.0.0/16",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            &format!("--service-account-key-file={}", pki.sa_public.display()),
-            &format!(
-                "--service-account-signing-key-file={}",
-                pki.sa_key.display()
-            ),
-            &format!("--cert-dir={}", p("apiserver-certs")),
-            "--allow-privileged=true",
-            // No kubelets or kube-proxy route to a service IP here: skip the endpoints of
-            // the `kubernetes` Service instead of logging that 127.0.0.1 is invalid there.
-            "--endpoint-reconciler-type=none",
-            "--profiling=false",
-            "--v=1",
-        ]);
+        let apiserver = recipe(
+            c.k8s_bin.join("kube-apiserver"),
+            [
+                &format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                &format!("--secure-port={api_port}"),
+                &format!("--tls-cert-file={}", pki.server_cert.display()),
+                &format!("--tls-private-key-file={}", pki.server_key.display()),
+                &format!("--client-ca-file={}", pki.ca_cert.display()),
+                &format!("--token-auth-file={}", p("tokens.csv")),
+                "--authorization-mode=RBAC",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                &format!("--service-account-key-file={}", pki.sa_public.display()),
+                &format!(
+                    "--service-account-signing-key-file={}",
+                    pki.sa_key.display()
+                ),
+                &format!("--cert-dir={}", p("apiserver-certs")),
+                "--allow-privileged=true",
+                // No kubelets or kube-proxy route to a service IP here: skip the endpoints of
+                // the `kubernetes` Service instead of logging that 127.0.0.1 is invalid there.
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+                "--v=1",
+            ],
+        );
         let mut apiserver = Proc::spawn("kube-apiserver", apiserver, &self.logs(), libc::SIGTERM)?;
         self.info.kube_api_url = format!("https://127.0.0.1:{api_port}");
         write_kubeconfig(
@@ -255,23 +310,25 @@ impl Environment {
         // kube-controller-manager: garbage collection, namespace deletion,
         // Deployment → ReplicaSet → Pod, service-account tokens.
         let cm_port = free_port()?;
-        let mut cm = Command::new(c.k8s_bin.join("kube-controller-manager"));
-        cm.args([
-            &format!("--kubeconfig={}", self.info.kubeconfig.display()),
-            "--bind-address=127.0.0.1",
-            &format!("--secure-port={cm_port}"),
-            &format!(
-                "--service-account-private-key-file={}",
-                pki.sa_key.display()
-            ),
-            &format!("--root-ca-file={}", pki.ca_cert.display()),
-            &format!("--cluster-signing-cert-file={}", pki.ca_cert.display()),
-            &format!("--cluster-signing-key-file={}", pki.ca_key.display()),
-            "--use-service-account-credentials=true",
-            "--leader-elect=false",
-            "--controllers=*",
-            "--v=1",
-        ]);
+        let cm = recipe(
+            c.k8s_bin.join("kube-controller-manager"),
+            [
+                &format!("--kubeconfig={}", self.info.kubeconfig.display()),
+                "--bind-address=127.0.0.1",
+                &format!("--secure-port={cm_port}"),
+                &format!(
+                    "--service-account-private-key-file={}",
+                    pki.sa_key.display()
+                ),
+                &format!("--root-ca-file={}", pki.ca_cert.display()),
+                &format!("--cluster-signing-cert-file={}", pki.ca_cert.display()),
+                &format!("--cluster-signing-key-file={}", pki.ca_key.display()),
+                "--use-service-account-credentials=true",
+                "--leader-elect=false",
+                "--controllers=*",
+                "--v=1",
+            ],
+        );
         let mut cm = Proc::spawn("kube-controller-manager", cm, &self.logs(), libc::SIGTERM)?;
         // The service-account controller creating `default` shows the controllers run.
         cm.wait_ready(Duration::from_secs(60), || {
@@ -303,22 +360,24 @@ impl Environment {
                 agent_bin.display()
             );
         }
-        let mut agent = Command::new(&agent_bin);
-        agent
-            .arg("--kubeconfig")
-            .arg(&self.info.kubeconfig)
-            .arg("--state-dir")
-            .arg(&self.info.state_dir)
-            .arg("--bin-dir")
-            .arg(bin_dir)
-            .args(["--node-name", NODE_NAME])
-            // Shorter than the kubelet's 10s..5m, so crash loops show quickly in tests.
-            .args([
-                "--restart-backoff-initial",
-                "1s",
-                "--restart-backoff-max",
-                "20s",
-            ]);
+        let agent = recipe(
+            agent_bin,
+            [
+                "--kubeconfig".to_string(),
+                self.info.kubeconfig.display().to_string(),
+                "--state-dir".to_string(),
+                self.info.state_dir.display().to_string(),
+                "--bin-dir".to_string(),
+                bin_dir.display().to_string(),
+                "--node-name".to_string(),
+                NODE_NAME.to_string(),
+                // Shorter than the kubelet's 10s..5m, so crash loops show quickly in tests.
+                "--restart-backoff-initial".to_string(),
+                "1s".to_string(),
+                "--restart-backoff-max".to_string(),
+                "20s".to_string(),
+            ],
+        );
         let mut agent = Proc::spawn("node-agent", agent, &self.logs(), libc::SIGTERM)?;
         let (kubectl, kubeconfig) = (self.info.kubectl.clone(), self.info.kubeconfig.clone());
         agent.wait_ready(Duration::from_secs(60), || {
@@ -335,56 +394,36 @@ impl Environment {
         Ok(())
     }
 
-    fn start_kafka(&mut self, c: &Components) -> anyhow::Result<u16> {
+    /// Formats and starts `self.brokers` combined broker+controller nodes (KRaft, one
+    /// static quorum). One node is named `kafka`; of several, node N is `kafka-N`.
+    fn start_kafka(&mut self, c: &Components) -> anyhow::Result<Vec<u16>> {
         let dir = self.info.state_dir.join("kafka");
         std::fs::create_dir_all(&dir)?;
-        let (port, controller_port) = (free_port()?, free_port()?);
-        let password = &self.info.kafka_admin_password;
+        let n = self.brokers;
+        let ports = (0..n)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<anyhow::Result<Vec<(u16, u16)>>>()?;
+        let voters = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, cport))| format!("{}@127.0.0.1:{cport}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        // Three or more brokers: what production runs (RF 3, writes survive one broker
+        // down); fewer: everything on what there is.
+        let rf = n.min(3);
+        let min_isr = if rf >= 3 { 2 } else { 1 };
+        let password = self.info.kafka_admin_password.clone();
         let jaas = format!(
             "org.apache.kafka.common.security.scram.ScramLoginModule required \
              username=\"{KAFKA_ADMIN_USER}\" password=\"{password}\";"
         );
-        let properties = format!(
-            "process.roles=broker,controller\n\
-             node.id=1\n\
-             controller.quorum.voters=1@127.0.0.1:{controller_port}\n\
-             listeners=SASL_PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}\n\
-             advertised.listeners=SASL_PLAINTEXT://127.0.0.1:{port}\n\
-             listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT\n\
-             inter.broker.listener.name=SASL_PLAINTEXT\n\
-             controller.listener.names=CONTROLLER\n\
-             sasl.enabled.mechanisms=SCRAM-SHA-512\n\
-             sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512\n\
-             listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config={jaas}\n\
-             authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer\n\
-             allow.everyone.if.no.acl.found=false\n\
-             # The controller listener is PLAINTEXT on loopback, where broker registration\n\
-             # runs as ANONYMOUS; clients only ever reach the SASL listener.\n\
-             super.users=User:{KAFKA_ADMIN_USER};User:ANONYMOUS\n\
-             log.dirs={data}\n\
-             num.partitions=1\n\
-             default.replication.factor=1\n\
-             offsets.topic.replication.factor=1\n\
-             offsets.topic.num.partitions=10\n\
-             transaction.state.log.replication.factor=1\n\
-             transaction.state.log.min.isr=1\n\
-             share.coordinator.state.topic.replication.factor=1\n\
-             share.coordinator.state.topic.min.isr=1\n\
-             group.initial.rebalance.delay.ms=0\n\
-             # Kafka's default: tests then catch a client that creates topics by accident.\n\
-             auto.create.topics.enable=true\n",
-            data = dir.join("data").display(),
-        );
-        let server_properties = dir.join("server.properties");
-        std::fs::write(&server_properties, properties)?;
         std::fs::write(
             &self.info.kafka_admin_properties,
             format!(
                 "security.protocol=SASL_PLAINTEXT\nsasl.mechanism=SCRAM-SHA-512\nsasl.jaas.config={jaas}\n"
             ),
         )?;
-        // Both hold the super user's password.
-        set_mode(&server_properties, 0o600)?;
         set_mode(&self.info.kafka_admin_properties, 0o600)?;
         let log4j = dir.join("log4j2.properties");
         std::fs::write(&log4j, log4j_config("INFO", "SYSTEM_OUT"))?;
@@ -392,53 +431,115 @@ impl Environment {
             dir.join("tools-log4j2.properties"),
             log4j_config("WARN", "SYSTEM_ERR"),
         )?;
-
-        let java = |main: &str, heap: &str| {
+        let (kafka_lib, log4j) = (c.kafka_lib.clone(), log4j.clone());
+        let java = move |main: &str, heap: &str| {
             let mut cmd = Command::new("java");
             cmd.arg(format!("-Xmx{heap}"))
                 .arg(format!("-Dlog4j2.configurationFile={}", log4j.display()))
                 .arg("-cp")
-                .arg(format!("{}/*", c.kafka_lib.display()))
+                .arg(format!("{}/*", kafka_lib.display()))
                 .arg(main);
             cmd
         };
+        // Several JVMs share two cores: a smaller heap each.
+        let heap = if n == 1 { "1g" } else { "512m" };
         let cluster_id = kafka_uuid()?;
-        run(java("kafka.tools.StorageTool", "256m").args([
-            "format",
-            &format!("--cluster-id={cluster_id}"),
-            "--config",
-            &server_properties.display().to_string(),
-            "--add-scram",
-            &format!("SCRAM-SHA-512=[name={KAFKA_ADMIN_USER},password={password}]"),
-        ]))
-        .context("formatting Kafka's storage")?;
-        let mut broker = java("kafka.Kafka", "1g");
-        broker.arg(&server_properties);
-        let proc = Proc::spawn("kafka", broker, &self.logs(), libc::SIGTERM)?;
-        self.procs.push(proc);
-        self.info.kafka_bootstrap = format!("127.0.0.1:{port}");
-        Ok(port)
+        let mut bootstrap = Vec::new();
+        for (i, &(port, controller_port)) in ports.iter().enumerate() {
+            let id = i + 1;
+            let (name, data) = if n == 1 {
+                ("kafka".to_string(), dir.join("data"))
+            } else {
+                (format!("kafka-{id}"), dir.join(format!("data-{id}")))
+            };
+            let properties = format!(
+                "process.roles=broker,controller\n\
+                 node.id={id}\n\
+                 controller.quorum.voters={voters}\n\
+                 listeners=SASL_PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}\n\
+                 advertised.listeners=SASL_PLAINTEXT://127.0.0.1:{port}\n\
+                 listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+                 inter.broker.listener.name=SASL_PLAINTEXT\n\
+                 controller.listener.names=CONTROLLER\n\
+                 sasl.enabled.mechanisms=SCRAM-SHA-512\n\
+                 sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512\n\
+                 listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config={jaas}\n\
+                 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer\n\
+                 allow.everyone.if.no.acl.found=false\n\
+                 # The controller listener is PLAINTEXT on loopback, where broker registration\n\
+                 # runs as ANONYMOUS; clients only ever reach the SASL listener.\n\
+                 super.users=User:{KAFKA_ADMIN_USER};User:ANONYMOUS\n\
+                 log.dirs={data}\n\
+                 num.partitions=1\n\
+                 default.replication.factor={rf}\n\
+                 min.insync.replicas={min_isr}\n\
+                 offsets.topic.replication.factor={rf}\n\
+                 offsets.topic.num.partitions=10\n\
+                 transaction.state.log.replication.factor={rf}\n\
+                 transaction.state.log.min.isr={min_isr}\n\
+                 share.coordinator.state.topic.replication.factor={rf}\n\
+                 share.coordinator.state.topic.min.isr={min_isr}\n\
+                 group.initial.rebalance.delay.ms=0\n\
+                 # Kafka's default: tests then catch a client that creates topics by accident.\n\
+                 auto.create.topics.enable=true\n",
+                data = data.display(),
+            );
+            let server_properties = dir.join(if n == 1 {
+                "server.properties".to_string()
+            } else {
+                format!("server-{id}.properties")
+            });
+            std::fs::write(&server_properties, properties)?;
+            // It holds the super user's password.
+            set_mode(&server_properties, 0o600)?;
+            run(java("kafka.tools.StorageTool", "256m").args([
+                "format",
+                &format!("--cluster-id={cluster_id}"),
+                "--config",
+                &server_properties.display().to_string(),
+                "--add-scram",
+                &format!("SCRAM-SHA-512=[name={KAFKA_ADMIN_USER},password={password}]"),
+            ]))
+            .with_context(|| format!("formatting the storage of {name}"))?;
+            let java = java.clone();
+            let broker = move || {
+                let mut cmd = java("kafka.Kafka", heap);
+                cmd.arg(&server_properties);
+                cmd
+            };
+            let proc = Proc::spawn(name, broker, &self.logs(), libc::SIGTERM)?;
+            self.procs.push(proc);
+            bootstrap.push(format!("127.0.0.1:{port}"));
+        }
+        self.info.kafka_bootstrap = bootstrap.join(",");
+        self.info.kafka_brokers = n;
+        Ok(ports.into_iter().map(|(port, _)| port).collect())
     }
 
-    fn wait_kafka(&mut self, port: u16) -> anyhow::Result<()> {
+    fn wait_kafka(&mut self, ports: &[u16]) -> anyhow::Result<()> {
         let config = self.info.kafka_admin_config();
-        let proc = self
-            .procs
-            .iter_mut()
-            .find(|p| p.name == "kafka")
-            .expect("kafka was started");
-        proc.wait_ready(Duration::from_secs(120), || port_open(port))?;
-        // Metadata through the SASL listener proves the broker serves authenticated clients.
         let admin: AdminClient<DefaultClientContext> =
             config.create().context("creating a Kafka admin client")?;
-        proc.wait_ready(Duration::from_secs(60), || {
-            admin
-                .inner()
-                .fetch_metadata(None, Duration::from_secs(2))
-                .is_ok_and(|m| !m.brokers().is_empty())
-        })?;
+        let brokers = ports.len();
+        for (i, &port) in ports.iter().enumerate() {
+            let name = kafka_proc_name(brokers, i + 1);
+            let proc = self
+                .procs
+                .iter_mut()
+                .find(|p| p.name == name)
+                .expect("kafka was started");
+            proc.wait_ready(Duration::from_secs(120), || port_open(port))?;
+            // Metadata through the SASL listener that lists every broker proves the
+            // cluster has formed and serves authenticated clients.
+            proc.wait_ready(Duration::from_secs(60), || {
+                admin
+                    .inner()
+                    .fetch_metadata(None, Duration::from_secs(2))
+                    .is_ok_and(|m| m.brokers().len() == brokers)
+            })?;
+        }
         eprintln!(
-            "[devenv] kafka ready on {} (SASL/SCRAM-SHA-512, ACLs enforced)",
+            "[devenv] kafka ready on {} ({brokers} broker(s), SASL/SCRAM-SHA-512, ACLs enforced)",
             self.info.kafka_bootstrap
         );
         Ok(())
@@ -462,7 +563,7 @@ impl Environment {
         } else {
             None
         };
-        let as_owner = |program: PathBuf| {
+        let as_owner = move |program: PathBuf| {
             let mut cmd = Command::new(program);
             if let Some((uid, gid)) = owner {
                 use std::os::unix::process::CommandExt;
@@ -476,16 +577,19 @@ impl Environment {
             .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]))
         .context("initdb")?;
         let port = free_port()?;
-        let mut postgres = as_owner(c.postgres_bin.join("postgres"));
-        postgres
-            .arg("-D")
-            .arg(&data)
-            .arg("-p")
-            .arg(port.to_string())
-            .arg("-k")
-            .arg(&dir)
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
-            .args(["-c", "max_connections=200"]);
+        let (bin, socket_dir) = (c.postgres_bin.join("postgres"), dir.clone());
+        let postgres = move || {
+            let mut cmd = as_owner(bin.clone());
+            cmd.arg("-D")
+                .arg(&data)
+                .arg("-p")
+                .arg(port.to_string())
+                .arg("-k")
+                .arg(&socket_dir)
+                .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+                .args(["-c", "max_connections=200"]);
+            cmd
+        };
         // SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions and stop.
         let mut proc = Proc::spawn("postgres", postgres, &self.logs(), libc::SIGINT)?;
         let pg_isready = c.postgres_bin.join("pg_isready");
@@ -604,6 +708,28 @@ fn make_pki(dir: &Path) -> anyhow::Result<Pki> {
         .arg("-out")
         .arg(&pki.sa_public))?;
     Ok(pki)
+}
+
+/// The process name of Kafka node `id` (from 1) in a cluster of `brokers`.
+pub fn kafka_proc_name(brokers: usize, id: usize) -> String {
+    if brokers == 1 {
+        "kafka".into()
+    } else {
+        format!("kafka-{id}")
+    }
+}
+
+/// A command line to start (and restart) a component with.
+fn recipe<S: AsRef<str>>(
+    program: PathBuf,
+    args: impl IntoIterator<Item = S>,
+) -> impl FnMut() -> Command + Send + 'static {
+    let args: Vec<String> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    move || {
+        let mut cmd = Command::new(&program);
+        cmd.args(&args);
+        cmd
+    }
 }
 
 fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> anyhow::Result<()> {

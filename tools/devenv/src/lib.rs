@@ -50,6 +50,49 @@ pub struct EnvInfo {
     /// development and test tooling, see `tools/node-agent`).
     #[serde(default)]
     pub node_name: String,
+    /// How many Kafka brokers run (each also a KRaft controller). Their processes are
+    /// named `kafka` (one) or `kafka-1` … `kafka-N` after their `node.id`.
+    #[serde(default = "one")]
+    pub kafka_brokers: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Folder of the state directory where fault requests are left for the running
+/// environment (see [`EnvInfo::fault`]).
+pub const FAULTS_DIR: &str = "faults";
+
+/// What [`EnvInfo::fault`] does to a component.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// A clean stop (the component's own stop signal, SIGKILL after 20 s).
+    Stop,
+    /// SIGKILL: a crash.
+    Kill,
+    /// Start it again with the same command line, data and ports.
+    Start,
+}
+
+impl Fault {
+    /// `stop`, `kill` or `start`.
+    pub fn parse(word: &str) -> Option<Self> {
+        match word {
+            "stop" => Some(Self::Stop),
+            "kill" => Some(Self::Kill),
+            "start" => Some(Self::Start),
+            _ => None,
+        }
+    }
+
+    fn word(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Kill => "kill",
+            Self::Start => "start",
+        }
+    }
 }
 
 impl EnvInfo {
@@ -119,6 +162,48 @@ impl EnvInfo {
             );
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Asks the running environment to stop, kill or start one of its components
+    /// (`etcd`, `kube-apiserver`, `kube-controller-manager`, `node-agent`, `postgres`,
+    /// `kafka` or `kafka-N`) and waits until it has. A deliberately stopped component does
+    /// not end the environment; starting it again does not wait for it to be ready.
+    pub fn fault(&self, component: &str, fault: Fault) -> anyhow::Result<()> {
+        let dir = self.state_dir.join(FAULTS_DIR);
+        std::fs::create_dir_all(&dir)?;
+        let nonce = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos()
+        );
+        let done = dir.join(format!("{component}.done"));
+        let _ = std::fs::remove_file(&done);
+        let tmp = dir.join(format!("{component}.tmp"));
+        std::fs::write(&tmp, format!("{} {nonce}", fault.word()))?;
+        std::fs::rename(&tmp, dir.join(component))?;
+        // A stop waits up to 20 s for a clean exit before it kills.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Ok(answer) = std::fs::read_to_string(&done)
+                && let Some(outcome) = answer.strip_prefix(&format!("{nonce} "))
+            {
+                if outcome == "ok" {
+                    return Ok(());
+                }
+                bail!("{} {component}: {outcome}", fault.word());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the environment in {} did not carry out '{} {component}' within 60 s: is \
+                     it running?",
+                    self.state_dir.display(),
+                    fault.word()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// Runs the environment's kubectl with its admin kubeconfig.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use eventops_devenv::launch::{Components, Environment};
+use eventops_devenv::{EnvInfo, Fault};
 
 #[derive(Parser)]
 #[command(about = "Development and test tooling: the real local EventOps environment")]
@@ -27,6 +28,22 @@ enum Cmd {
         /// Keep the state directory after stopping (for reading logs).
         #[arg(long)]
         keep: bool,
+        /// Kafka brokers to run (each also a KRaft controller). Three or more run
+        /// topics at replication factor 3 with `min.insync.replicas=2`.
+        #[arg(long, default_value_t = 1)]
+        brokers: usize,
+    },
+    /// Stop, kill (SIGKILL) or start again a component of a running environment:
+    /// `etcd`, `kube-apiserver`, `kube-controller-manager`, `node-agent`, `postgres`,
+    /// `kafka` (one broker) or `kafka-N` (broker with node.id N).
+    Fault {
+        /// The running environment's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// `stop`, `kill` or `start`.
+        action: String,
+        /// The component.
+        component: String,
     },
     /// Only install (fetch or build) the components into the cache.
     Install,
@@ -40,7 +57,20 @@ fn main() -> anyhow::Result<()> {
             let c = Components::install(&repo_root)?;
             eprintln!("[devenv] components: {c:#?}");
         }
-        Cmd::Up { state_dir, keep } => {
+        Cmd::Fault {
+            state_dir,
+            action,
+            component,
+        } => {
+            let fault = Fault::parse(&action)
+                .with_context(|| format!("unknown action {action:?}: stop, kill or start"))?;
+            EnvInfo::load(&state_dir.join("env.json"))?.fault(&component, fault)?;
+        }
+        Cmd::Up {
+            state_dir,
+            keep,
+            brokers,
+        } => {
             let state_dir = state_dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("eventops-env-{}", std::process::id()))
             });
@@ -55,7 +85,7 @@ fn main() -> anyhow::Result<()> {
                 signal_hook::flag::register(sig, term.clone())?;
             }
             let components = Components::install(&repo_root)?;
-            let mut env = Environment::start(&components, &state_dir, keep)
+            let mut env = Environment::start(&components, &state_dir, keep, brokers)
                 .context("starting the environment")?;
             let env_file = env.write_env_files()?;
             eprintln!("[devenv] ready: {}", env_file.display());
@@ -64,6 +94,7 @@ fn main() -> anyhow::Result<()> {
                 state_dir.join("env.sh").display()
             );
             while !term.load(std::sync::atomic::Ordering::Relaxed) {
+                env.handle_faults()?;
                 env.check_alive()?;
                 std::thread::sleep(Duration::from_millis(250));
             }

@@ -1,6 +1,6 @@
 //! Child processes that die with the launcher and log to files.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -8,10 +8,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-/// A started component.
+/// Builds the command that starts a component; called again when it is restarted.
+pub type Recipe = Box<dyn FnMut() -> Command + Send>;
+
+/// A started component. It can be stopped and started again on request (fault
+/// injection), with the same command line, data and ports.
 pub struct Proc {
-    pub name: &'static str,
-    child: Child,
+    pub name: String,
+    recipe: Recipe,
+    /// `None` while stopped on request.
+    child: Option<Child>,
     pub log: PathBuf,
     /// Signal that asks this program for a clean, prompt shutdown.
     stop_signal: i32,
@@ -21,13 +27,35 @@ impl Proc {
     /// Starts `cmd` with its output in `log_dir/<name>.log`. The child gets SIGTERM if the
     /// launcher dies, so a crashed or killed launcher leaves no servers behind.
     pub fn spawn(
-        name: &'static str,
-        mut cmd: Command,
+        name: impl Into<String>,
+        recipe: impl FnMut() -> Command + Send + 'static,
         log_dir: &Path,
         stop_signal: i32,
     ) -> anyhow::Result<Self> {
+        let name = name.into();
         let log = log_dir.join(format!("{name}.log"));
-        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut proc = Self {
+            name,
+            recipe: Box::new(recipe),
+            child: None,
+            log,
+            stop_signal,
+        };
+        proc.start()?;
+        Ok(proc)
+    }
+
+    /// Starts the process (again), appending to its log.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let mut cmd = (self.recipe)();
+        let out = OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
@@ -42,18 +70,18 @@ impl Proc {
         }
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
-        Ok(Self {
-            name,
-            child,
-            log,
-            stop_signal,
-        })
+            .with_context(|| format!("starting {} ({:?})", self.name, cmd.get_program()))?;
+        self.child = Some(child);
+        Ok(())
     }
 
-    /// Fails with the tail of the log when the process has exited.
+    /// Fails with the tail of the log when the process has exited (unless it was
+    /// stopped on request).
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(());
+        };
+        if let Some(status) = child.try_wait()? {
             bail!(
                 "{} exited ({status}); last lines of {}:\n{}",
                 self.name,
@@ -88,26 +116,32 @@ impl Proc {
         }
     }
 
-    /// Asks the process to stop, and kills it if it has not within `grace`.
+    /// Asks the process to stop, and kills it if it has not within `grace` (at once
+    /// with a zero grace: a crash). It stays stopped until [`Proc::start`].
     pub fn stop(&mut self, grace: Duration) {
-        if self.child.try_wait().ok().flatten().is_some() {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if child.try_wait().ok().flatten().is_some() {
             return;
         }
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, self.stop_signal) };
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
+        if !grace.is_zero() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, self.stop_signal) };
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            eprintln!(
+                "[devenv] {} did not stop within {grace:?}; killing it",
+                self.name
+            );
         }
-        eprintln!(
-            "[devenv] {} did not stop within {grace:?}; killing it",
-            self.name
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
