@@ -55,6 +55,16 @@ impl Database {
         Self { url, client }
     }
 
+    /// A new client on an existing test database.
+    pub async fn connect(url: &str) -> Result<Self, tokio_postgres::Error> {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        Ok(Self {
+            url: url.to_string(),
+            client,
+        })
+    }
+
     /// Event ids with an effect.
     pub async fn processed(&self) -> BTreeSet<String> {
         self.client

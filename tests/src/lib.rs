@@ -11,6 +11,7 @@ pub mod pg;
 pub mod pods;
 pub mod runtime;
 pub mod spring;
+pub mod watchdog;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -29,11 +30,17 @@ pub struct TestEnv {
     pub info: EnvInfo,
     /// An administrator's client.
     pub client: Client,
+    deadline: watchdog::Deadline,
 }
 
 /// The environment named by `$EVENTOPS_ENV`, with the CRDs installed. Panics with how
 /// to start one when it is not there: these tests never skip.
+///
+/// The calling test gets a time limit ([`watchdog::DEFAULT_LIMIT`]) until the returned
+/// value is dropped: a test still running after it fails the test binary (see
+/// [`watchdog`]).
 pub async fn env() -> TestEnv {
+    let deadline = watchdog::Deadline::start(watchdog::DEFAULT_LIMIT);
     let info = EnvInfo::from_env().unwrap_or_else(|e| panic!("{e:#}"));
     let kubeconfig = Kubeconfig::read_from(&info.kubeconfig).expect("reading the kubeconfig");
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
@@ -42,7 +49,11 @@ pub async fn env() -> TestEnv {
     let client = Client::try_from(config).expect("building a Kubernetes client");
     static CRDS: OnceCell<()> = OnceCell::const_new();
     CRDS.get_or_init(|| install_crds(client.clone())).await;
-    TestEnv { info, client }
+    TestEnv {
+        info,
+        client,
+        deadline,
+    }
 }
 
 /// Applies the CRDs from the code and waits until the API server serves them.
@@ -82,6 +93,12 @@ pub fn unique(prefix: &str) -> String {
 }
 
 impl TestEnv {
+    /// Sets the calling test's time limit to `limit` from now (the default is
+    /// [`watchdog::DEFAULT_LIMIT`]).
+    pub fn time_limit(&self, limit: Duration) {
+        self.deadline.extend(limit);
+    }
+
     /// Creates a fresh namespace.
     pub async fn namespace(&self, prefix: &str) -> String {
         let name = unique(prefix);
@@ -115,13 +132,16 @@ impl TestEnv {
         let client = self.client.clone();
         let metrics = std::sync::Arc::new(eventops_operator::telemetry::Metrics::default());
         let handle_metrics = metrics.clone();
+        let test = watchdog::current_test();
         let task = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            eventops_operator::run(client, &config, metrics, shutdown)
-                .await
-                .expect("operator failed");
+            if let Err(e) = eventops_operator::run(client, &config, metrics, shutdown).await {
+                // Not a panic lost in a detached task: the test's next `eventually`, or
+                // dropping the handle, fails with it.
+                watchdog::record_failure(&test, format!("the in-process operator failed: {e:#}"));
+            }
         });
         OperatorHandle {
             metrics: handle_metrics,
@@ -232,6 +252,14 @@ pub struct OperatorHandle {
     pub metrics: std::sync::Arc<eventops_operator::telemetry::Metrics>,
     _stop: oneshot::Sender<()>,
     _task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OperatorHandle {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            watchdog::check_background();
+        }
+    }
 }
 
 /// Server-side applies an object of kind `K` named `name` with `spec`, as `kubectl apply
@@ -346,6 +374,7 @@ where
 {
     let deadline = Instant::now() + timeout;
     loop {
+        watchdog::check_background();
         if let Some(v) = check().await {
             return v;
         }

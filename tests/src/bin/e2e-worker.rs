@@ -6,6 +6,10 @@
 //! - `E2E_WORK_MS`: time each record takes (default 0). A pod works on one record at a
 //!   time, whatever its number of partitions, like a worker with one CPU: more pods
 //!   drain a backlog faster.
+//! - `E2E_STATS=1`: every 500 ms, upsert the runtime's count of records its inbox found
+//!   already processed (`eventops_runtime_records_duplicate_total`) into
+//!   `e2e_stats (pod, duplicates)`, so a chaos test can count redeliveries the inbox
+//!   absorbed (up to 500 ms of a killed pod's count is lost).
 //!
 //! Each handler run is logged in `e2e_runs` on its own connection (at least once: a run
 //! whose transaction rolls back is logged too); the effect, a row in `e2e_processed`, is
@@ -73,6 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (runs, connection) = tokio_postgres::connect(&url, NoTls).await?;
     tokio::spawn(connection);
     let pod = std::env::var("HOSTNAME").unwrap_or_default();
+    let (url_for_stats, pod_for_stats) = (url.clone(), pod.clone());
     let worker = Worker::from_env()?
         .postgres_url(url)
         .postgres_pool_size(2)
@@ -83,8 +88,47 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             cpu: Mutex::new(()),
         })
         .await?;
+    if std::env::var("E2E_STATS").is_ok_and(|v| v == "1") {
+        tokio::spawn(report_stats(url_for_stats, pod_for_stats, worker.metrics()));
+    }
     eprintln!("e2e worker ready; health on {:?}", worker.health_addr());
     worker.run().await?;
     eprintln!("e2e worker stopped cleanly");
     Ok(())
+}
+
+/// Keeps `e2e_stats` up to date with this pod's duplicate count (see the module docs).
+async fn report_stats(
+    url: String,
+    pod: String,
+    metrics: std::sync::Arc<eventops_consumer_runtime::metrics::Metrics>,
+) {
+    let mut client = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let duplicates: f64 = metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("eventops_runtime_records_duplicate_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if client.is_none() {
+            // The database may be down (a chaos fault): try again next round.
+            if let Ok((c, connection)) = tokio_postgres::connect(&url, NoTls).await {
+                tokio::spawn(connection);
+                client = Some(c);
+            }
+        }
+        let Some(c) = &client else { continue };
+        let written = c
+            .execute(
+                "INSERT INTO e2e_stats (pod, duplicates) VALUES ($1, $2) \
+                 ON CONFLICT (pod) DO UPDATE SET duplicates = EXCLUDED.duplicates",
+                &[&pod, &(duplicates as i64)],
+            )
+            .await;
+        if written.is_err() {
+            client = None;
+        }
+    }
 }
