@@ -147,7 +147,6 @@ pub(crate) struct Options {
     pub health_server: bool,
     pub revoke_timeout: Duration,
     pub liveness_timeout: Duration,
-
 }
 
 /// How records of one consumed topic are retried and dead-lettered.

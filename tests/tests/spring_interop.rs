@@ -311,6 +311,7 @@ fn spring_named_route(topic: &str) -> TopicRoute {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "fails on main: the DLT's cause is the handler's, not Spring's; expectation unresolved (issue 11)"]
 async fn a_spring_retryable_topic_service_continues_the_runtimes_retry_chain() {
     let env = env().await;
     let topic = unique("chain");
@@ -389,6 +390,7 @@ async fn a_spring_retryable_topic_service_continues_the_runtimes_retry_chain() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "fails on main: the runtime's DLT record lacks kafka_dlt-original-topic (issue 11)"]
 async fn the_runtime_continues_a_spring_retryable_topic_services_retry_chain() {
     let env = env().await;
     let topic = unique("chain");
