@@ -584,7 +584,7 @@ async fn the_source_offset_stays_uncommitted_while_the_dead_letter_publish_fails
     assert_eq!(m.dead_lettered(&topic), 0);
 
     env.kafka_tool(
-        "org.apache.kafka.tools.ConfigCommand",
+        "kafka.admin.ConfigCommand",
         &[
             "--alter",
             "--entity-type",

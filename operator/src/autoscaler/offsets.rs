@@ -290,22 +290,23 @@ fn read_loop(consumer: &BaseConsumer<StatsContext>, shared: &Mutex<Shared>, stop
         }
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                if at_end.insert(p) && at_end.len() == partitions {
-                    let mut shared = shared.lock().expect("offsets lock");
-                    // Healthy again only once every partition was read to its end after the
-                    // restart, so no commit made meanwhile is missing.
-                    if retry_at.is_none() {
-                        if shared.failure.take().is_some() {
-                            tracing::info!("{OFFSETS_TOPIC} can be read again");
-                        }
-                        if !shared.caught_up {
-                            tracing::info!("read every committed offset in {OFFSETS_TOPIC}");
-                        }
-                        shared.caught_up = true;
+            Some(Err(KafkaError::PartitionEOF(p)))
+                if at_end.insert(p) && at_end.len() == partitions =>
+            {
+                let mut shared = shared.lock().expect("offsets lock");
+                // Healthy again only once every partition was read to its end after the
+                // restart, so no commit made meanwhile is missing.
+                if retry_at.is_none() {
+                    if shared.failure.take().is_some() {
+                        tracing::info!("{OFFSETS_TOPIC} can be read again");
                     }
+                    if !shared.caught_up {
+                        tracing::info!("read every committed offset in {OFFSETS_TOPIC}");
+                    }
+                    shared.caught_up = true;
                 }
             }
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
             // librdkafka looks up the coordinator of any group id it is given, even for a
             // consumer that only assigns: refused, that says nothing about reading.
             Some(Err(error))
