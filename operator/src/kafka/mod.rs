@@ -8,10 +8,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 
 use crate::telemetry::Metrics;
-use rdkafka::admin::{
-    AdminClient, AdminOptions, AlterConfig, ConfigSource, NewPartitions, NewTopic,
-    ResourceSpecifier, TopicReplication,
-};
+use rdkafka::admin::{AdminClient, AdminOptions, ConfigSource, NewPartitions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 
@@ -31,7 +28,7 @@ pub enum KafkaError {
     /// Kafka answered and refused: the request itself is wrong (bad config, replication
     /// factor larger than the cluster, not authorized). Retrying the same request fails
     /// the same way.
-    #[error("Kafka refused to {op} topic {topic}: {code}")]
+    #[error("Kafka refused to {op} topic {topic}: {code}{}", said(.message))]
     Refused {
         /// What was attempted.
         op: &'static str,
@@ -39,10 +36,12 @@ pub enum KafkaError {
         topic: String,
         /// Kafka's error code.
         code: RDKafkaErrorCode,
+        /// Kafka's own explanation, when it gave one.
+        message: String,
     },
     /// Kafka answered that it cannot do it right now (no leader yet, controller moved,
     /// request timed out): worth retrying soon.
-    #[error("Kafka could not {op} topic {topic} yet: {code}")]
+    #[error("Kafka could not {op} topic {topic} yet: {code}{}", said(.message))]
     Busy {
         /// What was attempted.
         op: &'static str,
@@ -50,6 +49,8 @@ pub enum KafkaError {
         topic: String,
         /// Kafka's error code.
         code: RDKafkaErrorCode,
+        /// Kafka's own explanation, when it gave one.
+        message: String,
     },
     /// Kafka could not be reached or did not answer in time: worth retrying.
     #[error("Kafka is unavailable ({op} {topic}): {source}")]
@@ -59,8 +60,17 @@ pub enum KafkaError {
         /// The topic.
         topic: String,
         /// The client-side error.
-        source: RdKafkaError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+/// `: <message>` when Kafka said more than its error code.
+fn said(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
 }
 
 impl KafkaError {
@@ -79,8 +89,29 @@ impl KafkaError {
         !matches!(self, KafkaError::Refused { .. })
     }
 
+    /// Kafka's error code, when Kafka answered.
+    pub fn code(&self) -> Option<RDKafkaErrorCode> {
+        match self {
+            KafkaError::Refused { code, .. } | KafkaError::Busy { code, .. } => Some(*code),
+            KafkaError::Unavailable { .. } => None,
+        }
+    }
+
+    /// Kafka's own explanation; empty when it gave none.
+    pub fn kafka_message(&self) -> &str {
+        match self {
+            KafkaError::Refused { message, .. } | KafkaError::Busy { message, .. } => message,
+            KafkaError::Unavailable { .. } => "",
+        }
+    }
+
     /// Kafka's answer `code` to `op` on `topic`, classified.
     fn from_code(op: &'static str, topic: &str, code: RDKafkaErrorCode) -> Self {
+        Self::from_answer(op, topic, code, String::new())
+    }
+
+    /// Kafka's answer `code`, with its `message`, to `op` on `topic`, classified.
+    fn from_answer(op: &'static str, topic: &str, code: RDKafkaErrorCode, message: String) -> Self {
         use RDKafkaErrorCode as C;
         let topic = topic.to_string();
         match code {
@@ -95,8 +126,22 @@ impl KafkaError {
             | C::ThrottlingQuotaExceeded
             // Metadata read just before another reconcile created it: look again.
             | C::TopicAlreadyExists
-            | C::OperationTimedOut => KafkaError::Busy { op, topic, code },
-            _ => KafkaError::Refused { op, topic, code },
+            | C::OperationTimedOut => KafkaError::Busy { op, topic, code, message },
+            _ => KafkaError::Refused { op, topic, code, message },
+        }
+    }
+
+    /// A native admin call's failure to `op` on `topic`, classified.
+    fn from_native(op: &'static str, topic: &str, e: native::NativeError) -> Self {
+        match e {
+            native::NativeError::Kafka { code, message, .. } => {
+                Self::from_answer(op, topic, code, message)
+            }
+            other => KafkaError::Unavailable {
+                op,
+                topic: topic.to_string(),
+                source: Box::new(other),
+            },
         }
     }
 }
@@ -166,10 +211,10 @@ impl KafkaAdmin {
     /// The topic's partitions, replication factor and topic-level configs, or `None` if
     /// Kafka has no such topic.
     pub async fn describe_topic(&self, name: &str) -> Result<Option<TopicState>, KafkaError> {
-        let unavailable = |source| KafkaError::Unavailable {
+        let unavailable = |source: RdKafkaError| KafkaError::Unavailable {
             op: "describe",
             topic: name.to_string(),
-            source,
+            source: Box::new(source),
         };
         let client = self.client.clone();
         let topic = name.to_string();
@@ -235,7 +280,7 @@ impl KafkaAdmin {
                 .map_err(|source| KafkaError::Unavailable {
                     op: "describe",
                     topic: "*".into(),
-                    source,
+                    source: Box::new(source),
                 })?;
         Ok(metadata
             .topics()
@@ -261,28 +306,36 @@ impl KafkaAdmin {
         &self.metrics
     }
 
-    /// Creates a topic.
+    /// Creates a topic. A refusal carries Kafka's own message.
     pub async fn create_topic(&self, spec: &NewTopicSpec) -> Result<(), KafkaError> {
-        let mut topic = NewTopic::new(
-            &spec.name,
-            spec.partitions,
-            TopicReplication::Fixed(spec.replication_factor.unwrap_or(-1)),
-        );
-        for (k, v) in &spec.configs {
-            topic = topic.set(k, v);
-        }
         self.metrics.kafka_request("CreateTopics");
         self.metrics.kafka_write();
-        let results = self
-            .client
-            .create_topics([&topic], &self.options())
+        self.native()
+            .create_topic(
+                &spec.name,
+                spec.partitions,
+                spec.replication_factor,
+                &spec.configs,
+                false,
+            )
             .await
-            .map_err(|source| KafkaError::Unavailable {
-                op: "create",
-                topic: spec.name.clone(),
-                source,
-            })?;
-        first_result("create", &spec.name, results)
+            .map_err(|e| KafkaError::from_native("create", &spec.name, e))
+    }
+
+    /// Asks Kafka whether it would create `spec`, creating nothing: Kafka's refusal, if
+    /// any, in its own words.
+    pub async fn validate_new_topic(&self, spec: &NewTopicSpec) -> Result<(), KafkaError> {
+        self.metrics.kafka_request("CreateTopics");
+        self.native()
+            .create_topic(
+                &spec.name,
+                spec.partitions,
+                spec.replication_factor,
+                &spec.configs,
+                true,
+            )
+            .await
+            .map_err(|e| KafkaError::from_native("create", &spec.name, e))
     }
 
     /// Deletes topics; a topic Kafka does not have counts as deleted.
@@ -300,7 +353,7 @@ impl KafkaAdmin {
             .map_err(|source| KafkaError::Unavailable {
                 op: "delete",
                 topic: names.join(","),
-                source,
+                source: Box::new(source),
             })?;
         for result in results {
             match result {
@@ -325,37 +378,28 @@ impl KafkaAdmin {
             .map_err(|source| KafkaError::Unavailable {
                 op: "add partitions to",
                 topic: name.into(),
-                source,
+                source: Box::new(source),
             })?;
         first_result("add partitions to", name, results)
     }
 
-    /// Makes the topic-level configs exactly `configs`: AlterConfigs replaces the whole
-    /// set, so configs not named revert to the broker's defaults.
-    pub async fn replace_configs(
+    /// Sets and removes the topic configs `ops` name (IncrementalAlterConfigs); configs
+    /// not named, such as those an administrator set, keep their values. With
+    /// `validate_only` Kafka checks the changes and makes none.
+    pub async fn alter_configs(
         &self,
         name: &str,
-        configs: &BTreeMap<String, String>,
+        ops: &[native::ConfigOp],
+        validate_only: bool,
     ) -> Result<(), KafkaError> {
-        let mut alter = AlterConfig::new(ResourceSpecifier::Topic(name));
-        for (k, v) in configs {
-            alter = alter.set(k, v);
+        self.metrics.kafka_request("IncrementalAlterConfigs");
+        if !validate_only {
+            self.metrics.kafka_write();
         }
-        self.metrics.kafka_request("AlterConfigs");
-        self.metrics.kafka_write();
-        let results = self
-            .client
-            .alter_configs([&alter], &self.options())
+        self.native()
+            .alter_topic_configs(name, ops, validate_only)
             .await
-            .map_err(|source| KafkaError::Unavailable {
-                op: "alter configs of",
-                topic: name.into(),
-                source,
-            })?;
-        match results.into_iter().next() {
-            Some(Err((_, code))) => Err(KafkaError::from_code("alter configs of", name, code)),
-            _ => Ok(()),
-        }
+            .map_err(|e| KafkaError::from_native("alter configs of", name, e))
     }
 }
 

@@ -210,6 +210,15 @@ pub enum OffsetSpec {
     Latest,
 }
 
+/// One change of [`NativeAdmin::alter_topic_configs`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConfigOp {
+    /// Set the config `.0` to `.1`.
+    Set(String, String),
+    /// Remove the topic's own value of the config: it falls back to the broker's.
+    Delete(String),
+}
+
 /// One ACL. Ordered and hashable so callers can diff desired and actual sets.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AclBinding {
@@ -700,12 +709,213 @@ impl NativeAdmin {
                 let infos = c_array(rd_kafka_ListOffsets_result_infos(result, &mut n), n);
                 let mut offsets = BTreeMap::new();
                 for info in infos {
-                    let tp = &*rd_kafka_ListOffsetsResultInfo_topic_partition(*info);
-                    if tp.err == rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && tp.offset >= 0 {
+                    let tp = rd_kafka_ListOffsetsResultInfo_topic_partition(*info);
+                    // Read the error as the int it is (see `raw`): any code but 0 is an
+                    // error, known to the binding or not.
+                    let err = ptr::addr_of!((*tp).err).cast::<c_int>().read();
+                    let tp = &*tp;
+                    if err == 0 && tp.offset >= 0 {
                         offsets.insert((read_string(tp.topic), tp.partition), tp.offset);
                     }
                 }
                 Ok(offsets)
+            }
+        })
+        .await
+    }
+
+    /// Creates one topic. `replication_factor` `None` takes the broker's default. With
+    /// `validate_only` the broker checks the request (names, configs, replicas) and
+    /// creates nothing. A refusal carries Kafka's own message, which names the config
+    /// Kafka rejects.
+    pub async fn create_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replication_factor: Option<i32>,
+        configs: &BTreeMap<String, String>,
+        validate_only: bool,
+    ) -> Result<(), NativeError> {
+        const OP: &str = "create topic";
+        let c_topic = c_string("topic", topic)?;
+        let c_configs = configs
+            .iter()
+            .map(|(k, v)| Ok((c_string("config key", k)?, c_string("config value", v)?)))
+            .collect::<Result<Vec<_>, NativeError>>()?;
+        let topic = topic.to_string();
+        self.blocking(OP, move |client, timeout| {
+            let mut errstr = [0 as c_char; 512];
+            // SAFETY: the name is NUL-terminated and copied; errstr is writable for its
+            // length.
+            let new = unsafe {
+                rd_kafka_NewTopic_new(
+                    c_topic.as_ptr(),
+                    partitions,
+                    replication_factor.unwrap_or(-1),
+                    errstr.as_mut_ptr(),
+                    errstr.len(),
+                )
+            };
+            // SAFETY: a fresh NewTopic, owned by no one else.
+            let new = match unsafe { Owned::new(new, rd_kafka_NewTopic_destroy) } {
+                Some(new) => new,
+                // SAFETY: on failure librdkafka wrote a NUL-terminated message.
+                None => {
+                    return Err(NativeError::InvalidArgument(format!(
+                        "{OP} {topic}: {}",
+                        unsafe { read_string(errstr.as_ptr()) }
+                    )));
+                }
+            };
+            for (k, v) in &c_configs {
+                // SAFETY: the NewTopic is live; the strings are NUL-terminated and copied.
+                let err = unsafe { rd_kafka_NewTopic_set_config(new.as_ptr(), k.as_ptr(), v.as_ptr()) };
+                if err != rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                    return Err(NativeError::InvalidArgument(format!(
+                        "{OP} {topic}: config {k:?}={v:?} is not accepted"
+                    )));
+                }
+            }
+            let mut ptrs = [new.as_ptr()];
+            let event = request_with(
+                client,
+                OP,
+                Api::CreateTopics,
+                timeout,
+                |options| {
+                    set_validate_only(options, validate_only)?;
+                    // Wait (as long as the request may) until the topic is created
+                    // everywhere, so that describing it right after finds it.
+                    set_operation_timeout(options, timeout)
+                },
+                |rk, options, queue| {
+                    // SAFETY: `ptrs` holds one valid NewTopic that librdkafka copies; rk,
+                    // options and queue are valid for the call.
+                    unsafe { rd_kafka_CreateTopics(rk, ptrs.as_mut_ptr(), ptrs.len(), options, queue) }
+                },
+            )?;
+            let mut n = 0;
+            // SAFETY: request() checked that this is a CreateTopics result, which owns the
+            // array and each result's strings.
+            unsafe {
+                let result = rd_kafka_event_CreateTopics_result(event.as_ptr());
+                let results = c_array(rd_kafka_CreateTopics_result_topics(result, &mut n), n);
+                if results.len() != 1 {
+                    return Err(unexpected(OP, format!("{n} results for one topic")));
+                }
+                let code = raw::rd_kafka_topic_result_error(results[0]);
+                let message = read_string(rd_kafka_topic_result_error_string(results[0]));
+                match kafka_error(code, message) {
+                    Some((code, message)) => Err(refused(OP, code, message)),
+                    None => Ok(()),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Changes only the topic configs `ops` name, in one IncrementalAlterConfigs request:
+    /// every config not named keeps its value. With `validate_only` the broker checks the
+    /// changes and makes none. A refusal carries Kafka's own message.
+    pub async fn alter_topic_configs(
+        &self,
+        topic: &str,
+        ops: &[ConfigOp],
+        validate_only: bool,
+    ) -> Result<(), NativeError> {
+        const OP: &str = "alter topic configs";
+        // librdkafka refuses an empty request; nothing to change is success.
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let c_topic = c_string("topic", topic)?;
+        let c_ops = ops
+            .iter()
+            .map(|op| {
+                Ok(match op {
+                    ConfigOp::Set(k, v) => (
+                        c_string("config key", k)?,
+                        rd_kafka_AlterConfigOpType_t::RD_KAFKA_ALTER_CONFIG_OP_TYPE_SET,
+                        Some(c_string("config value", v)?),
+                    ),
+                    ConfigOp::Delete(k) => (
+                        c_string("config key", k)?,
+                        rd_kafka_AlterConfigOpType_t::RD_KAFKA_ALTER_CONFIG_OP_TYPE_DELETE,
+                        None,
+                    ),
+                })
+            })
+            .collect::<Result<Vec<_>, NativeError>>()?;
+        self.blocking(OP, move |client, timeout| {
+            // SAFETY: the name is NUL-terminated and copied.
+            let resource = unsafe {
+                rd_kafka_ConfigResource_new(
+                    rd_kafka_ResourceType_t::RD_KAFKA_RESOURCE_TOPIC,
+                    c_topic.as_ptr(),
+                )
+            };
+            // SAFETY: a fresh resource, owned by no one else.
+            let resource = unsafe { Owned::new(resource, rd_kafka_ConfigResource_destroy) }
+                .ok_or_else(|| unexpected(OP, "librdkafka returned no config resource".into()))?;
+            for (k, op, v) in &c_ops {
+                let v = v.as_ref().map_or(ptr::null(), |v| v.as_ptr());
+                // SAFETY: the resource is live; the strings are NUL-terminated (or null
+                // for DELETE) and copied. A returned error is ours to destroy.
+                let error = unsafe {
+                    Owned::new(
+                        rd_kafka_ConfigResource_add_incremental_config(
+                            resource.as_ptr(),
+                            k.as_ptr(),
+                            *op,
+                            v,
+                        ),
+                        rd_kafka_error_destroy,
+                    )
+                };
+                // SAFETY: the error is live while `error` is.
+                if let Some((_, message)) = error.and_then(|e| unsafe { item_error(e.as_ptr()) }) {
+                    return Err(NativeError::InvalidArgument(format!("{OP}: {message}")));
+                }
+            }
+            let mut ptrs = [resource.as_ptr()];
+            let event = request_with(
+                client,
+                OP,
+                Api::IncrementalAlterConfigs,
+                timeout,
+                |options| set_validate_only(options, validate_only),
+                |rk, options, queue| {
+                    // SAFETY: `ptrs` holds one valid resource that librdkafka copies; rk,
+                    // options and queue are valid for the call.
+                    unsafe {
+                        rd_kafka_IncrementalAlterConfigs(
+                            rk,
+                            ptrs.as_mut_ptr(),
+                            ptrs.len(),
+                            options,
+                            queue,
+                        )
+                    }
+                },
+            )?;
+            let mut n = 0;
+            // SAFETY: request() checked that this is an IncrementalAlterConfigs result,
+            // which owns the array and each resource's error string.
+            unsafe {
+                let result = rd_kafka_event_IncrementalAlterConfigs_result(event.as_ptr());
+                let resources = c_array(
+                    rd_kafka_IncrementalAlterConfigs_result_resources(result, &mut n),
+                    n,
+                );
+                if resources.len() != 1 {
+                    return Err(unexpected(OP, format!("{n} results for one topic")));
+                }
+                let code = raw::rd_kafka_ConfigResource_error(resources[0]);
+                let message = read_string(rd_kafka_ConfigResource_error_string(resources[0]));
+                match kafka_error(code, message) {
+                    Some((code, message)) => Err(refused(OP, code, message)),
+                    None => Ok(()),
+                }
             }
         })
         .await
@@ -768,6 +978,8 @@ enum Api {
     DescribeScram,
     DescribeCluster,
     ListOffsets,
+    CreateTopics,
+    IncrementalAlterConfigs,
 }
 
 impl Api {
@@ -801,6 +1013,14 @@ impl Api {
             Api::ListOffsets => (
                 RD_KAFKA_ADMIN_OP_LISTOFFSETS,
                 RD_KAFKA_EVENT_LISTOFFSETS_RESULT,
+            ),
+            Api::CreateTopics => (
+                RD_KAFKA_ADMIN_OP_CREATETOPICS,
+                RD_KAFKA_EVENT_CREATETOPICS_RESULT,
+            ),
+            Api::IncrementalAlterConfigs => (
+                RD_KAFKA_ADMIN_OP_INCREMENTALALTERCONFIGS,
+                RD_KAFKA_EVENT_INCREMENTALALTERCONFIGS_RESULT,
             ),
         }
     }
@@ -876,21 +1096,21 @@ fn request_with(
     .ok_or(NativeError::Timeout { op })?;
     // SAFETY: the event is live; its error string lives as long as it does.
     let (err, message) = unsafe {
-        let err = rd_kafka_event_error(event.as_ptr());
+        let err = raw::rd_kafka_event_error(event.as_ptr());
         (
             err,
             read_string(rd_kafka_event_error_string(event.as_ptr())),
         )
     };
-    match err {
-        rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => {}
-        rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT => {
+    match kafka_error(err, message) {
+        None => {}
+        Some((RDKafkaErrorCode::OperationTimedOut, _)) => {
             return Err(NativeError::Timeout { op });
         }
-        rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__INVALID_ARG => {
+        Some((RDKafkaErrorCode::InvalidArgument, message)) => {
             return Err(NativeError::InvalidArgument(format!("{op}: {message}")));
         }
-        err => return Err(refused(op, err.into(), message)),
+        Some((code, message)) => return Err(refused(op, code, message)),
     }
     // SAFETY: the event is live.
     let actual = unsafe { rd_kafka_event_type(event.as_ptr()) };
@@ -1121,12 +1341,94 @@ unsafe fn item_error(error: *const rd_kafka_error_t) -> Option<(RDKafkaErrorCode
     // SAFETY: `error` is live (see the contract); its string lives as long.
     let (code, message) = unsafe {
         (
-            rd_kafka_error_code(error),
+            raw::rd_kafka_error_code(error),
             read_string(rd_kafka_error_string(error)),
         )
     };
     // librdkafka sometimes attaches an error object carrying NO_ERROR.
-    (code != rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then(|| (code.into(), message))
+    kafka_error(code, message)
+}
+
+/// An error code as librdkafka returned it, classified: `None` for no error, and
+/// [`RDKafkaErrorCode::Unknown`] (with the number added to the message) for a code this
+/// binding does not know, such as one from a newer broker.
+fn kafka_error(code: c_int, message: String) -> Option<(RDKafkaErrorCode, String)> {
+    match rd_kafka_resp_err_t::try_from(code) {
+        Ok(rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR) => None,
+        Ok(known) => Some((known.into(), message)),
+        Err(_) => Some((
+            RDKafkaErrorCode::Unknown,
+            format!("{message} (Kafka error code {code})"),
+        )),
+    }
+}
+
+/// Sets the validate-only option.
+fn set_validate_only(
+    options: *mut rd_kafka_AdminOptions_t,
+    validate_only: bool,
+) -> Result<(), NativeError> {
+    let mut errstr = [0 as c_char; 256];
+    // SAFETY: options is live for the call; errstr is writable for its length.
+    let err = unsafe {
+        rd_kafka_AdminOptions_set_validate_only(
+            options,
+            c_int::from(validate_only),
+            errstr.as_mut_ptr(),
+            errstr.len(),
+        )
+    };
+    if err != rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        // SAFETY: librdkafka NUL-terminates errstr within its length.
+        return Err(NativeError::InvalidArgument(unsafe {
+            read_string(errstr.as_ptr())
+        }));
+    }
+    Ok(())
+}
+
+/// Sets the operation timeout: how long the broker waits for the operation to finish.
+fn set_operation_timeout(
+    options: *mut rd_kafka_AdminOptions_t,
+    timeout: Duration,
+) -> Result<(), NativeError> {
+    let timeout_ms = c_int::try_from(timeout.as_millis()).unwrap_or(c_int::MAX);
+    let mut errstr = [0 as c_char; 256];
+    // SAFETY: options is live for the call; errstr is writable for its length.
+    let err = unsafe {
+        rd_kafka_AdminOptions_set_operation_timeout(
+            options,
+            timeout_ms,
+            errstr.as_mut_ptr(),
+            errstr.len(),
+        )
+    };
+    if err != rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        // SAFETY: librdkafka NUL-terminates errstr within its length.
+        return Err(NativeError::InvalidArgument(unsafe {
+            read_string(errstr.as_ptr())
+        }));
+    }
+    Ok(())
+}
+
+/// librdkafka's functions that return an error code, declared returning the C `int`
+/// the code is. The bindings declare them returning a Rust enum, and a code the enum
+/// lacks (a broker newer than the binding may send one) would be undefined behaviour.
+mod raw {
+    use std::ffi::c_int;
+
+    use rdkafka_sys::bindings::{
+        rd_kafka_ConfigResource_t, rd_kafka_error_t, rd_kafka_event_t, rd_kafka_topic_result_t,
+    };
+
+    // SAFETY: same symbols and ABI as the bindings' declarations; C enums are ints.
+    unsafe extern "C" {
+        pub fn rd_kafka_event_error(rkev: *mut rd_kafka_event_t) -> c_int;
+        pub fn rd_kafka_error_code(error: *const rd_kafka_error_t) -> c_int;
+        pub fn rd_kafka_ConfigResource_error(config: *const rd_kafka_ConfigResource_t) -> c_int;
+        pub fn rd_kafka_topic_result_error(topicres: *const rd_kafka_topic_result_t) -> c_int;
+    }
 }
 
 /// A librdkafka result array as a slice; empty if null.
