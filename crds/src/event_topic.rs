@@ -18,6 +18,11 @@ pub const PAUSED_ANNOTATION: &str = "eventops.dev/paused";
 /// Kafka topics, for when Kafka is gone for good: set it to `"true"` and the finalizer is
 /// released on the next reconcile, so the resource (and its namespace) can be deleted.
 pub const RELEASE_FINALIZER_ANNOTATION: &str = "eventops.dev/release-finalizer";
+/// Annotation that lets an EventTopic take over Kafka topics that exist but that no
+/// EventTopic manages (created by hand, by another tool, or before EventOps). Without
+/// it such a topic is left alone and the EventTopic reports `TopicExists`. Once adopted,
+/// a topic stays managed (recorded in `status.managedTopics`) when the annotation goes.
+pub const ADOPT_ANNOTATION: &str = "eventops.dev/adopt";
 /// Finalizer held by EventTopics with `deletionPolicy: Delete` until their topics are
 /// deleted from Kafka.
 pub const TOPIC_FINALIZER: &str = "eventops.dev/delete-kafka-topics";
@@ -211,6 +216,26 @@ pub struct EventTopicStatus {
     /// ConsumerGroups in this namespace that consume this topic today.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumers: Vec<String>,
+
+    /// The Kafka topics this EventTopic manages (it created or adopted them) and the
+    /// configs it set on each. A topic that exists in Kafka but is not listed here is
+    /// left alone unless the `eventops.dev/adopt` annotation says otherwise, and a config
+    /// key is removed from Kafka only if it is listed here and no longer in the spec.
+    /// Written before each change to Kafka, so it survives operator restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_topics: Option<Vec<ManagedTopic>>,
+}
+
+/// A Kafka topic an EventTopic manages.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedTopic {
+    /// The Kafka topic name.
+    pub name: String,
+    /// The config keys this EventTopic set on the topic (keys only, values are in the
+    /// spec).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configs: Vec<String>,
 }
 
 impl EventTopic {

@@ -3,12 +3,13 @@
 
 pub mod plan;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use eventops_crds::{
-    ConsumerGroup, DeletionPolicy, EventTopic, EventTopicStatus, RELEASE_FINALIZER_ANNOTATION,
-    TOPIC_FINALIZER, annotation_is_true,
+    ADOPT_ANNOTATION, ConsumerGroup, DeletionPolicy, EventTopic, EventTopicStatus, ManagedTopic,
+    RELEASE_FINALIZER_ANNOTATION, TOPIC_FINALIZER, annotation_is_true,
 };
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
@@ -22,7 +23,8 @@ use tracing::{info, warn};
 use crate::conditions::{self, Observed, READY};
 use crate::context::Context;
 use crate::error::Error;
-use crate::kafka::{KafkaError, TopicState};
+use crate::kafka::native::ConfigOp;
+use crate::kafka::{KafkaError, NewTopicSpec, TopicState};
 use plan::{DesiredTopic, Plan, Step};
 
 /// Condition type set while the paused annotation stops reconciliation.
@@ -82,6 +84,8 @@ struct Outcome {
     paused: bool,
     main: Option<TopicState>,
     changes: Vec<Change>,
+    /// The topics this EventTopic manages now; `None` leaves the record as it is.
+    managed: Option<BTreeMap<String, BTreeSet<String>>>,
     /// When to look again; `None` waits for a change of the resource.
     requeue: Option<Duration>,
 }
@@ -93,6 +97,7 @@ impl Outcome {
             paused: false,
             main: None,
             changes: vec![],
+            managed: None,
             requeue: Some(requeue),
         }
     }
@@ -122,6 +127,7 @@ async fn reconcile_inner(
             paused: true,
             main: None,
             changes: vec![],
+            managed: None,
             requeue: None,
         }
     } else {
@@ -130,9 +136,17 @@ async fn reconcile_inner(
             Err(invalid) => Outcome::not_ready("InvalidSpec", invalid.0, resync),
             Ok(topics) => {
                 let all = ctx.topics.state();
-                match plan::conflict(et, all.iter().map(AsRef::as_ref)) {
-                    Some(message) => Outcome::not_ready("ResourceConflict", message, resync),
-                    None => sync(&topics, drifted_if_changed(et), &ctx.shared).await,
+                let policy = &ctx.shared.settings.namespace_policy;
+                let ns = et.namespace().unwrap_or_default();
+                let outside = topics
+                    .iter()
+                    .find_map(|t| policy.check(&ns, plan::name_field(t), &t.name).err());
+                if let Some(message) = outside {
+                    Outcome::not_ready("NotPermitted", message, resync)
+                } else if let Some(message) = plan::conflict(et, all.iter().map(AsRef::as_ref)) {
+                    Outcome::not_ready("ResourceConflict", message, resync)
+                } else {
+                    sync(et, &topics, drifted_if_changed(et), &ctx.shared).await?
                 }
             }
         }
@@ -161,39 +175,120 @@ fn drifted_if_changed(et: &EventTopic) -> bool {
         && conditions::find(&status.conditions, READY).is_some_and(|c| c.status == "True")
 }
 
+/// The Kafka topics `et` manages and the config keys it set on each, from
+/// `status.managedTopics`. A status written before that record existed lists none; then
+/// the topics it reported in sync (`Ready=True`) count as its own, with the configs its
+/// spec names, which is what that version managed.
+fn managed(et: &EventTopic) -> BTreeMap<String, BTreeSet<String>> {
+    let Some(status) = &et.status else {
+        return BTreeMap::new();
+    };
+    if let Some(list) = &status.managed_topics {
+        return list
+            .iter()
+            .map(|m| (m.name.clone(), m.configs.iter().cloned().collect()))
+            .collect();
+    }
+    let was_in_sync =
+        conditions::find(&status.conditions, READY).is_some_and(|c| c.status == "True");
+    if !was_in_sync {
+        return BTreeMap::new();
+    }
+    let keys = |c: &BTreeMap<String, String>| c.keys().cloned().collect::<BTreeSet<_>>();
+    let mut topics = BTreeMap::new();
+    if let Some(name) = &status.topic_name {
+        topics.insert(name.clone(), keys(&et.spec.config));
+    }
+    if let Some(dlt) = &status.dead_letter_topic {
+        topics.insert(dlt.clone(), keys(&et.spec.dead_letter.config));
+    }
+    for retry in &status.retry_topics {
+        topics.insert(retry.clone(), BTreeSet::from(["retention.ms".to_string()]));
+    }
+    topics
+}
+
+fn to_status(managed: &BTreeMap<String, BTreeSet<String>>) -> Vec<ManagedTopic> {
+    managed
+        .iter()
+        .map(|(name, keys)| ManagedTopic {
+            name: name.clone(),
+            configs: keys.iter().cloned().collect(),
+        })
+        .collect()
+}
+
+/// Records in status, before Kafka is touched, the topics about to be created or
+/// adopted and the config keys about to be set: a restart between the Kafka call and
+/// the final status write then still knows them as this EventTopic's.
+async fn record_claim(
+    et: &EventTopic,
+    ctx: &Context,
+    claim: &BTreeMap<String, BTreeSet<String>>,
+) -> Result<(), Error> {
+    let mut status = et.status.clone().unwrap_or_default();
+    status.managed_topics = Some(to_status(claim));
+    crate::status::apply(ctx, et, &status).await
+}
+
 /// Brings each desired topic in Kafka to its spec, stopping at the first that cannot be.
-async fn sync(topics: &[DesiredTopic], drift: bool, ctx: &Context) -> Outcome {
+/// No topic is touched unless every one of them is this EventTopic's to touch.
+async fn sync(
+    et: &EventTopic,
+    topics: &[DesiredTopic],
+    drift: bool,
+    ctx: &Context,
+) -> Result<Outcome, Error> {
     let resync = ctx.settings.resync_interval;
-    let mut changes = Vec::new();
-    let mut main = None;
-    for (i, desired) in topics.iter().enumerate() {
-        match sync_one(desired, drift, ctx, &mut changes).await {
-            Ok(state) if i == 0 => main = state,
-            Ok(_) => {}
-            Err(refusal) => {
-                let (reason, message, requeue) = match refusal {
-                    Refusal::NotSupported(message) => ("NotSupported".into(), message, resync),
-                    Refusal::Kafka(e) => {
-                        let requeue = if e.is_transient() {
-                            Duration::from_secs(5)
-                        } else {
-                            resync
-                        };
-                        (e.reason(), kafka_message(&e), requeue)
-                    }
-                };
-                return Outcome {
-                    ready: Some(Observed::ready(false, reason, message)),
-                    paused: false,
-                    main,
-                    changes,
-                    requeue: Some(requeue),
-                };
-            }
+    let before = managed(et);
+    let adopt = annotation_is_true(&et.metadata, ADOPT_ANNOTATION);
+    let mut actual = Vec::with_capacity(topics.len());
+    for desired in topics {
+        match ctx.kafka.describe_topic(&desired.name).await {
+            Ok(state) => actual.push(state),
+            Err(e) => return Ok(refused(Refusal::Kafka(e), None, vec![], None, resync)),
         }
     }
+    for (desired, state) in topics.iter().zip(&actual) {
+        if state.is_some() && !before.contains_key(&desired.name) && !adopt {
+            let mut outcome =
+                Outcome::not_ready("TopicExists", plan::topic_exists(desired), resync);
+            outcome.managed = Some(before);
+            return Ok(outcome);
+        }
+    }
+    let mut claim = before.clone();
+    for desired in topics {
+        claim
+            .entry(desired.name.clone())
+            .or_default()
+            .extend(desired.configs.keys().cloned());
+    }
+    if claim != before {
+        record_claim(et, ctx, &claim).await?;
+    }
+
+    let mut changes = Vec::new();
+    let mut main = None;
+    let none = BTreeSet::new();
+    for (i, (desired, state)) in topics.iter().zip(actual).enumerate() {
+        let set_before = before.get(&desired.name).unwrap_or(&none);
+        match sync_one(desired, state, set_before, drift, ctx, &mut changes).await {
+            Ok(state) if i == 0 => main = state,
+            Ok(_) => {}
+            Err(refusal) => return Ok(refused(refusal, main, changes, Some(claim), resync)),
+        }
+    }
+    // Everything matches the spec: exactly its keys are what this EventTopic set.
+    let mut managed = claim;
+    for desired in topics {
+        managed.insert(
+            desired.name.clone(),
+            desired.configs.keys().cloned().collect(),
+        );
+    }
     let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
-    Outcome {
+    Ok(Outcome {
         ready: Some(Observed::ready(
             true,
             "InSync",
@@ -202,28 +297,134 @@ async fn sync(topics: &[DesiredTopic], drift: bool, ctx: &Context) -> Outcome {
         paused: false,
         main,
         changes,
+        managed: Some(managed),
         requeue: Some(resync),
+    })
+}
+
+/// The outcome of a pass that stopped at `refusal`.
+fn refused(
+    refusal: Refusal,
+    main: Option<TopicState>,
+    changes: Vec<Change>,
+    managed: Option<BTreeMap<String, BTreeSet<String>>>,
+    resync: Duration,
+) -> Outcome {
+    let (reason, message, requeue) = match refusal {
+        Refusal::NotSupported(message) => ("NotSupported".into(), message, resync),
+        Refusal::Config { reason, message } => (reason, message, resync),
+        Refusal::Kafka(e) => {
+            let requeue = if e.is_transient() {
+                Duration::from_secs(5)
+            } else {
+                resync
+            };
+            (e.reason(), kafka_message(&e), requeue)
+        }
+    };
+    Outcome {
+        ready: Some(Observed::ready(false, reason, message)),
+        paused: false,
+        main,
+        changes,
+        managed,
+        requeue: Some(requeue),
     }
 }
 
 enum Refusal {
     NotSupported(String),
+    /// Kafka refused one config of the spec; the message names it.
+    Config {
+        reason: String,
+        message: String,
+    },
     Kafka(KafkaError),
 }
 
-/// Dereference, diff and apply one topic. Returns the topic's state after the changes.
+/// Whether Kafka's refusal may be about a config value, so that asking config by config
+/// can tell which one.
+fn about_a_config(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    !e.is_transient()
+        && matches!(
+            e.code(),
+            Some(C::InvalidConfig | C::InvalidRequest | C::PolicyViolation)
+        )
+}
+
+/// The refusal for `key: value` of `desired`, naming the spec field, in Kafka's words.
+fn config_refusal(desired: &DesiredTopic, key: &str, value: &str, e: &KafkaError) -> Refusal {
+    let said = match e.kafka_message() {
+        "" => e.to_string(),
+        m => m.to_string(),
+    };
+    Refusal::Config {
+        reason: e.reason(),
+        message: format!(
+            "{}[{key:?}]: {key}: {value} is refused by Kafka for topic {}: {said}",
+            plan::config_field(desired),
+            desired.name
+        ),
+    }
+}
+
+/// After Kafka refused to create `spec`: which config, asked one by one (nothing is
+/// created), Kafka refuses; the original refusal when none alone is refused.
+async fn blame_create(desired: &DesiredTopic, spec: &NewTopicSpec, e: KafkaError, ctx: &Context) -> Refusal {
+    if !about_a_config(&e) {
+        return Refusal::Kafka(e);
+    }
+    for (k, v) in &spec.configs {
+        let one = NewTopicSpec {
+            configs: BTreeMap::from([(k.clone(), v.clone())]),
+            ..spec.clone()
+        };
+        if let Err(refusal) = ctx.kafka.validate_new_topic(&one).await
+            && about_a_config(&refusal)
+        {
+            return config_refusal(desired, k, v, &refusal);
+        }
+    }
+    Refusal::Kafka(e)
+}
+
+/// After Kafka refused `ops` on `topic`: which set, asked one by one (validate only),
+/// Kafka refuses; the original refusal when none alone is refused.
+async fn blame_alter(
+    desired: &DesiredTopic,
+    ops: &[ConfigOp],
+    e: KafkaError,
+    ctx: &Context,
+) -> Refusal {
+    if !about_a_config(&e) {
+        return Refusal::Kafka(e);
+    }
+    for op in ops {
+        let ConfigOp::Set(k, v) = op else { continue };
+        if let Err(refusal) = ctx
+            .kafka
+            .alter_configs(&desired.name, std::slice::from_ref(op), true)
+            .await
+            && about_a_config(&refusal)
+        {
+            return config_refusal(desired, k, v, &refusal);
+        }
+    }
+    Refusal::Kafka(e)
+}
+
+/// Diff and apply one topic whose Kafka state is `actual`. Returns the topic's state
+/// after the changes.
 async fn sync_one(
     desired: &DesiredTopic,
+    actual: Option<TopicState>,
+    set_before: &BTreeSet<String>,
     drift: bool,
     ctx: &Context,
     changes: &mut Vec<Change>,
 ) -> Result<Option<TopicState>, Refusal> {
-    let actual = ctx
-        .kafka
-        .describe_topic(&desired.name)
-        .await
-        .map_err(Refusal::Kafka)?;
-    let steps = match plan::plan(desired, actual.as_ref()) {
+    let steps = match plan::plan(desired, actual.as_ref(), set_before) {
         Plan::NotSupported(message) => return Err(Refusal::NotSupported(message)),
         Plan::Apply(steps) => steps,
     };
@@ -245,10 +446,9 @@ async fn sync_one(
     for step in steps {
         match step {
             Step::Create(spec) => {
-                ctx.kafka
-                    .create_topic(&spec)
-                    .await
-                    .map_err(Refusal::Kafka)?;
+                if let Err(e) = ctx.kafka.create_topic(&spec).await {
+                    return Err(blame_create(desired, &spec, e, ctx).await);
+                }
                 info!(topic = %spec.name, partitions = spec.partitions, "created Kafka topic");
                 record(
                     "TopicCreated",
@@ -279,22 +479,26 @@ async fn sync_one(
                     s.partitions = to;
                 }
             }
-            Step::ReplaceConfigs {
+            Step::AlterConfigs {
                 topic,
-                configs,
+                ops,
                 changed,
             } => {
-                ctx.kafka
-                    .replace_configs(&topic, &configs)
-                    .await
-                    .map_err(Refusal::Kafka)?;
-                info!(%topic, ?changed, "set topic configs");
+                if let Err(e) = ctx.kafka.alter_configs(&topic, &ops, false).await {
+                    return Err(blame_alter(desired, &ops, e, ctx).await);
+                }
+                info!(%topic, ?changed, "changed topic configs");
                 record(
                     "ConfigsUpdated",
-                    format!("set configs of {topic}: {}", changed.join(", ")),
+                    format!("changed configs of {topic}: {}", changed.join(", ")),
                 );
                 if let Some(s) = state.as_mut() {
-                    s.configs = configs;
+                    for op in ops {
+                        match op {
+                            ConfigOp::Set(k, v) => s.configs.insert(k, v),
+                            ConfigOp::Delete(k) => s.configs.remove(&k),
+                        };
+                    }
                 }
             }
         }
@@ -331,7 +535,10 @@ async fn finalize(et: &EventTopic, ctx: &Ctx) -> Result<Action, Error> {
     let released = annotation_is_true(&et.metadata, RELEASE_FINALIZER_ANNOTATION);
     if et.spec.deletion_policy == DeletionPolicy::Delete && !released {
         let all = ctx.topics.state();
-        let topics = plan::exclusively_owned(et, all.iter().map(AsRef::as_ref));
+        // Only topics this EventTopic created or adopted: never one it was refused.
+        let mine = managed(et);
+        let mut topics = plan::exclusively_owned(et, all.iter().map(AsRef::as_ref));
+        topics.retain(|t| mine.contains_key(t));
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         if let Err(e) = ctx.shared.kafka.delete_topics(&names).await {
             let message = format!(
@@ -406,6 +613,10 @@ async fn write_status(et: &EventTopic, ctx: &Context, outcome: &Outcome) -> Resu
         dead_letter_topic: et.dead_letter_topic_name(),
         retry_topics: et.retry_topic_names(),
         consumers: consumers(et, ctx),
+        managed_topics: match &outcome.managed {
+            Some(managed) => Some(to_status(managed)),
+            None => old.managed_topics.clone(),
+        },
     };
     if new == old {
         return Ok(());

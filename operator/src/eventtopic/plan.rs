@@ -1,12 +1,13 @@
 //! Pure steps of the EventTopic reconciler: validate the spec, build the topics it
 //! asks for, and diff them against Kafka into a plan. No I/O here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use eventops_crds::{EventTopic, TOPIC_NAME_MAX_LEN};
+use eventops_crds::{ADOPT_ANNOTATION, EventTopic, TOPIC_NAME_MAX_LEN};
 
 use super::NAMING_POLICY;
 use crate::conditions::Observed;
+use crate::kafka::native::ConfigOp;
 use crate::kafka::{NewTopicSpec, TopicState};
 
 /// A topic the spec asks for.
@@ -36,6 +37,8 @@ pub struct Invalid(pub String);
 pub fn desired_topics(et: &EventTopic) -> Result<Vec<DesiredTopic>, Invalid> {
     let name = et.kafka_topic_name();
     check_topic_name("spec.topicName (or metadata.name)", name)?;
+    check_configs("spec.config", &et.spec.config)?;
+    check_configs("spec.deadLetter.config", &et.spec.dead_letter.config)?;
     let main = DesiredTopic {
         field: "spec",
         name: name.to_string(),
@@ -206,12 +209,12 @@ pub enum Step {
         /// New total partition count.
         to: i32,
     },
-    /// Make the topic-level configs exactly these.
-    ReplaceConfigs {
+    /// Set and remove these topic-level configs, leaving every other config as it is.
+    AlterConfigs {
         /// Topic name.
         topic: String,
-        /// The complete set of topic-level configs.
-        configs: BTreeMap<String, String>,
+        /// The changes.
+        ops: Vec<ConfigOp>,
         /// What changes, for the Event.
         changed: Vec<String>,
     },
@@ -226,8 +229,14 @@ pub enum Plan {
     NotSupported(String),
 }
 
-/// Diff: what turns `actual` (None: no such topic) into `desired`.
-pub fn plan(desired: &DesiredTopic, actual: Option<&TopicState>) -> Plan {
+/// Diff: what turns `actual` (None: no such topic) into `desired`. `set_before` are the
+/// config keys this EventTopic set on the topic before: of the configs the spec does not
+/// name, only those are removed; the others (an administrator's) are left.
+pub fn plan(
+    desired: &DesiredTopic,
+    actual: Option<&TopicState>,
+    set_before: &BTreeSet<String>,
+) -> Plan {
     let Some(actual) = actual else {
         return Plan::Apply(vec![Step::Create(NewTopicSpec {
             name: desired.name.clone(),
@@ -258,27 +267,120 @@ pub fn plan(desired: &DesiredTopic, actual: Option<&TopicState>) -> Plan {
             to: desired.partitions,
         });
     }
-    if desired.configs != actual.configs {
-        steps.push(Step::ReplaceConfigs {
+    let ops = config_ops(&actual.configs, &desired.configs, set_before);
+    if !ops.is_empty() {
+        let changed = ops
+            .iter()
+            .map(|op| match op {
+                ConfigOp::Set(k, v) => format!("{k}={v}"),
+                ConfigOp::Delete(k) => format!("-{k}"),
+            })
+            .collect();
+        steps.push(Step::AlterConfigs {
             topic: desired.name.clone(),
-            configs: desired.configs.clone(),
-            changed: config_changes(&actual.configs, &desired.configs),
+            ops,
+            changed,
         });
     }
     Plan::Apply(steps)
 }
 
-/// `key=value` for what is set or changed, `-key` for what is removed.
-fn config_changes(from: &BTreeMap<String, String>, to: &BTreeMap<String, String>) -> Vec<String> {
-    let set = to
+/// Sets for what the spec names and Kafka lacks or has otherwise; deletes for what this
+/// EventTopic set before, the spec no longer names, and Kafka still has.
+fn config_ops(
+    actual: &BTreeMap<String, String>,
+    desired: &BTreeMap<String, String>,
+    set_before: &BTreeSet<String>,
+) -> Vec<ConfigOp> {
+    let set = desired
         .iter()
-        .filter(|(k, v)| from.get(*k) != Some(v))
-        .map(|(k, v)| format!("{k}={v}"));
-    let removed = from
-        .keys()
-        .filter(|k| !to.contains_key(*k))
-        .map(|k| format!("-{k}"));
+        .filter(|(k, v)| actual.get(*k) != Some(v))
+        .map(|(k, v)| ConfigOp::Set(k.clone(), v.clone()));
+    let removed = set_before
+        .iter()
+        .filter(|k| !desired.contains_key(*k) && actual.contains_key(*k))
+        .map(|k| ConfigOp::Delete(k.clone()));
     set.chain(removed).collect()
+}
+
+/// The spec field a topic's name comes from, for messages.
+pub fn name_field(topic: &DesiredTopic) -> &'static str {
+    match topic.field {
+        "spec.deadLetter" => "spec.deadLetter.topicName",
+        "spec.retry" => "spec.retry.delays",
+        _ => "spec.topicName",
+    }
+}
+
+/// The spec field a topic's configs come from, for messages.
+pub fn config_field(topic: &DesiredTopic) -> &'static str {
+    match topic.field {
+        "spec.deadLetter" => "spec.deadLetter.config",
+        "spec.retry" => "spec.retry",
+        _ => "spec.config",
+    }
+}
+
+/// The message for a topic that exists in Kafka but that this EventTopic does not
+/// manage and may not adopt.
+pub fn topic_exists(topic: &DesiredTopic) -> String {
+    let field = name_field(topic);
+    format!(
+        "Kafka topic {} ({field}) exists but no EventTopic manages it, so EventOps leaves it alone. \
+         To manage it with this EventTopic (configs named in the spec are set, others kept), \
+         annotate the EventTopic {ADOPT_ANNOTATION}=\"true\"; otherwise choose another {field}",
+        topic.name
+    )
+}
+
+/// Obvious mistakes in topic configs, found before asking Kafka: a key that cannot be a
+/// Kafka config name, or a value that cannot be right for a well-known key. Everything
+/// else is left to the broker, whose own refusal names the key.
+pub fn check_configs(field: &str, configs: &BTreeMap<String, String>) -> Result<(), Invalid> {
+    for (k, v) in configs {
+        let at = || format!("{field}[{k:?}]");
+        if k.is_empty() || !k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.') {
+            return Err(Invalid(format!(
+                "{} is not a Kafka topic config name (lower-case words joined by '.', e.g. retention.ms)",
+                at()
+            )));
+        }
+        let bad = |expected: &str| {
+            Err(Invalid(format!(
+                "{}: {k}: {v} is not valid: {expected}",
+                at()
+            )))
+        };
+        match k.as_str() {
+            "cleanup.policy" => {
+                let ok = v
+                    .split(',')
+                    .all(|p| matches!(p.trim(), "delete" | "compact"));
+                if !ok || v.trim().is_empty() {
+                    return bad("use delete, compact or compact,delete");
+                }
+            }
+            "unclean.leader.election.enable" | "preallocate" | "remote.storage.enable" => {
+                if v != "true" && v != "false" {
+                    return bad("use true or false");
+                }
+            }
+            "min.insync.replicas" => {
+                if !v.parse::<i32>().is_ok_and(|n| n >= 1) {
+                    return bad("use a whole number of 1 or more");
+                }
+            }
+            _ if k.ends_with(".ms") || k.ends_with(".bytes") => {
+                // Ranges differ by key (-1 is "no limit" for retention.ms, -2 "as
+                // retention.ms" for local.retention.ms): Kafka checks those.
+                if v.trim().parse::<i64>().is_err() {
+                    return bad("use a whole number, quoted (\"604800000\")");
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -359,7 +461,7 @@ mod tests {
         et.spec.config = configs(&[("retention.ms", "1000")]);
         let desired = &desired_topics(&et).unwrap()[0];
         assert_eq!(
-            plan(desired, None),
+            plan(desired, None, &BTreeSet::new()),
             Plan::Apply(vec![Step::Create(NewTopicSpec {
                 name: "t".into(),
                 partitions: 3,
@@ -375,39 +477,98 @@ mod tests {
         et.spec.config = configs(&[("retention.ms", "1000")]);
         let desired = &desired_topics(&et).unwrap()[0];
         let actual = state(3, 1, &[("retention.ms", "1000")]);
-        assert_eq!(plan(desired, Some(&actual)), Plan::Apply(vec![]));
+        assert_eq!(plan(desired, Some(&actual), &BTreeSet::new()), Plan::Apply(vec![]));
     }
 
     #[test]
-    fn partitions_grow_and_configs_are_replaced() {
+    fn partitions_grow_and_only_configs_this_event_topic_set_are_removed() {
         let mut et = topic("t", 6);
         et.spec.config = configs(&[("retention.ms", "2000")]);
         let desired = &desired_topics(&et).unwrap()[0];
         let actual = state(
             3,
             1,
-            &[("retention.ms", "1000"), ("cleanup.policy", "compact")],
+            &[
+                ("retention.ms", "1000"),
+                ("segment.ms", "60000"),
+                ("cleanup.policy", "compact"),
+            ],
         );
+        // The EventTopic set segment.ms before; cleanup.policy is an administrator's.
+        let set_before = BTreeSet::from(["retention.ms".into(), "segment.ms".into()]);
         assert_eq!(
-            plan(desired, Some(&actual)),
+            plan(desired, Some(&actual), &set_before),
             Plan::Apply(vec![
                 Step::AddPartitions {
                     topic: "t".into(),
                     to: 6
                 },
-                Step::ReplaceConfigs {
+                Step::AlterConfigs {
                     topic: "t".into(),
-                    configs: configs(&[("retention.ms", "2000")]),
-                    changed: vec!["retention.ms=2000".into(), "-cleanup.policy".into()],
+                    ops: vec![
+                        ConfigOp::Set("retention.ms".into(), "2000".into()),
+                        ConfigOp::Delete("segment.ms".into()),
+                    ],
+                    changed: vec!["retention.ms=2000".into(), "-segment.ms".into()],
                 }
             ])
+        );
+        // Nothing the spec names differs and nothing it set is left: no change.
+        let actual = state(6, 1, &[("retention.ms", "2000"), ("cleanup.policy", "compact")]);
+        assert_eq!(
+            plan(desired, Some(&actual), &set_before),
+            Plan::Apply(vec![])
+        );
+    }
+
+    #[test]
+    fn obviously_bad_configs_are_refused_naming_key_and_value() {
+        for (k, v, expect) in [
+            ("Retention.MS", "1", r#"spec.config["Retention.MS"]"#),
+            ("cleanup.policy", "banana", "cleanup.policy: banana"),
+            ("retention.ms", "a week", "retention.ms: a week"),
+            ("min.insync.replicas", "0", "min.insync.replicas: 0"),
+            ("preallocate", "yes", "preallocate: yes"),
+        ] {
+            let err = check_configs("spec.config", &configs(&[(k, v)])).unwrap_err();
+            assert!(err.0.contains(expect), "{k}={v}: {err}");
+        }
+        for (k, v) in [
+            ("cleanup.policy", "compact,delete"),
+            ("retention.ms", "-1"),
+            ("local.retention.ms", "-2"),
+            ("retention.msx", "1"),
+            ("compression.type", "zstd"),
+        ] {
+            assert_eq!(check_configs("spec.config", &configs(&[(k, v)])), Ok(()), "{k}={v}");
+        }
+        let mut et = topic("t", 1);
+        et.spec.dead_letter.config = configs(&[("cleanup.policy", "banana")]);
+        let err = desired_topics(&et).unwrap_err();
+        assert!(err.0.contains(r#"spec.deadLetter.config["cleanup.policy"]"#), "{err}");
+    }
+
+    #[test]
+    fn topic_exists_names_the_field_and_the_annotation() {
+        let mut et = topic("t", 1);
+        et.spec.retry.delays = vec![eventops_crds::RetryDelay("30s".into())];
+        let topics = desired_topics(&et).unwrap();
+        let fields: Vec<_> = topics.iter().map(name_field).collect();
+        assert_eq!(
+            fields,
+            ["spec.topicName", "spec.deadLetter.topicName", "spec.retry.delays"]
+        );
+        let msg = topic_exists(&topics[1]);
+        assert!(
+            msg.contains("t.DLT") && msg.contains("eventops.dev/adopt=\"true\""),
+            "{msg}"
         );
     }
 
     #[test]
     fn what_kafka_cannot_do_is_refused_naming_the_field() {
         let desired = &desired_topics(&topic("t", 2)).unwrap()[0];
-        let Plan::NotSupported(msg) = plan(desired, Some(&state(4, 1, &[]))) else {
+        let Plan::NotSupported(msg) = plan(desired, Some(&state(4, 1, &[])), &BTreeSet::new()) else {
             panic!("partition decrease must be refused");
         };
         assert!(
@@ -418,7 +579,7 @@ mod tests {
         let mut et = topic("t", 2);
         et.spec.replication_factor = Some(3);
         let desired = &desired_topics(&et).unwrap()[0];
-        let Plan::NotSupported(msg) = plan(desired, Some(&state(2, 1, &[]))) else {
+        let Plan::NotSupported(msg) = plan(desired, Some(&state(2, 1, &[])), &BTreeSet::new()) else {
             panic!("replication factor change must be refused");
         };
         assert!(msg.contains("spec.replicationFactor"), "{msg}");
@@ -518,6 +679,6 @@ mod tests {
     #[test]
     fn unset_replication_factor_accepts_what_kafka_chose() {
         let desired = &desired_topics(&topic("t", 2)).unwrap()[0];
-        assert_eq!(plan(desired, Some(&state(2, 3, &[]))), Plan::Apply(vec![]));
+        assert_eq!(plan(desired, Some(&state(2, 3, &[])), &BTreeSet::new()), Plan::Apply(vec![]));
     }
 }
