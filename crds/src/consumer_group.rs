@@ -32,6 +32,7 @@ const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
         json_path = r#".status.conditions[?(@.type=="Ready")].status"#
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name becomes the value of the workers' app.kubernetes.io/name and eventops.dev/group labels, which Kubernetes limits to 63 characters: use a name of at most 63 characters"),
     validation = Rule::new(
         "(has(self.spec.groupId) ? self.spec.groupId : self.metadata.name) == (has(oldSelf.spec.groupId) ? oldSelf.spec.groupId : oldSelf.metadata.name)"
     ).message("spec.groupId is immutable: a new group id would start from scratch and lose the committed offsets; create a new ConsumerGroup instead").reason(Reason::FieldValueInvalid).field_path(".spec.groupId"),

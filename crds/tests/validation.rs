@@ -48,6 +48,21 @@ fn valid_resources_pass() {
 }
 
 #[test]
+fn consumer_group_names_fit_in_a_label_value() {
+    let named = |name: &str| -> ConsumerGroup {
+        serde_json::from_value(json!({
+            "apiVersion": "eventops.dev/v1alpha1", "kind": "ConsumerGroup",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": base_group(),
+        }))
+        .unwrap()
+    };
+    named(&"a".repeat(63)).validate_cel().unwrap();
+    let err = named(&"a".repeat(64)).validate_cel().unwrap_err().to_string();
+    assert!(err.contains("63 characters") && err.contains("metadata.name"), "{err}");
+}
+
+#[test]
 fn invalid_consumer_groups_are_rejected_naming_the_field() {
     let cases = [
         (

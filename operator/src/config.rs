@@ -69,6 +69,21 @@ pub struct RunConfig {
     /// EventTopic's `NamingPolicy` condition (not enforced). Empty turns the policy off.
     #[arg(long, env = "EVENTOPS_TOPIC_NAMING_PATTERN", default_value = DEFAULT_TOPIC_NAMING_PATTERN)]
     pub topic_naming_pattern: String,
+
+    /// Namespace ownership policy: the Kafka topic-name and group-id prefixes a namespace
+    /// may own, `NAMESPACE=PREFIX[,PREFIX...]` (repeatable; `;` separates entries in the
+    /// environment variable), e.g. `team-checkout=orders.,checkout.`. `*` stands for every
+    /// namespace not listed. An EventTopic or ConsumerGroup naming something else is
+    /// refused (`Ready=False`, reason `NotPermitted`). None given: permissive, every
+    /// namespace may own every name.
+    #[arg(
+        long = "namespace-prefixes",
+        env = "EVENTOPS_NAMESPACE_PREFIXES",
+        value_name = "NAMESPACE=PREFIX,...",
+        value_delimiter = ';',
+        value_parser = crate::policy::parse_entry
+    )]
+    pub namespace_prefixes: Vec<(String, Vec<String>)>,
 }
 
 impl RunConfig {
@@ -86,7 +101,13 @@ impl RunConfig {
             resync_interval: std::time::Duration::from_secs(60).into(),
             autoscale_interval: std::time::Duration::from_secs(1).into(),
             topic_naming_pattern: DEFAULT_TOPIC_NAMING_PATTERN.into(),
+            namespace_prefixes: Vec::new(),
         }
+    }
+
+    /// The namespace ownership policy (permissive when no prefixes are given).
+    pub fn namespace_policy(&self) -> crate::policy::NamespacePolicy {
+        crate::policy::NamespacePolicy::new(self.namespace_prefixes.iter().cloned())
     }
 
     /// The naming policy, `None` when turned off.
@@ -160,6 +181,41 @@ mod tests {
         c.kafka_security_protocol = Some("SASL_SSL".into());
         let err = c.kafka_settings().unwrap_err().to_string();
         assert!(err.contains("--kafka-username"), "{err}");
+    }
+
+    #[test]
+    fn namespace_prefixes_come_from_flags_or_the_environment() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: RunConfig,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "op",
+            "--kafka-bootstrap=k:9092",
+            "--namespace-prefixes=team-a=orders.,checkout.",
+            "--namespace-prefixes",
+            "team-b=billing.;*=sandbox.",
+        ])
+        .unwrap();
+        let policy = cli.config.namespace_policy();
+        assert!(!policy.is_permissive());
+        assert_eq!(
+            policy.prefixes_of("team-a").unwrap(),
+            ["orders.".to_string(), "checkout.".into()]
+        );
+        assert_eq!(policy.prefixes_of("team-b").unwrap(), ["billing.".to_string()]);
+        assert_eq!(policy.prefixes_of("other").unwrap(), ["sandbox.".to_string()]);
+        let err = <Cli as clap::Parser>::try_parse_from([
+            "op",
+            "--kafka-bootstrap=k:9092",
+            "--namespace-prefixes=team-a",
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("NAMESPACE=PREFIX"), "{err}");
+        assert!(RunConfig::new("k:9092").namespace_policy().is_permissive());
     }
 
     #[test]

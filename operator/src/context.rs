@@ -18,6 +18,8 @@ pub struct Settings {
     pub resync_interval: Duration,
     /// Pattern Kafka topic names are expected to follow; `None` for no policy.
     pub topic_naming: Option<regex::Regex>,
+    /// Which names each namespace may own.
+    pub namespace_policy: crate::policy::NamespacePolicy,
     /// How worker pods reach Kafka.
     pub worker_kafka: crate::consumergroup::build::WorkerKafka,
 }

@@ -108,6 +108,12 @@ async fn reconcile_inner(
             found.insert(name.clone(), et);
         }
     }
+    // Validate: the namespace may own the group id (issue 10's ownership policy).
+    let policy = &ctx.settings.namespace_policy;
+    if let Err(message) = policy.check(&ns, "spec.groupId", cg.kafka_group_id()) {
+        write_status(&cg, ctx, Observed::ready(false, "NotPermitted", message), None).await?;
+        return Ok((Action::requeue(resync), Some("NotPermitted")));
+    }
     let others = ctx.groups.state();
     if let Some(message) = build::group_conflict(&cg, others.iter().map(AsRef::as_ref)) {
         let ready = Observed::ready(false, "ResourceConflict", message);
