@@ -895,3 +895,62 @@ async fn the_charts_deployment_runs_as_pods_and_reconciles() {
     env.helm(&["uninstall", &release.name, "-n", &release.ns, "--wait"])
         .expect_ok("helm uninstall");
 }
+
+#[tokio::test]
+async fn namespace_policy_values_render_to_operator_flags_and_default_to_permissive() {
+    let env = env().await;
+    let ok = "kafka.bootstrapServers=kafka:9092";
+    let flags = |rendered: &str| -> Vec<String> {
+        rendered
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("- --namespace-prefixes="))
+            .map(String::from)
+            .collect()
+    };
+    let default = env
+        .helm(&["template", "x", &chart(), "--set", ok])
+        .expect_ok("helm template with defaults");
+    assert_eq!(flags(&default), Vec::<String>::new(), "the default is permissive");
+
+    let rendered = env
+        .helm(&[
+            "template",
+            "x",
+            &chart(),
+            "--set",
+            ok,
+            "--set-json",
+            r#"namespacePolicy={"team-checkout":["orders.","checkout."],"*":["sandbox."],"team-idle":[]}"#,
+        ])
+        .expect_ok("helm template with a namespace policy");
+    let flags = flags(&rendered);
+    assert_eq!(
+        flags,
+        ["*=sandbox.", "team-checkout=orders.,checkout.", "team-idle="],
+        "{rendered}"
+    );
+    // The operator reads them as meant.
+    let policy = eventops_operator::policy::NamespacePolicy::new(
+        flags
+            .iter()
+            .map(|f| eventops_operator::policy::parse_entry(f).unwrap()),
+    );
+    assert_eq!(
+        policy.check("team-checkout", "spec.topicName", "checkout.cart.emptied"),
+        Ok(())
+    );
+    assert!(policy.check("team-idle", "spec.groupId", "orders.x").is_err());
+    assert_eq!(policy.check("dev", "spec.groupId", "sandbox.g"), Ok(()));
+
+    let ran = env.helm(&[
+        "template",
+        "x",
+        &chart(),
+        "--set",
+        ok,
+        "--set-json",
+        r#"namespacePolicy={"Team_A":["orders."]}"#,
+    ]);
+    assert!(!ran.ok, "an invalid namespace name is refused");
+    assert!(ran.stderr.contains("/namespacePolicy"), "{}", ran.stderr);
+}

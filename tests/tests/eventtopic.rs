@@ -260,11 +260,11 @@ async fn changes_behind_the_operators_back_are_corrected_and_reported() {
     .await
     .unwrap();
 
+    // retention.ms is the spec's and goes back; cleanup.policy, which the spec never
+    // named, is the administrator's and stays.
     eventually(TIMEOUT, "the operator to undo the change", || async {
-        let configs = env.describe_topic(&topic).await.ok()?.configs;
-        (configs.contains(&"retention.ms=600000".to_string())
-            && !configs.iter().any(|c| c.starts_with("cleanup.policy=")))
-        .then_some(())
+        let configs = config_command(&env, &topic).await;
+        (configs == ["cleanup.policy=compact", "retention.ms=600000"]).then_some(())
     })
     .await;
     let ns = api.namespace().unwrap_or_default();
@@ -276,6 +276,12 @@ async fn changes_behind_the_operators_back_are_corrected_and_reported() {
     })
     .await;
     assert!(reasons.contains(&"TopicCreated".to_string()), "{reasons:?}");
+    // Later resyncs leave the administrator's config alone for good.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        config_command(&env, &topic).await,
+        ["cleanup.policy=compact", "retention.ms=600000"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -481,4 +487,254 @@ async fn naming_policy_is_reported_as_a_condition() {
         condition(&api, &bad, "NamingPolicy").await,
         Some(("False".into(), "NonCompliant".into()))
     );
+}
+
+/// The topic's dynamic (topic-level) configs, `key=value`, as Kafka's ConfigCommand
+/// describes them.
+async fn config_command(env: &TestEnv, topic: &str) -> Vec<String> {
+    let out = env
+        .kafka_tool(
+            "kafka.admin.ConfigCommand",
+            &[
+                "--describe",
+                "--entity-type",
+                "topics",
+                "--entity-name",
+                topic,
+            ],
+        )
+        .await
+        .unwrap();
+    // "Dynamic configs for topic t are:" then one "  key=value sensitive=... synonyms=..."
+    // line per config.
+    let mut configs: Vec<String> = out
+        .lines()
+        .filter(|l| l.starts_with("  "))
+        .filter_map(|l| l.trim().split(" sensitive=").next())
+        .map(String::from)
+        .collect();
+    configs.sort();
+    configs
+}
+
+/// The Ready condition once it describes `generation`, whatever its status: (status,
+/// reason, message).
+async fn settled(api: &Api<EventTopic>, name: &str, generation: i64) -> (String, String, String) {
+    eventually(
+        TIMEOUT,
+        &format!("EventTopic {name} Ready at generation {generation}"),
+        || async {
+            let st = api.get(name).await.ok()?.status?;
+            let c = st.conditions.iter().find(|c| c.type_ == "Ready")?;
+            (st.observed_generation == Some(generation)
+                && c.observed_generation == Some(generation))
+            .then(|| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        },
+    )
+    .await
+}
+
+fn annotate(key: &str, value: Option<&str>) -> Patch<serde_json::Value> {
+    Patch::Merge(json!({"metadata": {"annotations": {key: value}}}))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_that_no_event_topic_manages_is_adopted_only_when_asked() {
+    let (env, api, _operator) = setup("et-adopt").await;
+    let topic = unique("billing.ledger.kept");
+    env.kafka_tool(
+        "org.apache.kafka.tools.TopicCommand",
+        &[
+            "--create",
+            "--topic",
+            &topic,
+            "--partitions",
+            "1",
+            "--config",
+            "cleanup.policy=compact",
+            "--config",
+            "retention.ms=-1",
+        ],
+    )
+    .await
+    .unwrap();
+    let by_hand = vec!["cleanup.policy=compact".to_string(), "retention.ms=-1".into()];
+    assert_eq!(config_command(&env, &topic).await, by_hand);
+
+    let name = unique("ledger");
+    apply(
+        &api,
+        &name,
+        json!({"partitions": 1, "topicName": topic, "deadLetter": {"enabled": false}}),
+    )
+    .await
+    .unwrap();
+    let (status, reason, message) = settled(&api, &name, 1).await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "TopicExists"),
+        "{message}; ConfigCommand now shows {:?}",
+        config_command(&env, &topic).await
+    );
+    assert!(
+        message.contains("spec.topicName")
+            && message.contains(&topic)
+            && message.contains(eventops_crds::ADOPT_ANNOTATION),
+        "{message}"
+    );
+    // Several resyncs (2 s in tests) later, Kafka is still as its administrator left it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(config_command(&env, &topic).await, by_hand);
+
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &annotate(eventops_crds::ADOPT_ANNOTATION, Some("true")),
+    )
+    .await
+    .unwrap();
+    let (reason, _) = ready(&api, &name, 1, "True").await;
+    assert_eq!(reason, "InSync");
+    assert_eq!(
+        config_command(&env, &topic).await,
+        by_hand,
+        "adopting changes no config the spec does not name"
+    );
+
+    // Adopted for good: without the annotation, the topic is still this EventTopic's.
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &annotate(eventops_crds::ADOPT_ANNOTATION, None),
+    )
+    .await
+    .unwrap();
+    apply(
+        &api,
+        &name,
+        json!({"partitions": 1, "topicName": topic, "deadLetter": {"enabled": false},
+               "config": {"retention.ms": "86400000"}}),
+    )
+    .await
+    .unwrap();
+    ready(&api, &name, 2, "True").await;
+    assert_eq!(
+        config_command(&env, &topic).await,
+        ["cleanup.policy=compact", "retention.ms=86400000"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_existing_dead_letter_topic_is_not_taken_and_nothing_is_created() {
+    let (env, api, _operator) = setup("et-adopt-dlt").await;
+    let topic = unique("billing.invoice.sent");
+    let dlt = format!("{topic}.DLT");
+    env.kafka_tool(
+        "org.apache.kafka.tools.TopicCommand",
+        &["--create", "--topic", &dlt, "--partitions", "1", "--config", "retention.ms=-1"],
+    )
+    .await
+    .unwrap();
+    apply(&api, &topic, json!({"partitions": 1})).await.unwrap();
+    let (status, reason, message) = settled(&api, &topic, 1).await;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "TopicExists"), "{message}");
+    assert!(
+        message.contains("spec.deadLetter.topicName") && message.contains(&dlt),
+        "{message}"
+    );
+    assert!(
+        !env.topic_exists(&topic).await,
+        "an EventTopic that cannot have all its topics creates none"
+    );
+    assert_eq!(config_command(&env, &dlt).await, ["retention.ms=-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn topics_the_operator_created_stay_managed_across_restarts() {
+    let env = env().await;
+    let ns = env.namespace("et-restart").await;
+    let api: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
+    let topic = unique("orders.order-restarted");
+    let operator = env.start_operator(&ns);
+    apply(&api, &topic, json!({"partitions": 1, "retry": {"delays": ["30s"]}}))
+        .await
+        .unwrap();
+    ready(&api, &topic, 1, "True").await;
+    drop(operator);
+
+    let _operator = env.start_operator(&ns);
+    apply(
+        &api,
+        &topic,
+        json!({"partitions": 2, "retry": {"delays": ["30s"]}, "config": {"retention.ms": "7200000"}}),
+    )
+    .await
+    .unwrap();
+    let (reason, _) = ready(&api, &topic, 2, "True").await;
+    assert_eq!(reason, "InSync");
+    assert_eq!(config_command(&env, &topic).await, ["retention.ms=7200000"]);
+    assert_eq!(env.describe_topic(&format!("{topic}.DLT")).await.unwrap().partitions, 2);
+    assert_eq!(
+        env.describe_topic(&format!("{topic}.retry-30s")).await.unwrap().partitions,
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn configs_kafka_refuses_are_named_with_kafkas_words() {
+    let (env, api, _operator) = setup("et-badconfig").await;
+    // Refused before Kafka is asked: a value that cannot be right.
+    let checked = unique("orders.order-checked");
+    apply(
+        &api,
+        &checked,
+        json!({"partitions": 1, "config": {"cleanup.policy": "banana"}}),
+    )
+    .await
+    .unwrap();
+    let (status, reason, message) = settled(&api, &checked, 1).await;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"), "{message}");
+    assert!(
+        message.contains(r#"spec.config["cleanup.policy"]"#) && message.contains("cleanup.policy: banana"),
+        "{message}"
+    );
+    assert!(!env.topic_exists(&checked).await);
+
+    // Refused by Kafka at creation: an unknown key, among valid ones.
+    let created = unique("orders.order-unknown");
+    apply(
+        &api,
+        &created,
+        json!({"partitions": 1, "config": {"retention.ms": "60000", "retention.msx": "1"}}),
+    )
+    .await
+    .unwrap();
+    let (status, reason, message) = settled(&api, &created, 1).await;
+    assert_eq!(status, "False", "{message}");
+    assert!(
+        message.contains(r#"spec.config["retention.msx"]"#) && message.contains("retention.msx: 1"),
+        "{reason}: {message}"
+    );
+    assert!(!env.topic_exists(&created).await);
+
+    // Refused by Kafka when altering an existing topic: the dead-letter topic's config.
+    let altered = unique("orders.order-altered");
+    apply(&api, &altered, json!({"partitions": 1})).await.unwrap();
+    ready(&api, &altered, 1, "True").await;
+    apply(
+        &api,
+        &altered,
+        json!({"partitions": 1, "deadLetter": {"config": {"segment.bytes": "1"}}}),
+    )
+    .await
+    .unwrap();
+    let (status, reason, message) = settled(&api, &altered, 2).await;
+    assert_eq!(status, "False", "{message}");
+    assert!(
+        message.contains(r#"spec.deadLetter.config["segment.bytes"]"#)
+            && message.contains("segment.bytes: 1")
+            && message.contains(&format!("{altered}.DLT")),
+        "{reason}: {message}"
+    );
+    assert_eq!(config_command(&env, &format!("{altered}.DLT")).await, Vec::<String>::new());
 }

@@ -428,3 +428,170 @@ async fn describe_cluster_matches_kafka() {
     assert!(!cluster.cluster_id.is_empty(), "{cluster:?}");
     assert_eq!(cluster.cluster_id, cluster_tool_cluster_id(&env).await);
 }
+
+/// The topic's dynamic (topic-level) configs, `key=value`, as `ConfigCommand --describe`
+/// lists them.
+async fn config_command_topic(env: &TestEnv, topic: &str) -> Vec<String> {
+    let out = env
+        .kafka_tool(
+            "kafka.admin.ConfigCommand",
+            &[
+                "--describe",
+                "--entity-type",
+                "topics",
+                "--entity-name",
+                topic,
+            ],
+        )
+        .await
+        .unwrap();
+    let mut configs: Vec<String> = out
+        .lines()
+        .filter(|l| l.starts_with("  "))
+        .filter_map(|l| l.trim().split(" sensitive=").next())
+        .map(String::from)
+        .collect();
+    configs.sort();
+    configs
+}
+
+fn kafka_refusal(e: NativeError) -> (RDKafkaErrorCode, String) {
+    match e {
+        NativeError::Kafka { code, message, .. } => (code, message),
+        other => panic!("expected Kafka's refusal, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn incremental_alter_configs_changes_only_the_named_keys() {
+    use eventops_operator::kafka::native::ConfigOp::{Delete, Set};
+    let env = env().await;
+    let admin = native(&env);
+    let topic = unique("native.configs");
+    let configs = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    admin
+        .create_topic(&topic, 1, None, &configs(&[("retention.ms", "3600000")]), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        config_command_topic(&env, &topic).await,
+        ["retention.ms=3600000"]
+    );
+    // An administrator's config, which no operation below names.
+    env.kafka_tool(
+        "kafka.admin.ConfigCommand",
+        &[
+            "--alter",
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            &topic,
+            "--add-config",
+            "cleanup.policy=compact",
+        ],
+    )
+    .await
+    .unwrap();
+
+    admin
+        .alter_topic_configs(
+            &topic,
+            &[
+                Set("segment.ms".into(), "600000".into()),
+                Delete("retention.ms".into()),
+            ],
+            false,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        config_command_topic(&env, &topic).await,
+        ["cleanup.policy=compact", "segment.ms=600000"]
+    );
+
+    // Validate-only changes nothing, and deleting a key the topic lacks is no error.
+    admin
+        .alter_topic_configs(&topic, &[Set("segment.ms".into(), "1200000".into())], true)
+        .await
+        .unwrap();
+    admin
+        .alter_topic_configs(&topic, &[Delete("retention.ms".into())], false)
+        .await
+        .unwrap();
+    admin.alter_topic_configs(&topic, &[], false).await.unwrap();
+    assert_eq!(
+        config_command_topic(&env, &topic).await,
+        ["cleanup.policy=compact", "segment.ms=600000"]
+    );
+
+    // Refusals come with Kafka's own words, naming the config.
+    for (key, value) in [("cleanup.policy", "banana"), ("retention.msx", "1")] {
+        for validate_only in [true, false] {
+            let err = admin
+                .alter_topic_configs(&topic, &[Set(key.into(), value.into())], validate_only)
+                .await
+                .unwrap_err();
+            let (code, message) = kafka_refusal(err);
+            assert!(
+                message.contains(key) || message.contains(value),
+                "{key}={value}: {code:?} {message}"
+            );
+        }
+    }
+    assert_eq!(
+        config_command_topic(&env, &topic).await,
+        ["cleanup.policy=compact", "segment.ms=600000"]
+    );
+    let (code, _) = kafka_refusal(
+        admin
+            .alter_topic_configs(
+                &unique("native.missing"),
+                &[Set("retention.ms".into(), "1".into())],
+                false,
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, RDKafkaErrorCode::UnknownTopicOrPartition);
+    let err = admin
+        .alter_topic_configs(&topic, &[Set("a\0b".into(), "1".into())], false)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NativeError::InvalidArgument(_)), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_topic_validates_only_when_asked_and_says_what_kafka_refused() {
+    let env = env().await;
+    let admin = native(&env);
+    let topic = unique("native.created");
+    let bad = std::collections::BTreeMap::from([("retention.msx".to_string(), "1".to_string())]);
+    let (_, message) =
+        kafka_refusal(admin.create_topic(&topic, 1, None, &bad, true).await.unwrap_err());
+    assert!(message.contains("retention.msx"), "{message}");
+    let (code, message) =
+        kafka_refusal(admin.create_topic(&topic, 1, Some(3), &Default::default(), true).await.unwrap_err());
+    assert_eq!(code, RDKafkaErrorCode::InvalidReplicationFactor, "{message}");
+    admin
+        .create_topic(&topic, 2, None, &Default::default(), true)
+        .await
+        .unwrap();
+    assert!(!env.topic_exists(&topic).await, "validate-only creates nothing");
+    admin
+        .create_topic(&topic, 2, None, &Default::default(), false)
+        .await
+        .unwrap();
+    assert_eq!(env.describe_topic(&topic).await.unwrap().partitions, 2);
+    let (code, _) = kafka_refusal(
+        admin
+            .create_topic(&topic, 2, None, &Default::default(), false)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, RDKafkaErrorCode::TopicAlreadyExists);
+}
