@@ -58,8 +58,14 @@ fn consumer_group_names_fit_in_a_label_value() {
         .unwrap()
     };
     named(&"a".repeat(63)).validate_cel().unwrap();
-    let err = named(&"a".repeat(64)).validate_cel().unwrap_err().to_string();
-    assert!(err.contains("63 characters") && err.contains("metadata.name"), "{err}");
+    let err = named(&"a".repeat(64))
+        .validate_cel()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("63 characters") && err.contains("metadata.name"),
+        "{err}"
+    );
 }
 
 #[test]

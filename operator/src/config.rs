@@ -204,8 +204,14 @@ mod tests {
             policy.prefixes_of("team-a").unwrap(),
             ["orders.".to_string(), "checkout.".into()]
         );
-        assert_eq!(policy.prefixes_of("team-b").unwrap(), ["billing.".to_string()]);
-        assert_eq!(policy.prefixes_of("other").unwrap(), ["sandbox.".to_string()]);
+        assert_eq!(
+            policy.prefixes_of("team-b").unwrap(),
+            ["billing.".to_string()]
+        );
+        assert_eq!(
+            policy.prefixes_of("other").unwrap(),
+            ["sandbox.".to_string()]
+        );
         let err = <Cli as clap::Parser>::try_parse_from([
             "op",
             "--kafka-bootstrap=k:9092",

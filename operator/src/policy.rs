@@ -126,14 +126,23 @@ mod tests {
     fn no_entries_is_permissive() {
         let p = policy(&[]);
         assert!(p.is_permissive());
-        assert_eq!(p.check("anyone", "spec.topicName", "billing.ledger.kept"), Ok(()));
+        assert_eq!(
+            p.check("anyone", "spec.topicName", "billing.ledger.kept"),
+            Ok(())
+        );
     }
 
     #[test]
     fn a_namespace_owns_its_prefixes_and_nothing_else() {
         let p = policy(&["team-checkout=orders.,checkout.", "team-billing=billing."]);
-        assert_eq!(p.check("team-checkout", "spec.topicName", "orders.order.placed"), Ok(()));
-        assert_eq!(p.check("team-checkout", "spec.groupId", "checkout.worker"), Ok(()));
+        assert_eq!(
+            p.check("team-checkout", "spec.topicName", "orders.order.placed"),
+            Ok(())
+        );
+        assert_eq!(
+            p.check("team-checkout", "spec.groupId", "checkout.worker"),
+            Ok(())
+        );
         let err = p
             .check("team-checkout", "spec.topicName", "billing.ledger.kept")
             .unwrap_err();
@@ -146,7 +155,10 @@ mod tests {
         );
         // A namespace the policy does not name owns nothing.
         let err = p.check("sandbox", "spec.groupId", "orders.x").unwrap_err();
-        assert!(err.contains("no names at all") && err.contains("spec.groupId"), "{err}");
+        assert!(
+            err.contains("no names at all") && err.contains("spec.groupId"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -154,10 +166,18 @@ mod tests {
         let p = policy(&["*=sandbox.", "team-a=orders.", "team-b=orders.eu."]);
         assert_eq!(p.check("dev-1", "spec.topicName", "sandbox.t"), Ok(()));
         assert!(p.check("dev-1", "spec.topicName", "orders.t").is_err());
-        assert_eq!(p.check("team-a", "spec.topicName", "orders.us.placed"), Ok(()));
-        let err = p.check("team-a", "spec.topicName", "orders.eu.placed").unwrap_err();
+        assert_eq!(
+            p.check("team-a", "spec.topicName", "orders.us.placed"),
+            Ok(())
+        );
+        let err = p
+            .check("team-a", "spec.topicName", "orders.eu.placed")
+            .unwrap_err();
         assert!(err.contains("team-b"), "{err}");
-        assert_eq!(p.check("team-b", "spec.topicName", "orders.eu.placed"), Ok(()));
+        assert_eq!(
+            p.check("team-b", "spec.topicName", "orders.eu.placed"),
+            Ok(())
+        );
     }
 
     #[test]
@@ -166,7 +186,11 @@ mod tests {
             parse_entry("team-a=orders., checkout.").unwrap(),
             ("team-a".into(), vec!["orders.".into(), "checkout.".into()])
         );
-        assert!(parse_entry("team-a").unwrap_err().contains("NAMESPACE=PREFIX"));
+        assert!(
+            parse_entry("team-a")
+                .unwrap_err()
+                .contains("NAMESPACE=PREFIX")
+        );
         assert!(parse_entry("=orders.").is_err());
         // An empty list is allowed: that namespace owns nothing.
         assert_eq!(parse_entry("team-a=").unwrap().1, Vec::<String>::new());

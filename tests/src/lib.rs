@@ -145,8 +145,8 @@ impl TestEnv {
         });
         OperatorHandle {
             metrics: handle_metrics,
-            _stop: stop,
-            _task: task,
+            stop: Some(stop),
+            task: Some(task),
         }
     }
 
@@ -250,8 +250,22 @@ impl TopicSummary {
 pub struct OperatorHandle {
     /// The operator's metrics, writes counted among them.
     pub metrics: std::sync::Arc<eventops_operator::telemetry::Metrics>,
-    _stop: oneshot::Sender<()>,
-    _task: tokio::task::JoinHandle<()>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl OperatorHandle {
+    /// Stops the operator and waits until it has stopped, so that nothing it does can
+    /// be mistaken for the work of an operator started after it.
+    pub async fn stop(mut self) {
+        drop(self.stop.take());
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("the operator stops within 30 s")
+                .expect("the operator task");
+        }
+    }
 }
 
 impl Drop for OperatorHandle {

@@ -156,8 +156,8 @@ impl TestEnv {
         });
         OperatorHandle {
             metrics: handle_metrics,
-            _stop: stop,
-            _task: task,
+            stop: Some(stop),
+            task: Some(task),
         }
     }
 }

@@ -162,7 +162,16 @@ async fn topic_that_kafka_has_with_more_partitions_is_not_supported() {
     )
     .await
     .unwrap();
+    // Adopted on purpose: without the annotation the existing topic is not this
+    // EventTopic's to compare at all (TopicExists).
     apply(&api, &topic, json!({"partitions": 2})).await.unwrap();
+    api.patch(
+        &topic,
+        &PatchParams::default(),
+        &annotate(eventops_crds::ADOPT_ANNOTATION, Some("true")),
+    )
+    .await
+    .unwrap();
 
     let (reason, message) = ready(&api, &topic, 1, "False").await;
     assert_eq!(reason, "NotSupported");
@@ -358,11 +367,7 @@ async fn deleting_retains_the_topic_unless_the_policy_says_delete() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_release_annotation_lets_a_resource_go_when_kafka_is_gone() {
-    let env = env().await;
-    let ns = env.namespace("et-release").await;
-    // Nothing listens on port 1: Kafka is gone for this operator.
-    let _operator = env.start_operator_with_kafka(&ns, "127.0.0.1:1");
-    let api: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
+    let (env, api, operator) = setup("et-release").await;
     let name = unique("orders.order-orphaned");
     apply(
         &api,
@@ -371,16 +376,16 @@ async fn the_release_annotation_lets_a_resource_go_when_kafka_is_gone() {
     )
     .await
     .unwrap();
-    eventually(TIMEOUT, "the finalizer", || async {
-        api.get(&name)
-            .await
-            .ok()?
-            .metadata
-            .finalizers?
-            .first()
-            .cloned()
-    })
-    .await;
+    // The topic exists and is this EventTopic's: deleting it must delete the topic.
+    ready(&api, &name, 1, "True").await;
+    assert!(
+        api.get(&name).await.unwrap().metadata.finalizers.is_some(),
+        "the finalizer"
+    );
+    let ns = api.get(&name).await.unwrap().metadata.namespace.unwrap();
+    operator.stop().await;
+    // Nothing listens on port 1: Kafka is gone for the next operator.
+    let _operator = env.start_operator_with_kafka(&ns, "127.0.0.1:1");
 
     api.delete(&name, &Default::default()).await.unwrap();
     let message = eventually(TIMEOUT, "a condition saying how to let go", || async {
@@ -410,6 +415,10 @@ async fn the_release_annotation_lets_a_resource_go_when_kafka_is_gone() {
         api.get_opt(&name).await.unwrap().is_none().then_some(())
     })
     .await;
+    assert!(
+        env.topic_exists(&name).await,
+        "a released topic stays in Kafka"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -558,7 +567,10 @@ async fn a_topic_that_no_event_topic_manages_is_adopted_only_when_asked() {
     )
     .await
     .unwrap();
-    let by_hand = vec!["cleanup.policy=compact".to_string(), "retention.ms=-1".into()];
+    let by_hand = vec![
+        "cleanup.policy=compact".to_string(),
+        "retention.ms=-1".into(),
+    ];
     assert_eq!(config_command(&env, &topic).await, by_hand);
 
     let name = unique("ledger");
@@ -631,13 +643,25 @@ async fn an_existing_dead_letter_topic_is_not_taken_and_nothing_is_created() {
     let dlt = format!("{topic}.DLT");
     env.kafka_tool(
         "org.apache.kafka.tools.TopicCommand",
-        &["--create", "--topic", &dlt, "--partitions", "1", "--config", "retention.ms=-1"],
+        &[
+            "--create",
+            "--topic",
+            &dlt,
+            "--partitions",
+            "1",
+            "--config",
+            "retention.ms=-1",
+        ],
     )
     .await
     .unwrap();
     apply(&api, &topic, json!({"partitions": 1})).await.unwrap();
     let (status, reason, message) = settled(&api, &topic, 1).await;
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "TopicExists"), "{message}");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "TopicExists"),
+        "{message}"
+    );
     assert!(
         message.contains("spec.deadLetter.topicName") && message.contains(&dlt),
         "{message}"
@@ -656,9 +680,13 @@ async fn topics_the_operator_created_stay_managed_across_restarts() {
     let api: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
     let topic = unique("orders.order-restarted");
     let operator = env.start_operator(&ns);
-    apply(&api, &topic, json!({"partitions": 1, "retry": {"delays": ["30s"]}}))
-        .await
-        .unwrap();
+    apply(
+        &api,
+        &topic,
+        json!({"partitions": 1, "retry": {"delays": ["30s"]}}),
+    )
+    .await
+    .unwrap();
     ready(&api, &topic, 1, "True").await;
     drop(operator);
 
@@ -673,9 +701,18 @@ async fn topics_the_operator_created_stay_managed_across_restarts() {
     let (reason, _) = ready(&api, &topic, 2, "True").await;
     assert_eq!(reason, "InSync");
     assert_eq!(config_command(&env, &topic).await, ["retention.ms=7200000"]);
-    assert_eq!(env.describe_topic(&format!("{topic}.DLT")).await.unwrap().partitions, 2);
     assert_eq!(
-        env.describe_topic(&format!("{topic}.retry-30s")).await.unwrap().partitions,
+        env.describe_topic(&format!("{topic}.DLT"))
+            .await
+            .unwrap()
+            .partitions,
+        2
+    );
+    assert_eq!(
+        env.describe_topic(&format!("{topic}.retry-30s"))
+            .await
+            .unwrap()
+            .partitions,
         2
     );
 }
@@ -693,9 +730,14 @@ async fn configs_kafka_refuses_are_named_with_kafkas_words() {
     .await
     .unwrap();
     let (status, reason, message) = settled(&api, &checked, 1).await;
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"), "{message}");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "InvalidSpec"),
+        "{message}"
+    );
     assert!(
-        message.contains(r#"spec.config["cleanup.policy"]"#) && message.contains("cleanup.policy: banana"),
+        message.contains(r#"spec.config["cleanup.policy"]"#)
+            && message.contains("cleanup.policy: banana"),
         "{message}"
     );
     assert!(!env.topic_exists(&checked).await);
@@ -719,7 +761,9 @@ async fn configs_kafka_refuses_are_named_with_kafkas_words() {
 
     // Refused by Kafka when altering an existing topic: the dead-letter topic's config.
     let altered = unique("orders.order-altered");
-    apply(&api, &altered, json!({"partitions": 1})).await.unwrap();
+    apply(&api, &altered, json!({"partitions": 1}))
+        .await
+        .unwrap();
     ready(&api, &altered, 1, "True").await;
     apply(
         &api,
@@ -736,5 +780,8 @@ async fn configs_kafka_refuses_are_named_with_kafkas_words() {
             && message.contains(&format!("{altered}.DLT")),
         "{reason}: {message}"
     );
-    assert_eq!(config_command(&env, &format!("{altered}.DLT")).await, Vec::<String>::new());
+    assert_eq!(
+        config_command(&env, &format!("{altered}.DLT")).await,
+        Vec::<String>::new()
+    );
 }

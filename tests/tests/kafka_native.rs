@@ -475,7 +475,13 @@ async fn incremental_alter_configs_changes_only_the_named_keys() {
             .collect::<std::collections::BTreeMap<_, _>>()
     };
     admin
-        .create_topic(&topic, 1, None, &configs(&[("retention.ms", "3600000")]), false)
+        .create_topic(
+            &topic,
+            1,
+            None,
+            &configs(&[("retention.ms", "3600000")]),
+            false,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -571,17 +577,32 @@ async fn create_topic_validates_only_when_asked_and_says_what_kafka_refused() {
     let admin = native(&env);
     let topic = unique("native.created");
     let bad = std::collections::BTreeMap::from([("retention.msx".to_string(), "1".to_string())]);
-    let (_, message) =
-        kafka_refusal(admin.create_topic(&topic, 1, None, &bad, true).await.unwrap_err());
+    let (_, message) = kafka_refusal(
+        admin
+            .create_topic(&topic, 1, None, &bad, true)
+            .await
+            .unwrap_err(),
+    );
     assert!(message.contains("retention.msx"), "{message}");
-    let (code, message) =
-        kafka_refusal(admin.create_topic(&topic, 1, Some(3), &Default::default(), true).await.unwrap_err());
-    assert_eq!(code, RDKafkaErrorCode::InvalidReplicationFactor, "{message}");
+    let (code, message) = kafka_refusal(
+        admin
+            .create_topic(&topic, 1, Some(3), &Default::default(), true)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        code,
+        RDKafkaErrorCode::InvalidReplicationFactor,
+        "{message}"
+    );
     admin
         .create_topic(&topic, 2, None, &Default::default(), true)
         .await
         .unwrap();
-    assert!(!env.topic_exists(&topic).await, "validate-only creates nothing");
+    assert!(
+        !env.topic_exists(&topic).await,
+        "validate-only creates nothing"
+    );
     admin
         .create_topic(&topic, 2, None, &Default::default(), false)
         .await

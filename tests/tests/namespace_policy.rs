@@ -58,11 +58,15 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    eventually(TIMEOUT, &format!("{name} Ready at generation 1"), || async {
-        let obj = api.get(name).await.ok()?;
-        let c = obj.conditions().into_iter().find(|c| c.type_ == "Ready")?;
-        (c.observed_generation == Some(1)).then_some((c.status, c.reason, c.message))
-    })
+    eventually(
+        TIMEOUT,
+        &format!("{name} Ready at generation 1"),
+        || async {
+            let obj = api.get(name).await.ok()?;
+            let c = obj.conditions().into_iter().find(|c| c.type_ == "Ready")?;
+            (c.observed_generation == Some(1)).then_some((c.status, c.reason, c.message))
+        },
+    )
     .await
 }
 
@@ -78,13 +82,21 @@ async fn names_outside_the_namespaces_prefixes_are_refused() {
     let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
 
     let allowed = format!("{prefix}orders.placed");
-    apply(&topics, "allowed", json!({"partitions": 1, "topicName": allowed}))
-        .await
-        .unwrap();
+    apply(
+        &topics,
+        "allowed",
+        json!({"partitions": 1, "topicName": allowed}),
+    )
+    .await
+    .unwrap();
     let foreign = unique("billing.ledger.kept");
-    apply(&topics, "foreign", json!({"partitions": 1, "topicName": foreign}))
-        .await
-        .unwrap();
+    apply(
+        &topics,
+        "foreign",
+        json!({"partitions": 1, "topicName": foreign}),
+    )
+    .await
+    .unwrap();
     let foreign_dlt = unique("billing.dead.letters");
     apply(
         &topics,
@@ -96,11 +108,19 @@ async fn names_outside_the_namespaces_prefixes_are_refused() {
     .unwrap();
 
     let (status, reason, message) = settled(&topics, "allowed").await;
-    assert_eq!((status.as_str(), reason.as_str()), ("True", "InSync"), "{message}");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "InSync"),
+        "{message}"
+    );
     assert!(env.topic_exists(&allowed).await);
 
     let (status, reason, message) = settled(&topics, "foreign").await;
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "NotPermitted"), "{message}");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "NotPermitted"),
+        "{message}"
+    );
     assert!(
         message.contains("spec.topicName")
             && message.contains(&foreign)
@@ -109,14 +129,21 @@ async fn names_outside_the_namespaces_prefixes_are_refused() {
         "{message}"
     );
     let (status, reason, message) = settled(&topics, "foreign-dlt").await;
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "NotPermitted"), "{message}");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "NotPermitted"),
+        "{message}"
+    );
     assert!(message.contains("spec.deadLetter.topicName"), "{message}");
     let listed = env
         .kafka_tool("org.apache.kafka.tools.TopicCommand", &["--list"])
         .await
         .unwrap();
     for refused in [&foreign, &foreign_dlt, &format!("{prefix}orders.paid")] {
-        assert!(!listed.lines().any(|l| l == refused), "{refused} was created");
+        assert!(
+            !listed.lines().any(|l| l == refused),
+            "{refused} was created"
+        );
     }
 
     let group_id = unique("checkout.workers");
@@ -128,7 +155,11 @@ async fn names_outside_the_namespaces_prefixes_are_refused() {
     .await
     .unwrap();
     let (status, reason, message) = settled(&groups, "foreign-group").await;
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "NotPermitted"), "{message}");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "NotPermitted"),
+        "{message}"
+    );
     assert!(
         message.contains("spec.groupId") && message.contains(&group_id),
         "{message}"

@@ -218,7 +218,6 @@ async fn the_operator_does_all_its_work_with_exactly_the_documented_acls() {
 /// Each documented ACL removed in turn: something the operator must do fails, and a
 /// condition names the missing ACL. Put back, the operator goes on by itself.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "crashes the test process (munmap_chunk: invalid pointer) in an error path of kafka/native.rs (issue 10)"]
 async fn without_any_one_documented_acl_a_condition_names_it() {
     let started = Instant::now();
     let s = setup("opacl-each").await;

@@ -111,7 +111,13 @@ async fn reconcile_inner(
     // Validate: the namespace may own the group id (issue 10's ownership policy).
     let policy = &ctx.settings.namespace_policy;
     if let Err(message) = policy.check(&ns, "spec.groupId", cg.kafka_group_id()) {
-        write_status(&cg, ctx, Observed::ready(false, "NotPermitted", message), None).await?;
+        write_status(
+            &cg,
+            ctx,
+            Observed::ready(false, "NotPermitted", message),
+            None,
+        )
+        .await?;
         return Ok((Action::requeue(resync), Some("NotPermitted")));
     }
     let others = ctx.groups.state();

@@ -371,7 +371,12 @@ fn config_refusal(desired: &DesiredTopic, key: &str, value: &str, e: &KafkaError
 
 /// After Kafka refused to create `spec`: which config, asked one by one (nothing is
 /// created), Kafka refuses; the original refusal when none alone is refused.
-async fn blame_create(desired: &DesiredTopic, spec: &NewTopicSpec, e: KafkaError, ctx: &Context) -> Refusal {
+async fn blame_create(
+    desired: &DesiredTopic,
+    spec: &NewTopicSpec,
+    e: KafkaError,
+    ctx: &Context,
+) -> Refusal {
     if !about_a_config(&e) {
         return Refusal::Kafka(e);
     }

@@ -339,7 +339,11 @@ pub fn topic_exists(topic: &DesiredTopic) -> String {
 pub fn check_configs(field: &str, configs: &BTreeMap<String, String>) -> Result<(), Invalid> {
     for (k, v) in configs {
         let at = || format!("{field}[{k:?}]");
-        if k.is_empty() || !k.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.') {
+        if k.is_empty()
+            || !k
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.')
+        {
             return Err(Invalid(format!(
                 "{} is not a Kafka topic config name (lower-case words joined by '.', e.g. retention.ms)",
                 at()
@@ -477,7 +481,10 @@ mod tests {
         et.spec.config = configs(&[("retention.ms", "1000")]);
         let desired = &desired_topics(&et).unwrap()[0];
         let actual = state(3, 1, &[("retention.ms", "1000")]);
-        assert_eq!(plan(desired, Some(&actual), &BTreeSet::new()), Plan::Apply(vec![]));
+        assert_eq!(
+            plan(desired, Some(&actual), &BTreeSet::new()),
+            Plan::Apply(vec![])
+        );
     }
 
     #[test]
@@ -514,7 +521,11 @@ mod tests {
             ])
         );
         // Nothing the spec names differs and nothing it set is left: no change.
-        let actual = state(6, 1, &[("retention.ms", "2000"), ("cleanup.policy", "compact")]);
+        let actual = state(
+            6,
+            1,
+            &[("retention.ms", "2000"), ("cleanup.policy", "compact")],
+        );
         assert_eq!(
             plan(desired, Some(&actual), &set_before),
             Plan::Apply(vec![])
@@ -540,12 +551,20 @@ mod tests {
             ("retention.msx", "1"),
             ("compression.type", "zstd"),
         ] {
-            assert_eq!(check_configs("spec.config", &configs(&[(k, v)])), Ok(()), "{k}={v}");
+            assert_eq!(
+                check_configs("spec.config", &configs(&[(k, v)])),
+                Ok(()),
+                "{k}={v}"
+            );
         }
         let mut et = topic("t", 1);
         et.spec.dead_letter.config = configs(&[("cleanup.policy", "banana")]);
         let err = desired_topics(&et).unwrap_err();
-        assert!(err.0.contains(r#"spec.deadLetter.config["cleanup.policy"]"#), "{err}");
+        assert!(
+            err.0
+                .contains(r#"spec.deadLetter.config["cleanup.policy"]"#),
+            "{err}"
+        );
     }
 
     #[test]
@@ -556,7 +575,11 @@ mod tests {
         let fields: Vec<_> = topics.iter().map(name_field).collect();
         assert_eq!(
             fields,
-            ["spec.topicName", "spec.deadLetter.topicName", "spec.retry.delays"]
+            [
+                "spec.topicName",
+                "spec.deadLetter.topicName",
+                "spec.retry.delays"
+            ]
         );
         let msg = topic_exists(&topics[1]);
         assert!(
@@ -568,7 +591,8 @@ mod tests {
     #[test]
     fn what_kafka_cannot_do_is_refused_naming_the_field() {
         let desired = &desired_topics(&topic("t", 2)).unwrap()[0];
-        let Plan::NotSupported(msg) = plan(desired, Some(&state(4, 1, &[])), &BTreeSet::new()) else {
+        let Plan::NotSupported(msg) = plan(desired, Some(&state(4, 1, &[])), &BTreeSet::new())
+        else {
             panic!("partition decrease must be refused");
         };
         assert!(
@@ -579,7 +603,8 @@ mod tests {
         let mut et = topic("t", 2);
         et.spec.replication_factor = Some(3);
         let desired = &desired_topics(&et).unwrap()[0];
-        let Plan::NotSupported(msg) = plan(desired, Some(&state(2, 1, &[])), &BTreeSet::new()) else {
+        let Plan::NotSupported(msg) = plan(desired, Some(&state(2, 1, &[])), &BTreeSet::new())
+        else {
             panic!("replication factor change must be refused");
         };
         assert!(msg.contains("spec.replicationFactor"), "{msg}");
@@ -679,6 +704,9 @@ mod tests {
     #[test]
     fn unset_replication_factor_accepts_what_kafka_chose() {
         let desired = &desired_topics(&topic("t", 2)).unwrap()[0];
-        assert_eq!(plan(desired, Some(&state(2, 3, &[])), &BTreeSet::new()), Plan::Apply(vec![]));
+        assert_eq!(
+            plan(desired, Some(&state(2, 3, &[])), &BTreeSet::new()),
+            Plan::Apply(vec![])
+        );
     }
 }

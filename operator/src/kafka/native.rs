@@ -769,7 +769,8 @@ impl NativeAdmin {
             };
             for (k, v) in &c_configs {
                 // SAFETY: the NewTopic is live; the strings are NUL-terminated and copied.
-                let err = unsafe { rd_kafka_NewTopic_set_config(new.as_ptr(), k.as_ptr(), v.as_ptr()) };
+                let err =
+                    unsafe { rd_kafka_NewTopic_set_config(new.as_ptr(), k.as_ptr(), v.as_ptr()) };
                 if err != rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
                     return Err(NativeError::InvalidArgument(format!(
                         "{OP} {topic}: config {k:?}={v:?} is not accepted"
@@ -791,7 +792,9 @@ impl NativeAdmin {
                 |rk, options, queue| {
                     // SAFETY: `ptrs` holds one valid NewTopic that librdkafka copies; rk,
                     // options and queue are valid for the call.
-                    unsafe { rd_kafka_CreateTopics(rk, ptrs.as_mut_ptr(), ptrs.len(), options, queue) }
+                    unsafe {
+                        rd_kafka_CreateTopics(rk, ptrs.as_mut_ptr(), ptrs.len(), options, queue)
+                    }
                 },
             )?;
             let mut n = 0;
@@ -1094,6 +1097,21 @@ fn request_with(
         )
     }
     .ok_or(NativeError::Timeout { op })?;
+    // SAFETY: the event is live.
+    let err = unsafe { raw::rd_kafka_event_error(event.as_ptr()) };
+    if matches!(api, Api::DescribeScram) && err > 0 {
+        // librdkafka 2.12's DescribeUserScramCredentials response parser stores a
+        // request-level broker error's string from a stack buffer (or a static string)
+        // in the result, which destroying the event then frees: reading it is a
+        // use-after-return and destroying it aborts the process ("munmap_chunk():
+        // invalid pointer"). The event is therefore leaked (a few hundred bytes, on this
+        // error path only) and the error told by its code alone.
+        std::mem::forget(event);
+        return Err(match kafka_error(err, String::new()) {
+            Some((code, _)) => refused(op, code, format!("{code}")),
+            None => unexpected(op, "an error code of 0".into()),
+        });
+    }
     // SAFETY: the event is live; its error string lives as long as it does.
     let (err, message) = unsafe {
         let err = raw::rd_kafka_event_error(event.as_ptr());
