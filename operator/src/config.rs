@@ -30,9 +30,10 @@ pub struct RunConfig {
     )]
     pub kafka_sasl_mechanism: String,
 
-    /// SASL user the operator authenticates as. It needs the Alter, Create and Describe
-    /// operations on the cluster and on the topics it manages, and, for the autoscaler,
-    /// Read and Describe on the topic `__consumer_offsets`.
+    /// SASL user the operator authenticates as: a user of its own, not a super user. The
+    /// exact ACLs it needs are listed in the README ("Kafka permissions of the operator"):
+    /// Cluster `Alter`, and `Create`, `Delete`, `Alter`, `AlterConfigs` and `Read` on the
+    /// topics it manages and on `__consumer_offsets`.
     #[arg(long, env = "EVENTOPS_KAFKA_USERNAME")]
     pub kafka_username: Option<String>,
 
