@@ -85,6 +85,7 @@ pub struct Metrics {
     pub lag_measured: Family<GroupLabels, Gauge>,
     scales: Family<ScaleLabels, Counter>,
     cycles: Histogram,
+    cycle_count: std::sync::atomic::AtomicU64,
     /// True once this replica leads and its controllers run.
     pub ready: AtomicBool,
 }
@@ -173,6 +174,7 @@ impl Default for Metrics {
             lag_measured,
             scales,
             cycles,
+            cycle_count: Default::default(),
             reconciles,
             failures,
             duration,
@@ -230,6 +232,7 @@ impl Metrics {
     /// Records one autoscaler cycle that took `took`.
     pub fn autoscaler_cycle(&self, took: Duration) {
         self.cycles.observe(took.as_secs_f64());
+        self.cycle_count.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one replica change, `up` or `down`.
@@ -245,6 +248,19 @@ impl Metrics {
     /// Writes to Kubernetes and Kafka so far: a quiet resync adds none.
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Reconciles of `controller` (`eventtopic`, `consumergroup`) run so far: a window
+    /// that claims "nothing was written" must also show that something ran in it.
+    pub fn reconciles(&self, controller: &'static str) -> u64 {
+        self.reconciles
+            .get_or_create(&ControllerLabel { controller })
+            .get()
+    }
+
+    /// Autoscaler cycles run so far.
+    pub fn autoscaler_cycles(&self) -> u64 {
+        self.cycle_count.load(Ordering::Relaxed)
     }
 
     /// The metrics in Prometheus' text format.

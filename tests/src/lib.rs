@@ -246,6 +246,30 @@ impl TopicSummary {
     }
 }
 
+/// A spawned process that is killed (and reaped) when the guard is dropped, also when
+/// its test panics, so no worker outlives its test.
+pub struct ChildGuard(pub std::process::Child);
+
+impl std::ops::Deref for ChildGuard {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Stops the in-process operator when dropped.
 pub struct OperatorHandle {
     /// The operator's metrics, writes counted among them.

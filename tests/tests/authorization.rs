@@ -208,8 +208,8 @@ async fn a_groups_credentials_reach_its_topics_and_nothing_else() {
         )
         .await
         .unwrap();
-    assert!(listed.contains(&format!("name={orders}")), "{listed}");
-    assert!(listed.contains(&format!("name={orders}.DLT")), "{listed}");
+    assert!(listed.contains(&format!("name={orders},")), "{listed}");
+    assert!(listed.contains(&format!("name={orders}.DLT,")), "{listed}");
     assert!(!listed.contains(&payments), "{listed}");
 
     // Deleting the group removes its ACLs and its user.

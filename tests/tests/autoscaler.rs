@@ -210,12 +210,27 @@ async fn replicas_follow_lag_up_to_the_partitions_and_down_after_the_window() {
     // the reconciler has recorded the Deployment's new replica count).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = s.operator.metrics.writes();
+    let (cycles, resyncs) = (
+        s.operator.metrics.autoscaler_cycles(),
+        s.operator.metrics.reconciles("consumergroup"),
+    );
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
         s.operator.metrics.writes(),
         before,
         "a quiet group causes no writes:\n{}",
         s.operator.metrics.encode()
+    );
+    // And the window proves something: cycles and resyncs ran in it.
+    assert!(
+        s.operator.metrics.autoscaler_cycles() >= cycles + 3,
+        "autoscaler cycles in the quiet window: {} -> {}",
+        cycles,
+        s.operator.metrics.autoscaler_cycles()
+    );
+    assert!(
+        s.operator.metrics.reconciles("consumergroup") > resyncs,
+        "no resync ran in the quiet window"
     );
 }
 
@@ -485,6 +500,7 @@ async fn a_stuck_group_with_growing_lag_does_not_rewrite_its_status() {
     let version = |cg: ConsumerGroup| cg.metadata.resource_version;
     let before = version(s.groups.get("workers").await.unwrap());
     let writes = s.operator.metrics.writes();
+    let cycles = s.operator.metrics.autoscaler_cycles();
     // New records every second: the lag figure changes every 1 s cycle.
     for _ in 0..6 {
         s.produce(0, 1).await;
@@ -492,6 +508,11 @@ async fn a_stuck_group_with_growing_lag_does_not_rewrite_its_status() {
     }
     let after = version(s.groups.get("workers").await.unwrap());
     let written = s.operator.metrics.writes() - writes;
+    assert!(
+        s.operator.metrics.autoscaler_cycles() >= cycles + 3,
+        "the autoscaler ran in the window (cycles {cycles} -> {})",
+        s.operator.metrics.autoscaler_cycles()
+    );
     // Old behaviour: a write every 1 s cycle (the lag figure was in the condition). Now
     // at most the reconciler's record of the worker pod count may land in the window.
     assert!(

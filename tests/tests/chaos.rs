@@ -31,6 +31,7 @@ use eventops_crds::{ConsumerGroup, EventTopic};
 use eventops_devenv::Fault;
 use eventops_operator::consumergroup::build::GROUP_LABEL;
 use eventops_tests::e2e::{Database, kafka_group_lag};
+use eventops_tests::operator_user::OperatorUser;
 use eventops_tests::pods::{is_ready, wait_pods};
 use eventops_tests::{TestEnv, apply, env, eventually, free_port, http_get, unique, wait_ready};
 use futures::StreamExt;
@@ -69,10 +70,11 @@ struct Operator {
     port: u16,
     child: Child,
     ns: String,
+    user: OperatorUser,
 }
 
 impl Operator {
-    fn start(env: &TestEnv, ns: &str, name: &'static str, port: u16) -> Self {
+    fn start(env: &TestEnv, user: &OperatorUser, ns: &str, name: &'static str, port: u16) -> Self {
         let log = env
             .info
             .state_dir
@@ -85,8 +87,12 @@ impl Operator {
         let child = env
             .operator_command(ns, port)
             .args(["--lease-namespace", ns, "--resync-interval", "5s"])
+            // As the chart runs it: its own Kafka user with the documented ACLs.
+            .env("EVENTOPS_KAFKA_USERNAME", &user.user)
+            .env("EVENTOPS_KAFKA_PASSWORD", &user.password)
             .env("POD_NAME", name)
             .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().expect("the operator's log")))
             .stderr(Stdio::from(log))
             .spawn()
             .expect("starting eventops-operator");
@@ -95,12 +101,19 @@ impl Operator {
             port,
             child,
             ns: ns.to_string(),
+            user: user.clone(),
         }
     }
 
     fn restart(&mut self, env: &TestEnv) {
         let _ = self.child.wait();
-        *self = Self::start(env, &self.ns.clone(), self.name, self.port);
+        *self = Self::start(
+            env,
+            &self.user.clone(),
+            &self.ns.clone(),
+            self.name,
+            self.port,
+        );
     }
 
     /// The sum of a metric family's samples, `None` while the process does not answer.
@@ -486,10 +499,20 @@ impl Chaos {
                     replicas().await.filter(|r| *r >= 2)
                 })
                 .await;
-                eventually(Duration::from_secs(120), "scale-in", || async {
-                    replicas().await.filter(|r| *r < peak)
-                })
-                .await;
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while replicas().await.is_none_or(|r| r >= peak) {
+                    if Instant::now() > deadline {
+                        let groups: Api<ConsumerGroup> =
+                            Api::namespaced(self.env.client.clone(), &self.ns);
+                        let status = groups.get("payments").await.ok().and_then(|g| g.status);
+                        let lag = kafka_group_lag(&self.env, &self.group_id, &self.topic).await;
+                        panic!(
+                            "no scale-in below {peak} replicas within 120 s; ConsumerGroup \
+                             status: {status:?}; Kafka's lag: {lag:?}"
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
                 // Produced while workers stop: their partitions move to the others.
                 let more = self.produce(self.chunk / 4, 200);
                 more.await.unwrap();
@@ -672,9 +695,11 @@ async fn run(records: usize) {
         .batch_execute("CREATE TABLE e2e_stats (pod text PRIMARY KEY, duplicates bigint NOT NULL)")
         .await
         .expect("creating e2e_stats");
+    let user = env.create_operator_user().await;
+    env.grant_operator_acls(&user).await;
     let operators = vec![
-        Operator::start(&env, &ns, "operator-a", free_port()),
-        Operator::start(&env, &ns, "operator-b", free_port()),
+        Operator::start(&env, &user, &ns, "operator-a", free_port()),
+        Operator::start(&env, &user, &ns, "operator-b", free_port()),
     ];
 
     let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);

@@ -174,8 +174,17 @@ async fn resyncs_write_nothing_and_replicas_are_left_to_the_autoscaler() {
         &secrets.get("notify-kafka").await.unwrap(),
     );
     let writes_before = s.operator.metrics.writes();
+    let resyncs = |m: &eventops_operator::telemetry::Metrics| {
+        (m.reconciles("eventtopic"), m.reconciles("consumergroup"))
+    };
+    let resyncs_before = resyncs(&s.operator.metrics);
     // Several 2-second resyncs of both EventTopic and ConsumerGroup.
     tokio::time::sleep(Duration::from_secs(7)).await;
+    let resyncs_after = resyncs(&s.operator.metrics);
+    assert!(
+        resyncs_after.0 > resyncs_before.0 && resyncs_after.1 > resyncs_before.1,
+        "resyncs of both ran in the window: {resyncs_before:?} -> {resyncs_after:?}"
+    );
     assert_eq!(
         s.operator.metrics.writes(),
         writes_before,

@@ -25,6 +25,8 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Clone, Default)]
 struct Scripted {
     attempts: Arc<Mutex<HashMap<String, u32>>>,
+    /// When each attempt of each event id began.
+    started: Arc<Mutex<HashMap<String, Vec<std::time::Instant>>>>,
     /// Publish each handled event's id to this topic.
     echo_to: Option<String>,
 }
@@ -35,6 +37,14 @@ impl Scripted {
     }
     fn handled(&self) -> usize {
         self.attempts.lock().unwrap().len()
+    }
+    fn attempt_times(&self, id: &str) -> Vec<std::time::Instant> {
+        self.started
+            .lock()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -49,6 +59,12 @@ struct Script {
 impl Handler for Scripted {
     async fn handle(&self, event: &Event<'_>, ctx: &Context<'_>) -> Result<(), HandlerError> {
         let script: Script = event.data()?;
+        self.started
+            .lock()
+            .unwrap()
+            .entry(event.id().to_string())
+            .or_default()
+            .push(std::time::Instant::now());
         let n = {
             let mut a = self.attempts.lock().unwrap();
             let n = a.entry(event.id().to_string()).or_default();
@@ -696,7 +712,6 @@ async fn retry_topics_redeliver_after_their_delay() {
         .build(handler.clone())
         .await
         .unwrap();
-    let started = std::time::Instant::now();
     let running = start(worker);
     let m = running.metrics.clone();
     // "quick" is not held up by "slow" being retried.
@@ -708,7 +723,15 @@ async fn retry_topics_redeliver_after_their_delay() {
         (m.processed(&retry) == 1).then_some(())
     })
     .await;
-    assert!(started.elapsed() >= Duration::from_millis(1500));
+    // Measured from the failed attempt, not from the worker's start (which would count
+    // the group join too).
+    let times = handler.attempt_times("slow");
+    assert_eq!(times.len(), 2, "{times:?}");
+    let waited = times[1] - times[0];
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "the retry came {waited:?} after the failure, before its 1.5 s delay"
+    );
     running.stop().await;
     assert_eq!(handler.attempts("slow"), 2);
     let in_retry = read_topic(&env.info, &retry, 1, TIMEOUT).await;
@@ -741,7 +764,7 @@ fn worker_process(
     mode: &str,
     delay_ms: u64,
     health_port: u16,
-) -> std::process::Child {
+) -> eventops_tests::ChildGuard {
     let mut cmd =
         std::process::Command::new(eventops_tests::workspace_binary("runtime-test-worker"));
     cmd.envs(contract_vars(&env.info, group, &[route(topic)]))
@@ -757,7 +780,7 @@ fn worker_process(
         .env("RUNTIME_TEST_TABLE", table)
         .env("RUNTIME_TEST_MODE", mode)
         .env("RUNTIME_TEST_DELAY_MS", delay_ms.to_string());
-    cmd.spawn().expect("starting runtime-test-worker")
+    eventops_tests::ChildGuard(cmd.spawn().expect("starting runtime-test-worker"))
 }
 
 async fn produce_load(env: &TestEnv, topic: &str, per_partition: i64) {

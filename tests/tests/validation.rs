@@ -129,6 +129,20 @@ async fn invalid_resources_are_rejected_naming_the_field() {
         assert!(err.contains(field), "{spec}: {err}");
     }
 
+    // The name becomes the workers' label values, which Kubernetes limits to 63
+    // characters: 64 is refused by the API server, 63 is accepted.
+    let long = "g".repeat(64);
+    let err = apply(&groups, "ConsumerGroup", &long, &GROUP(json!({})))
+        .await
+        .expect_err("a 64-character ConsumerGroup name");
+    assert!(
+        err.contains("metadata.name") && err.contains("63 characters"),
+        "{err}"
+    );
+    apply(&groups, "ConsumerGroup", &long[..63], &GROUP(json!({})))
+        .await
+        .expect("a 63-character ConsumerGroup name");
+
     // Immutable fields, on update.
     let name = unique("immutable");
     apply(&groups, "ConsumerGroup", &name, &GROUP(json!({})))
