@@ -364,22 +364,20 @@ pub fn check_configs(field: &str, configs: &BTreeMap<String, String>) -> Result<
                     return bad("use delete, compact or compact,delete");
                 }
             }
-            "unclean.leader.election.enable" | "preallocate" | "remote.storage.enable" => {
-                if v != "true" && v != "false" {
-                    return bad("use true or false");
-                }
+            "unclean.leader.election.enable" | "preallocate" | "remote.storage.enable"
+                if v != "true" && v != "false" =>
+            {
+                return bad("use true or false");
             }
-            "min.insync.replicas" => {
-                if !v.parse::<i32>().is_ok_and(|n| n >= 1) {
-                    return bad("use a whole number of 1 or more");
-                }
+            "min.insync.replicas" if !v.parse::<i32>().is_ok_and(|n| n >= 1) => {
+                return bad("use a whole number of 1 or more");
             }
-            _ if k.ends_with(".ms") || k.ends_with(".bytes") => {
-                // Ranges differ by key (-1 is "no limit" for retention.ms, -2 "as
-                // retention.ms" for local.retention.ms): Kafka checks those.
-                if v.trim().parse::<i64>().is_err() {
-                    return bad("use a whole number, quoted (\"604800000\")");
-                }
+            // Ranges differ by key (-1 is "no limit" for retention.ms, -2 "as
+            // retention.ms" for local.retention.ms): Kafka checks those.
+            _ if (k.ends_with(".ms") || k.ends_with(".bytes"))
+                && v.trim().parse::<i64>().is_err() =>
+            {
+                return bad("use a whole number, quoted (\"604800000\")");
             }
             _ => {}
         }
