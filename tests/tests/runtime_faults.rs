@@ -800,7 +800,6 @@ async fn concurrency_by_key_runs_handlers_at_once_and_a_backing_off_key_holds_up
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fails on main: a refused commit is not seen as a commit failure (issue 11)"]
 async fn a_failed_commit_is_sent_again_and_only_acknowledged_commits_count() {
     let env = env().await;
     let (topic, group) = setup(&env, 1).await;
@@ -861,6 +860,7 @@ async fn a_failed_commit_is_sent_again_and_only_acknowledged_commits_count() {
     .await
     .is_ok();
     let acknowledged_after = running.metric("eventops_worker_offset_commits_total");
+    let handled = recorder.mine.load(Ordering::Relaxed);
     running.stop().await;
 
     assert_eq!(
@@ -873,6 +873,11 @@ async fn a_failed_commit_is_sent_again_and_only_acknowledged_commits_count() {
         "the refused commit was never sent again: Kafka still has {:?}",
         committed_offsets(&env, &group).await
     );
+    assert_eq!(
+        handled, 20,
+        "the refused offset was committed by handling records again, not by sending it again"
+    );
+    assert!(acknowledged_before > 0, "acknowledged commits are counted");
     assert_eq!(
         acknowledged_during, acknowledged_before,
         "refused commits are not counted as commits"
