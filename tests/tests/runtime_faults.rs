@@ -184,8 +184,9 @@ async fn wait_for_zero_lag(env: &TestEnv, group: &str, topic: &str, partitions: 
     );
 }
 
+// Fails without the resume in `Core::assigned`: the partitions that were paused when they
+// moved away come back paused, and their records after the pause are never handled.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fails on main: every record is handled again but the committed offset stays behind on the partitions that came back (issue 11)"]
 async fn partitions_paused_for_flow_control_are_consumed_again_when_they_come_back() {
     let env = env().await;
     let partitions = 4;
