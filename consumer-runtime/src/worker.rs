@@ -236,10 +236,13 @@ impl Core {
             }
         }
         if tpl.count() > 0 {
-            // Counted by the commit callback; a failure is tried again while time is left
-            // (what stays uncommitted is delivered again to the next owner).
+            // A synchronous commit's result is its return value (librdkafka reports it to
+            // no callback); a failure is tried again while time is left (what stays
+            // uncommitted is delivered again to the next owner).
             for attempt in 1.. {
-                match consumer.commit(&tpl, CommitMode::Sync) {
+                let result = consumer.commit(&tpl, CommitMode::Sync);
+                self.count_commit(result.is_ok());
+                match result {
                     Ok(()) => break,
                     Err(e) if attempt < 3 && std::time::Instant::now() < deadline => {
                         tracing::warn!(error = %e, attempt,
@@ -278,7 +281,7 @@ impl Core {
             }
         }
         if tpl.count() > 0
-            && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+            && let Err(e) = commit_async(consumer, &tpl)
         {
             // Not even sent: send again next round.
             for e in tpl.elements() {
@@ -288,8 +291,7 @@ impl Core {
                         .store(h.state.committed.load(Ordering::Acquire), Ordering::Release);
                 }
             }
-            self.metrics.commit_failures.inc();
-            self.metrics.commit_failing.store(true, Ordering::Relaxed);
+            self.count_commit(false);
             tracing::warn!(error = %e, "offset commit failed; it is sent again");
         }
         drop(map);
@@ -319,13 +321,22 @@ impl Core {
         }
         drop(map);
         if failed {
-            self.metrics.commit_failures.inc();
             tracing::warn!(error = ?result.as_ref().err(), offsets = ?offsets.to_topic_map(),
                 "offset commit failed; it is sent again");
-        } else {
-            self.metrics.commits.inc();
         }
-        self.metrics.commit_failing.store(failed, Ordering::Relaxed);
+        self.count_commit(!failed);
+    }
+
+    /// Counts a commit the broker answered: acknowledged or failed.
+    fn count_commit(&self, acknowledged: bool) {
+        if acknowledged {
+            self.metrics.commits.inc();
+        } else {
+            self.metrics.commit_failures.inc();
+        }
+        self.metrics
+            .commit_failing
+            .store(!acknowledged, Ordering::Relaxed);
     }
 
     /// Starts a task for each newly assigned partition and resumes the partition.
@@ -421,6 +432,43 @@ impl Core {
 
 /// Longest the poll loop waits for a full partition task before pausing its partition.
 const FULL_WAIT: Duration = Duration::from_millis(200);
+
+/// Sends an asynchronous commit of `offsets` whose result comes back through the poll
+/// loop as an offset-commit event, that is to [`Ctx::commit_callback`].
+///
+/// Not `Consumer::commit(.., CommitMode::Async)`: that calls librdkafka's
+/// `rd_kafka_commit`, which reports an asynchronous commit's result only to an
+/// `offset_commit_cb`, and rdkafka sets none (it uses librdkafka's event API). Every
+/// result was lost: the committed position never advanced, and a commit the broker
+/// refused (a rebalance in progress, a missing group ACL) was never sent again.
+/// `rd_kafka_commit_queue` with the consumer's queue delivers the result as an event
+/// there, where `BaseConsumer::poll` hands it to the context.
+fn commit_async(consumer: &BaseConsumer<Ctx>, offsets: &TopicPartitionList) -> KafkaResult<()> {
+    use rdkafka::bindings as rdsys;
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` is the live handle of `consumer`, borrowed for the whole call; the
+    // queue reference taken here is released before returning; librdkafka copies
+    // `offsets` before `rd_kafka_commit_queue` returns, and without a callback it only
+    // enqueues the result on the queue.
+    let err = unsafe {
+        let queue = rdsys::rd_kafka_queue_get_consumer(rk);
+        if queue.is_null() {
+            return Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::UnknownGroup,
+            ));
+        }
+        let err =
+            rdsys::rd_kafka_commit_queue(rk, offsets.ptr(), queue, None, std::ptr::null_mut());
+        rdsys::rd_kafka_queue_destroy(queue);
+        err
+    };
+    let code = rdkafka::types::RDKafkaErrorCode::from(err);
+    if code == rdkafka::types::RDKafkaErrorCode::NoError {
+        Ok(())
+    } else {
+        Err(rdkafka::error::KafkaError::ConsumerCommit(code))
+    }
+}
 
 /// The consumer's context: rebalance callbacks, commit results and statistics.
 pub(crate) struct Ctx {
