@@ -731,6 +731,7 @@ async fn run(records: usize) {
                     {"name": "E2E_DATABASE_URL", "value": db.url},
                     {"name": "E2E_WORK_MS", "value": "1"},
                     {"name": "E2E_STATS", "value": "1"},
+                    {"name": "RUST_LOG", "value": "info"},
                 ],
             },
             "scaling": {"minReplicas": 1, "maxReplicas": PARTITIONS, "lagPerReplica": LAG_PER_REPLICA,
@@ -779,13 +780,26 @@ async fn run(records: usize) {
         chaos.quiet
     );
     let rate = (chaos.chunk / 15).max(100);
-    chaos.phase(Kind::KillWorker, rate).await;
-    // A burst well above the workers' pace scales the group out.
-    chaos.phase(Kind::ScaleIn, chaos.chunk).await;
-    chaos.phase(Kind::Broker, rate).await;
-    chaos.phase(Kind::ApiServer, rate).await;
-    chaos.phase(Kind::Operator(objects), rate).await;
-    chaos.phase(Kind::Postgres, rate).await;
+    // CHAOS_FAULTS=3,6 runs only those (to look into one); all six by default.
+    let only: Option<BTreeSet<usize>> = std::env::var("CHAOS_FAULTS").ok().map(|v| {
+        v.split(',')
+            .map(|f| f.trim().parse().expect("CHAOS_FAULTS: fault numbers 1-6"))
+            .collect()
+    });
+    let faults = [
+        (Kind::KillWorker, rate),
+        // A burst well above the workers' pace scales the group out.
+        (Kind::ScaleIn, chaos.chunk),
+        (Kind::Broker, rate),
+        (Kind::ApiServer, rate),
+        (Kind::Operator(objects), rate),
+        (Kind::Postgres, rate),
+    ];
+    for (i, (kind, rate)) in faults.into_iter().enumerate() {
+        if only.as_ref().is_none_or(|o| o.contains(&(i + 1))) {
+            chaos.phase(kind, rate).await;
+        }
+    }
 
     println!(
         "chaos: {brokers} broker(s), {} records\n{}",

@@ -25,7 +25,10 @@ use eventops_consumer_runtime::{
 use tokio::sync::Mutex;
 
 struct Recorder {
-    runs: tokio_postgres::Client,
+    /// The test database's URL, to log runs on a connection of their own.
+    url: String,
+    /// That connection, opened again when PostgreSQL restarted (a chaos fault).
+    runs: Mutex<Option<tokio_postgres::Client>>,
     pod: String,
     work: Duration,
     cpu: Mutex<()>,
@@ -43,13 +46,7 @@ impl TransactionalHandler for Recorder {
             tokio::time::sleep(self.work).await;
         }
         let r = event.record();
-        self.runs
-            .execute(
-                "INSERT INTO e2e_runs (event_id, pod) VALUES ($1, $2)",
-                &[&event.id(), &self.pod],
-            )
-            .await
-            .transient()?;
+        self.log_run(event.id()).await.transient()?;
         tx.execute(
             "INSERT INTO e2e_processed (event_id, partition, \"offset\", pod) \
              VALUES ($1, $2, $3, $4) \
@@ -59,6 +56,27 @@ impl TransactionalHandler for Recorder {
         .await
         .transient()?;
         Ok(())
+    }
+}
+
+impl Recorder {
+    /// Logs one handler run in `e2e_runs`, connecting first when there is no live
+    /// connection.
+    async fn log_run(&self, event_id: &str) -> Result<(), tokio_postgres::Error> {
+        let mut runs = self.runs.lock().await;
+        if runs.as_ref().is_none_or(|c| c.is_closed()) {
+            let (client, connection) = tokio_postgres::connect(&self.url, NoTls).await?;
+            tokio::spawn(connection);
+            *runs = Some(client);
+        }
+        let client = runs.as_ref().expect("connected above");
+        client
+            .execute(
+                "INSERT INTO e2e_runs (event_id, pod) VALUES ($1, $2)",
+                &[&event_id, &self.pod],
+            )
+            .await
+            .map(drop)
     }
 }
 
@@ -74,15 +92,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ),
         Err(_) => Duration::ZERO,
     };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let (runs, connection) = tokio_postgres::connect(&url, NoTls).await?;
     tokio::spawn(connection);
     let pod = std::env::var("HOSTNAME").unwrap_or_default();
     let (url_for_stats, pod_for_stats) = (url.clone(), pod.clone());
+    let url_for_runs = url.clone();
     let worker = Worker::from_env()?
         .postgres_url(url)
         .postgres_pool_size(2)
         .build_transactional(Recorder {
-            runs,
+            url: url_for_runs,
+            runs: Mutex::new(Some(runs)),
             pod,
             work,
             cpu: Mutex::new(()),
