@@ -14,9 +14,14 @@
 //! its own.
 //!
 //! Earlier exception headers are replaced. Earlier `kafka_dlt-original-*` headers are
-//! replaced too when a main topic dead-letters ([`headers`]), and kept when a record is
-//! passed on along a retry chain ([`retry_hop_headers`]), so its origin stays the main topic,
-//! as Spring's retry topics do.
+//! replaced too when a main topic dead-letters ([`headers`]).
+//!
+//! Along a retry chain (a route with retry topics: its retry hops and its dead-letter
+//! topic, [`retry_hop_headers`]) the headers are those Spring's `@RetryableTopic` chains
+//! write, whose recoverer (`DeadLetterPublishingRecovererFactory`) renames them to
+//! `KafkaHeaders`' non-DLT names ([`chain`]: `kafka_original-*`, `kafka_exception-*`)
+//! and keeps the first origin (`setAppendOriginalHeaders(false)`): a record that went
+//! main → retry → DLT names the main topic's record, whichever side wrote each hop.
 
 use crate::error::HandlerError;
 
@@ -45,6 +50,73 @@ pub const EXCEPTION_STACKTRACE: &str = "kafka_dlt-exception-stacktrace";
 pub const PREFIX: &str = "kafka_dlt-";
 /// Prefix of the provenance headers (topic, partition, offset, timestamp, group).
 pub const ORIGINAL_PREFIX: &str = "kafka_dlt-original-";
+
+/// The headers of a record along a retry chain, named as Spring's `@RetryableTopic`
+/// chains name them (`KafkaHeaders.ORIGINAL_*` and `KafkaHeaders.EXCEPTION_*`), with the
+/// same encodings as the `kafka_dlt-*` headers above.
+pub mod chain {
+    /// Topic of the chain's first failed record (the main topic).
+    pub const ORIGINAL_TOPIC: &str = "kafka_original-topic";
+    /// Its partition (4-byte big-endian int).
+    pub const ORIGINAL_PARTITION: &str = "kafka_original-partition";
+    /// Its offset (8-byte big-endian long).
+    pub const ORIGINAL_OFFSET: &str = "kafka_original-offset";
+    /// Its timestamp in epoch milliseconds (8-byte big-endian long).
+    pub const ORIGINAL_TIMESTAMP: &str = "kafka_original-timestamp";
+    /// Its timestamp type by Kafka's `TimestampType` names.
+    pub const ORIGINAL_TIMESTAMP_TYPE: &str = "kafka_original-timestamp-type";
+    /// Consumer group that first failed it: Spring's `KafkaHeaders.ORIGINAL_CONSUMER_GROUP`
+    /// is the same name as the dead-letter one.
+    pub const ORIGINAL_CONSUMER_GROUP: &str = super::ORIGINAL_CONSUMER_GROUP;
+    /// The latest failure's class name.
+    pub const EXCEPTION_FQCN: &str = "kafka_exception-fqcn";
+    /// The latest handler error's type name.
+    pub const EXCEPTION_CAUSE_FQCN: &str = "kafka_exception-cause-fqcn";
+    /// `Listener failed; <the latest handler error's message>`.
+    pub const EXCEPTION_MESSAGE: &str = "kafka_exception-message";
+    /// The latest failure as a Java stack trace without frames.
+    pub const EXCEPTION_STACKTRACE: &str = "kafka_exception-stacktrace";
+}
+
+/// One set of header names: the dead-letter one or the retry chain's.
+struct Names {
+    topic: &'static str,
+    partition: &'static str,
+    offset: &'static str,
+    timestamp: &'static str,
+    timestamp_type: &'static str,
+    group: &'static str,
+    fqcn: &'static str,
+    cause_fqcn: &'static str,
+    message: &'static str,
+    stacktrace: &'static str,
+}
+
+const DLT_NAMES: Names = Names {
+    topic: ORIGINAL_TOPIC,
+    partition: ORIGINAL_PARTITION,
+    offset: ORIGINAL_OFFSET,
+    timestamp: ORIGINAL_TIMESTAMP,
+    timestamp_type: ORIGINAL_TIMESTAMP_TYPE,
+    group: ORIGINAL_CONSUMER_GROUP,
+    fqcn: EXCEPTION_FQCN,
+    cause_fqcn: EXCEPTION_CAUSE_FQCN,
+    message: EXCEPTION_MESSAGE,
+    stacktrace: EXCEPTION_STACKTRACE,
+};
+
+const CHAIN_NAMES: Names = Names {
+    topic: chain::ORIGINAL_TOPIC,
+    partition: chain::ORIGINAL_PARTITION,
+    offset: chain::ORIGINAL_OFFSET,
+    timestamp: chain::ORIGINAL_TIMESTAMP,
+    timestamp_type: chain::ORIGINAL_TIMESTAMP_TYPE,
+    group: chain::ORIGINAL_CONSUMER_GROUP,
+    fqcn: chain::EXCEPTION_FQCN,
+    cause_fqcn: chain::EXCEPTION_CAUSE_FQCN,
+    message: chain::EXCEPTION_MESSAGE,
+    stacktrace: chain::EXCEPTION_STACKTRACE,
+};
 
 /// The exception class a Spring listener container wraps a listener's failure in.
 pub const LISTENER_FAILED_FQCN: &str =
@@ -100,57 +172,83 @@ pub fn headers<'h>(
     from: &Provenance<'_>,
     error: &HandlerError,
 ) -> Vec<(String, Option<Vec<u8>>)> {
-    build(original, from, error, false)
+    build(original, from, error)
 }
 
-/// The headers of a record passed on along a retry chain (to the next retry topic, or from
-/// a retry topic to the dead-letter topic): like [`headers`], but `kafka_dlt-original-*`
-/// headers the record already carries are kept instead of `from`'s, so the origin stays the
-/// main topic's record. Spring's retry topics do the same (`appendOriginalHeaders=false`).
+/// The headers of a record passed on along a retry chain (to a retry topic, or to the
+/// chain's dead-letter topic), as Spring's `@RetryableTopic` recoverer writes them: with
+/// the [`chain`] names; earlier exception headers replaced; each origin header added only
+/// when the record has none yet, so the origin stays the main topic's record; every other
+/// header (`kafka_dlt-*` included) kept as it is.
 pub fn retry_hop_headers<'h>(
     original: impl IntoIterator<Item = (&'h str, Option<&'h [u8]>)>,
     from: &Provenance<'_>,
     error: &HandlerError,
 ) -> Vec<(String, Option<Vec<u8>>)> {
-    build(original, from, error, true)
+    let n = &CHAIN_NAMES;
+    let exception = [n.fqcn, n.cause_fqcn, n.message, n.stacktrace];
+    let mut out: Vec<(String, Option<Vec<u8>>)> = original
+        .into_iter()
+        .filter(|(k, _)| !exception.contains(k))
+        .map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec)))
+        .collect();
+    put_exception(&mut out, n, error);
+    for (name, value) in origin(n, from) {
+        if !out.iter().any(|(k, _)| k == name) {
+            out.push((name.to_string(), Some(value)));
+        }
+    }
+    out
 }
 
 fn build<'h>(
     original: impl IntoIterator<Item = (&'h str, Option<&'h [u8]>)>,
     from: &Provenance<'_>,
     error: &HandlerError,
-    keep_origin: bool,
 ) -> Vec<(String, Option<Vec<u8>>)> {
+    let n = &DLT_NAMES;
     let mut out: Vec<(String, Option<Vec<u8>>)> = original
         .into_iter()
-        .filter(|(k, _)| !k.starts_with(PREFIX) || (keep_origin && k.starts_with(ORIGINAL_PREFIX)))
+        .filter(|(k, _)| !k.starts_with(PREFIX))
         .map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec)))
         .collect();
-    let kept_origin = out.iter().any(|(k, _)| k.starts_with(ORIGINAL_PREFIX));
+    put_exception(&mut out, n, error);
+    out.extend(
+        origin(n, from)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), Some(v))),
+    );
+    out
+}
+
+fn put_exception(out: &mut Vec<(String, Option<Vec<u8>>)>, n: &Names, error: &HandlerError) {
     let mut put = |k: &str, v: Vec<u8>| out.push((k.to_string(), Some(v)));
-    put(EXCEPTION_FQCN, LISTENER_FAILED_FQCN.as_bytes().to_vec());
-    put(EXCEPTION_CAUSE_FQCN, error.type_name().as_bytes().to_vec());
+    put(n.fqcn, LISTENER_FAILED_FQCN.as_bytes().to_vec());
+    put(n.cause_fqcn, error.type_name().as_bytes().to_vec());
     put(
-        EXCEPTION_MESSAGE,
+        n.message,
         format!("{LISTENER_FAILED_MESSAGE}; {}", error.message_text()).into_bytes(),
     );
-    put(EXCEPTION_STACKTRACE, stack_trace(error).into_bytes());
-    if !kept_origin {
-        put(ORIGINAL_TOPIC, from.topic.as_bytes().to_vec());
-        put(ORIGINAL_PARTITION, from.partition.to_be_bytes().to_vec());
-        put(ORIGINAL_OFFSET, from.offset.to_be_bytes().to_vec());
+    put(n.stacktrace, stack_trace(error).into_bytes());
+}
+
+/// The origin headers for `from`, in Spring's order.
+fn origin(n: &Names, from: &Provenance<'_>) -> [(&'static str, Vec<u8>); 6] {
+    [
+        (n.topic, from.topic.as_bytes().to_vec()),
+        (n.partition, from.partition.to_be_bytes().to_vec()),
+        (n.offset, from.offset.to_be_bytes().to_vec()),
         // Kafka's RecordBatch.NO_TIMESTAMP: Spring writes the record's timestamp always.
-        put(
-            ORIGINAL_TIMESTAMP,
+        (
+            n.timestamp,
             from.timestamp.unwrap_or(-1).to_be_bytes().to_vec(),
-        );
-        put(
-            ORIGINAL_TIMESTAMP_TYPE,
+        ),
+        (
+            n.timestamp_type,
             from.timestamp_type.as_str().as_bytes().to_vec(),
-        );
-        put(ORIGINAL_CONSUMER_GROUP, from.group.as_bytes().to_vec());
-    }
-    out
+        ),
+        (n.group, from.group.as_bytes().to_vec()),
+    ]
 }
 
 /// `Throwable.printStackTrace` of the wrapped failure, without frames (a Rust error has
@@ -301,11 +399,14 @@ mod tests {
 
     #[test]
     fn a_retry_hop_keeps_the_origin_and_replaces_the_exception() {
-        let first = headers(
+        // The main topic's failure, sent to the first retry topic.
+        let first = retry_hop_headers(
             [],
             &from(),
             &HandlerError::message(ErrorKind::Transient, "first"),
         );
+        assert_eq!(get(&first, chain::ORIGINAL_TOPIC), [b"orders"]);
+        assert!(get(&first, ORIGINAL_TOPIC).is_empty(), "{first:?}");
         let retry = Provenance {
             topic: "orders-retry-0",
             partition: 0,
@@ -319,10 +420,20 @@ mod tests {
             &err2,
         );
         assert_eq!(first.len(), hop.len(), "{hop:?}");
+        assert_eq!(get(&hop, chain::ORIGINAL_TOPIC), [b"orders"]);
+        assert_eq!(decode_i64(get(&hop, chain::ORIGINAL_OFFSET)[0]), Some(41));
+        assert_eq!(
+            get(&hop, chain::EXCEPTION_MESSAGE),
+            [b"Listener failed; second"]
+        );
+        // A dead-letter record's headers are not the chain's: kept as they are.
+        let dead = headers([], &from(), &err2);
+        let hop = retry_hop_headers(
+            dead.iter().map(|(k, v)| (k.as_str(), v.as_deref())),
+            &retry,
+            &err2,
+        );
         assert_eq!(get(&hop, ORIGINAL_TOPIC), [b"orders"]);
-        assert_eq!(decode_i64(get(&hop, ORIGINAL_OFFSET)[0]), Some(41));
-        assert_eq!(get(&hop, EXCEPTION_MESSAGE), [b"Listener failed; second"]);
-        let fresh = retry_hop_headers([], &retry, &err2);
-        assert_eq!(get(&fresh, ORIGINAL_TOPIC), [b"orders-retry-0"]);
+        assert_eq!(get(&hop, chain::ORIGINAL_TOPIC), [b"orders-retry-0"]);
     }
 }

@@ -687,7 +687,8 @@ async fn fail<P: Processor>(
             && let Some(dlt) = &part.plan.dead_letter_topic
         {
             let from = provenance(part, record);
-            let headers = if part.plan.level > 0 {
+            // A retry chain's dead-letter topic is one of its hops, as in Spring.
+            let headers = if !part.plan.retry_topics.is_empty() {
                 dead_letter::retry_hop_headers(record.headers(), &from, &error)
             } else {
                 dead_letter::headers(record.headers(), &from, &error)

@@ -4,8 +4,9 @@
 //!
 //! A record the runtime sends to a retry topic carries both the runtime's own headers
 //! ([`RETRY_ATTEMPT_HEADER`], [`RETRY_DUE_HEADER`]) and Spring's ([`ATTEMPTS`],
-//! [`BACKOFF_TIMESTAMP`], [`ORIGINAL_TIMESTAMP`]), plus the `kafka_dlt-*` headers Spring's
-//! retry topics carry (see [`crate::dead_letter::retry_hop_headers`]). A record read from a
+//! [`BACKOFF_TIMESTAMP`], [`ORIGINAL_TIMESTAMP`]), plus the `kafka_original-*` and
+//! `kafka_exception-*` headers Spring's retry topics carry (see
+//! [`crate::dead_letter::retry_hop_headers`]). A record read from a
 //! retry topic is due and numbered by whichever set it has, the runtime's first.
 //!
 //! The topic names are the operator's (the routes it hands over); [`spring_retry_topics`]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use eventops_consumer_runtime::contract::{RetryRoute, TopicRoute};
-use eventops_consumer_runtime::dead_letter::{self, decode_i32, decode_i64};
+use eventops_consumer_runtime::dead_letter::{self, chain, decode_i32, decode_i64};
 use eventops_consumer_runtime::retry_topic::{self, SpringSuffix};
 use eventops_consumer_runtime::{Context, ErrorKind, Event, Handler, HandlerError, Worker};
 use eventops_tests::runtime::*;
@@ -98,6 +98,23 @@ fn without_frames(trace: &[u8]) -> Vec<u8> {
         .filter(|l| !l.starts_with("\tat ") && !l.starts_with("\t..."))
         .collect::<String>()
         .into_bytes()
+}
+
+/// Every header of `m` (values of null headers as empty).
+fn all_headers(m: &OwnedMessage) -> Vec<(String, Vec<u8>)> {
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// How many headers of `m` are named `name`.
+fn count(m: &OwnedMessage, name: &str) -> usize {
+    m.headers()
+        .map_or(0, |h| h.iter().filter(|h| h.key == name).count())
 }
 
 fn show(headers: &[(String, Vec<u8>)]) -> String {
@@ -249,26 +266,30 @@ async fn a_record_dead_lettered_from_a_retry_topic_names_the_main_topic_as_its_o
     stop(running).await;
     assert_eq!(handler.calls.load(Ordering::SeqCst), 2, "main, then retry");
 
+    // A retry chain's records carry the headers Spring's @RetryableTopic chains write
+    // (kafka_original-*, kafka_exception-*), not the kafka_dlt-* of a plain dead letter.
     let d = &out[0];
     let h = |name| header(d, name).unwrap_or_else(|| panic!("header {name} missing"));
     assert_eq!(
         (
-            String::from_utf8_lossy(h(dead_letter::ORIGINAL_TOPIC)).into_owned(),
-            decode_i32(h(dead_letter::ORIGINAL_PARTITION)),
-            decode_i64(h(dead_letter::ORIGINAL_OFFSET)),
+            String::from_utf8_lossy(h(chain::ORIGINAL_TOPIC)).into_owned(),
+            decode_i32(h(chain::ORIGINAL_PARTITION)),
+            decode_i64(h(chain::ORIGINAL_OFFSET)),
         ),
         (topic.clone(), Some(1), Some(offset)),
         "the origin is the main topic's record, not the retry topic's\n{}",
-        show(&dlt_headers(d))
+        show(&all_headers(d))
     );
-    let topics: Vec<&[u8]> = d
-        .headers()
-        .unwrap()
-        .iter()
-        .filter(|x| x.key == dead_letter::ORIGINAL_TOPIC)
-        .filter_map(|x| x.value)
-        .collect();
-    assert_eq!(topics.len(), 1, "one origin, not one per hop");
+    assert_eq!(
+        count(d, chain::ORIGINAL_TOPIC),
+        1,
+        "one origin, not one per hop"
+    );
+    assert_eq!(
+        count(d, chain::EXCEPTION_CAUSE_FQCN),
+        1,
+        "the last failure only"
+    );
 }
 
 /// Fails every event transiently and notes, per delivery, the topic, the attempt number
@@ -311,7 +332,6 @@ fn spring_named_route(topic: &str) -> TopicRoute {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fails on main: the DLT's cause is the handler's, not Spring's; expectation unresolved (issue 11)"]
 async fn a_spring_retryable_topic_service_continues_the_runtimes_retry_chain() {
     let env = env().await;
     let topic = unique("chain");
@@ -365,22 +385,35 @@ async fn a_spring_retryable_topic_service_continues_the_runtimes_retry_chain() {
     let at: i64 = fields[6].trim_start_matches("at=").parse().unwrap();
     assert!(at >= due, "Spring waited for the due time: {received}");
 
+    // Spring's chain writes KafkaHeaders.ORIGINAL_* and EXCEPTION_* (kafka_original-*,
+    // kafka_exception-*), keeps the first origin and replaces the earlier failure.
     let theirs = read_topic(&env.info, &dlt, 1, TIMEOUT).await;
     let d = &theirs[0];
     let h = |name| header(d, name).unwrap_or_else(|| panic!("header {name} missing"));
     assert_eq!(
         (
-            h(dead_letter::ORIGINAL_TOPIC),
-            decode_i32(h(dead_letter::ORIGINAL_PARTITION)),
-            decode_i64(h(dead_letter::ORIGINAL_OFFSET)),
+            h(chain::ORIGINAL_TOPIC),
+            decode_i32(h(chain::ORIGINAL_PARTITION)),
+            decode_i64(h(chain::ORIGINAL_OFFSET)),
         ),
         (topic.as_bytes(), Some(1), Some(offset)),
         "Spring's dead letter names the main topic's record, from the runtime's headers\n{}",
-        show(&dlt_headers(d))
+        show(&all_headers(d))
     );
     assert_eq!(
-        h(dead_letter::EXCEPTION_CAUSE_FQCN),
-        b"java.lang.IllegalStateException"
+        count(d, chain::ORIGINAL_TOPIC),
+        1,
+        "{}",
+        show(&all_headers(d))
+    );
+    assert_eq!(
+        (
+            h(chain::EXCEPTION_CAUSE_FQCN),
+            count(d, chain::EXCEPTION_CAUSE_FQCN)
+        ),
+        (&b"java.lang.IllegalStateException"[..], 1),
+        "Spring's failure replaced the runtime's\n{}",
+        show(&all_headers(d))
     );
     assert_eq!(
         h(retry_topic::ORIGINAL_TIMESTAMP),
@@ -390,7 +423,6 @@ async fn a_spring_retryable_topic_service_continues_the_runtimes_retry_chain() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "fails on main: the runtime's DLT record lacks kafka_dlt-original-topic (issue 11)"]
 async fn the_runtime_continues_a_spring_retryable_topic_services_retry_chain() {
     let env = env().await;
     let topic = unique("chain");
@@ -458,13 +490,27 @@ async fn the_runtime_continues_a_spring_retryable_topic_services_retry_chain() {
     let h = |name| header(d, name).unwrap_or_else(|| panic!("header {name} missing"));
     assert_eq!(
         (
-            h(dead_letter::ORIGINAL_TOPIC),
-            decode_i32(h(dead_letter::ORIGINAL_PARTITION)),
-            decode_i64(h(dead_letter::ORIGINAL_OFFSET)),
+            h(chain::ORIGINAL_TOPIC),
+            decode_i32(h(chain::ORIGINAL_PARTITION)),
+            decode_i64(h(chain::ORIGINAL_OFFSET)),
         ),
         (topic.as_bytes(), Some(1), Some(offset)),
         "the runtime's dead letter names the main topic's record, from Spring's headers\n{}",
-        show(&dlt_headers(d))
+        show(&all_headers(d))
     );
-    assert_eq!(h(dead_letter::EXCEPTION_CAUSE_FQCN), b"app::Timeout");
+    assert_eq!(
+        count(d, chain::ORIGINAL_TOPIC),
+        1,
+        "{}",
+        show(&all_headers(d))
+    );
+    assert_eq!(
+        (
+            h(chain::EXCEPTION_CAUSE_FQCN),
+            count(d, chain::EXCEPTION_CAUSE_FQCN)
+        ),
+        (&b"app::Timeout"[..], 1),
+        "the runtime's failure replaced Spring's\n{}",
+        show(&all_headers(d))
+    );
 }
