@@ -672,7 +672,6 @@ impl Drop for NamespaceGuard {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "not yet run end to end (issue 12 is open); tools/chaos runs it with --ignored"]
 async fn the_system_recovers_from_each_fault_with_every_record_applied_once() {
     let records = setting("CHAOS_RECORDS", 20_000);
     // Scales with the stream: 20,000 records take a few minutes on two cores.
