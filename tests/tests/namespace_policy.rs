@@ -165,3 +165,114 @@ async fn names_outside_the_namespaces_prefixes_are_refused() {
         "{message}"
     );
 }
+
+/// The user name in a group's `<name>-kafka` Secret.
+async fn group_user(env: &TestEnv, ns: &str, group: &str) -> String {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(env.client.clone(), ns);
+    eventually(TIMEOUT, "the group's Secret", || async {
+        let data = secrets.get(&format!("{group}-kafka")).await.ok()?.data?;
+        String::from_utf8(data.get("username")?.0.clone()).ok()
+    })
+    .await
+}
+
+/// A ConsumerGroup gets Kafka ACLs only on topics its EventTopics manage: not on a name
+/// the namespace policy refused (NotPermitted), and not on an existing topic that its
+/// EventTopic was refused to adopt (TopicExists). Otherwise naming a refused EventTopic
+/// in `spec.topics` would reach past both rules. Oracle: Kafka's AclCommand.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_gets_no_acls_on_topics_its_event_topics_were_refused() {
+    let env = env().await;
+    let ns = env.namespace("policy-acls").await;
+    let prefix = format!("{}.", unique("team"));
+    let entry = format!("{ns}={prefix}");
+    let _operator = start_operator(&env, &ns, &[&entry]);
+    let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
+    let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
+
+    let allowed = format!("{prefix}orders.placed");
+    let foreign = unique("billing.ledger.kept");
+    // Inside the prefix, but made by hand: nobody manages it and it is not adopted.
+    let existing = format!("{prefix}ledger.by-hand");
+    env.kafka_tool(
+        "org.apache.kafka.tools.TopicCommand",
+        &["--create", "--topic", &existing, "--partitions", "1"],
+    )
+    .await
+    .unwrap();
+    for (name, topic) in [
+        ("allowed", &allowed),
+        ("foreign", &foreign),
+        ("existing", &existing),
+    ] {
+        apply(&topics, name, json!({"partitions": 1, "topicName": topic}))
+            .await
+            .unwrap();
+    }
+    assert_eq!(settled(&topics, "allowed").await.1, "InSync");
+    assert_eq!(settled(&topics, "foreign").await.1, "NotPermitted");
+    assert_eq!(settled(&topics, "existing").await.1, "TopicExists");
+
+    // First a group of the allowed topic alone: it gets its user and its grants.
+    let group_id = format!("{prefix}reader");
+    apply(
+        &groups,
+        "reader",
+        json!({"topics": ["allowed"], "groupId": group_id, "template": {"image": "worker:1"}}),
+    )
+    .await
+    .unwrap();
+    let user = group_user(&env, &ns, "reader").await;
+    let acls = || async {
+        env.kafka_tool(
+            "org.apache.kafka.tools.AclCommand",
+            &["--list", "--principal", &format!("User:{user}")],
+        )
+        .await
+        .unwrap()
+    };
+    eventually(TIMEOUT, "the grants on the allowed topic", || async {
+        acls()
+            .await
+            .contains(&format!("name={allowed},"))
+            .then_some(())
+    })
+    .await;
+    // Then it names the refused EventTopics too: it waits for them, naming them.
+    apply(
+        &groups,
+        "reader",
+        json!({"topics": ["allowed", "foreign", "existing"], "groupId": group_id,
+               "template": {"image": "worker:1"}}),
+    )
+    .await
+    .unwrap();
+    let message = eventually(
+        TIMEOUT,
+        "the group waiting for the refused topics",
+        || async {
+            let cg = groups.get("reader").await.ok()?;
+            let c = eventops_tests::HasConditions::conditions(&cg)
+                .into_iter()
+                .find(|c| c.type_ == "Ready")?;
+            (c.observed_generation == Some(2) && c.status == "False").then_some(c.message)
+        },
+    )
+    .await;
+    assert!(
+        message.contains("foreign") && message.contains("existing"),
+        "{message}"
+    );
+    let listed = acls().await;
+    // A few more reconciles, then nothing on the refused names.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let listed = format!("{listed}\n{}", acls().await);
+    for refused in [&foreign, &existing] {
+        for name in [refused.to_string(), format!("{refused}.DLT")] {
+            assert!(
+                !listed.contains(&format!("name={name},")),
+                "the group was granted ACLs on {name}, which its EventTopic was refused:\n{listed}"
+            );
+        }
+    }
+}

@@ -99,9 +99,13 @@ pub fn resolve_some_topics<'a>(
     (routes, MissingTopics(missing))
 }
 
-/// Whether an EventTopic has been reconciled and is the owner of its Kafka topics.
-/// One being deleted does not: its topics are about to go, and a new EventTopic may claim
-/// the name next.
+/// Whether an EventTopic has been reconciled and manages its Kafka topics, so that a
+/// ConsumerGroup may be granted ACLs on them. Every name it derives (main, dead-letter
+/// and retry topics) must be in `status.managedTopics`: an EventTopic the namespace
+/// policy refused (`NotPermitted`), or that was refused an existing topic it may not
+/// adopt (`TopicExists`), manages nothing, and naming it in `spec.topics` or
+/// `spec.produces` must not reach past those rules. One being deleted does not own
+/// either: its topics are about to go, and a new EventTopic may claim the name next.
 pub fn owns_its_topic(et: &EventTopic) -> bool {
     let Some(status) = &et.status else {
         return false;
@@ -109,11 +113,29 @@ pub fn owns_its_topic(et: &EventTopic) -> bool {
     if et.metadata.deletion_timestamp.is_some() {
         return false;
     }
-    status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .is_some_and(|c| c.reason != "ResourceConflict" && c.reason != "InvalidSpec")
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+    let refused = ready.is_some_and(|c| {
+        matches!(
+            c.reason.as_str(),
+            "ResourceConflict" | "InvalidSpec" | "NotPermitted" | "TopicExists"
+        )
+    });
+    if refused {
+        return false;
+    }
+    match &status.managed_topics {
+        Some(managed) => {
+            let mut names = vec![et.kafka_topic_name().to_string()];
+            names.extend(et.dead_letter_topic_name());
+            names.extend(et.retry_topic_names());
+            names
+                .iter()
+                .all(|name| managed.iter().any(|m| &m.name == name))
+        }
+        // A status written before managedTopics existed (an older operator): as then,
+        // reconciled and not refused.
+        None => ready.is_some(),
+    }
 }
 
 /// If an older ConsumerGroup (anywhere) already uses `cg`'s Kafka group id, the message
