@@ -191,6 +191,34 @@ impl TestEnv {
         TopicSummary::parse(&out).ok_or_else(|| anyhow::anyhow!("unexpected output: {out}"))
     }
 
+    /// The topic's dynamic (topic-level) configs, `key=value`, sorted, as Kafka's
+    /// `ConfigCommand --describe` lists them.
+    pub async fn topic_configs(&self, topic: &str) -> Vec<String> {
+        let out = self
+            .kafka_tool(
+                "kafka.admin.ConfigCommand",
+                &[
+                    "--describe",
+                    "--entity-type",
+                    "topics",
+                    "--entity-name",
+                    topic,
+                ],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("ConfigCommand --describe {topic}: {e:#}"));
+        // "Dynamic configs for topic t are:" then one "  key=value sensitive=...
+        // synonyms=..." line per config.
+        let mut configs: Vec<String> = out
+            .lines()
+            .filter(|l| l.starts_with("  "))
+            .filter_map(|l| l.trim().split(" sensitive=").next())
+            .map(String::from)
+            .collect();
+        configs.sort();
+        configs
+    }
+
     /// Whether Kafka has `topic`, asked with `TopicCommand --list`.
     pub async fn topic_exists(&self, topic: &str) -> bool {
         let listed = self

@@ -272,7 +272,7 @@ async fn changes_behind_the_operators_back_are_corrected_and_reported() {
     // retention.ms is the spec's and goes back; cleanup.policy, which the spec never
     // named, is the administrator's and stays.
     eventually(TIMEOUT, "the operator to undo the change", || async {
-        let configs = config_command(&env, &topic).await;
+        let configs = env.topic_configs(&topic).await;
         (configs == ["cleanup.policy=compact", "retention.ms=600000"]).then_some(())
     })
     .await;
@@ -288,7 +288,7 @@ async fn changes_behind_the_operators_back_are_corrected_and_reported() {
     // Later resyncs leave the administrator's config alone for good.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
-        config_command(&env, &topic).await,
+        env.topic_configs(&topic).await,
         ["cleanup.policy=compact", "retention.ms=600000"]
     );
 }
@@ -498,34 +498,6 @@ async fn naming_policy_is_reported_as_a_condition() {
     );
 }
 
-/// The topic's dynamic (topic-level) configs, `key=value`, as Kafka's ConfigCommand
-/// describes them.
-async fn config_command(env: &TestEnv, topic: &str) -> Vec<String> {
-    let out = env
-        .kafka_tool(
-            "kafka.admin.ConfigCommand",
-            &[
-                "--describe",
-                "--entity-type",
-                "topics",
-                "--entity-name",
-                topic,
-            ],
-        )
-        .await
-        .unwrap();
-    // "Dynamic configs for topic t are:" then one "  key=value sensitive=... synonyms=..."
-    // line per config.
-    let mut configs: Vec<String> = out
-        .lines()
-        .filter(|l| l.starts_with("  "))
-        .filter_map(|l| l.trim().split(" sensitive=").next())
-        .map(String::from)
-        .collect();
-    configs.sort();
-    configs
-}
-
 /// The Ready condition once it describes `generation`, whatever its status: (status,
 /// reason, message).
 async fn settled(api: &Api<EventTopic>, name: &str, generation: i64) -> (String, String, String) {
@@ -571,7 +543,7 @@ async fn a_topic_that_no_event_topic_manages_is_adopted_only_when_asked() {
         "cleanup.policy=compact".to_string(),
         "retention.ms=-1".into(),
     ];
-    assert_eq!(config_command(&env, &topic).await, by_hand);
+    assert_eq!(env.topic_configs(&topic).await, by_hand);
 
     let name = unique("ledger");
     apply(
@@ -586,7 +558,7 @@ async fn a_topic_that_no_event_topic_manages_is_adopted_only_when_asked() {
         (status.as_str(), reason.as_str()),
         ("False", "TopicExists"),
         "{message}; ConfigCommand now shows {:?}",
-        config_command(&env, &topic).await
+        env.topic_configs(&topic).await
     );
     assert!(
         message.contains("spec.topicName")
@@ -596,7 +568,7 @@ async fn a_topic_that_no_event_topic_manages_is_adopted_only_when_asked() {
     );
     // Several resyncs (2 s in tests) later, Kafka is still as its administrator left it.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(config_command(&env, &topic).await, by_hand);
+    assert_eq!(env.topic_configs(&topic).await, by_hand);
 
     api.patch(
         &name,
@@ -608,7 +580,7 @@ async fn a_topic_that_no_event_topic_manages_is_adopted_only_when_asked() {
     let (reason, _) = ready(&api, &name, 1, "True").await;
     assert_eq!(reason, "InSync");
     assert_eq!(
-        config_command(&env, &topic).await,
+        env.topic_configs(&topic).await,
         by_hand,
         "adopting changes no config the spec does not name"
     );
@@ -631,7 +603,7 @@ async fn a_topic_that_no_event_topic_manages_is_adopted_only_when_asked() {
     .unwrap();
     ready(&api, &name, 2, "True").await;
     assert_eq!(
-        config_command(&env, &topic).await,
+        env.topic_configs(&topic).await,
         ["cleanup.policy=compact", "retention.ms=86400000"]
     );
 }
@@ -670,7 +642,7 @@ async fn an_existing_dead_letter_topic_is_not_taken_and_nothing_is_created() {
         !env.topic_exists(&topic).await,
         "an EventTopic that cannot have all its topics creates none"
     );
-    assert_eq!(config_command(&env, &dlt).await, ["retention.ms=-1"]);
+    assert_eq!(env.topic_configs(&dlt).await, ["retention.ms=-1"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -700,7 +672,7 @@ async fn topics_the_operator_created_stay_managed_across_restarts() {
     .unwrap();
     let (reason, _) = ready(&api, &topic, 2, "True").await;
     assert_eq!(reason, "InSync");
-    assert_eq!(config_command(&env, &topic).await, ["retention.ms=7200000"]);
+    assert_eq!(env.topic_configs(&topic).await, ["retention.ms=7200000"]);
     assert_eq!(
         env.describe_topic(&format!("{topic}.DLT"))
             .await
@@ -781,7 +753,7 @@ async fn configs_kafka_refuses_are_named_with_kafkas_words() {
         "{reason}: {message}"
     );
     assert_eq!(
-        config_command(&env, &format!("{altered}.DLT")).await,
+        env.topic_configs(&format!("{altered}.DLT")).await,
         Vec::<String>::new()
     );
 }

@@ -429,32 +429,6 @@ async fn describe_cluster_matches_kafka() {
     assert_eq!(cluster.cluster_id, cluster_tool_cluster_id(&env).await);
 }
 
-/// The topic's dynamic (topic-level) configs, `key=value`, as `ConfigCommand --describe`
-/// lists them.
-async fn config_command_topic(env: &TestEnv, topic: &str) -> Vec<String> {
-    let out = env
-        .kafka_tool(
-            "kafka.admin.ConfigCommand",
-            &[
-                "--describe",
-                "--entity-type",
-                "topics",
-                "--entity-name",
-                topic,
-            ],
-        )
-        .await
-        .unwrap();
-    let mut configs: Vec<String> = out
-        .lines()
-        .filter(|l| l.starts_with("  "))
-        .filter_map(|l| l.trim().split(" sensitive=").next())
-        .map(String::from)
-        .collect();
-    configs.sort();
-    configs
-}
-
 fn kafka_refusal(e: NativeError) -> (RDKafkaErrorCode, String) {
     match e {
         NativeError::Kafka { code, message, .. } => (code, message),
@@ -484,10 +458,7 @@ async fn incremental_alter_configs_changes_only_the_named_keys() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        config_command_topic(&env, &topic).await,
-        ["retention.ms=3600000"]
-    );
+    assert_eq!(env.topic_configs(&topic).await, ["retention.ms=3600000"]);
     // An administrator's config, which no operation below names.
     env.kafka_tool(
         "kafka.admin.ConfigCommand",
@@ -516,7 +487,7 @@ async fn incremental_alter_configs_changes_only_the_named_keys() {
         .await
         .unwrap();
     assert_eq!(
-        config_command_topic(&env, &topic).await,
+        env.topic_configs(&topic).await,
         ["cleanup.policy=compact", "segment.ms=600000"]
     );
 
@@ -531,7 +502,7 @@ async fn incremental_alter_configs_changes_only_the_named_keys() {
         .unwrap();
     admin.alter_topic_configs(&topic, &[], false).await.unwrap();
     assert_eq!(
-        config_command_topic(&env, &topic).await,
+        env.topic_configs(&topic).await,
         ["cleanup.policy=compact", "segment.ms=600000"]
     );
 
@@ -550,7 +521,7 @@ async fn incremental_alter_configs_changes_only_the_named_keys() {
         }
     }
     assert_eq!(
-        config_command_topic(&env, &topic).await,
+        env.topic_configs(&topic).await,
         ["cleanup.policy=compact", "segment.ms=600000"]
     );
     let (code, _) = kafka_refusal(

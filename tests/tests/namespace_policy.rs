@@ -25,10 +25,14 @@ impl Drop for Operator {
     }
 }
 
-fn start_operator(env: &TestEnv, namespace: &str, policy: &[&str]) -> Operator {
+/// It runs as a Kafka user of its own with exactly the documented ACLs, as the chart
+/// runs it.
+async fn start_operator(env: &TestEnv, namespace: &str, policy: &[&str]) -> Operator {
+    let user = env.create_operator_user().await;
+    env.grant_operator_acls(&user).await;
     let mut config = eventops_operator::config::RunConfig::new(&env.info.kafka_bootstrap);
-    config.kafka_username = Some(env.info.kafka_admin_user.clone());
-    config.kafka_password = Some(env.info.kafka_admin_password.clone());
+    config.kafka_username = Some(user.user);
+    config.kafka_password = Some(user.password);
     config.kafka_sasl_mechanism = env.info.kafka_sasl_mechanism.clone();
     config.namespace = Some(namespace.to_string());
     config.resync_interval = Duration::from_secs(2).into();
@@ -77,7 +81,7 @@ async fn names_outside_the_namespaces_prefixes_are_refused() {
     // A prefix of its own, so that runs and tests never share names.
     let prefix = format!("{}.", unique("team"));
     let entry = format!("{ns}={prefix}");
-    let _operator = start_operator(&env, &ns, &[&entry, "*=sandbox."]);
+    let _operator = start_operator(&env, &ns, &[&entry, "*=sandbox."]).await;
     let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
     let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
 
@@ -186,7 +190,7 @@ async fn a_group_gets_no_acls_on_topics_its_event_topics_were_refused() {
     let ns = env.namespace("policy-acls").await;
     let prefix = format!("{}.", unique("team"));
     let entry = format!("{ns}={prefix}");
-    let _operator = start_operator(&env, &ns, &[&entry]);
+    let _operator = start_operator(&env, &ns, &[&entry]).await;
     let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
     let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
 
