@@ -106,9 +106,11 @@ impl RunConfig {
         }
     }
 
-    /// The namespace ownership policy (permissive when no prefixes are given).
-    pub fn namespace_policy(&self) -> crate::policy::NamespacePolicy {
+    /// The namespace ownership policy (permissive when no prefixes are given); an error
+    /// naming `--namespace-prefixes` when two namespaces are given the same prefix.
+    pub fn namespace_policy(&self) -> anyhow::Result<crate::policy::NamespacePolicy> {
         crate::policy::NamespacePolicy::new(self.namespace_prefixes.iter().cloned())
+            .map_err(|e| anyhow::anyhow!("--namespace-prefixes: {e}"))
     }
 
     /// The naming policy, `None` when turned off.
@@ -199,7 +201,7 @@ mod tests {
             "team-b=billing.;*=sandbox.",
         ])
         .unwrap();
-        let policy = cli.config.namespace_policy();
+        let policy = cli.config.namespace_policy().unwrap();
         assert!(!policy.is_permissive());
         assert_eq!(
             policy.prefixes_of("team-a").unwrap(),
@@ -222,7 +224,12 @@ mod tests {
         .unwrap()
         .to_string();
         assert!(err.contains("NAMESPACE=PREFIX"), "{err}");
-        assert!(RunConfig::new("k:9092").namespace_policy().is_permissive());
+        assert!(
+            RunConfig::new("k:9092")
+                .namespace_policy()
+                .unwrap()
+                .is_permissive()
+        );
     }
 
     #[test]

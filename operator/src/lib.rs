@@ -52,7 +52,7 @@ pub async fn run(
         namespace: config.namespace.clone(),
         resync_interval: config.resync_interval.into(),
         topic_naming: config.topic_naming()?,
-        namespace_policy: config.namespace_policy(),
+        namespace_policy: config.namespace_policy()?,
         worker_kafka: consumergroup::worker_kafka(config),
     };
     // One ConsumerGroup cache for every reader (EventTopic status lists consumers).

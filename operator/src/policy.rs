@@ -34,18 +34,42 @@ pub fn parse_entry(s: &str) -> Result<(String, Vec<String>), String> {
         .filter(|p| !p.is_empty())
         .map(String::from)
         .collect();
+    if let Some(open) = prefixes.iter().find(|p| !p.ends_with(SEPARATORS)) {
+        return Err(format!(
+            "prefix {open:?} of namespace {ns} does not end with '.', '-' or '_', so it would \
+             also give away names such as {open}archive: end it with the separator your names \
+             use ({open}. for {open}.order.placed)"
+        ));
+    }
     Ok((ns.to_string(), prefixes))
 }
 
+/// What a prefix must end with, so that `orders.` cannot also grant `ordersarchive.x`.
+const SEPARATORS: [char; 3] = ['.', '-', '_'];
+
 impl NamespacePolicy {
     /// A policy from `(namespace, prefixes)` entries; a namespace named twice gets the
-    /// prefixes of both.
-    pub fn new(entries: impl IntoIterator<Item = (String, Vec<String>)>) -> Self {
+    /// prefixes of both. The same prefix given to two namespaces is an error: a name
+    /// would belong to both.
+    pub fn new(entries: impl IntoIterator<Item = (String, Vec<String>)>) -> Result<Self, String> {
         let mut prefixes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut owner: BTreeMap<String, String> = BTreeMap::new();
         for (ns, p) in entries {
+            for prefix in &p {
+                match owner.insert(prefix.clone(), ns.clone()) {
+                    Some(first) if first != ns => {
+                        return Err(format!(
+                            "prefix {prefix:?} is given to both namespace {first} and \
+                             namespace {ns}: give it to one (a longer prefix such as \
+                             {prefix}eu. can go to the other)"
+                        ));
+                    }
+                    _ => {}
+                }
+            }
             prefixes.entry(ns).or_default().extend(p);
         }
-        Self { prefixes }
+        Ok(Self { prefixes })
     }
 
     /// Whether every namespace may own every name.
@@ -119,7 +143,7 @@ mod tests {
     use super::*;
 
     fn policy(entries: &[&str]) -> NamespacePolicy {
-        NamespacePolicy::new(entries.iter().map(|e| parse_entry(e).unwrap()))
+        NamespacePolicy::new(entries.iter().map(|e| parse_entry(e).unwrap())).unwrap()
     }
 
     #[test]
@@ -194,5 +218,29 @@ mod tests {
         assert!(parse_entry("=orders.").is_err());
         // An empty list is allowed: that namespace owns nothing.
         assert_eq!(parse_entry("team-a=").unwrap().1, Vec::<String>::new());
+        // "orders" would also grant "orders-archive" and "ordersx".
+        let err = parse_entry("team-a=orders.,orders").unwrap_err();
+        assert!(
+            err.contains(r#""orders""#) && err.contains("orders."),
+            "{err}"
+        );
+        for ok in ["team-a=orders.", "team-a=orders-", "team-a=orders_"] {
+            assert!(parse_entry(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn one_prefix_belongs_to_one_namespace() {
+        let entries =
+            ["team-a=orders.", "team-b=billing.,orders."].map(|e| parse_entry(e).unwrap());
+        let err = NamespacePolicy::new(entries).unwrap_err();
+        assert!(
+            err.contains(r#""orders.""#) && err.contains("team-a") && err.contains("team-b"),
+            "{err}"
+        );
+        // The same namespace twice is fine, and so is a longer prefix for another.
+        let entries = ["team-a=orders.", "team-a=orders.", "team-b=orders.eu."]
+            .map(|e| parse_entry(e).unwrap());
+        assert!(NamespacePolicy::new(entries).is_ok());
     }
 }

@@ -950,7 +950,8 @@ async fn namespace_policy_values_render_to_operator_flags_and_default_to_permiss
         flags
             .iter()
             .map(|f| eventops_operator::policy::parse_entry(f).unwrap()),
-    );
+    )
+    .unwrap();
     assert_eq!(
         policy.check("team-checkout", "spec.topicName", "checkout.cart.emptied"),
         Ok(())
@@ -980,4 +981,16 @@ async fn namespace_policy_values_render_to_operator_flags_and_default_to_permiss
         "{}",
         ran.stderr
     );
+    // A prefix without a separator at its end would also grant "orders-archive".
+    let ran = env.helm(&[
+        "template",
+        "x",
+        &chart(),
+        "--set",
+        ok,
+        "--set-json",
+        r#"namespacePolicy={"team-a":["orders"]}"#,
+    ]);
+    assert!(!ran.ok, "a prefix without a separator is refused");
+    assert!(ran.stderr.contains("orders"), "{}", ran.stderr);
 }
