@@ -142,7 +142,10 @@ async fn reconcile_inner(
         if let Err(e) = revoke_acls(&cg, ctx, &desired_acls).await {
             let ready = Observed::ready(false, native_reason(&e), native_message(&e));
             write_status(&cg, ctx, ready, None).await?;
-            return Ok((Action::requeue(Duration::from_secs(5)), Some("KafkaAccess")));
+            return Ok((
+                Action::requeue(access_retry(&e, resync)),
+                Some("KafkaAccess"),
+            ));
         }
         let ready = Observed::ready(false, "TopicNotFound", message);
         write_status(&cg, ctx, ready, None).await?;
@@ -198,7 +201,10 @@ async fn reconcile_inner(
     if let Err(e) = sync_kafka_access(&cg, ctx, &password, password_changed, &desired_acls).await {
         let ready = Observed::ready(false, native_reason(&e), native_message(&e));
         write_status(&cg, ctx, ready, None).await?;
-        return Ok((Action::requeue(Duration::from_secs(5)), Some("KafkaAccess")));
+        return Ok((
+            Action::requeue(access_retry(&e, resync)),
+            Some("KafkaAccess"),
+        ));
     }
     let params = PatchParams::apply(crate::FIELD_MANAGER).force();
     if !secret_matches(secret.as_ref(), &desired_secret) {
@@ -345,6 +351,26 @@ fn native_message(e: &NativeError) -> String {
             conditions::with_permission_hint(e.to_string(), op, *code)
         }
         _ => e.to_string(),
+    }
+}
+
+/// When to try again after Kafka refused the group's user or ACLs: soon when the refusal
+/// may pass by itself (a timeout, a leader moving), at the resync interval when somebody
+/// must act first (the operator's own ACL missing, a bad request). Asking every few
+/// seconds changes nothing then, and costs Kafka a request (and, for librdkafka's
+/// DescribeUserScramCredentials error path, a leaked event) each time.
+fn access_retry(e: &NativeError, resync: Duration) -> Duration {
+    let soon = match e {
+        NativeError::Kafka { code, .. } => {
+            crate::kafka::is_transient_code(*code) || (*code as i32) < 0
+        }
+        NativeError::Timeout { .. } | NativeError::Cancelled { .. } => true,
+        NativeError::InvalidArgument(_) | NativeError::Unexpected { .. } => false,
+    };
+    if soon {
+        Duration::from_secs(5).min(resync)
+    } else {
+        resync
     }
 }
 
@@ -527,5 +553,39 @@ pub fn worker_kafka(config: &crate::config::RunConfig) -> WorkerKafka {
             .kafka_security_protocol
             .clone()
             .unwrap_or_else(|| "SASL_PLAINTEXT".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaErrorCode as C;
+
+    #[test]
+    fn a_refusal_somebody_must_fix_waits_for_the_resync() {
+        let resync = Duration::from_secs(300);
+        let kafka = |code| NativeError::Kafka {
+            op: "DescribeUserScramCredentials",
+            code,
+            message: String::new(),
+        };
+        assert_eq!(
+            access_retry(&kafka(C::ClusterAuthorizationFailed), resync),
+            resync
+        );
+        assert_eq!(
+            access_retry(&kafka(C::TopicAuthorizationFailed), resync),
+            resync
+        );
+        let soon = Duration::from_secs(5);
+        assert_eq!(access_retry(&kafka(C::RequestTimedOut), resync), soon);
+        assert_eq!(
+            access_retry(&kafka(C::BrokerTransportFailure), resync),
+            soon
+        );
+        assert_eq!(
+            access_retry(&NativeError::Timeout { op: "x" }, resync),
+            soon
+        );
     }
 }

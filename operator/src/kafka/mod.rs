@@ -112,22 +112,21 @@ impl KafkaError {
 
     /// Kafka's answer `code`, with its `message`, to `op` on `topic`, classified.
     fn from_answer(op: &'static str, topic: &str, code: RDKafkaErrorCode, message: String) -> Self {
-        use RDKafkaErrorCode as C;
         let topic = topic.to_string();
-        match code {
-            C::LeaderNotAvailable
-            | C::NotLeaderForPartition
-            | C::NotController
-            | C::RequestTimedOut
-            | C::NetworkException
-            | C::BrokerNotAvailable
-            | C::NotEnoughReplicas
-            | C::CoordinatorNotAvailable
-            | C::ThrottlingQuotaExceeded
-            // Metadata read just before another reconcile created it: look again.
-            | C::TopicAlreadyExists
-            | C::OperationTimedOut => KafkaError::Busy { op, topic, code, message },
-            _ => KafkaError::Refused { op, topic, code, message },
+        if is_transient_code(code) {
+            KafkaError::Busy {
+                op,
+                topic,
+                code,
+                message,
+            }
+        } else {
+            KafkaError::Refused {
+                op,
+                topic,
+                code,
+                message,
+            }
         }
     }
 
@@ -144,6 +143,28 @@ impl KafkaError {
             },
         }
     }
+}
+
+/// Whether Kafka's answer `code` may go away by asking again soon (a leader moving, a
+/// timeout, a throttle); otherwise asking again changes nothing until somebody acts (an
+/// ACL missing, a bad request).
+pub fn is_transient_code(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::NotController
+            | C::RequestTimedOut
+            | C::NetworkException
+            | C::BrokerNotAvailable
+            | C::NotEnoughReplicas
+            | C::CoordinatorNotAvailable
+            | C::ThrottlingQuotaExceeded
+            // Metadata read just before another reconcile created it: look again.
+            | C::TopicAlreadyExists
+            | C::OperationTimedOut
+    )
 }
 
 /// A topic as Kafka has it.
