@@ -6,20 +6,21 @@ use serde::de::DeserializeOwned;
 
 /// Makes `obj` hold `finalizer` exactly when `want`. Replaces `metadata.finalizers` with
 /// the resourceVersion as a precondition, so another controller's finalizer added
-/// meanwhile is never dropped (the patch fails and the reconcile is retried).
+/// meanwhile is never dropped (the patch fails and the reconcile is retried). Returns the
+/// object's new resourceVersion when it wrote.
 pub async fn set<K>(
     api: &Api<K>,
     obj: &K,
     finalizer: &str,
     want: bool,
     metrics: &crate::telemetry::Metrics,
-) -> kube::Result<()>
+) -> kube::Result<Option<String>>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
 {
     let has = obj.finalizers().iter().any(|f| f == finalizer);
     if has == want {
-        return Ok(());
+        return Ok(None);
     }
     let mut finalizers: Vec<&str> = obj
         .finalizers()
@@ -40,5 +41,5 @@ where
         &Patch::Merge(&patch),
     )
     .await
-    .map(drop)
+    .map(|written| written.resource_version())
 }

@@ -15,8 +15,13 @@ use crate::conditions::{self, Observed, READY};
 use crate::context::Context;
 use crate::error::Error;
 
-/// Applies `status` to `obj`'s status subresource.
-pub async fn apply<K>(ctx: &Context, obj: &K, status: &impl Serialize) -> Result<(), Error>
+/// Applies `status` to `obj`'s status subresource; returns the object's new
+/// resourceVersion.
+pub async fn apply<K>(
+    ctx: &Context,
+    obj: &K,
+    status: &impl Serialize,
+) -> Result<Option<String>, Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Clone
@@ -31,10 +36,11 @@ where
     });
     let params = PatchParams::apply(crate::FIELD_MANAGER).force();
     ctx.metrics.kube_write("status");
-    api.patch_status(&obj.name_any(), &params, &Patch::Apply(&patch))
+    let written = api
+        .patch_status(&obj.name_any(), &params, &Patch::Apply(&patch))
         .await
         .map_err(|e| Error::kube("write status of", obj, e))?;
-    Ok(())
+    Ok(written.resource_version())
 }
 
 /// Publishes an Event when the `Ready` condition's status or reason differs from `old`:

@@ -482,7 +482,9 @@ async fn two_event_topics_for_one_kafka_topic_the_oldest_wins() {
 #[tokio::test(flavor = "multi_thread")]
 async fn naming_policy_is_reported_as_a_condition() {
     let (_env, api, _operator) = setup("et-naming").await;
-    let good = "shop.order.placed";
+    // Unique, and still <domain>.<aggregate>.<past-tense-verb>.
+    let good = format!("{}.order.placed", unique("shop"));
+    let good = good.as_str();
     let bad = unique("shop.order.place");
     apply(&api, good, json!({"partitions": 1})).await.unwrap();
     apply(&api, &bad, json!({"partitions": 1})).await.unwrap();
@@ -756,4 +758,237 @@ async fn configs_kafka_refuses_are_named_with_kafkas_words() {
         env.topic_configs(&format!("{altered}.DLT")).await,
         Vec::<String>::new()
     );
+}
+
+/// `TopicCommand --create` of `topic` with one partition and `configs`, as an
+/// administrator (the super user) would.
+async fn create_by_hand(env: &TestEnv, topic: &str, configs: &[&str]) {
+    let mut args = vec!["--create", "--topic", topic, "--partitions", "1"];
+    for c in configs {
+        args.extend(["--config", c]);
+    }
+    env.kafka_tool("org.apache.kafka.tools.TopicCommand", &args)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_event_topic_never_takes_a_topic_another_one_manages() {
+    let (env, api, _operator) = setup("et-takeover").await;
+    let theirs = unique("orders.order-theirs");
+    // "a-" is the older either way (creation timestamps have one-second resolution).
+    let older = unique("a-older");
+    let younger = unique("b-younger");
+    let mine = unique("orders.order-mine");
+    apply(&api, &older, json!({"partitions": 1, "topicName": mine}))
+        .await
+        .unwrap();
+    ready(&api, &older, 1, "True").await;
+    apply(
+        &api,
+        &younger,
+        json!({"partitions": 1, "topicName": theirs}),
+    )
+    .await
+    .unwrap();
+    ready(&api, &younger, 1, "True").await;
+    assert_eq!(env.topic_configs(&theirs).await, Vec::<String>::new());
+
+    // The older EventTopic names the younger one's topic as its dead-letter topic (the
+    // main topic's name is immutable), even asking to adopt.
+    api.patch(
+        &older,
+        &PatchParams::default(),
+        &annotate(eventops_crds::ADOPT_ANNOTATION, Some("true")),
+    )
+    .await
+    .unwrap();
+    apply(
+        &api,
+        &older,
+        json!({"partitions": 1, "topicName": mine,
+               "deadLetter": {"topicName": theirs, "config": {"retention.ms": "1000"}}}),
+    )
+    .await
+    .unwrap();
+    let (status, reason, message) = settled(&api, &older, 2).await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "ResourceConflict"),
+        "{message}; ConfigCommand shows {:?}",
+        env.topic_configs(&theirs).await
+    );
+    assert!(
+        message.contains(&younger) && message.contains(&theirs),
+        "{message}"
+    );
+    // Several resyncs (2 s in tests) later the manager still has it, untouched.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        condition(&api, &younger, "Ready").await,
+        Some(("True".into(), "InSync".into()))
+    );
+    assert_eq!(env.topic_configs(&theirs).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_topic_created_by_someone_else_after_a_refused_create_is_not_taken() {
+    let (env, api, _operator) = setup("et-refused-claim").await;
+    let topic = unique("billing.ledger.raced");
+    let name = unique("ledger");
+    // Kafka refuses to create it: an unknown config key.
+    apply(
+        &api,
+        &name,
+        json!({"partitions": 1, "topicName": topic, "deadLetter": {"enabled": false},
+               "config": {"retention.msx": "1"}}),
+    )
+    .await
+    .unwrap();
+    let (status, _, message) = settled(&api, &name, 1).await;
+    assert_eq!(status, "False", "{message}");
+    assert!(!env.topic_exists(&topic).await);
+
+    // Meanwhile an administrator creates that topic for something else.
+    create_by_hand(&env, &topic, &["cleanup.policy=compact", "retention.ms=-1"]).await;
+    apply(
+        &api,
+        &name,
+        json!({"partitions": 1, "topicName": topic, "deadLetter": {"enabled": false},
+               "config": {"retention.ms": "86400000"}}),
+    )
+    .await
+    .unwrap();
+    let (status, reason, message) = settled(&api, &name, 2).await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "TopicExists"),
+        "{message}; ConfigCommand shows {:?}",
+        env.topic_configs(&topic).await
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        env.topic_configs(&topic).await,
+        ["cleanup.policy=compact", "retention.ms=-1"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn configs_an_adopted_topic_already_had_stay_when_the_spec_drops_them() {
+    let (env, api, _operator) = setup("et-adopt-keys").await;
+    let topic = unique("billing.ledger.adopted");
+    create_by_hand(&env, &topic, &["cleanup.policy=compact", "retention.ms=-1"]).await;
+    let name = unique("ledger");
+    api.create(
+        &Default::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "eventops.dev/v1alpha1", "kind": "EventTopic",
+            "metadata": {"name": name,
+                         "annotations": {eventops_crds::ADOPT_ANNOTATION: "true"}},
+            "spec": {"partitions": 1, "topicName": topic, "deadLetter": {"enabled": false},
+                     "config": {"cleanup.policy": "compact", "retention.ms": "86400000",
+                                "segment.ms": "3600000"}},
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    ready(&api, &name, 1, "True").await;
+    assert_eq!(
+        env.topic_configs(&topic).await,
+        [
+            "cleanup.policy=compact",
+            "retention.ms=86400000",
+            "segment.ms=3600000"
+        ]
+    );
+
+    // The spec drops every key: only the one EventOps added goes. The administrator's
+    // keys keep their last value (deleting cleanup.policy=compact would turn the ledger
+    // over to time-based deletion).
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"config": null}})),
+    )
+    .await
+    .unwrap();
+    ready(&api, &name, 2, "True").await;
+    assert_eq!(
+        env.topic_configs(&topic).await,
+        ["cleanup.policy=compact", "retention.ms=86400000"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_status_from_before_managed_topics_never_lets_a_paused_edit_delete_a_foreign_topic() {
+    let env = env().await;
+    let ns = env.namespace("et-legacy").await;
+    let api: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
+    let ours = unique("orders.order-legacy");
+    let foreign = unique("billing.ledger.foreign");
+    let ours_dlt = format!("{ours}.DLT");
+    create_by_hand(&env, &ours, &[]).await;
+    create_by_hand(&env, &ours_dlt, &[]).await;
+    create_by_hand(&env, &foreign, &["retention.ms=-1"]).await;
+
+    // What an operator from before status.managedTopics left: its topics in sync, its
+    // finalizer on. Then reconciliation is paused and the dead-letter topic's name edited
+    // to a foreign topic.
+    let name = unique("legacy");
+    api.create(
+        &Default::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "eventops.dev/v1alpha1", "kind": "EventTopic",
+            "metadata": {"name": name, "finalizers": [eventops_crds::TOPIC_FINALIZER],
+                         "annotations": {eventops_crds::PAUSED_ANNOTATION: "true"}},
+            "spec": {"partitions": 1, "topicName": ours, "deletionPolicy": "Delete"},
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {
+            "observedGeneration": 1, "topicName": ours, "deadLetterTopic": ours_dlt,
+            "partitions": 1,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "InSync",
+                            "message": "in sync", "observedGeneration": 1,
+                            "lastTransitionTime": now}],
+        }})),
+    )
+    .await
+    .unwrap();
+    api.patch(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"deadLetter": {"topicName": foreign}}})),
+    )
+    .await
+    .unwrap();
+
+    let _operator = env.start_operator(&ns);
+    eventually(TIMEOUT, "the paused pass", || async {
+        condition(&api, &name, "Paused").await.map(|_| ())
+    })
+    .await;
+    api.delete(&name, &Default::default()).await.unwrap();
+    eventually(TIMEOUT, &format!("EventTopic {name} gone"), || async {
+        api.get_opt(&name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(
+        env.topic_exists(&foreign).await,
+        "deleting the EventTopic deleted {foreign}, a topic it never managed"
+    );
+    assert_eq!(env.topic_configs(&foreign).await, ["retention.ms=-1"]);
+    for topic in [&ours, &ours_dlt] {
+        assert!(
+            !env.topic_exists(topic).await,
+            "deletionPolicy: Delete deletes {topic}, which it managed"
+        );
+    }
 }

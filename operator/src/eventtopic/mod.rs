@@ -25,7 +25,8 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::kafka::native::ConfigOp;
 use crate::kafka::{KafkaError, NewTopicSpec, TopicState};
-use plan::{DesiredTopic, Plan, Step};
+use plan::{DesiredTopic, Plan, Step, managed};
+use rdkafka::types::RDKafkaErrorCode;
 
 /// Condition type set while the paused annotation stops reconciliation.
 pub const PAUSED: &str = "Paused";
@@ -37,6 +38,60 @@ struct Ctx {
     shared: Arc<Context>,
     /// Every EventTopic the operator watches, for ownership conflicts.
     topics: Store<EventTopic>,
+    /// Per EventTopic (uid), the resource versions its status writes replaced.
+    written: Superseded,
+}
+
+/// The resource versions of EventTopics that the operator's own status writes have
+/// replaced. The cache learns of a write only when its watch event arrives; a reconcile
+/// that starts before then (triggered by the write's own event, a timer, a
+/// ConsumerGroup) would act on the status as it was, for example on a claim to a topic
+/// the pass that just ended gave up, and take over a topic that is somebody else's by
+/// now. Such a reconcile waits for the cache instead.
+#[derive(Default)]
+struct Superseded(std::sync::Mutex<BTreeMap<String, Vec<(String, std::time::Instant)>>>);
+
+/// How long a replaced version is remembered: the cache has long caught up by then (and
+/// an EventTopic deleted without a finalizer leaves nothing behind for longer).
+const SUPERSEDED_FOR: Duration = Duration::from_secs(300);
+
+impl Superseded {
+    /// Whether `et` is a version the operator has since written over; forgets the
+    /// versions before it when not (the cache has caught up: it never goes back).
+    fn is_stale(&self, et: &EventTopic) -> bool {
+        let (Some(uid), Some(rv)) = (&et.metadata.uid, &et.metadata.resource_version) else {
+            return false;
+        };
+        let mut map = self.0.lock().expect("not poisoned");
+        let stale = map
+            .get(uid)
+            .is_some_and(|old| old.iter().any(|(v, _)| v == rv));
+        if !stale {
+            map.remove(uid);
+        }
+        stale
+    }
+
+    /// Forgets `et`, which is going away.
+    fn forget(&self, et: &EventTopic) {
+        if let Some(uid) = &et.metadata.uid {
+            self.0.lock().expect("not poisoned").remove(uid);
+        }
+    }
+
+    /// Notes that a write replaced version `rv` of `et`.
+    fn replaced(&self, et: &EventTopic, rv: Option<String>) {
+        let (Some(uid), Some(rv)) = (&et.metadata.uid, rv) else {
+            return;
+        };
+        let mut map = self.0.lock().expect("not poisoned");
+        map.retain(|_, old| {
+            old.retain(|(_, at)| at.elapsed() < SUPERSEDED_FOR);
+            !old.is_empty()
+        });
+        let now = std::time::Instant::now();
+        map.entry(uid.clone()).or_default().push((rv, now));
+    }
 }
 
 /// Runs the EventTopic controller until `shutdown` resolves.
@@ -46,6 +101,7 @@ pub async fn run(shared: Arc<Context>, shutdown: impl Future<Output = ()> + Send
     let ctx = Arc::new(Ctx {
         shared,
         topics: controller.store(),
+        written: Default::default(),
     });
     controller
         // Status lists consumers: a ConsumerGroup change revisits the topics it names.
@@ -86,6 +142,10 @@ struct Outcome {
     changes: Vec<Change>,
     /// The topics this EventTopic manages now; `None` leaves the record as it is.
     managed: Option<BTreeMap<String, BTreeSet<String>>>,
+    /// Set when this pass wrote a claim to status, to the resourceVersion it got: the
+    /// resource in hand no longer shows what is stored, so status is written even when
+    /// it looks unchanged.
+    claimed: Option<Option<String>>,
     /// When to look again; `None` waits for a change of the resource.
     requeue: Option<Duration>,
 }
@@ -98,6 +158,7 @@ impl Outcome {
             main: None,
             changes: vec![],
             managed: None,
+            claimed: None,
             requeue: Some(requeue),
         }
     }
@@ -117,8 +178,19 @@ async fn reconcile_inner(
     ctx: &Ctx,
 ) -> Result<(Action, Option<String>), Error> {
     ctx.topics.wait_until_ready().await.ok();
+    if ctx.written.is_stale(et) {
+        return Ok((Action::requeue(Duration::from_millis(200)), None));
+    }
+    // The resourceVersion this pass's writes build on, each write's noted as replaced.
+    let mut version = et.metadata.resource_version.clone();
+    let mut wrote = |new: Option<String>| {
+        if new.is_some() {
+            ctx.written
+                .replaced(et, std::mem::replace(&mut version, new));
+        }
+    };
     if et.metadata.deletion_timestamp.is_some() {
-        return Ok((finalize(et, ctx).await?, None));
+        return Ok((finalize(et, ctx, &mut wrote).await?, None));
     }
     let resync = ctx.shared.settings.resync_interval;
     let outcome = if et.is_paused() {
@@ -128,10 +200,11 @@ async fn reconcile_inner(
             main: None,
             changes: vec![],
             managed: None,
+            claimed: None,
             requeue: None,
         }
     } else {
-        set_finalizer(et, &ctx.shared).await?;
+        wrote(set_finalizer(et, &ctx.shared).await?);
         match plan::desired_topics(et) {
             Err(invalid) => Outcome::not_ready("InvalidSpec", invalid.0, resync),
             Ok(topics) => {
@@ -151,7 +224,10 @@ async fn reconcile_inner(
             }
         }
     };
-    write_status(et, &ctx.shared, &outcome).await?;
+    if let Some(claimed) = &outcome.claimed {
+        wrote(claimed.clone());
+    }
+    wrote(write_status(et, &ctx.shared, &outcome).await?);
     for change in outcome.changes {
         let reason = change.reason;
         ctx.shared
@@ -175,39 +251,6 @@ fn drifted_if_changed(et: &EventTopic) -> bool {
         && conditions::find(&status.conditions, READY).is_some_and(|c| c.status == "True")
 }
 
-/// The Kafka topics `et` manages and the config keys it set on each, from
-/// `status.managedTopics`. A status written before that record existed lists none; then
-/// the topics it reported in sync (`Ready=True`) count as its own, with the configs its
-/// spec names, which is what that version managed.
-fn managed(et: &EventTopic) -> BTreeMap<String, BTreeSet<String>> {
-    let Some(status) = &et.status else {
-        return BTreeMap::new();
-    };
-    if let Some(list) = &status.managed_topics {
-        return list
-            .iter()
-            .map(|m| (m.name.clone(), m.configs.iter().cloned().collect()))
-            .collect();
-    }
-    let was_in_sync =
-        conditions::find(&status.conditions, READY).is_some_and(|c| c.status == "True");
-    if !was_in_sync {
-        return BTreeMap::new();
-    }
-    let keys = |c: &BTreeMap<String, String>| c.keys().cloned().collect::<BTreeSet<_>>();
-    let mut topics = BTreeMap::new();
-    if let Some(name) = &status.topic_name {
-        topics.insert(name.clone(), keys(&et.spec.config));
-    }
-    if let Some(dlt) = &status.dead_letter_topic {
-        topics.insert(dlt.clone(), keys(&et.spec.dead_letter.config));
-    }
-    for retry in &status.retry_topics {
-        topics.insert(retry.clone(), BTreeSet::from(["retention.ms".to_string()]));
-    }
-    topics
-}
-
 fn to_status(managed: &BTreeMap<String, BTreeSet<String>>) -> Vec<ManagedTopic> {
     managed
         .iter()
@@ -225,7 +268,7 @@ async fn record_claim(
     et: &EventTopic,
     ctx: &Context,
     claim: &BTreeMap<String, BTreeSet<String>>,
-) -> Result<(), Error> {
+) -> Result<Option<String>, Error> {
     let mut status = et.status.clone().unwrap_or_default();
     status.managed_topics = Some(to_status(claim));
     crate::status::apply(ctx, et, &status).await
@@ -257,36 +300,54 @@ async fn sync(
             return Ok(outcome);
         }
     }
+    let keys: Vec<BTreeSet<String>> = topics
+        .iter()
+        .zip(&actual)
+        .map(|(d, state)| plan::claimed_keys(d, state.as_ref(), before.get(&d.name)))
+        .collect();
     let mut claim = before.clone();
-    for desired in topics {
-        claim
-            .entry(desired.name.clone())
-            .or_default()
-            .extend(desired.configs.keys().cloned());
+    for (desired, keys) in topics.iter().zip(&keys) {
+        let entry = claim.entry(desired.name.clone()).or_default();
+        entry.extend(keys.iter().cloned());
     }
-    if claim != before {
-        record_claim(et, ctx, &claim).await?;
-    }
+    let claimed = if claim != before {
+        Some(record_claim(et, ctx, &claim).await?)
+    } else {
+        None
+    };
 
     let mut changes = Vec::new();
     let mut main = None;
     let none = BTreeSet::new();
-    for (i, (desired, state)) in topics.iter().zip(actual).enumerate() {
+    // What is known to be this EventTopic's once this pass is over.
+    let mut managed = before.clone();
+    for (i, ((desired, state), keys)) in topics.iter().zip(actual).zip(keys).enumerate() {
         let set_before = before.get(&desired.name).unwrap_or(&none);
+        let changed_before = changes.len();
         match sync_one(desired, state, set_before, drift, ctx, &mut changes).await {
-            Ok(state) if i == 0 => main = state,
-            Ok(_) => {}
-            Err(refusal) => return Ok(refused(refusal, main, changes, Some(claim), resync)),
+            Ok(state) => {
+                if i == 0 {
+                    main = state;
+                }
+                managed.insert(desired.name.clone(), keys);
+            }
+            Err(refusal) => {
+                // What Kafka may have done stays recorded as this EventTopic's. A topic
+                // Kafka did not create for it (refused, or somebody else's by then) is
+                // not: the claim written before asking goes.
+                if changes.len() > changed_before || refusal.may_have_applied() {
+                    let claimed = claim.remove(&desired.name).unwrap_or_default();
+                    managed.insert(desired.name.clone(), claimed);
+                }
+                let mut outcome = refused(refusal, main, changes, Some(managed), resync);
+                outcome.claimed = claimed;
+                return Ok(outcome);
+            }
         }
     }
-    // Everything matches the spec: exactly its keys are what this EventTopic set.
-    let mut managed = claim;
-    for desired in topics {
-        managed.insert(
-            desired.name.clone(),
-            desired.configs.keys().cloned().collect(),
-        );
-    }
+    // Everything matches the spec. Topics an earlier spec named are released: their
+    // data and configs stay in Kafka, and another EventTopic may adopt them.
+    managed.retain(|name, _| topics.iter().any(|t| &t.name == name));
     let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
     Ok(Outcome {
         ready: Some(Observed::ready(
@@ -298,6 +359,7 @@ async fn sync(
         main,
         changes,
         managed: Some(managed),
+        claimed,
         requeue: Some(resync),
     })
 }
@@ -328,6 +390,7 @@ fn refused(
         main,
         changes,
         managed,
+        claimed: None,
         requeue: Some(requeue),
     }
 }
@@ -340,6 +403,20 @@ enum Refusal {
         message: String,
     },
     Kafka(KafkaError),
+}
+
+impl Refusal {
+    /// Whether the refused request may still have taken effect (no answer in time);
+    /// otherwise Kafka did nothing. "Topic already exists" is a definite answer: the
+    /// topic is somebody else's.
+    fn may_have_applied(&self) -> bool {
+        match self {
+            Refusal::Kafka(e) => {
+                e.is_transient() && e.code() != Some(RDKafkaErrorCode::TopicAlreadyExists)
+            }
+            Refusal::NotSupported(_) | Refusal::Config { .. } => false,
+        }
+    }
 }
 
 /// Whether Kafka's refusal may be about a config value, so that asking config by config
@@ -513,7 +590,7 @@ async fn sync_one(
 
 /// Holds the finalizer exactly while `deletionPolicy: Delete` asks for it, so retained
 /// topics never make deletion wait for the operator.
-async fn set_finalizer(et: &EventTopic, ctx: &Context) -> Result<(), Error> {
+async fn set_finalizer(et: &EventTopic, ctx: &Context) -> Result<Option<String>, Error> {
     let want = et.spec.deletion_policy == DeletionPolicy::Delete;
     crate::finalizer::set(&api(et, ctx), et, TOPIC_FINALIZER, want, &ctx.metrics)
         .await
@@ -533,7 +610,11 @@ fn kafka_message(e: &crate::kafka::KafkaError) -> String {
 
 /// Deletion: with `deletionPolicy: Delete`, delete the Kafka topics this EventTopic alone
 /// asks for, then let the resource go.
-async fn finalize(et: &EventTopic, ctx: &Ctx) -> Result<Action, Error> {
+async fn finalize(
+    et: &EventTopic,
+    ctx: &Ctx,
+    wrote: &mut impl FnMut(Option<String>),
+) -> Result<Action, Error> {
     if !et.finalizers().iter().any(|f| f == TOPIC_FINALIZER) {
         return Ok(Action::await_change());
     }
@@ -541,9 +622,7 @@ async fn finalize(et: &EventTopic, ctx: &Ctx) -> Result<Action, Error> {
     if et.spec.deletion_policy == DeletionPolicy::Delete && !released {
         let all = ctx.topics.state();
         // Only topics this EventTopic created or adopted: never one it was refused.
-        let mine = managed(et);
-        let mut topics = plan::exclusively_owned(et, all.iter().map(AsRef::as_ref));
-        topics.retain(|t| mine.contains_key(t));
+        let topics = plan::deletable(et, all.iter().map(AsRef::as_ref));
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         if let Err(e) = ctx.shared.kafka.delete_topics(&names).await {
             let message = format!(
@@ -552,7 +631,7 @@ async fn finalize(et: &EventTopic, ctx: &Ctx) -> Result<Action, Error> {
                 kafka_message(&e)
             );
             let outcome = Outcome::not_ready(&e.reason(), message, Duration::from_secs(5));
-            write_status(et, &ctx.shared, &outcome).await?;
+            wrote(write_status(et, &ctx.shared, &outcome).await?);
             return Ok(Action::requeue(Duration::from_secs(5)));
         }
         info!(topics = ?names, "deleted Kafka topics");
@@ -570,11 +649,17 @@ async fn finalize(et: &EventTopic, ctx: &Ctx) -> Result<Action, Error> {
     )
     .await
     .map_err(|source| Error::kube("remove the finalizer of", et, source))?;
+    ctx.written.forget(et);
     Ok(Action::await_change())
 }
 
 /// Writes status when it differs from what is stored, and an Event when Ready changes.
-async fn write_status(et: &EventTopic, ctx: &Context, outcome: &Outcome) -> Result<(), Error> {
+/// Returns the new resourceVersion when it wrote.
+async fn write_status(
+    et: &EventTopic,
+    ctx: &Context,
+    outcome: &Outcome,
+) -> Result<Option<String>, Error> {
     let old = et.status.clone().unwrap_or_default();
     let generation = et.metadata.generation;
     let now = Timestamp::now();
@@ -609,28 +694,44 @@ async fn write_status(et: &EventTopic, ctx: &Context, outcome: &Outcome) -> Resu
             generation
         },
         conditions: conds,
-        topic_name: Some(et.kafka_topic_name().to_string()),
+        // While paused, the names stay those last acted on: an edit made meanwhile has
+        // not reached Kafka (and a status from before managedTopics derives ownership
+        // from them).
+        topic_name: if outcome.paused {
+            old.topic_name.clone()
+        } else {
+            Some(et.kafka_topic_name().to_string())
+        },
         partitions: main.map(|s| s.partitions).or(old.partitions),
         replication_factor: main
             .map(|s| s.replication_factor)
             .filter(|rf| *rf > 0)
             .or(old.replication_factor),
-        dead_letter_topic: et.dead_letter_topic_name(),
-        retry_topics: et.retry_topic_names(),
-        consumers: consumers(et, ctx),
-        managed_topics: match &outcome.managed {
-            Some(managed) => Some(to_status(managed)),
-            None => old.managed_topics.clone(),
+        dead_letter_topic: if outcome.paused {
+            old.dead_letter_topic.clone()
+        } else {
+            et.dead_letter_topic_name()
         },
+        retry_topics: if outcome.paused {
+            old.retry_topics.clone()
+        } else {
+            et.retry_topic_names()
+        },
+        consumers: consumers(et, ctx),
+        // A status from before managedTopics gets the record on the first write, whatever
+        // the pass found: what it managed must not depend on the next Ready condition.
+        managed_topics: Some(to_status(
+            &outcome.managed.clone().unwrap_or_else(|| managed(et)),
+        )),
     };
-    if new == old {
-        return Ok(());
+    if new == old && outcome.claimed.is_none() {
+        return Ok(None);
     }
-    crate::status::apply(ctx, et, &new).await?;
+    let written = crate::status::apply(ctx, et, &new).await?;
     if let Some(ready) = &outcome.ready {
         crate::status::announce_ready(ctx, et, &old.conditions, ready).await;
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Names of the ConsumerGroups in `et`'s namespace that name it in `spec.topics`.
@@ -656,4 +757,31 @@ fn error_policy(et: Arc<EventTopic>, error: &Error, ctx: Arc<Ctx>) -> Action {
     let metrics = &ctx.shared.metrics;
     metrics.reconciled("eventtopic", Duration::ZERO, Some(error.metric_label()));
     Action::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(uid: &str, rv: &str) -> EventTopic {
+        let mut et = EventTopic::new("t", Default::default());
+        et.metadata.uid = Some(uid.into());
+        et.metadata.resource_version = Some(rv.into());
+        et
+    }
+
+    #[test]
+    fn a_version_the_operator_wrote_over_is_stale_until_the_cache_catches_up() {
+        let written = Superseded::default();
+        assert!(!written.is_stale(&at("a", "1")));
+        // One pass: a claim replaced version 1 with 2, the final status 2 with 3.
+        written.replaced(&at("a", "1"), Some("1".into()));
+        written.replaced(&at("a", "1"), Some("2".into()));
+        assert!(written.is_stale(&at("a", "1")));
+        assert!(written.is_stale(&at("a", "2")));
+        assert!(!written.is_stale(&at("b", "2")), "per object");
+        assert!(!written.is_stale(&at("a", "3")));
+        // Caught up: the cache never goes back, so nothing is kept.
+        assert!(!written.is_stale(&at("a", "1")));
+    }
 }

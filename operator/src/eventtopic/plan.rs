@@ -99,14 +99,19 @@ fn retry_retention_ms(delay: &str) -> u64 {
     (secs + 24 * 3600) * 1000
 }
 
-/// If another EventTopic already manages one of `mine`'s Kafka topics, the message that
-/// says which. The oldest EventTopic wins (ties broken by namespace and name), so the
-/// answer is the same whichever of the two is reconciled first.
+/// If another EventTopic keeps one of `mine`'s Kafka topics, the message that says which.
+///
+/// The EventTopic that manages a topic (lists it in `status.managedTopics`) keeps it:
+/// no other takes it over, however old, adoption annotation or not. Between EventTopics
+/// of which neither manages it, or both do (two first reconciles racing), the oldest
+/// wins, ties broken by namespace and name, so the answer is the same whichever of the
+/// two is reconciled first.
 pub fn conflict<'a>(
     mine: &EventTopic,
     others: impl IntoIterator<Item = &'a EventTopic>,
 ) -> Option<String> {
     let my_topics = topic_names(mine);
+    let my_managed = managed(mine);
     let key = |et: &EventTopic| {
         (
             et.metadata.creation_timestamp.clone().map(|t| t.0),
@@ -118,32 +123,115 @@ pub fn conflict<'a>(
         .into_iter()
         .filter(|other| other.metadata.uid != mine.metadata.uid)
         .filter(|other| other.metadata.deletion_timestamp.is_none())
-        .filter(|other| key(other) < key(mine))
         .find_map(|other| {
-            let shared = topic_names(other).into_iter().find(|t| my_topics.contains(t))?;
-            Some(format!(
-                "Kafka topic {shared} is already managed by EventTopic {}/{}, created earlier:                  choose another spec.topicName (or spec.deadLetter.topicName)",
-                other.metadata.namespace.as_deref().unwrap_or_default(),
-                other.metadata.name.as_deref().unwrap_or_default(),
-            ))
+            let their_managed = managed(other);
+            let older = key(other) < key(mine);
+            topic_names(other)
+                .into_iter()
+                .filter(|t| my_topics.contains(t))
+                .find_map(|shared| {
+                    let theirs = their_managed.contains_key(&shared);
+                    let ours = my_managed.contains_key(&shared);
+                    let why = match (theirs, ours) {
+                        (true, false) => "already managed by",
+                        (false, true) => return None,
+                        _ if older => "also asked for by",
+                        _ => return None,
+                    };
+                    Some(format!(
+                        "Kafka topic {shared} is {why} EventTopic {}/{}, which keeps it: choose \
+                         another {}",
+                        other.metadata.namespace.as_deref().unwrap_or_default(),
+                        other.metadata.name.as_deref().unwrap_or_default(),
+                        field_naming(mine, &shared),
+                    ))
+                })
         })
 }
 
-/// The Kafka topics of `mine` that no other live EventTopic asks for: the ones deleting
-/// `mine` with `deletionPolicy: Delete` may delete.
-pub fn exclusively_owned<'a>(
+/// The spec field that gives `mine` the Kafka topic `topic`, for messages.
+fn field_naming(mine: &EventTopic, topic: &str) -> &'static str {
+    if topic == mine.kafka_topic_name() {
+        "spec.topicName"
+    } else if mine.dead_letter_topic_name().as_deref() == Some(topic) {
+        "spec.deadLetter.topicName"
+    } else {
+        "spec.retry.delays"
+    }
+}
+
+/// The Kafka topics `mine` manages that no other live EventTopic asks for: the ones
+/// deleting `mine` with `deletionPolicy: Delete` may delete. A topic it only asks for
+/// (refused, or never created) is never among them.
+pub fn deletable<'a>(
     mine: &EventTopic,
     others: impl IntoIterator<Item = &'a EventTopic>,
 ) -> Vec<String> {
-    let claimed: Vec<String> = others
+    let asked: BTreeSet<String> = others
         .into_iter()
         .filter(|other| other.metadata.uid != mine.metadata.uid)
         .filter(|other| other.metadata.deletion_timestamp.is_none())
         .flat_map(topic_names)
         .collect();
-    topic_names(mine)
-        .into_iter()
-        .filter(|t| !claimed.contains(t))
+    managed(mine)
+        .into_keys()
+        .filter(|t| !asked.contains(t))
+        .collect()
+}
+
+/// The Kafka topics `et` manages and the config keys it set on each, from
+/// `status.managedTopics`. A status written before that record existed lists none; then
+/// the topics it reported in sync (`Ready=True`) count as its own, with the configs its
+/// spec names, which is what that version managed.
+pub fn managed(et: &EventTopic) -> BTreeMap<String, BTreeSet<String>> {
+    let Some(status) = &et.status else {
+        return BTreeMap::new();
+    };
+    if let Some(list) = &status.managed_topics {
+        return list
+            .iter()
+            .map(|m| (m.name.clone(), m.configs.iter().cloned().collect()))
+            .collect();
+    }
+    let was_in_sync = crate::conditions::find(&status.conditions, crate::conditions::READY)
+        .is_some_and(|c| c.status == "True");
+    if !was_in_sync {
+        return BTreeMap::new();
+    }
+    let keys = |c: &BTreeMap<String, String>| c.keys().cloned().collect::<BTreeSet<_>>();
+    let mut topics = BTreeMap::new();
+    if let Some(name) = &status.topic_name {
+        topics.insert(name.clone(), keys(&et.spec.config));
+    }
+    if let Some(dlt) = &status.dead_letter_topic {
+        topics.insert(dlt.clone(), keys(&et.spec.dead_letter.config));
+    }
+    for retry in &status.retry_topics {
+        topics.insert(retry.clone(), BTreeSet::from(["retention.ms".to_string()]));
+    }
+    topics
+}
+
+/// The config keys of `desired` that are this EventTopic's to manage once Kafka matches
+/// the spec: on a topic it creates, all of them; on an existing one, those it managed
+/// before and those the topic does not have yet. A key the topic already had (an
+/// administrator's, on an adopted topic) stays the administrator's: the spec may set its
+/// value, but dropping it from the spec leaves it, never deletes it.
+pub fn claimed_keys(
+    desired: &DesiredTopic,
+    actual: Option<&TopicState>,
+    set_before: Option<&BTreeSet<String>>,
+) -> BTreeSet<String> {
+    desired
+        .configs
+        .keys()
+        .filter(|k| match actual {
+            None => true,
+            Some(actual) => {
+                set_before.is_some_and(|s| s.contains(*k)) || !actual.configs.contains_key(*k)
+            }
+        })
+        .cloned()
         .collect()
 }
 
@@ -669,12 +757,83 @@ mod tests {
         assert!(conflict(&young, [&old]).is_some());
     }
 
+    /// `et` with a status that lists `topics` as managed.
+    fn managing(mut et: EventTopic, topics: &[&str]) -> EventTopic {
+        et.status = Some(eventops_crds::EventTopicStatus {
+            managed_topics: Some(
+                topics
+                    .iter()
+                    .map(|t| eventops_crds::ManagedTopic {
+                        name: t.to_string(),
+                        configs: vec![],
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        });
+        et
+    }
+
     #[test]
-    fn deleting_spares_topics_another_event_topic_asks_for() {
-        let mine = created("orders", "a", "1", 100, None);
+    fn the_event_topic_managing_a_topic_keeps_it_however_old_the_other() {
+        let older = created("orders", "a", "1", 100, None);
+        let manager = managing(
+            created("x", "b", "2", 200, Some("orders.DLT")),
+            &["orders.DLT", "orders.DLT.DLT"],
+        );
+        let msg = conflict(&older, [&manager]).unwrap();
+        assert!(
+            msg.contains("already managed by EventTopic b/x")
+                && msg.contains("spec.deadLetter.topicName"),
+            "{msg}"
+        );
+        assert_eq!(conflict(&manager, [&older]), None);
+        // An older manager of the topic keeps it too.
+        let older = managing(older, &["orders", "orders.DLT"]);
+        assert!(conflict(&manager, [&older]).is_some());
+    }
+
+    #[test]
+    fn deleting_deletes_only_managed_topics_no_other_asks_for() {
+        let mine = managing(
+            created("orders", "a", "1", 100, None),
+            &["orders", "orders.DLT"],
+        );
         let other = created("x", "b", "2", 200, Some("orders.DLT"));
-        assert_eq!(exclusively_owned(&mine, [&other]), ["orders"]);
-        assert_eq!(exclusively_owned(&mine, []), ["orders", "orders.DLT"]);
+        assert_eq!(deletable(&mine, [&other]), ["orders"]);
+        assert_eq!(deletable(&mine, []), ["orders", "orders.DLT"]);
+        // Asked for but never managed (refused, or not created): never deleted.
+        let refused = created("y", "c", "3", 300, Some("billing"));
+        assert_eq!(deletable(&refused, []), Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_adopted_topics_own_configs_are_not_claimed() {
+        let mut et = topic("t", 1);
+        et.spec.config = configs(&[
+            ("cleanup.policy", "compact"),
+            ("retention.ms", "1000"),
+            ("segment.ms", "60000"),
+        ]);
+        let desired = &desired_topics(&et).unwrap()[0];
+        let all: BTreeSet<String> = desired.configs.keys().cloned().collect();
+        assert_eq!(claimed_keys(desired, None, None), all, "created: all");
+        let had = state(
+            1,
+            1,
+            &[("cleanup.policy", "compact"), ("retention.ms", "-1")],
+        );
+        assert_eq!(
+            claimed_keys(desired, Some(&had), None),
+            BTreeSet::from(["segment.ms".to_string()]),
+            "adopted: only what the topic did not have"
+        );
+        let before = BTreeSet::from(["retention.ms".to_string()]);
+        assert_eq!(
+            claimed_keys(desired, Some(&had), Some(&before)),
+            BTreeSet::from(["retention.ms".to_string(), "segment.ms".to_string()]),
+            "managed: what it set before stays claimed"
+        );
     }
 
     #[test]
