@@ -114,7 +114,9 @@ impl TestEnv {
     }
 
     /// Starts the operator in this process, watching only `namespace`, with a short
-    /// resync interval. It stops when the handle is dropped.
+    /// resync interval, as a tenant installs it: its own Kafka user holding exactly the
+    /// documented ACLs ([`operator_user::OPERATOR_ACLS`]), never the super user. It
+    /// stops when the handle is dropped.
     pub fn start_operator(&self, namespace: &str) -> OperatorHandle {
         self.start_operator_with_kafka(namespace, &self.info.kafka_bootstrap)
     }
@@ -122,11 +124,47 @@ impl TestEnv {
     /// [`TestEnv::start_operator`] with another Kafka bootstrap address (for example one
     /// where nothing listens, to see how Kafka being unreachable is handled).
     pub fn start_operator_with_kafka(&self, namespace: &str, bootstrap: &str) -> OperatorHandle {
+        let user = self.shared_operator_user();
+        self.start_operator_config(Some(namespace), bootstrap, Some(&user))
+    }
+
+    /// The operator user this test binary's operators share, made (with
+    /// [`operator_user::OPERATOR_ACLS`]) on first use.
+    fn shared_operator_user(&self) -> operator_user::OperatorUser {
+        static USER: OnceCell<operator_user::OperatorUser> = OnceCell::const_new();
+        let make = async {
+            let user = self.create_operator_user().await;
+            self.grant_operator_acls(&user).await;
+            user
+        };
+        // Called from synchronous code inside the tests' multi-threaded runtime.
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(USER.get_or_init(|| make))
+        })
+        .clone()
+    }
+
+    /// Starts the operator in this process against `bootstrap` as `user` (the super user
+    /// when `None`), watching `namespace` (all when `None`), with a 2 s resync. Its
+    /// failure fails the calling test.
+    pub(crate) fn start_operator_config(
+        &self,
+        namespace: Option<&str>,
+        bootstrap: &str,
+        user: Option<&operator_user::OperatorUser>,
+    ) -> OperatorHandle {
         let mut config = eventops_operator::config::RunConfig::new(bootstrap);
-        config.kafka_username = Some(self.info.kafka_admin_user.clone());
-        config.kafka_password = Some(self.info.kafka_admin_password.clone());
+        let (name, password) = match user {
+            Some(u) => (u.user.clone(), u.password.clone()),
+            None => (
+                self.info.kafka_admin_user.clone(),
+                self.info.kafka_admin_password.clone(),
+            ),
+        };
+        config.kafka_username = Some(name);
+        config.kafka_password = Some(password);
         config.kafka_sasl_mechanism = self.info.kafka_sasl_mechanism.clone();
-        config.namespace = Some(namespace.to_string());
+        config.namespace = namespace.map(String::from);
         config.resync_interval = Duration::from_secs(2).into();
         let (stop, stopped) = oneshot::channel::<()>();
         let client = self.client.clone();

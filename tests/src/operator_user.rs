@@ -2,10 +2,6 @@
 //! Kafka ACLs the README lists, not the super user. Kafka's own tools (`ConfigCommand`,
 //! `AclCommand`) make the user and its grants.
 
-use std::time::Duration;
-
-use tokio::sync::oneshot;
-
 use crate::{OperatorHandle, TestEnv, unique};
 
 /// A resource an operator ACL is on, as `AclCommand` names it.
@@ -121,43 +117,14 @@ impl TestEnv {
         }
     }
 
-    /// Starts the operator in this process as `user`, watching `namespace` (all
-    /// namespaces when `None`), with a short resync and autoscaler interval. It stops
-    /// when the handle is dropped.
+    /// Starts the operator in this process as `user` (the super user when `None`),
+    /// watching `namespace` (all namespaces when `None`), with a short resync interval.
+    /// It stops when the handle is dropped.
     pub fn start_operator_as(
         &self,
         namespace: Option<&str>,
         user: Option<&OperatorUser>,
     ) -> OperatorHandle {
-        let mut config = eventops_operator::config::RunConfig::new(&self.info.kafka_bootstrap);
-        let (name, password) = match user {
-            Some(u) => (u.user.clone(), u.password.clone()),
-            None => (
-                self.info.kafka_admin_user.clone(),
-                self.info.kafka_admin_password.clone(),
-            ),
-        };
-        config.kafka_username = Some(name);
-        config.kafka_password = Some(password);
-        config.kafka_sasl_mechanism = self.info.kafka_sasl_mechanism.clone();
-        config.namespace = namespace.map(String::from);
-        config.resync_interval = Duration::from_secs(2).into();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let client = self.client.clone();
-        let metrics = std::sync::Arc::new(eventops_operator::telemetry::Metrics::default());
-        let handle_metrics = metrics.clone();
-        let task = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.await;
-            };
-            eventops_operator::run(client, &config, metrics, shutdown)
-                .await
-                .expect("operator failed");
-        });
-        OperatorHandle {
-            metrics: handle_metrics,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        self.start_operator_config(namespace, &self.info.kafka_bootstrap, user)
     }
 }
