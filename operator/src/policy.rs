@@ -106,18 +106,30 @@ impl NamespacePolicy {
                 .max()
         };
         let my_best = longest(mine);
+        // A namespace not listed speaks for itself through `*`; a listed one competes
+        // with `*` like with any other namespace.
+        let mine_key = if self.prefixes.contains_key(namespace) {
+            namespace
+        } else {
+            ANY_NAMESPACE
+        };
         let other = self
             .prefixes
             .iter()
-            .filter(|(ns, _)| ns.as_str() != namespace && ns.as_str() != ANY_NAMESPACE)
+            .filter(|(ns, _)| ns.as_str() != mine_key)
             .filter_map(|(ns, p)| Some((longest(p)?, ns)))
             .max();
         match (my_best, other) {
             (Some(mine), Some((theirs, _))) if mine >= theirs => Ok(()),
             (Some(_), None) => Ok(()),
             (_, Some((_, owner))) if my_best.is_some() => Err(format!(
-                "{field} {name:?} belongs to namespace {owner} under the operator's namespace policy \
-                 (a longer prefix of it is theirs): choose another {field}"
+                "{field} {name:?} belongs to {} under the operator's namespace policy \
+                 (a longer prefix of it is theirs): choose another {field}",
+                if owner == ANY_NAMESPACE {
+                    "every namespace not listed (*)".to_string()
+                } else {
+                    format!("namespace {owner}")
+                }
             )),
             _ => Err(format!(
                 "{field} {name:?} is outside what namespace {namespace} may own under the operator's \
@@ -201,6 +213,27 @@ mod tests {
         assert_eq!(
             p.check("team-b", "spec.topicName", "orders.eu.placed"),
             Ok(())
+        );
+    }
+
+    #[test]
+    fn a_listed_namespace_competes_with_star_for_longer_prefixes() {
+        let p = policy(&["team-a=orders.", "*=orders.eu."]);
+        let err = p
+            .check("team-a", "spec.topicName", "orders.eu.placed")
+            .unwrap_err();
+        assert!(err.contains("not listed"), "{err}");
+        assert_eq!(
+            p.check("team-a", "spec.topicName", "orders.us.placed"),
+            Ok(())
+        );
+        assert_eq!(
+            p.check("dev-1", "spec.topicName", "orders.eu.placed"),
+            Ok(())
+        );
+        assert!(
+            p.check("dev-1", "spec.topicName", "orders.us.placed")
+                .is_err()
         );
     }
 

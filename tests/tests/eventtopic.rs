@@ -992,3 +992,59 @@ async fn a_status_from_before_managed_topics_never_lets_a_paused_edit_delete_a_f
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drift_is_corrected_again_after_a_correction_that_claimed_a_key() {
+    let (env, api, _operator) = setup("et-drift-again").await;
+    let topic = unique("billing.ledger.drifting");
+    create_by_hand(&env, &topic, &["cleanup.policy=compact"]).await;
+    let name = unique("ledger");
+    api.create(
+        &Default::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "eventops.dev/v1alpha1", "kind": "EventTopic",
+            "metadata": {"name": name,
+                         "annotations": {eventops_crds::ADOPT_ANNOTATION: "true"}},
+            "spec": {"partitions": 1, "topicName": topic, "deadLetter": {"enabled": false},
+                     "config": {"cleanup.policy": "compact", "retention.ms": "86400000"}},
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    ready(&api, &name, 1, "True").await;
+    let in_spec = ["cleanup.policy=compact", "retention.ms=86400000"];
+    assert_eq!(env.topic_configs(&topic).await, in_spec);
+
+    // The administrator deletes their own key, which the spec names: the operator puts it
+    // back, and from then on it is EventOps' key (a claim with nothing else changed).
+    let config = |args: &[&str]| {
+        let mut all = vec![
+            "--alter",
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            &topic,
+        ];
+        all.extend(args);
+        let all: Vec<String> = all.iter().map(|s| s.to_string()).collect();
+        let env = &env;
+        async move {
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            env.kafka_tool("kafka.admin.ConfigCommand", &all)
+                .await
+                .unwrap();
+        }
+    };
+    config(&["--delete-config", "cleanup.policy"]).await;
+    eventually(TIMEOUT, "cleanup.policy put back", || async {
+        (env.topic_configs(&topic).await == in_spec).then_some(())
+    })
+    .await;
+    // And the next change behind its back is corrected too.
+    config(&["--add-config", "retention.ms=1000"]).await;
+    eventually(TIMEOUT, "retention.ms put back", || async {
+        (env.topic_configs(&topic).await == in_spec).then_some(())
+    })
+    .await;
+}

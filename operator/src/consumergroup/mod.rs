@@ -361,9 +361,7 @@ fn native_message(e: &NativeError) -> String {
 /// DescribeUserScramCredentials error path, a leaked event) each time.
 fn access_retry(e: &NativeError, resync: Duration) -> Duration {
     let soon = match e {
-        NativeError::Kafka { code, .. } => {
-            crate::kafka::is_transient_code(*code) || (*code as i32) < 0
-        }
+        NativeError::Kafka { code, .. } => crate::kafka::is_transient_code(*code),
         NativeError::Timeout { .. } | NativeError::Cancelled { .. } => true,
         NativeError::InvalidArgument(_) | NativeError::Unexpected { .. } => false,
     };

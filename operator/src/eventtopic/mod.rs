@@ -26,7 +26,6 @@ use crate::error::Error;
 use crate::kafka::native::ConfigOp;
 use crate::kafka::{KafkaError, NewTopicSpec, TopicState};
 use plan::{DesiredTopic, Plan, Step, managed};
-use rdkafka::types::RDKafkaErrorCode;
 
 /// Condition type set while the paused annotation stops reconciliation.
 pub const PAUSED: &str = "Paused";
@@ -126,6 +125,16 @@ pub async fn run(shared: Arc<Context>, shutdown: impl Future<Output = ()> + Send
         .await;
 }
 
+/// Whether the namespace policy lets `et` own every Kafka topic it asks for.
+fn permitted(et: &EventTopic, policy: &crate::policy::NamespacePolicy) -> bool {
+    let ns = et.namespace().unwrap_or_default();
+    plan::desired_topics(et).is_ok_and(|topics| {
+        topics
+            .iter()
+            .all(|t| policy.check(&ns, plan::name_field(t), &t.name).is_ok())
+    })
+}
+
 /// A change made in Kafka, to be told in an Event.
 struct Change {
     type_: EventType,
@@ -184,7 +193,9 @@ async fn reconcile_inner(
     // The resourceVersion this pass's writes build on, each write's noted as replaced.
     let mut version = et.metadata.resource_version.clone();
     let mut wrote = |new: Option<String>| {
-        if new.is_some() {
+        // A write that changed nothing keeps the version (the API server answers with
+        // the stored one): that version is current, not replaced.
+        if new.is_some() && new != version {
             ctx.written
                 .replaced(et, std::mem::replace(&mut version, new));
         }
@@ -216,7 +227,11 @@ async fn reconcile_inner(
                     .find_map(|t| policy.check(&ns, plan::name_field(t), &t.name).err());
                 if let Some(message) = outside {
                     Outcome::not_ready("NotPermitted", message, resync)
-                } else if let Some(message) = plan::conflict(et, all.iter().map(AsRef::as_ref)) {
+                } else if let Some(message) =
+                    plan::conflict(et, all.iter().map(AsRef::as_ref), |other| {
+                        permitted(other, policy)
+                    })
+                {
                     Outcome::not_ready("ResourceConflict", message, resync)
                 } else {
                     sync(et, &topics, drifted_if_changed(et), &ctx.shared).await?
@@ -345,9 +360,10 @@ async fn sync(
             }
         }
     }
-    // Everything matches the spec. Topics an earlier spec named are released: their
-    // data and configs stay in Kafka, and another EventTopic may adopt them.
-    managed.retain(|name, _| topics.iter().any(|t| &t.name == name));
+    // Everything matches the spec. Topics an earlier spec named (a dead-letter topic
+    // renamed, a retry delay changed) stay this EventTopic's: it created or adopted
+    // them, going back to them needs no adoption, and deleting it with
+    // `deletionPolicy: Delete` deletes them too unless another EventTopic asks for them.
     let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
     Ok(Outcome {
         ready: Some(Observed::ready(
@@ -407,13 +423,11 @@ enum Refusal {
 
 impl Refusal {
     /// Whether the refused request may still have taken effect (no answer in time);
-    /// otherwise Kafka did nothing. "Topic already exists" is a definite answer: the
-    /// topic is somebody else's.
+    /// otherwise Kafka did nothing ("topic already exists" included: the topic is
+    /// somebody else's).
     fn may_have_applied(&self) -> bool {
         match self {
-            Refusal::Kafka(e) => {
-                e.is_transient() && e.code() != Some(RDKafkaErrorCode::TopicAlreadyExists)
-            }
+            Refusal::Kafka(e) => e.may_have_taken_effect(),
             Refusal::NotSupported(_) | Refusal::Config { .. } => false,
         }
     }
@@ -622,7 +636,11 @@ async fn finalize(
     if et.spec.deletion_policy == DeletionPolicy::Delete && !released {
         let all = ctx.topics.state();
         // Only topics this EventTopic created or adopted: never one it was refused.
-        let topics = plan::deletable(et, all.iter().map(AsRef::as_ref));
+        let mut topics = plan::deletable(et, all.iter().map(AsRef::as_ref));
+        // Never outside what the namespace may own, whatever its status lists.
+        let policy = &ctx.shared.settings.namespace_policy;
+        let ns = et.namespace().unwrap_or_default();
+        topics.retain(|t| policy.check(&ns, "spec.topicName", t).is_ok());
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         if let Err(e) = ctx.shared.kafka.delete_topics(&names).await {
             let message = format!(

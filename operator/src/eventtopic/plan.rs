@@ -106,9 +106,13 @@ fn retry_retention_ms(delay: &str) -> u64 {
 /// of which neither manages it, or both do (two first reconciles racing), the oldest
 /// wins, ties broken by namespace and name, so the answer is the same whichever of the
 /// two is reconciled first.
+///
+/// Only EventTopics for which `may_own` holds (the namespace policy lets them own their
+/// names) count: one the policy refuses cannot keep a name from its owner.
 pub fn conflict<'a>(
     mine: &EventTopic,
     others: impl IntoIterator<Item = &'a EventTopic>,
+    may_own: impl Fn(&EventTopic) -> bool,
 ) -> Option<String> {
     let my_topics = topic_names(mine);
     let my_managed = managed(mine);
@@ -123,6 +127,7 @@ pub fn conflict<'a>(
         .into_iter()
         .filter(|other| other.metadata.uid != mine.metadata.uid)
         .filter(|other| other.metadata.deletion_timestamp.is_none())
+        .filter(|other| may_own(other))
         .find_map(|other| {
             let their_managed = managed(other);
             let older = key(other) < key(mine);
@@ -181,8 +186,8 @@ pub fn deletable<'a>(
 
 /// The Kafka topics `et` manages and the config keys it set on each, from
 /// `status.managedTopics`. A status written before that record existed lists none; then
-/// the topics it reported in sync (`Ready=True`) count as its own, with the configs its
-/// spec names, which is what that version managed.
+/// the topics it reports count as its own (unless it reported `ResourceConflict`), with
+/// the configs its spec names, which is what that version managed.
 pub fn managed(et: &EventTopic) -> BTreeMap<String, BTreeSet<String>> {
     let Some(status) = &et.status else {
         return BTreeMap::new();
@@ -193,9 +198,12 @@ pub fn managed(et: &EventTopic) -> BTreeMap<String, BTreeSet<String>> {
             .map(|m| (m.name.clone(), m.configs.iter().cloned().collect()))
             .collect();
     }
-    let was_in_sync = crate::conditions::find(&status.conditions, crate::conditions::READY)
-        .is_some_and(|c| c.status == "True");
-    if !was_in_sync {
+    // That version took over whatever topic its spec named, so the names its status
+    // reports are its own, in sync or not, except when it reported that an older
+    // EventTopic had them.
+    let lost = crate::conditions::find(&status.conditions, crate::conditions::READY)
+        .is_some_and(|c| c.status != "True" && c.reason == "ResourceConflict");
+    if lost {
         return BTreeMap::new();
     }
     let keys = |c: &BTreeMap<String, String>| c.keys().cloned().collect::<BTreeSet<_>>();
@@ -742,8 +750,8 @@ mod tests {
         let young = created("other", "b", "2", 200, Some("orders"));
         let unrelated = created("payments", "a", "3", 50, None);
         let all = [old.clone(), young.clone(), unrelated];
-        assert_eq!(conflict(&old, &all), None);
-        let msg = conflict(&young, &all).unwrap();
+        assert_eq!(conflict(&old, &all, |_| true), None);
+        let msg = conflict(&young, &all, |_| true).unwrap();
         assert!(
             msg.contains("a/orders") && msg.contains("spec.topicName"),
             "{msg}"
@@ -754,7 +762,7 @@ mod tests {
     fn dead_letter_names_count_as_owned_topics() {
         let old = created("orders", "a", "1", 100, None);
         let young = created("x", "a", "2", 200, Some("orders.DLT"));
-        assert!(conflict(&young, [&old]).is_some());
+        assert!(conflict(&young, [&old], |_| true).is_some());
     }
 
     /// `et` with a status that lists `topics` as managed.
@@ -781,16 +789,18 @@ mod tests {
             created("x", "b", "2", 200, Some("orders.DLT")),
             &["orders.DLT", "orders.DLT.DLT"],
         );
-        let msg = conflict(&older, [&manager]).unwrap();
+        let msg = conflict(&older, [&manager], |_| true).unwrap();
         assert!(
             msg.contains("already managed by EventTopic b/x")
                 && msg.contains("spec.deadLetter.topicName"),
             "{msg}"
         );
-        assert_eq!(conflict(&manager, [&older]), None);
+        assert_eq!(conflict(&manager, [&older], |_| true), None);
+        // One the namespace policy refuses does not count.
+        assert_eq!(conflict(&older, [&manager], |_| false), None);
         // An older manager of the topic keeps it too.
         let older = managing(older, &["orders", "orders.DLT"]);
-        assert!(conflict(&manager, [&older]).is_some());
+        assert!(conflict(&manager, [&older], |_| true).is_some());
     }
 
     #[test]

@@ -89,6 +89,23 @@ impl KafkaError {
         !matches!(self, KafkaError::Refused { .. })
     }
 
+    /// Whether the request may still have taken effect: no answer came (a timeout, a
+    /// connection lost on the way). Any other answer says Kafka did nothing.
+    pub fn may_have_taken_effect(&self) -> bool {
+        use RDKafkaErrorCode as C;
+        match self {
+            KafkaError::Unavailable { .. } => true,
+            KafkaError::Refused { code, .. } | KafkaError::Busy { code, .. } => matches!(
+                code,
+                C::RequestTimedOut
+                    | C::OperationTimedOut
+                    | C::TimedOutQueue
+                    | C::NetworkException
+                    | C::BrokerTransportFailure
+            ),
+        }
+    }
+
     /// Kafka's error code, when Kafka answered.
     pub fn code(&self) -> Option<RDKafkaErrorCode> {
         match self {
@@ -164,6 +181,12 @@ pub fn is_transient_code(code: RDKafkaErrorCode) -> bool {
             // Metadata read just before another reconcile created it: look again.
             | C::TopicAlreadyExists
             | C::OperationTimedOut
+            // librdkafka's own: no broker reachable or no answer in time.
+            | C::BrokerTransportFailure
+            | C::AllBrokersDown
+            | C::Resolve
+            | C::TimedOutQueue
+            | C::WaitingForCoordinator
     )
 }
 
