@@ -539,8 +539,10 @@ impl Chaos {
                 };
                 // Kill the leader once the creation is well under way.
                 let groups: Api<ConsumerGroup> = Api::namespaced(self.env.client.clone(), &self.ns);
+                // 2 s per 3 objects at least: 500 + 500 on a loaded 2-core machine took
+                // more than 120 s (the API server answered "Handler timeout").
                 eventually(
-                    Duration::from_secs(120),
+                    Duration::from_secs(120.max(objects as u64 * 2 / 3)),
                     "a third of the objects applied",
                     || async {
                         let n = groups.list(&ListParams::default()).await.ok()?.items.len();
