@@ -50,8 +50,41 @@ pub struct MemoryStore {
 }
 
 struct Ring {
-    set: HashSet<u128>,
+    set: HashSet<u128, KeyHash>,
     order: VecDeque<u128>,
+}
+
+/// Hashes the store's keys, which are already keyed SipHashes of the ids: their bits are
+/// used as they are rather than hashed a third time (once per lookup, insert and removal).
+/// Without the store's random keys nobody can choose ids whose keys collide.
+#[derive(Clone, Copy, Default)]
+struct KeyHash;
+
+impl BuildHasher for KeyHash {
+    type Hasher = KeyHasher;
+
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(0)
+    }
+}
+
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u128(&mut self, k: u128) {
+        self.0 ^= (k as u64) ^ ((k >> 64) as u64);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u128 keys are hashed here; any other input still hashes (FNV-1a).
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
 }
 
 impl MemoryStore {
@@ -62,7 +95,7 @@ impl MemoryStore {
             capacity,
             keys: (Default::default(), Default::default()),
             inner: Mutex::new(Ring {
-                set: HashSet::with_capacity(capacity),
+                set: HashSet::with_capacity_and_hasher(capacity, KeyHash),
                 order: VecDeque::with_capacity(capacity),
             }),
         }

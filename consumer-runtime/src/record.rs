@@ -1,5 +1,6 @@
 //! A consumed Kafka record, copied out of librdkafka's buffer so it can cross tasks.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use rdkafka::Message;
@@ -15,28 +16,148 @@ pub struct Record {
     pub(crate) offset: i64,
     pub(crate) timestamp: Option<i64>,
     pub(crate) timestamp_type: TimestampType,
-    pub(crate) key: Option<Vec<u8>>,
-    pub(crate) payload: Option<Vec<u8>>,
+    /// The buffer holding the key and value, shared with other records of the partition
+    /// polled with this one (see [`Gathered`]).
+    bytes: Arc<Vec<u8>>,
+    key: Option<Range<usize>>,
+    payload: Option<Range<usize>>,
     pub(crate) headers: Option<OwnedHeaders>,
 }
 
-impl Record {
-    /// Copies a polled message; `topic` is the partition's shared topic name.
-    pub(crate) fn from_message(topic: Arc<str>, m: &BorrowedMessage<'_>) -> Self {
+/// Most bytes of keys and values of one partition's records copied into one buffer.
+///
+/// One allocation per buffer instead of two per record (the key and the value, allocated
+/// on the poll thread and freed on a partition task's thread, which is slow in the
+/// allocator). A buffer is freed when its last record is dropped, so a record that waits
+/// (a key backing off while other keys go on) keeps at most this much memory alive.
+const BUFFER_BYTES: usize = 16 * 1024;
+
+/// A polled record copied out of librdkafka, waiting for its buffer to be complete.
+struct Copied {
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
+    timestamp_type: TimestampType,
+    key: Option<Range<usize>>,
+    payload: Option<Range<usize>>,
+    headers: Option<OwnedHeaders>,
+}
+
+/// The records of one partition polled since they were last handed to its task, copied
+/// into shared buffers of about [`BUFFER_BYTES`].
+pub(crate) struct Gathered {
+    topic: Arc<str>,
+    records: Vec<Record>,
+    buffer: Vec<u8>,
+    in_buffer: Vec<Copied>,
+}
+
+impl Gathered {
+    /// Gathers records of `topic`, whose shared name is used for every record.
+    pub fn new(topic: Arc<str>) -> Self {
+        Self {
+            topic,
+            records: Vec::new(),
+            buffer: Vec::new(),
+            in_buffer: Vec::new(),
+        }
+    }
+
+    /// Copies a polled message.
+    pub fn push(&mut self, m: &BorrowedMessage<'_>) {
+        let (key, payload) = (m.key(), m.payload());
+        let size = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
+        if !self.buffer.is_empty() && self.buffer.len() + size > self.buffer.capacity() {
+            self.seal();
+        }
+        if self.buffer.capacity() == 0 {
+            self.buffer = Vec::with_capacity(size.max(BUFFER_BYTES));
+        }
+        let mut copy = |bytes: Option<&[u8]>| {
+            bytes.map(|b| {
+                let start = self.buffer.len();
+                self.buffer.extend_from_slice(b);
+                start..self.buffer.len()
+            })
+        };
+        let (key, payload) = (copy(key), copy(payload));
         let (timestamp_type, timestamp) = match m.timestamp() {
             rdkafka::Timestamp::NotAvailable => (TimestampType::NotAvailable, None),
             rdkafka::Timestamp::CreateTime(t) => (TimestampType::CreateTime, Some(t)),
             rdkafka::Timestamp::LogAppendTime(t) => (TimestampType::LogAppendTime, Some(t)),
         };
-        Self {
-            topic,
+        self.in_buffer.push(Copied {
             partition: m.partition(),
             offset: m.offset(),
             timestamp,
             timestamp_type,
-            key: m.key().map(<[u8]>::to_vec),
-            payload: m.payload().map(<[u8]>::to_vec),
+            key,
+            payload,
             headers: m.headers().map(|h| h.detach()),
+        });
+    }
+
+    /// The records gathered, in the order they were pushed.
+    pub fn take(&mut self) -> Vec<Record> {
+        self.seal();
+        std::mem::take(&mut self.records)
+    }
+
+    /// Makes records of those in the current buffer; the next one starts a new buffer.
+    fn seal(&mut self) {
+        if self.in_buffer.is_empty() {
+            return;
+        }
+        let mut bytes = std::mem::take(&mut self.buffer);
+        if bytes.len() < bytes.capacity() / 2 {
+            bytes.shrink_to_fit(); // few records this time: keep no unused buffer alive
+        }
+        let bytes = Arc::new(bytes);
+        self.records
+            .extend(self.in_buffer.drain(..).map(|c| Record {
+                topic: self.topic.clone(),
+                partition: c.partition,
+                offset: c.offset,
+                timestamp: c.timestamp,
+                timestamp_type: c.timestamp_type,
+                bytes: bytes.clone(),
+                key: c.key,
+                payload: c.payload,
+                headers: c.headers,
+            }));
+    }
+}
+
+impl Record {
+    /// A record made here rather than polled.
+    #[cfg(test)]
+    pub(crate) fn new(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+    ) -> Self {
+        let mut bytes = Vec::new();
+        let mut copy = |b: Option<&[u8]>| {
+            b.map(|b| {
+                let start = bytes.len();
+                bytes.extend_from_slice(b);
+                start..bytes.len()
+            })
+        };
+        let (key, payload) = (copy(key), copy(payload));
+        Self {
+            topic: topic.into(),
+            partition,
+            offset,
+            timestamp: None,
+            timestamp_type: TimestampType::NotAvailable,
+            bytes: Arc::new(bytes),
+            key,
+            payload,
+            headers,
         }
     }
 
@@ -62,12 +183,12 @@ impl Record {
 
     /// Its key.
     pub fn key(&self) -> Option<&[u8]> {
-        self.key.as_deref()
+        self.key.clone().map(|r| &self.bytes[r])
     }
 
     /// Its value.
     pub fn payload(&self) -> Option<&[u8]> {
-        self.payload.as_deref()
+        self.payload.clone().map(|r| &self.bytes[r])
     }
 
     /// The last value of header `name`.

@@ -214,16 +214,7 @@ mod tests {
                 value: Some(v.as_bytes()),
             });
         }
-        Record {
-            topic: "t".into(),
-            partition: 0,
-            offset: 0,
-            timestamp: None,
-            timestamp_type: crate::dead_letter::TimestampType::NotAvailable,
-            key: None,
-            payload: None,
-            headers: Some(h),
-        }
+        Record::new("t", 0, 0, None, None, Some(h))
     }
 
     #[test]

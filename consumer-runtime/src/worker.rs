@@ -50,7 +50,7 @@ use crate::idempotency::{InboxError, MemoryStore, PostgresInbox, PostgresTimeout
 use crate::metrics::{self, Metrics, PartitionLabels};
 use crate::partition::{self, PartitionHandle, PartitionState};
 use crate::processor::{Dedup, Plain, Processor, Transactional};
-use crate::record::Record;
+use crate::record::{Gathered, Record};
 use crate::retry::RetryPolicy;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -169,17 +169,18 @@ pub(crate) struct Core {
     plans: HashMap<String, Arc<TopicPlan>>,
     consumer: OnceLock<Weak<BaseConsumer<Ctx>>>,
     partitions: Mutex<HashMap<String, HashMap<i32, PartitionHandle>>>,
-    #[allow(clippy::type_complexity)]
-    pending: Mutex<
-        Vec<(
-            Arc<PartitionState>,
-            UnboundedSender<Vec<Record>>,
-            Vec<Record>,
-        )>,
-    >,
+    /// Records polled since the last [`flush`](Core::flush), per partition.
+    pending: Mutex<Vec<Pending>>,
     #[allow(clippy::type_complexity)]
     spawn: Box<dyn Fn(&Arc<Core>, Arc<str>, i32) -> PartitionHandle + Send + Sync>,
     stopping: AtomicBool,
+}
+
+/// A partition's records polled since the last [`flush`](Core::flush).
+struct Pending {
+    state: Arc<PartitionState>,
+    tx: UnboundedSender<Vec<Record>>,
+    records: Gathered,
 }
 
 impl Core {
@@ -376,17 +377,39 @@ impl Core {
     ///
     /// Records are gathered per partition and sent by [`flush`](Self::flush), once per
     /// poll burst, so a task is woken once per burst rather than once per record.
+    /// librdkafka hands over a fetched batch of one partition in a row: while records of
+    /// the partition gathered last come in, neither the partitions nor the gathered
+    /// records are searched. That is sound because the gathered records never outlive a
+    /// rebalance: [`flush`](Self::flush) runs before every one.
     fn dispatch(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let mut pending = self.pending.lock().unwrap();
+        if let Some(p) = pending.last_mut()
+            && p.state.partition == m.partition()
+            && *p.state.topic == *m.topic()
+        {
+            p.records.push(m);
+            return;
+        }
         let map = self.partitions.lock().unwrap();
         let Some(h) = map.get(m.topic()).and_then(|t| t.get(&m.partition())) else {
             return;
         };
-        let record = Record::from_message(h.state.topic.clone(), m);
-        let mut pending = self.pending.lock().unwrap();
-        match pending.iter_mut().find(|p| Arc::ptr_eq(&p.0, &h.state)) {
-            Some(p) => p.2.push(record),
-            None => pending.push((h.state.clone(), h.records.clone(), vec![record])),
-        }
+        let i = match pending.iter().position(|p| Arc::ptr_eq(&p.state, &h.state)) {
+            Some(i) => i,
+            None => {
+                pending.push(Pending {
+                    state: h.state.clone(),
+                    tx: h.records.clone(),
+                    records: Gathered::new(h.state.topic.clone()),
+                });
+                pending.len() - 1
+            }
+        };
+        drop(map);
+        // The partition's entry goes last, for the records of it that follow.
+        let last = pending.len() - 1;
+        pending.swap(i, last);
+        pending[last].records.push(m);
     }
 
     /// Sends the gathered records to their tasks. Called after each poll burst and
@@ -394,10 +417,11 @@ impl Core {
     /// partition when they were polled.
     fn flush(&self) {
         let mut pending = self.pending.lock().unwrap();
-        for (state, tx, records) in pending.drain(..) {
+        for mut p in pending.drain(..) {
+            let records = p.records.take();
             // Counted before sending: the task may finish them before `send` returns.
-            state.dispatched(records.len());
-            let _ = tx.send(records);
+            p.state.dispatched(records.len());
+            let _ = p.tx.send(records);
         }
     }
 }

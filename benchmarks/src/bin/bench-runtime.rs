@@ -453,7 +453,7 @@ fn report(results: &[Figures], args: &Args) {
         "time: first record at the handler → all offsets committed (seen by the broker, polled every 50 ms)\n\
          startup: process start → first record; peak RSS: VmHWM; CPU: utime + stime of the process, \
          per record: CPU / records\n\
-         Spring: Boot 3.4 / spring-kafka 3.3, AckMode.MANUAL, DefaultErrorHandler, listener \
+         Spring: Boot 4.0 / spring-kafka 4.0, AckMode.MANUAL, DefaultErrorHandler, listener \
          concurrency {} (= partitions), JVM options: {}\n\
          load average at the end: {}",
         args.partitions,
