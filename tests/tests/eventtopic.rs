@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use eventops_crds::EventTopic;
-use eventops_tests::{TestEnv, apply, env, eventually, unique};
+use eventops_tests::{OperatorHandle, TestEnv, apply, env, eventually, unique};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
@@ -35,7 +35,17 @@ async fn ready(
     .await
 }
 
-async fn setup(prefix: &str) -> (TestEnv, Api<EventTopic>, eventops_tests::OperatorHandle) {
+/// Waits until the EventTopic controller has run 4 more reconciles (it resyncs every 2 s
+/// in tests), so that a window in which nothing may change has seen the operator look.
+async fn resyncs(operator: &OperatorHandle) {
+    let before = operator.metrics.reconciles("eventtopic");
+    eventually(TIMEOUT, "4 more EventTopic reconciles", || async {
+        (operator.metrics.reconciles("eventtopic") >= before + 4).then_some(())
+    })
+    .await;
+}
+
+async fn setup(prefix: &str) -> (TestEnv, Api<EventTopic>, OperatorHandle) {
     let env = env().await;
     let ns = env.namespace(prefix).await;
     let operator = env.start_operator(&ns);
@@ -243,7 +253,7 @@ async fn condition(api: &Api<EventTopic>, name: &str, type_: &str) -> Option<(St
 
 #[tokio::test(flavor = "multi_thread")]
 async fn changes_behind_the_operators_back_are_corrected_and_reported() {
-    let (env, api, _operator) = setup("et-drift").await;
+    let (env, api, operator) = setup("et-drift").await;
     let topic = unique("orders.order-cancelled");
     apply(
         &api,
@@ -286,7 +296,7 @@ async fn changes_behind_the_operators_back_are_corrected_and_reported() {
     .await;
     assert!(reasons.contains(&"TopicCreated".to_string()), "{reasons:?}");
     // Later resyncs leave the administrator's config alone for good.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    resyncs(&operator).await;
     assert_eq!(
         env.topic_configs(&topic).await,
         ["cleanup.policy=compact", "retention.ms=600000"]
@@ -423,7 +433,7 @@ async fn the_release_annotation_lets_a_resource_go_when_kafka_is_gone() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_paused_annotation_stops_reconciliation() {
-    let (env, api, _operator) = setup("et-paused").await;
+    let (env, api, operator) = setup("et-paused").await;
     let topic = unique("orders.order-held");
     apply(&api, &topic, json!({"partitions": 2})).await.unwrap();
     ready(&api, &topic, 1, "True").await;
@@ -436,9 +446,16 @@ async fn the_paused_annotation_stops_reconciliation() {
         (condition(&api, &topic, "Paused").await? == ("True".into(), "Paused".into())).then_some(())
     })
     .await;
+    // A paused EventTopic is reconciled only when it changes; an unpaused sibling keeps
+    // the operator resyncing, so the window below proves the operator was running.
+    let sibling = unique("orders.order-sibling");
+    apply(&api, &sibling, json!({"partitions": 1}))
+        .await
+        .unwrap();
+    ready(&api, &sibling, 1, "True").await;
     apply(&api, &topic, json!({"partitions": 4})).await.unwrap();
-    // Several resync intervals (2 s in tests) pass without the change reaching Kafka.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Resyncs pass without the change reaching Kafka.
+    resyncs(&operator).await;
     assert_eq!(env.describe_topic(&topic).await.unwrap().partitions, 2);
 
     let resume = json!({"metadata": {"annotations": {eventops_crds::PAUSED_ANNOTATION: null}}});
@@ -523,24 +540,9 @@ fn annotate(key: &str, value: Option<&str>) -> Patch<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_topic_that_no_event_topic_manages_is_adopted_only_when_asked() {
-    let (env, api, _operator) = setup("et-adopt").await;
+    let (env, api, operator) = setup("et-adopt").await;
     let topic = unique("billing.ledger.kept");
-    env.kafka_tool(
-        "org.apache.kafka.tools.TopicCommand",
-        &[
-            "--create",
-            "--topic",
-            &topic,
-            "--partitions",
-            "1",
-            "--config",
-            "cleanup.policy=compact",
-            "--config",
-            "retention.ms=-1",
-        ],
-    )
-    .await
-    .unwrap();
+    create_by_hand(&env, &topic, &["cleanup.policy=compact", "retention.ms=-1"]).await;
     let by_hand = vec![
         "cleanup.policy=compact".to_string(),
         "retention.ms=-1".into(),
@@ -568,8 +570,8 @@ async fn a_topic_that_no_event_topic_manages_is_adopted_only_when_asked() {
             && message.contains(eventops_crds::ADOPT_ANNOTATION),
         "{message}"
     );
-    // Several resyncs (2 s in tests) later, Kafka is still as its administrator left it.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Resyncs later, Kafka is still as its administrator left it.
+    resyncs(&operator).await;
     assert_eq!(env.topic_configs(&topic).await, by_hand);
 
     api.patch(
@@ -615,20 +617,7 @@ async fn an_existing_dead_letter_topic_is_not_taken_and_nothing_is_created() {
     let (env, api, _operator) = setup("et-adopt-dlt").await;
     let topic = unique("billing.invoice.sent");
     let dlt = format!("{topic}.DLT");
-    env.kafka_tool(
-        "org.apache.kafka.tools.TopicCommand",
-        &[
-            "--create",
-            "--topic",
-            &dlt,
-            "--partitions",
-            "1",
-            "--config",
-            "retention.ms=-1",
-        ],
-    )
-    .await
-    .unwrap();
+    create_by_hand(&env, &dlt, &["retention.ms=-1"]).await;
     apply(&api, &topic, json!({"partitions": 1})).await.unwrap();
     let (status, reason, message) = settled(&api, &topic, 1).await;
     assert_eq!(
@@ -774,7 +763,7 @@ async fn create_by_hand(env: &TestEnv, topic: &str, configs: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_older_event_topic_never_takes_a_topic_another_one_manages() {
-    let (env, api, _operator) = setup("et-takeover").await;
+    let (env, api, operator) = setup("et-takeover").await;
     let theirs = unique("orders.order-theirs");
     // "a-" is the older either way (creation timestamps have one-second resolution).
     let older = unique("a-older");
@@ -822,8 +811,8 @@ async fn an_older_event_topic_never_takes_a_topic_another_one_manages() {
         message.contains(&younger) && message.contains(&theirs),
         "{message}"
     );
-    // Several resyncs (2 s in tests) later the manager still has it, untouched.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Resyncs later the manager still has it, untouched.
+    resyncs(&operator).await;
     assert_eq!(
         condition(&api, &younger, "Ready").await,
         Some(("True".into(), "InSync".into()))
@@ -833,7 +822,7 @@ async fn an_older_event_topic_never_takes_a_topic_another_one_manages() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_topic_created_by_someone_else_after_a_refused_create_is_not_taken() {
-    let (env, api, _operator) = setup("et-refused-claim").await;
+    let (env, api, operator) = setup("et-refused-claim").await;
     let topic = unique("billing.ledger.raced");
     let name = unique("ledger");
     // Kafka refuses to create it: an unknown config key.
@@ -866,7 +855,7 @@ async fn a_topic_created_by_someone_else_after_a_refused_create_is_not_taken() {
         "{message}; ConfigCommand shows {:?}",
         env.topic_configs(&topic).await
     );
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    resyncs(&operator).await;
     assert_eq!(
         env.topic_configs(&topic).await,
         ["cleanup.policy=compact", "retention.ms=-1"]
