@@ -42,11 +42,12 @@ pub(crate) struct PartitionState {
     pub partition: i32,
     /// Next offset to commit (-1: nothing completed yet).
     pub committable: AtomicI64,
-    /// Last offset the broker acknowledged a commit of (-1: none).
+    /// Offset of the last commit the broker acknowledged (-1: none): what the broker
+    /// holds, since it answers commits in the order it writes them.
     pub committed: AtomicI64,
     /// Last offset sent in a commit not known to have failed (-1: none); reset to
     /// `committed` when a commit fails, so the next round sends it again.
-    pub sent: AtomicI64,
+    sent: AtomicI64,
     in_flight: AtomicUsize,
     flow: Mutex<Flow>,
     high_water: usize,
@@ -71,6 +72,33 @@ impl PartitionState {
             flow: Mutex::new(Flow::default()),
             high_water: high_water.max(1),
         }
+    }
+
+    /// The offset to commit next, if the partition completed records past what was last
+    /// sent; it counts as sent from now on.
+    pub fn commit_due(&self) -> Option<i64> {
+        let next = self.committable.load(Ordering::Acquire);
+        (next > self.sent.load(Ordering::Acquire)).then(|| {
+            self.sent.store(next, Ordering::Release);
+            next
+        })
+    }
+
+    /// The broker acknowledged a commit of `offset`. An acknowledgement of an offset
+    /// below the one acknowledged before means an older commit was written after a newer
+    /// one (librdkafka sends a commit again after a coordinator change): the broker
+    /// went back, so the newer offset is sent again.
+    pub fn commit_acknowledged(&self, offset: i64) {
+        let before = self.committed.swap(offset, Ordering::AcqRel);
+        if offset < before {
+            self.sent.store(offset, Ordering::Release);
+        }
+    }
+
+    /// A commit failed or was never sent: the next round sends it again.
+    pub fn commit_failed(&self) {
+        self.sent
+            .store(self.committed.load(Ordering::Acquire), Ordering::Release);
     }
 
     /// The poll loop handed over `count` records.
@@ -826,4 +854,48 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> PartitionState {
+        PartitionState::new("orders".into(), 0, 10)
+    }
+
+    fn completed(s: &PartitionState, next: i64) {
+        s.committable.store(next, Ordering::Release);
+    }
+
+    /// Seen in the three-broker chaos run (fault 3): while the group coordinator moved,
+    /// librdkafka held two commits of partition 0 and sent them again in the opposite
+    /// order. `__consumer_offsets` shows 1665 written, then 1649 after it; the worker
+    /// counted 1665 as committed and never sent it again, so lag stayed above 0.
+    #[test]
+    fn an_older_commit_acknowledged_after_a_newer_one_is_sent_again() {
+        let s = state();
+        completed(&s, 1649);
+        assert_eq!(s.commit_due(), Some(1649));
+        completed(&s, 1665);
+        assert_eq!(s.commit_due(), Some(1665));
+        s.commit_acknowledged(1665);
+        // Acknowledged last, so written last: the broker now holds 1649.
+        s.commit_acknowledged(1649);
+        assert_eq!(s.commit_due(), Some(1665));
+    }
+
+    #[test]
+    fn a_failed_commit_is_sent_again_and_an_acknowledged_one_is_not() {
+        let s = state();
+        completed(&s, 10);
+        assert_eq!(s.commit_due(), Some(10));
+        assert_eq!(s.commit_due(), None, "sent, not yet answered");
+        s.commit_failed();
+        assert_eq!(s.commit_due(), Some(10));
+        s.commit_acknowledged(10);
+        assert_eq!(s.commit_due(), None);
+        completed(&s, 12);
+        assert_eq!(s.commit_due(), Some(12));
+    }
 }

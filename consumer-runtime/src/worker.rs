@@ -9,7 +9,8 @@
 //! synchronously when partitions are revoked and at shutdown. Only processed (or
 //! dead-lettered) records are ever committed, and a partition's committed position
 //! advances only when the broker acknowledges the commit; a refused commit is sent
-//! again.
+//! again. One asynchronous commit is in flight at a time, so a commit librdkafka holds
+//! while the group coordinator moves can never be written after a newer one.
 //!
 //! Every newly assigned partition starts resumed, whatever it was when it last left
 //! this worker (librdkafka would keep a pause across unassign and assign).
@@ -169,6 +170,8 @@ pub(crate) struct Core {
     plans: HashMap<String, Arc<TopicPlan>>,
     consumer: OnceLock<Weak<BaseConsumer<Ctx>>>,
     partitions: Mutex<HashMap<String, HashMap<i32, PartitionHandle>>>,
+    /// When the asynchronous commit in flight was sent (`None`: none in flight).
+    commit_unanswered: Mutex<Option<std::time::Instant>>,
     /// Records polled since the last [`flush`](Core::flush), per partition.
     pending: Mutex<Vec<Pending>>,
     #[allow(clippy::type_complexity)]
@@ -265,37 +268,53 @@ impl Core {
     /// asynchronously. The committed position advances when the broker acknowledges
     /// ([`Ctx::commit_callback`]); a failed commit resets what was sent, so the next
     /// round sends it again.
+    ///
+    /// One commit is in flight at a time: librdkafka holds a commit while the group
+    /// coordinator moves and sends it again later, so an older commit sent beside a
+    /// newer one could be written after it and take the group's position back (seen
+    /// with three brokers when the coordinator's broker stopped). A commit unanswered
+    /// for [`COMMIT_ANSWER_WAIT`] counts as failed and is sent again.
     fn commit_progress(&self, consumer: &BaseConsumer<Ctx>) {
-        let mut tpl = TopicPartitionList::new();
+        let mut unanswered = self.commit_unanswered.lock().unwrap();
         // Committed under the lock, so a partition being released is either committed
         // here or by `release`, never after it changed owner.
         let map = self.partitions.lock().unwrap();
+        if let Some(since) = *unanswered {
+            if since.elapsed() < COMMIT_ANSWER_WAIT {
+                return;
+            }
+            tracing::warn!(waited = ?since.elapsed(),
+                "the last offset commit got no answer; it is sent again");
+            for h in map.values().flat_map(|m| m.values()) {
+                h.state.commit_failed();
+            }
+            *unanswered = None;
+        }
+        let mut tpl = TopicPartitionList::new();
         for h in map.values().flat_map(|m| m.values()) {
-            let next = h.state.committable.load(Ordering::Acquire);
-            if next > h.state.sent.load(Ordering::Acquire) {
+            if let Some(next) = h.state.commit_due() {
                 let _ = tpl.add_partition_offset(
                     &h.state.topic,
                     h.state.partition,
                     rdkafka::Offset::Offset(next),
                 );
-                h.state.sent.store(next, Ordering::Release);
             }
         }
-        if tpl.count() > 0
-            && let Err(e) = commit_async(consumer, &tpl)
-        {
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = commit_async(consumer, &tpl) {
             // Not even sent: send again next round.
             for e in tpl.elements() {
                 if let Some(h) = map.get(e.topic()).and_then(|m| m.get(&e.partition())) {
-                    h.state
-                        .sent
-                        .store(h.state.committed.load(Ordering::Acquire), Ordering::Release);
+                    h.state.commit_failed();
                 }
             }
             self.count_commit(false);
             tracing::warn!(error = %e, "offset commit failed; it is sent again");
+        } else {
+            *unanswered = Some(std::time::Instant::now());
         }
-        drop(map);
     }
 
     /// The broker answered a commit: acknowledged offsets become the committed position;
@@ -313,14 +332,13 @@ impl Core {
                 continue; // released meanwhile
             };
             if ok {
-                h.state.committed.fetch_max(offset, Ordering::AcqRel);
+                h.state.commit_acknowledged(offset);
             } else {
-                h.state
-                    .sent
-                    .store(h.state.committed.load(Ordering::Acquire), Ordering::Release);
+                h.state.commit_failed();
             }
         }
         drop(map);
+        *self.commit_unanswered.lock().unwrap() = None;
         if failed {
             tracing::warn!(error = ?result.as_ref().err(), offsets = ?offsets.to_topic_map(),
                 "offset commit failed; it is sent again");
@@ -453,6 +471,11 @@ impl Core {
         }
     }
 }
+
+/// Longest an asynchronous commit may go unanswered before it is sent again. librdkafka
+/// answers every commit: one it holds for a missing coordinator fails after
+/// `session.timeout.ms` (45 s by default), a request after `socket.timeout.ms` (60 s).
+const COMMIT_ANSWER_WAIT: Duration = Duration::from_secs(120);
 
 /// Longest the poll loop waits for a full partition task before pausing its partition.
 const FULL_WAIT: Duration = Duration::from_millis(200);
@@ -851,6 +874,7 @@ impl WorkerBuilder {
             plans,
             consumer: OnceLock::new(),
             partitions: Mutex::new(HashMap::new()),
+            commit_unanswered: Mutex::new(None),
             pending: Mutex::new(Vec::new()),
             spawn: Box::new(move |core, topic, partition| {
                 partition::spawn(core, processor.clone(), topic, partition)
