@@ -8,7 +8,9 @@ use eventops_crds::{ConsumerGroup, EventTopic};
 use eventops_tests::autoscale::{commit, delete_records_before, produce, produce_in_transaction};
 use eventops_tests::{TestEnv, apply, env, eventually, unique, wait_ready};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
+use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -232,6 +234,50 @@ async fn replicas_follow_lag_up_to_the_partitions_and_down_after_the_window() {
         s.operator.metrics.reconciles("consumergroup") > resyncs,
         "no resync ran in the quiet window"
     );
+}
+
+/// A new group that may scale to zero and has no lag starts no worker: its Deployment is
+/// created at zero replicas, not at Kubernetes' default of one, scaled in only after the
+/// scale-down window (seen in the chaos run: 500 new idle groups started 500 workers).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_idle_group_that_may_scale_to_zero_starts_no_worker() {
+    let s = setup("as-new-idle", 2, json!({"minReplicas": 0})).await;
+    let cycles = s.operator.metrics.autoscaler_cycles();
+    eventually(TIMEOUT, "3 autoscaler cycles", || async {
+        (s.operator.metrics.autoscaler_cycles() >= cycles + 3).then_some(())
+    })
+    .await;
+    let d = s.deployments.get("workers").await.unwrap();
+    assert_eq!(d.spec.replicas, Some(0));
+    assert_eq!(
+        d.metadata.generation,
+        Some(1),
+        "the Deployment was created at 0 replicas, not scaled to 0 later"
+    );
+    let pods: Api<Pod> = Api::namespaced(s.env.client.clone(), &s.ns);
+    let pods = pods.list(&Default::default()).await.unwrap();
+    assert!(
+        pods.items.is_empty(),
+        "worker pods of an idle group: {:?}",
+        pods.items
+            .iter()
+            .map(|p| p.metadata.name.clone())
+            .collect::<Vec<_>>()
+    );
+
+    // A later apply of the Deployment (a new image) leaves the replicas alone.
+    let patch = json!({"spec": {"template": {"image": "worker:2"}}});
+    s.groups
+        .patch("workers", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let d = eventually(TIMEOUT, "the new image applied", || async {
+        let d = s.deployments.get("workers").await.ok()?;
+        let pod = d.spec.template.spec.as_ref()?;
+        (pod.containers.first()?.image.as_deref() == Some("worker:2")).then_some(d)
+    })
+    .await;
+    assert_eq!(d.spec.replicas, Some(0), "replicas after a new image");
 }
 
 #[tokio::test(flavor = "multi_thread")]

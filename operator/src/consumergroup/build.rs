@@ -353,7 +353,8 @@ pub const ROTATE_ANNOTATION: &str = "eventops.dev/rotate-credentials";
 pub const ROTATED_FOR_ANNOTATION: &str = "eventops.dev/rotated-for";
 
 /// The worker Deployment. `replicas` is deliberately absent: the autoscaler owns it
-/// through the scale subresource, and a field absent from this apply is never fought over.
+/// through the scale subresource, and a field absent from this apply is never fought over
+/// (the reconciler creates the Deployment once at `minReplicas`).
 pub fn deployment(
     cg: &ConsumerGroup,
     routes: &[TopicRoute],

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -232,7 +232,24 @@ async fn reconcile_inner(
     let current_replicas = deployment
         .as_ref()
         .map(|d| d.status.as_ref().and_then(|s| s.replicas).unwrap_or(0));
-    if !deployment_matches(deployment.as_ref(), &desired_deployment) {
+    if deployment.is_none() {
+        // Created at `minReplicas`, not at Kubernetes' default of one: a new group that
+        // may scale to zero and has no lag starts no worker (the autoscaler would only
+        // take it back after its scale-down window). The create owns `replicas` under
+        // an Update entry, which the applies below (without it) never prune; the
+        // autoscaler's scale writes take it over.
+        let mut first = desired_deployment.clone();
+        first.spec.replicas = Some(cg.spec.scaling.min_replicas);
+        ctx.metrics.kube_write("Deployment");
+        let post = PostParams {
+            field_manager: Some(crate::FIELD_MANAGER.to_string()),
+            ..Default::default()
+        };
+        deployments
+            .create(&post, &first)
+            .await
+            .map_err(|e| Error::kube("create the Deployment of", &*cg, e))?;
+    } else if !deployment_matches(deployment.as_ref(), &desired_deployment) {
         ctx.metrics.kube_write("Deployment");
         deployments
             .patch(&cg.name_any(), &params, &Patch::Apply(&desired_deployment))
