@@ -120,10 +120,11 @@ impl PartitionState {
     }
 
     fn finished(&self, core: &Core, n: usize) {
-        let left = self
-            .in_flight
-            .fetch_sub(n, Ordering::Relaxed)
-            .saturating_sub(n);
+        let before = self.in_flight.fetch_sub(n, Ordering::Relaxed);
+        let left = before.saturating_sub(n);
+        if before >= self.high_water && left < self.high_water {
+            core.room_made();
+        }
         if left <= self.high_water / 2 && self.flow.lock().unwrap().paused {
             self.update_flow(core, |_| {});
         }

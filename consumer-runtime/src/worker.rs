@@ -170,6 +170,8 @@ pub(crate) struct Core {
     plans: HashMap<String, Arc<TopicPlan>>,
     consumer: OnceLock<Weak<BaseConsumer<Ctx>>>,
     partitions: Mutex<HashMap<String, HashMap<i32, PartitionHandle>>>,
+    /// Signalled when a full partition task makes room (see [`Core::wait_for_room`]).
+    room: (Mutex<()>, std::sync::Condvar),
     /// When the asynchronous commit in flight was sent (`None`: none in flight).
     commit_unanswered: Mutex<Option<std::time::Instant>>,
     /// Records polled since the last [`flush`](Core::flush), per partition.
@@ -446,9 +448,12 @@ impl Core {
 
 impl Core {
     /// Waits while a fetched partition's task is full (see the `partition` module), at
-    /// most [`FULL_WAIT`]; then pauses the partitions still full.
+    /// most [`FULL_WAIT`]; then pauses the partitions still full. Woken by
+    /// [`room_made`](Self::room_made).
     fn wait_for_room(&self) {
         let started = std::time::Instant::now();
+        // Held while checking, so a task that makes room after the check wakes the wait.
+        let mut room = self.room.0.lock().unwrap();
         loop {
             let full: Vec<Arc<PartitionState>> = {
                 let map = self.partitions.lock().unwrap();
@@ -461,14 +466,27 @@ impl Core {
             if full.is_empty() || self.stopping.load(Ordering::Relaxed) {
                 return;
             }
-            if started.elapsed() >= FULL_WAIT {
+            let waited = started.elapsed();
+            if waited >= FULL_WAIT {
+                drop(room);
                 for state in full {
                     state.pause_if_full(self);
                 }
                 return;
             }
-            std::thread::sleep(Duration::from_millis(1));
+            room = self
+                .room
+                .1
+                .wait_timeout(room, FULL_WAIT - waited)
+                .unwrap()
+                .0;
         }
+    }
+
+    /// A partition task went below its in-flight bound: wakes [`wait_for_room`](Self::wait_for_room).
+    pub(crate) fn room_made(&self) {
+        let _room = self.room.0.lock().unwrap();
+        self.room.1.notify_one();
     }
 }
 
@@ -875,6 +893,7 @@ impl WorkerBuilder {
             consumer: OnceLock::new(),
             partitions: Mutex::new(HashMap::new()),
             commit_unanswered: Mutex::new(None),
+            room: Default::default(),
             pending: Mutex::new(Vec::new()),
             spawn: Box::new(move |core, topic, partition| {
                 partition::spawn(core, processor.clone(), topic, partition)
@@ -975,6 +994,7 @@ impl Worker {
         tracing::info!("shutting down: no more fetching, finishing in-flight records");
         core.metrics.ready.store(false, Ordering::Relaxed);
         core.stopping.store(true, Ordering::Relaxed);
+        core.room_made();
         if !unexpected {
             let _ = done_rx.await;
         }
