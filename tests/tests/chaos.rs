@@ -168,6 +168,58 @@ fn activity(operators: &[Operator]) -> Activity {
     a
 }
 
+/// Every EventTopic's and ConsumerGroup's resourceVersion and status, by kind/name.
+async fn resource_versions(
+    env: &TestEnv,
+    ns: &str,
+) -> std::collections::BTreeMap<String, (String, String)> {
+    let mut all = std::collections::BTreeMap::new();
+    let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), ns);
+    let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), ns);
+    if let Ok(list) = topics.list(&ListParams::default()).await {
+        for o in list.items {
+            let status = serde_json::to_string(&o.status).unwrap_or_default();
+            let rv = o.metadata.resource_version.unwrap_or_default();
+            all.insert(
+                format!("EventTopic/{}", o.metadata.name.unwrap_or_default()),
+                (rv, status),
+            );
+        }
+    }
+    if let Ok(list) = groups.list(&ListParams::default()).await {
+        for o in list.items {
+            let status = serde_json::to_string(&o.status).unwrap_or_default();
+            let rv = o.metadata.resource_version.unwrap_or_default();
+            all.insert(
+                format!("ConsumerGroup/{}", o.metadata.name.unwrap_or_default()),
+                (rv, status),
+            );
+        }
+    }
+    all
+}
+
+/// Every operator's write counters by kind (`metric{labels}` → total), for a report.
+fn writes_by_kind(operators: &[Operator]) -> std::collections::BTreeMap<String, f64> {
+    let mut all = std::collections::BTreeMap::new();
+    for o in operators {
+        let Some((_, body)) = http_get(o.port, "/metrics") else {
+            continue;
+        };
+        for l in body.lines().filter(|l| {
+            l.starts_with("eventops_operator_kubernetes_writes_total{")
+                || l.starts_with("eventops_operator_kafka_admin_requests_total{")
+        }) {
+            if let Some((kind, n)) = l.rsplit_once(' ')
+                && let Ok(n) = n.parse::<f64>()
+            {
+                *all.entry(kind.to_string()).or_insert(0.0) += n;
+            }
+        }
+    }
+    all
+}
+
 /// Writes over [`QUIET_WINDOW`], which must also hold reconciles (resyncs): a window in
 /// which nothing ran would prove nothing.
 async fn quiet_window(operators: &[Operator]) -> Option<(f64, f64)> {
@@ -391,10 +443,20 @@ impl Chaos {
     }
 
     /// Waits until everything counts as recovered; returns how long that took.
-    async fn settle(&self, what: &str) -> Duration {
+    async fn settle(&mut self, what: &str) -> Duration {
         let started = Instant::now();
         let expected: BTreeSet<String> = self.produced.iter().cloned().collect();
         loop {
+            // An operator that lost its Lease exits; its Deployment would start it again.
+            for o in &mut self.operators {
+                if let Ok(Some(status)) = o.child.try_wait() {
+                    println!(
+                        "chaos: operator {} exited ({status}); starting it again",
+                        o.name
+                    );
+                    o.restart(&self.env);
+                }
+            }
             let mut missing = Vec::new();
             let processed = self.db.processed().await;
             if processed != expected {
@@ -424,13 +486,39 @@ impl Chaos {
                 let recovered = started.elapsed();
                 // The operators settled: a window with reconciles and no more writes
                 // than before the faults.
-                if let Some((kube, kafka)) = quiet_window(&self.operators).await
+                let before = writes_by_kind(&self.operators);
+                let versions = resource_versions(&self.env, &self.ns).await;
+                let window = quiet_window(&self.operators).await;
+                if let Some((kube, kafka)) = window
                     && kube <= self.quiet.0 + QUIET_SLACK
                     && kafka <= self.quiet.1 + QUIET_SLACK
                 {
                     return recovered;
                 }
-                missing.push("operators not back to the quiet level".into());
+                let after = writes_by_kind(&self.operators);
+                let written: Vec<String> = after
+                    .iter()
+                    .filter_map(|(kind, n)| {
+                        let d = n - before.get(kind).copied().unwrap_or(0.0);
+                        (d > 0.0).then(|| format!("{kind} {d}"))
+                    })
+                    .collect();
+                // Which objects changed in the window, and how one of them looks now.
+                let now = resource_versions(&self.env, &self.ns).await;
+                let changed: Vec<&String> = now
+                    .iter()
+                    .filter(|(k, v)| versions.get(*k).is_some_and(|old| old.0 != v.0))
+                    .map(|(k, _)| k)
+                    .collect();
+                let example = changed.first().and_then(|k| now.get(*k)).map(|v| &v.1);
+                missing.push(format!(
+                    "operators not back to the quiet level {:?}: (Kubernetes, Kafka) writes \
+                     in {QUIET_WINDOW:?} {window:?} (None: no reconcile ran), by kind \
+                     {written:?}; {} objects changed, e.g. {:?}, now {example:?}",
+                    self.quiet,
+                    changed.len(),
+                    &changed[..changed.len().min(5)]
+                ));
             }
             assert!(
                 started.elapsed() < RECOVERY,
