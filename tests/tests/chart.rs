@@ -208,6 +208,11 @@ fn install_args(verb: &str, name: &str, ns: &str, apps: &str, env: &TestEnv) -> 
 
 /// An EventTopic and a ConsumerGroup of it, as a GitOps tool would apply them.
 fn manifests(topic: &str) -> String {
+    manifests_at(topic, 2)
+}
+
+/// [`manifests`] with the group at `min_replicas` (and at most 2).
+fn manifests_at(topic: &str, min_replicas: i32) -> String {
     format!(
         "apiVersion: eventops.dev/v1alpha1
 kind: EventTopic
@@ -226,10 +231,31 @@ spec:
   template:
     image: billing:1
   scaling:
-    minReplicas: 2
+    minReplicas: {min_replicas}
     maxReplicas: 2
 "
     )
+}
+
+/// Applies [`manifests_at`] with the group at minReplicas 1, waits (at most 20 s) for its
+/// Deployment, then raises minReplicas to 2: the Deployment is created at 1, so only the
+/// autoscaler's scale write (`deployments/scale`) gets it to the 2 that `all_done` wants.
+async fn apply_then_raise(env: &TestEnv, ns: &str, topic: &str) {
+    apply_manifests(env, ns, &manifests_at(topic, 1));
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(env.client.clone(), ns);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while deployments
+        .get_opt("billing")
+        .await
+        .ok()
+        .flatten()
+        .is_none()
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    apply_manifests(env, ns, &manifests_at(topic, 2));
 }
 
 fn apply_manifests(env: &TestEnv, ns: &str, yaml: &str) -> String {
@@ -294,7 +320,7 @@ async fn all_done(env: &TestEnv, apps: &str) -> Result<(), String> {
     if operator_events(env, apps, "ConsumerGroup", "billing").await == 0 {
         return Err("no Event from the operator about the ConsumerGroup".into());
     }
-    // minReplicas 2: the autoscaler set the replicas, through deployments/scale.
+    // minReplicas 2: set at creation, or by the autoscaler through deployments/scale.
     let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
         Api::namespaced(env.client.clone(), apps);
     let replicas = deployments
@@ -647,11 +673,7 @@ async fn removing_any_rule_of_the_charts_rbac_breaks_the_operator() {
                 .await
                 .unwrap();
             let operator = start_operator(env, &release).await;
-            apply_manifests(
-                env,
-                &release.apps,
-                &manifests(&unique("chart.rule-removed")),
-            );
+            apply_then_raise(env, &release.apps, &unique("chart.rule-removed")).await;
             let result = wait_all_done(env, &release.apps, Duration::from_secs(40)).await;
             (what, result, operator.output())
         }
@@ -677,7 +699,7 @@ async fn removing_any_rule_of_the_charts_rbac_breaks_the_operator() {
     }
     // And the probe release, with every rule, did everything.
     let operator = start_operator(&env, &probe).await;
-    apply_manifests(&env, &probe.apps, &manifests(&unique("chart.all-rules")));
+    apply_then_raise(&env, &probe.apps, &unique("chart.all-rules")).await;
     let done = wait_all_done(&env, &probe.apps, Duration::from_secs(90)).await;
     assert!(done.is_ok(), "{done:?}:\n{}", operator.output());
 }
