@@ -352,6 +352,15 @@ pub const ROTATE_ANNOTATION: &str = "eventops.dev/rotate-credentials";
 /// Secret annotation: the rotation request the current password answers.
 pub const ROTATED_FOR_ANNOTATION: &str = "eventops.dev/rotated-for";
 
+/// The replicas a new group's Deployment is created with: `minReplicas`, capped as the
+/// autoscaler caps it (at `maxReplicas` and at `partitions`, those of the consumed
+/// topics), so the autoscaler has nothing to take back on its first cycle.
+pub fn initial_replicas(cg: &ConsumerGroup, partitions: i32) -> i32 {
+    let scaling = &cg.spec.scaling;
+    let upper = scaling.max_replicas.unwrap_or(partitions).min(partitions);
+    scaling.min_replicas.min(upper).max(0)
+}
+
 /// The worker Deployment. `replicas` is deliberately absent: the autoscaler owns it
 /// through the scale subresource, and a field absent from this apply is never fought over
 /// (the reconciler creates the Deployment once at `minReplicas`).
@@ -676,6 +685,21 @@ mod tests {
             err.message("shop")
                 .contains("spec.topics names EventTopic orders")
         );
+    }
+
+    #[test]
+    fn a_new_deployment_starts_at_min_replicas_capped_like_the_autoscaler_caps() {
+        let with = |min: i32, max: Option<i32>| {
+            let mut cg = group();
+            cg.spec.scaling.min_replicas = min;
+            cg.spec.scaling.max_replicas = max;
+            cg
+        };
+        assert_eq!(initial_replicas(&with(0, None), 6), 0);
+        assert_eq!(initial_replicas(&with(2, None), 6), 2);
+        // More than the partitions: a replica beyond them would get none.
+        assert_eq!(initial_replicas(&with(10, None), 2), 2);
+        assert_eq!(initial_replicas(&with(3, Some(3)), 2), 2);
     }
 
     #[test]

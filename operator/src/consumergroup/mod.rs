@@ -233,13 +233,21 @@ async fn reconcile_inner(
         .as_ref()
         .map(|d| d.status.as_ref().and_then(|s| s.replicas).unwrap_or(0));
     if deployment.is_none() {
-        // Created at `minReplicas`, not at Kubernetes' default of one: a new group that
+        // Created at `minReplicas` (capped as the autoscaler caps it), not at Kubernetes'
+        // default of one: a new group that
         // may scale to zero and has no lag starts no worker (the autoscaler would only
         // take it back after its scale-down window). The create owns `replicas` under
         // an Update entry, which the applies below (without it) never prune; the
         // autoscaler's scale writes take it over.
+        let partitions = cg
+            .spec
+            .topics
+            .iter()
+            .filter_map(|name| found.get(name))
+            .map(|et| et.spec.partitions)
+            .sum();
         let mut first = desired_deployment.clone();
-        first.spec.replicas = Some(cg.spec.scaling.min_replicas);
+        first.spec.replicas = Some(build::initial_replicas(&cg, partitions));
         ctx.metrics.kube_write("Deployment");
         let post = PostParams {
             field_manager: Some(crate::FIELD_MANAGER.to_string()),
