@@ -3,6 +3,7 @@
 //! authenticating as the user.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use eventops_operator::config::RunConfig;
@@ -11,6 +12,7 @@ use eventops_operator::kafka::native::{
     AclBinding, AclFilter, AclOperation, AclPermission, NativeAdmin, NativeError, PatternType,
     ResourceType, SCRAM_ITERATIONS, ScramCredential, ScramMechanism,
 };
+use eventops_operator::telemetry::Metrics;
 use eventops_tests::{TestEnv, env, eventually, unique};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -586,4 +588,107 @@ async fn create_topic_validates_only_when_asked_and_says_what_kafka_refused() {
             .unwrap_err(),
     );
     assert_eq!(code, RDKafkaErrorCode::TopicAlreadyExists);
+}
+
+/// The `kafka_admin_requests_total` count of `request` in `metrics`.
+fn requests(metrics: &eventops_operator::telemetry::Metrics, request: &str) -> u64 {
+    let label = format!("kafka_admin_requests_total{{request=\"{request}\"}} ");
+    metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.split_once(&label).map(|(_, n)| n.trim().parse().unwrap()))
+        .unwrap_or(0)
+}
+
+fn admin_as(env: &TestEnv, user: &str, password: &str) -> (KafkaAdmin, Arc<Metrics>) {
+    let mut config = RunConfig::new(&env.info.kafka_bootstrap);
+    config.kafka_username = Some(user.to_string());
+    config.kafka_password = Some(password.to_string());
+    config.kafka_sasl_mechanism = env.info.kafka_sasl_mechanism.clone();
+    let metrics = Arc::new(Metrics::default());
+    let admin = KafkaAdmin::new(&config.kafka_settings().unwrap(), metrics.clone()).unwrap();
+    (admin, metrics)
+}
+
+/// Reconciles describing topics at the same time share one DescribeTopics and one
+/// DescribeConfigs request; each answer matches Kafka's own TopicCommand and
+/// ConfigCommand, and describing a missing topic does not create it.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_describes_share_requests_and_match_kafkas_tools() {
+    let env = env().await;
+    env.time_limit(Duration::from_secs(120));
+    let topics: Vec<String> = (0..3)
+        .map(|i| unique(&format!("native.described{i}")))
+        .collect();
+    for (i, topic) in topics.iter().enumerate() {
+        let partitions = (i + 1).to_string();
+        let retention = format!("retention.ms={}", 3_600_000 * (i + 1));
+        let mut args = vec!["--create", "--topic", topic, "--partitions", &partitions];
+        if i > 0 {
+            args.extend(["--config", &retention]);
+        }
+        env.kafka_tool("org.apache.kafka.tools.TopicCommand", &args)
+            .await
+            .unwrap();
+    }
+    let missing = unique("native.missing");
+    let (admin, metrics) = admin_as(
+        &env,
+        &env.info.kafka_admin_user,
+        &env.info.kafka_admin_password,
+    );
+    let asked: Vec<&String> = topics.iter().chain([&missing]).collect();
+    let answers = futures::future::join_all(asked.iter().map(|t| admin.describe_topic(t))).await;
+
+    for (topic, answer) in topics.iter().zip(&answers) {
+        let state = answer.as_ref().unwrap().as_ref().expect("the topic exists");
+        let cli = env.describe_topic(topic).await.unwrap();
+        assert_eq!(state.partitions, cli.partitions, "{topic}");
+        assert_eq!(state.replication_factor, cli.replication_factor, "{topic}");
+        let configs: Vec<String> = state
+            .configs
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(configs, env.topic_configs(topic).await, "{topic}");
+    }
+    assert_eq!(*answers.last().unwrap().as_ref().unwrap(), None);
+    assert!(
+        !env.topic_exists(&missing).await,
+        "describing created {missing}"
+    );
+    assert_eq!(requests(&metrics, "Metadata"), 1);
+    assert_eq!(requests(&metrics, "DescribeConfigs"), 1);
+}
+
+/// A principal without Describe on a topic gets Kafka's refusal for it, whether the
+/// topic exists or not, rather than "no such topic" (which would make the operator try
+/// to create it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_describe_without_the_acl_is_refused_by_name() {
+    let env = env().await;
+    env.time_limit(Duration::from_secs(120));
+    let topic = unique("native.hidden");
+    env.kafka_tool(
+        "org.apache.kafka.tools.TopicCommand",
+        &["--create", "--topic", &topic],
+    )
+    .await
+    .unwrap();
+    let user = env.create_operator_user().await;
+    let (admin, _) = admin_as(&env, &user.user, &user.password);
+    let missing = unique("native.hidden-missing");
+    for name in [&topic, &missing] {
+        match admin.describe_topic(name).await {
+            Err(e) => {
+                assert_eq!(
+                    e.code(),
+                    Some(RDKafkaErrorCode::TopicAuthorizationFailed),
+                    "{e}"
+                );
+                assert!(e.to_string().contains(name.as_str()), "{e}");
+            }
+            Ok(state) => panic!("described {name} without the ACL: {state:?}"),
+        }
+    }
 }

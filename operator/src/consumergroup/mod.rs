@@ -29,9 +29,7 @@ use tracing::{info, warn};
 use crate::conditions::{self, Observed};
 use crate::context::Context;
 use crate::error::Error;
-use crate::kafka::native::{
-    AclBinding, AclFilter, AclPermission, NativeError, PatternType, ScramMechanism,
-};
+use crate::kafka::native::{AclBinding, AclFilter, NativeError, ScramMechanism};
 use build::{ROTATE_ANNOTATION, ROTATED_FOR_ANNOTATION, WorkerKafka};
 
 /// Runs the ConsumerGroup controller until `shutdown` resolves.
@@ -295,11 +293,12 @@ async fn sync_kafka_access(
 ) -> Result<(), NativeError> {
     let native = ctx.kafka.native();
     let user = build::kafka_user(cg);
-    ctx.metrics.kafka_request("DescribeUserScramCredentials");
-    let users = native.describe_scram_users(&[&user]).await?;
-    let exists = users
-        .get(&user)
-        .is_some_and(|creds| creds.iter().any(|c| c.mechanism == ScramMechanism::Sha512));
+    let exists = ctx
+        .kafka
+        .scram_credentials(&user)
+        .await?
+        .iter()
+        .any(|c| c.mechanism == ScramMechanism::Sha512);
     if !exists || password_changed {
         ctx.metrics.kafka_request("AlterUserScramCredentials");
         ctx.metrics.kafka_write();
@@ -336,19 +335,7 @@ async fn operator_acls(
     cg: &ConsumerGroup,
     ctx: &Context,
 ) -> Result<BTreeSet<AclBinding>, NativeError> {
-    ctx.metrics.kafka_request("DescribeAcls");
-    Ok(ctx
-        .kafka
-        .native()
-        .describe_acls(&AclFilter::principal(&build::principal(cg)))
-        .await?
-        .into_iter()
-        .filter(|acl| {
-            acl.permission == AclPermission::Allow
-                && acl.pattern_type == PatternType::Literal
-                && acl.host == "*"
-        })
-        .collect())
+    ctx.kafka.literal_allow_acls(&build::principal(cg)).await
 }
 
 /// Deletes exactly `acls`, each by a filter that matches that binding alone.

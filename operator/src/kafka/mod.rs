@@ -1,17 +1,19 @@
 //! The Kafka side: one admin client per operator, and the topic operations the
 //! reconcilers need, in terms of [`TopicState`] rather than librdkafka types.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 
 use crate::telemetry::Metrics;
+use batch::Batcher;
 use rdkafka::admin::{AdminClient, AdminOptions, ConfigSource, NewPartitions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 
+pub mod batch;
 pub mod native;
 
 /// How to reach Kafka: `bootstrap.servers` plus any librdkafka client properties
@@ -23,7 +25,7 @@ pub struct KafkaSettings {
 }
 
 /// A failed Kafka operation, classified for conditions and retries.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum KafkaError {
     /// Kafka answered and refused: the request itself is wrong (bad config, replication
     /// factor larger than the cluster, not authorized). Retrying the same request fails
@@ -60,7 +62,7 @@ pub enum KafkaError {
         /// The topic.
         topic: String,
         /// The client-side error.
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: Arc<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -82,6 +84,17 @@ impl KafkaError {
             KafkaError::Refused { code, .. } | KafkaError::Busy { code, .. } => format!("{code:?}"),
             KafkaError::Unavailable { .. } => "KafkaUnavailable".into(),
         }
+    }
+
+    /// The same error, told about `topic` (one topic of a batched request).
+    fn about(&self, topic: &str) -> Self {
+        let mut e = self.clone();
+        match &mut e {
+            KafkaError::Refused { topic: t, .. }
+            | KafkaError::Busy { topic: t, .. }
+            | KafkaError::Unavailable { topic: t, .. } => *t = topic.to_string(),
+        }
+        e
     }
 
     /// Whether retrying soon may succeed (as opposed to waiting for a spec change).
@@ -156,7 +169,7 @@ impl KafkaError {
             other => KafkaError::Unavailable {
                 op,
                 topic: topic.to_string(),
-                source: Box::new(other),
+                source: Arc::new(other),
             },
         }
     }
@@ -221,6 +234,185 @@ pub struct KafkaAdmin {
     client: Arc<AdminClient<DefaultClientContext>>,
     timeout: Duration,
     metrics: Arc<Metrics>,
+    reads: Arc<Reads>,
+}
+
+/// The reads every reconcile makes, each coalesced across reconciles.
+struct Reads {
+    topics: Batcher<String, Option<TopicState>, KafkaError>,
+    scram: Batcher<String, Vec<native::ScramCredential>, native::NativeError>,
+    acls: Batcher<String, BTreeSet<native::AclBinding>, native::NativeError>,
+}
+
+impl Reads {
+    fn new(
+        client: &Arc<AdminClient<DefaultClientContext>>,
+        timeout: Duration,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let topics = {
+            let (client, metrics) = (client.clone(), metrics.clone());
+            Batcher::new(
+                move |names| describe_topics(client.clone(), timeout, metrics.clone(), names),
+                || KafkaError::Unavailable {
+                    op: "describe",
+                    topic: String::new(),
+                    source: Arc::new(native::NativeError::Cancelled {
+                        op: "describe topics",
+                    }),
+                },
+            )
+        };
+        let scram = {
+            let (native, metrics) = (
+                native::NativeAdmin::new(client.clone(), timeout),
+                metrics.clone(),
+            );
+            Batcher::new(
+                move |users: Vec<String>| {
+                    let (native, metrics) = (native.clone(), metrics.clone());
+                    async move {
+                        metrics.kafka_request("DescribeUserScramCredentials");
+                        let users: Vec<&str> = users.iter().map(String::as_str).collect();
+                        let found = native.describe_scram_users(&users).await?;
+                        Ok(found
+                            .into_iter()
+                            .map(|(user, creds)| (user, Ok(creds)))
+                            .collect())
+                    }
+                },
+                || native::NativeError::Cancelled {
+                    op: "describe SCRAM credentials",
+                },
+            )
+        };
+        let acls = {
+            let (native, metrics) = (
+                native::NativeAdmin::new(client.clone(), timeout),
+                metrics.clone(),
+            );
+            Batcher::new(
+                move |principals: Vec<String>| {
+                    let (native, metrics) = (native.clone(), metrics.clone());
+                    async move {
+                        metrics.kafka_request("DescribeAcls");
+                        let all = native
+                            .describe_acls(&native::AclFilter::literal_allow())
+                            .await?;
+                        let mut by_principal: batch::Answers<_, BTreeSet<_>, _> = principals
+                            .into_iter()
+                            .map(|p| (p, Ok(BTreeSet::new())))
+                            .collect();
+                        for acl in all {
+                            if acl.host != "*" {
+                                continue;
+                            }
+                            if let Some(Ok(acls)) = by_principal.get_mut(&acl.principal) {
+                                acls.insert(acl);
+                            }
+                        }
+                        Ok(by_principal)
+                    }
+                },
+                || native::NativeError::Cancelled {
+                    op: "describe ACLs",
+                },
+            )
+        };
+        Self {
+            topics,
+            scram,
+            acls,
+        }
+    }
+}
+
+/// Describes `names` in two requests (DescribeTopics, then DescribeConfigs of those
+/// that exist); a failure of either is every topic's, under its own name.
+async fn describe_topics(
+    client: Arc<AdminClient<DefaultClientContext>>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+    names: Vec<String>,
+) -> Result<batch::Answers<String, Option<TopicState>, KafkaError>, KafkaError> {
+    let each = |e: KafkaError| {
+        Ok(names
+            .iter()
+            .map(|name| (name.clone(), Err(e.about(name))))
+            .collect())
+    };
+    metrics.kafka_request("Metadata");
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let layouts = match native::NativeAdmin::new(client.clone(), timeout)
+        .describe_topics(&refs)
+        .await
+    {
+        Ok(layouts) => layouts,
+        Err(e) => return each(KafkaError::from_native("describe", "", e)),
+    };
+    let existing: Vec<&str> = layouts
+        .iter()
+        .filter(|(_, layout)| matches!(layout, Ok(Some(_))))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let mut configs = BTreeMap::new();
+    if !existing.is_empty() {
+        metrics.kafka_request("DescribeConfigs");
+        let specifiers: Vec<ResourceSpecifier> = existing
+            .iter()
+            .map(|n| ResourceSpecifier::Topic(n))
+            .collect();
+        let options = AdminOptions::new()
+            .request_timeout(Some(timeout))
+            .operation_timeout(Some(timeout));
+        let results = match client.describe_configs(&specifiers, &options).await {
+            Ok(results) => results,
+            Err(source) => {
+                return each(KafkaError::Unavailable {
+                    op: "describe",
+                    topic: String::new(),
+                    source: Arc::new(source),
+                });
+            }
+        };
+        // One result per resource, in the order asked.
+        for (name, result) in existing.iter().zip(results) {
+            let result = result
+                .map(|resource| {
+                    resource
+                        .entries
+                        .into_iter()
+                        .filter(|e| e.source == ConfigSource::DynamicTopic)
+                        .filter_map(|e| Some((e.name, e.value?)))
+                        .collect::<BTreeMap<_, _>>()
+                })
+                .map_err(|code| KafkaError::from_code("describe configs of", name, code));
+            configs.insert(name.to_string(), result);
+        }
+    }
+    Ok(layouts
+        .into_iter()
+        .map(|(name, layout)| {
+            let state = match layout {
+                Err(e) => Err(KafkaError::from_native("describe", &name, e)),
+                Ok(None) => Ok(None),
+                Ok(Some(layout)) => match configs.remove(&name) {
+                    Some(Ok(configs)) => Ok(Some(TopicState {
+                        partitions: layout.partitions,
+                        replication_factor: layout.replication_factor,
+                        configs,
+                    })),
+                    Some(Err(e)) => Err(e),
+                    None => Err(KafkaError::from_code(
+                        "describe configs of",
+                        &name,
+                        RDKafkaErrorCode::UnknownTopicOrPartition,
+                    )),
+                },
+            };
+            (name, state)
+        })
+        .collect())
 }
 
 impl KafkaAdmin {
@@ -234,9 +426,12 @@ impl KafkaAdmin {
         for (k, v) in &settings.properties {
             config.set(k, v);
         }
+        let client = Arc::new(config.create()?);
+        let timeout = Duration::from_secs(10);
         Ok(Self {
-            client: Arc::new(config.create()?),
-            timeout: Duration::from_secs(10),
+            reads: Arc::new(Reads::new(&client, timeout, &metrics)),
+            client,
+            timeout,
             metrics,
         })
     }
@@ -253,61 +448,28 @@ impl KafkaAdmin {
     }
 
     /// The topic's partitions, replication factor and topic-level configs, or `None` if
-    /// Kafka has no such topic.
+    /// Kafka has no such topic. Concurrent calls share one DescribeTopics and one
+    /// DescribeConfigs request (see [`batch`]).
     pub async fn describe_topic(&self, name: &str) -> Result<Option<TopicState>, KafkaError> {
-        let unavailable = |source: RdKafkaError| KafkaError::Unavailable {
-            op: "describe",
-            topic: name.to_string(),
-            source: Box::new(source),
-        };
-        let client = self.client.clone();
-        let topic = name.to_string();
-        let timeout = self.timeout;
-        self.metrics.kafka_request("Metadata");
-        // librdkafka's metadata call blocks its caller.
-        let metadata = tokio::task::spawn_blocking(move || {
-            client.inner().fetch_metadata(Some(&topic), timeout)
-        })
-        .await
-        .expect("metadata task panicked")
-        .map_err(unavailable)?;
-        let Some(t) = metadata.topics().iter().find(|t| t.name() == name) else {
-            return Ok(None);
-        };
-        match t.error().map(RDKafkaErrorCode::from) {
-            None => {}
-            Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return Ok(None),
-            Some(code) => return Err(KafkaError::from_code("describe", name, code)),
-        }
-        let partitions = t.partitions().len() as i32;
-        let replication_factor = t
-            .partitions()
-            .iter()
-            .find(|p| p.id() == 0)
-            .map_or(0, |p| p.replicas().len() as i32);
+        self.reads.topics.get(name.to_string()).await
+    }
 
-        self.metrics.kafka_request("DescribeConfigs");
-        let results = self
-            .client
-            .describe_configs([&ResourceSpecifier::Topic(name)], &self.options())
-            .await
-            .map_err(unavailable)?;
-        let resource = results
-            .into_iter()
-            .next()
-            .expect("one result per requested resource")
-            .map_err(|code| KafkaError::from_code("describe configs of", name, code))?;
-        let configs = resource
-            .entries
-            .into_iter()
-            .filter(|e| e.source == ConfigSource::DynamicTopic)
-            .filter_map(|e| Some((e.name, e.value?)))
-            .collect();
-        Ok(Some(TopicState {
-            partitions,
-            replication_factor,
-            configs,
-        }))
+    /// The SCRAM credentials Kafka has for `user` (none if it has no such user).
+    /// Concurrent calls share one DescribeUserScramCredentials request.
+    pub async fn scram_credentials(
+        &self,
+        user: &str,
+    ) -> Result<Vec<native::ScramCredential>, native::NativeError> {
+        self.reads.scram.get(user.to_string()).await
+    }
+
+    /// The ACLs of `principal` that have the shape EventOps gives its own (Allow,
+    /// literal, any host). Concurrent calls share one DescribeAcls request.
+    pub async fn literal_allow_acls(
+        &self,
+        principal: &str,
+    ) -> Result<BTreeSet<native::AclBinding>, native::NativeError> {
+        self.reads.acls.get(principal.to_string()).await
     }
 
     /// Every topic's partitions, as the leader broker of each partition in partition
@@ -324,7 +486,7 @@ impl KafkaAdmin {
                 .map_err(|source| KafkaError::Unavailable {
                     op: "describe",
                     topic: "*".into(),
-                    source: Box::new(source),
+                    source: Arc::new(source),
                 })?;
         Ok(metadata
             .topics()
@@ -397,7 +559,7 @@ impl KafkaAdmin {
             .map_err(|source| KafkaError::Unavailable {
                 op: "delete",
                 topic: names.join(","),
-                source: Box::new(source),
+                source: Arc::new(source),
             })?;
         for result in results {
             match result {
@@ -422,7 +584,7 @@ impl KafkaAdmin {
             .map_err(|source| KafkaError::Unavailable {
                 op: "add partitions to",
                 topic: name.into(),
-                source: Box::new(source),
+                source: Arc::new(source),
             })?;
         first_result("add partitions to", name, results)
     }

@@ -18,7 +18,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka_sys::bindings::*;
 
 /// A failed native admin call.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum NativeError {
     /// Kafka (or librdkafka on its behalf) refused the request or one of its items.
     #[error("{op} failed: {code:?}: {message}")]
@@ -258,6 +258,19 @@ pub struct AclFilter {
 }
 
 impl AclFilter {
+    /// Every literal Allow ACL, of any principal: the shape EventOps gives its own.
+    pub fn literal_allow() -> Self {
+        Self {
+            resource_type: None,
+            resource_name: None,
+            pattern_type: PatternTypeFilter::Literal,
+            principal: None,
+            host: None,
+            operation: None,
+            permission: Some(AclPermission::Allow),
+        }
+    }
+
     /// Every ACL of `principal`.
     pub fn principal(principal: &str) -> Self {
         Self {
@@ -297,6 +310,15 @@ pub struct ScramCredential {
     pub mechanism: ScramMechanism,
     /// PBKDF2 iterations.
     pub iterations: i32,
+}
+
+/// A topic's partition count and replication factor, as Kafka describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TopicLayout {
+    /// Number of partitions.
+    pub partitions: i32,
+    /// Replicas of partition 0.
+    pub replication_factor: i32,
 }
 
 /// The cluster as Kafka describes it.
@@ -646,6 +668,90 @@ impl NativeAdmin {
         .await
     }
 
+    /// The partition count and replication factor of each of `topics`, in one
+    /// DescribeTopics (Metadata) request that never creates a topic. A topic Kafka does
+    /// not have is `Ok(None)`; a topic Kafka refuses to describe (not authorized) carries
+    /// Kafka's refusal. Duplicates are ignored.
+    pub async fn describe_topics(
+        &self,
+        topics: &[&str],
+    ) -> Result<BTreeMap<String, Result<Option<TopicLayout>, NativeError>>, NativeError> {
+        const OP: &str = "describe topics";
+        let names: BTreeSet<&str> = topics.iter().copied().collect();
+        if names.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let c_names = names
+            .into_iter()
+            .map(|t| c_string("topic", t))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.blocking(OP, move |client, timeout| {
+            let mut ptrs: Vec<_> = c_names.iter().map(|t| t.as_ptr()).collect();
+            // SAFETY: `ptrs` points into `c_names`, which outlives the call; librdkafka
+            // copies the names into the collection it returns, which we own.
+            let collection = unsafe {
+                Owned::new(
+                    rd_kafka_TopicCollection_of_topic_names(ptrs.as_mut_ptr(), ptrs.len()),
+                    rd_kafka_TopicCollection_destroy,
+                )
+            }
+            .ok_or_else(|| unexpected(OP, "librdkafka returned no topic collection".into()))?;
+            let event = request(
+                client,
+                OP,
+                Api::DescribeTopics,
+                timeout,
+                |rk, options, queue| {
+                    // SAFETY: the collection is live and librdkafka copies it; rk, options
+                    // and queue are valid for the call.
+                    unsafe { rd_kafka_DescribeTopics(rk, collection.as_ptr(), options, queue) }
+                },
+            )?;
+            let mut n = 0;
+            // SAFETY: request() checked that this is a DescribeTopics result, which owns
+            // the descriptions, their names, errors, partitions and replica arrays.
+            unsafe {
+                let result = rd_kafka_event_DescribeTopics_result(event.as_ptr());
+                let descriptions =
+                    c_array(rd_kafka_DescribeTopics_result_topics(result, &mut n), n);
+                let mut answer = BTreeMap::new();
+                for d in descriptions {
+                    let name = read_string(rd_kafka_TopicDescription_name(*d));
+                    let layout = match item_error(rd_kafka_TopicDescription_error(*d)) {
+                        Some((RDKafkaErrorCode::UnknownTopicOrPartition, _)) => Ok(None),
+                        Some((code, message)) => {
+                            Err(refused(OP, code, format!("{message} (topic {name})")))
+                        }
+                        None => {
+                            let mut count = 0;
+                            let partitions = c_array(
+                                rd_kafka_TopicDescription_partitions(*d, &mut count),
+                                count,
+                            );
+                            // Replicas of partition 0: every partition has the same count
+                            // unless reassigned by hand.
+                            let replication_factor = partitions
+                                .iter()
+                                .find(|p| rd_kafka_TopicPartitionInfo_partition(**p) == 0)
+                                .map_or(0, |p| {
+                                    let mut replicas = 0;
+                                    rd_kafka_TopicPartitionInfo_replicas(*p, &mut replicas);
+                                    replicas as i32
+                                });
+                            Ok(Some(TopicLayout {
+                                partitions: partitions.len() as i32,
+                                replication_factor,
+                            }))
+                        }
+                    };
+                    answer.insert(name, layout);
+                }
+                Ok(answer)
+            }
+        })
+        .await
+    }
+
     /// The earliest or latest offset of each of `partitions`, in one ListOffsets request
     /// per partition leader. With [`IsolationLevel::ReadCommitted`], "latest" is the last
     /// stable offset: records of open transactions are not counted. A partition Kafka
@@ -982,6 +1088,7 @@ enum Api {
     DescribeCluster,
     ListOffsets,
     CreateTopics,
+    DescribeTopics,
     IncrementalAlterConfigs,
 }
 
@@ -1020,6 +1127,10 @@ impl Api {
             Api::CreateTopics => (
                 RD_KAFKA_ADMIN_OP_CREATETOPICS,
                 RD_KAFKA_EVENT_CREATETOPICS_RESULT,
+            ),
+            Api::DescribeTopics => (
+                RD_KAFKA_ADMIN_OP_DESCRIBETOPICS,
+                RD_KAFKA_EVENT_DESCRIBETOPICS_RESULT,
             ),
             Api::IncrementalAlterConfigs => (
                 RD_KAFKA_ADMIN_OP_INCREMENTALALTERCONFIGS,
