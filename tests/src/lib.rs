@@ -191,7 +191,21 @@ impl TestEnv {
     /// The operator binary, configured for this environment, watching `namespace` and
     /// serving metrics on 127.0.0.1:`metrics_port`. Add flags and spawn it.
     pub fn operator_command(&self, namespace: &str, metrics_port: u16) -> std::process::Command {
-        let mut cmd = std::process::Command::new(workspace_binary("eventops-operator"));
+        self.operator_command_with(
+            &workspace_binary("eventops-operator"),
+            namespace,
+            metrics_port,
+        )
+    }
+
+    /// [`Self::operator_command`], running the operator binary at `binary`.
+    pub fn operator_command_with(
+        &self,
+        binary: &std::path::Path,
+        namespace: &str,
+        metrics_port: u16,
+    ) -> std::process::Command {
+        let mut cmd = std::process::Command::new(binary);
         cmd.args(["run", "--namespace", namespace])
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{metrics_port}"))

@@ -1,9 +1,12 @@
-//! Benchmark: apply N EventTopics and N ConsumerGroups at once and report the time until
-//! all are Ready, the operator's peak RSS and the Kafka admin requests it sent.
+//! Benchmark: apply N objects at once (N/2 EventTopics and N/2 ConsumerGroups) and
+//! report the time until all are Ready, the operator's peak RSS and the Kafka admin
+//! requests it sent; then the requests of one quiet resync interval.
 //!
 //! Run through `tools/bench-operator [N]`, which builds the operator in release mode and
-//! starts the environment. Prints figures; asserts nothing about speed.
+//! starts the environment. `EVENTOPS_OPERATOR_BIN` runs another build of the operator
+//! (an older commit's, for a before/after). Prints figures; asserts nothing about speed.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use eventops_crds::{ConsumerGroup, EventTopic};
@@ -15,13 +18,22 @@ use serde_json::json;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let n: usize = std::env::args().nth(1).map_or(Ok(500), |a| a.parse())?;
+    let total: usize = std::env::args().nth(1).map_or(Ok(1000), |a| a.parse())?;
+    anyhow::ensure!(
+        total >= 2 && total % 2 == 0,
+        "N must be even: N/2 of each kind"
+    );
+    let n = total / 2;
     let env = env().await;
     let ns = env.namespace("bench").await;
     let port = free_port();
-    let mut operator = env
-        .operator_command(&ns, port)
-        .args(["--no-leader-election", "--resync-interval", "5m"])
+    let mut command = match std::env::var_os("EVENTOPS_OPERATOR_BIN") {
+        Some(binary) => env.operator_command_with(binary.as_ref(), &ns, port),
+        None => env.operator_command(&ns, port),
+    };
+    let mut operator = command
+        .args(["--no-leader-election", "--resync-interval"])
+        .arg(format!("{}s", RESYNC.as_secs()))
         .env("RUST_LOG", "warn")
         .spawn()?;
     while http_get(port, "/readyz").is_none_or(|(c, _)| c != 200) {
@@ -115,17 +127,24 @@ async fn main() -> anyhow::Result<()> {
         .find(|l| l.starts_with("VmHWM:"))
         .unwrap_or("VmHWM: ?")
         .to_string();
-    let (_, metrics) = http_get(port, "/metrics").ok_or_else(|| anyhow::anyhow!("no /metrics"))?;
-    let requests: Vec<(String, f64)> = metrics
-        .lines()
-        .filter(|l| l.starts_with("eventops_operator_kafka_admin_requests_total{"))
-        .filter_map(|l| {
-            let (labels, value) = l.rsplit_once(' ')?;
-            let kind = labels.split('"').nth(1)?.to_string();
-            Some((kind, value.parse().ok()?))
-        })
+    let requests = counters(port, "eventops_operator_kafka_admin_requests_total")?;
+    let sent: f64 = requests.values().sum();
+
+    // A quiet resync interval: nothing changes, every object is compared with Kafka once.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let before = counters(port, "eventops_operator_kafka_admin_requests_total")?;
+    let reconciles_before = counters(port, "eventops_operator_reconciles_total")?;
+    tokio::time::sleep(RESYNC + Duration::from_secs(5)).await;
+    let after = counters(port, "eventops_operator_kafka_admin_requests_total")?;
+    let reconciles_after = counters(port, "eventops_operator_reconciles_total")?;
+    let quiet: BTreeMap<&String, f64> = after
+        .iter()
+        .map(|(k, v)| (k, v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
         .collect();
-    let total: f64 = requests.iter().map(|(_, v)| v).sum();
+    let quiet_total: f64 = quiet.values().sum();
+    let resynced: f64 =
+        reconciles_after.values().sum::<f64>() - reconciles_before.values().sum::<f64>();
     operator.kill()?;
     operator.wait()?;
 
@@ -143,11 +162,46 @@ async fn main() -> anyhow::Result<()> {
         peak_rss.trim_start_matches("VmHWM:").trim()
     );
     println!(
-        "Kafka admin requests:    {total} ({:.1} per object)",
-        total / (2 * n) as f64
+        "Kafka admin requests:    {sent} ({:.1} per object)",
+        sent / total as f64
     );
-    for (kind, count) in requests {
+    for (kind, count) in &requests {
         println!("  {kind:<28} {count}");
     }
+    println!(
+        "one quiet resync interval ({}s, {resynced} reconciles): {quiet_total} Kafka admin requests",
+        RESYNC.as_secs()
+    );
+    for (kind, count) in &quiet {
+        println!("  {kind:<28} {count}");
+    }
+    let rss_mib = peak_rss
+        .split_whitespace()
+        .nth(1)
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0);
+    println!(
+        "bench-operator: N={total} ready_s={:.1} rss_mib={rss_mib:.0} requests_per_object={:.2} quiet_requests={quiet_total}",
+        all_ready.as_secs_f64(),
+        sent / total as f64
+    );
     Ok(())
+}
+
+/// How often the operator compares an unchanged object with Kafka in this run.
+const RESYNC: Duration = Duration::from_secs(60);
+
+/// The operator's counter `name`, by its first label's value.
+fn counters(port: u16, name: &str) -> anyhow::Result<BTreeMap<String, f64>> {
+    let (_, metrics) = http_get(port, "/metrics").ok_or_else(|| anyhow::anyhow!("no /metrics"))?;
+    let prefix = format!("{name}{{");
+    Ok(metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| {
+            let (labels, value) = l.rsplit_once(' ')?;
+            let kind = labels.split('"').nth(1)?.to_string();
+            Some((kind, value.parse().ok()?))
+        })
+        .collect())
 }
