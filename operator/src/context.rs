@@ -24,6 +24,28 @@ pub struct Settings {
     pub worker_kafka: crate::consumergroup::build::WorkerKafka,
 }
 
+impl Settings {
+    /// When to compare an unchanged resource with Kafka again: after
+    /// `resync_interval`, rounded up to the next twelfth of it on the wall clock. The
+    /// resyncs of objects reconciled at different moments then fall on shared instants,
+    /// and their Kafka reads on shared requests (see [`crate::kafka::batch`]): a quiet
+    /// interval's reads grow in size with the number of objects, not in number.
+    pub fn next_resync(&self) -> Duration {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        resync_after(self.resync_interval, now)
+    }
+}
+
+/// [`Settings::next_resync`] at `now` (since the Unix epoch).
+fn resync_after(interval: Duration, now: Duration) -> Duration {
+    let grid = (interval / 12).as_millis().max(1);
+    let due = (now + interval).as_millis();
+    let aligned = due.div_ceil(grid) * grid;
+    interval + Duration::from_millis((aligned - due) as u64)
+}
+
 /// Shared by all reconciles.
 pub struct Context {
     /// Kubernetes client.
@@ -97,5 +119,36 @@ impl Context {
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             warn!(error = %e, reason, "could not publish Event");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resyncs_fall_on_a_grid_of_a_twelfth_of_the_interval() {
+        let minute = Duration::from_secs(60);
+        // Objects reconciled 0.1 s, 2.3 s and 4.999 s after a grid instant resync together.
+        let at = |s: f64| {
+            Duration::from_secs(1_000_000_000 - 1_000_000_000 % 5) + Duration::from_secs_f64(s)
+        };
+        let due: Vec<Duration> = [0.1, 2.3, 4.999]
+            .iter()
+            .map(|s| at(*s) + resync_after(minute, at(*s)))
+            .collect();
+        assert!(due.iter().all(|d| *d == due[0]), "{due:?}");
+        assert_eq!(due[0], at(65.0));
+        // Never sooner than the interval, never later than one grid step after it.
+        for s in [0.0, 0.1, 2.3, 4.999] {
+            let after = resync_after(minute, at(s));
+            assert!(
+                after >= minute && after <= minute + Duration::from_secs(5),
+                "{after:?}"
+            );
+        }
+        // A short interval gets a fine grid: 2 s resyncs stay within 2.17 s.
+        let two = Duration::from_secs(2);
+        assert!(resync_after(two, at(0.05)) <= two + Duration::from_millis(167));
     }
 }

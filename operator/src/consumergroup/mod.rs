@@ -84,7 +84,7 @@ async fn reconcile_inner(
     ctx: &Context,
 ) -> Result<(Action, Option<&'static str>), Error> {
     let ns = cg.namespace().unwrap_or_default();
-    let resync = ctx.settings.resync_interval;
+    let resync = ctx.settings.next_resync();
     let groups: Api<ConsumerGroup> = Api::namespaced(ctx.client.clone(), &ns);
     if cg.metadata.deletion_timestamp.is_some() {
         return Ok((finalize(&cg, ctx, &groups).await?, None));

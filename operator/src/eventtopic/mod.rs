@@ -203,7 +203,7 @@ async fn reconcile_inner(
     if et.metadata.deletion_timestamp.is_some() {
         return Ok((finalize(et, ctx, &mut wrote).await?, None));
     }
-    let resync = ctx.shared.settings.resync_interval;
+    let resync = ctx.shared.settings.next_resync();
     let outcome = if et.is_paused() {
         Outcome {
             ready: None,
@@ -297,7 +297,7 @@ async fn sync(
     drift: bool,
     ctx: &Context,
 ) -> Result<Outcome, Error> {
-    let resync = ctx.settings.resync_interval;
+    let resync = ctx.settings.next_resync();
     let before = managed(et);
     let adopt = annotation_is_true(&et.metadata, ADOPT_ANNOTATION);
     let mut actual = Vec::with_capacity(topics.len());
