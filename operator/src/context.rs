@@ -41,7 +41,10 @@ impl Settings {
 /// [`Settings::next_resync`] at `now` (since the Unix epoch).
 fn resync_after(interval: Duration, now: Duration) -> Duration {
     let grid = (interval / 12).as_millis().max(1);
-    let due = (now + interval).as_millis();
+    let Some(due) = now.checked_add(interval) else {
+        return interval;
+    };
+    let due = due.as_millis();
     let aligned = due.div_ceil(grid) * grid;
     interval + Duration::from_millis((aligned - due) as u64)
 }
@@ -130,9 +133,7 @@ mod tests {
     fn resyncs_fall_on_a_grid_of_a_twelfth_of_the_interval() {
         let minute = Duration::from_secs(60);
         // Objects reconciled 0.1 s, 2.3 s and 4.999 s after a grid instant resync together.
-        let at = |s: f64| {
-            Duration::from_secs(1_000_000_000 - 1_000_000_000 % 5) + Duration::from_secs_f64(s)
-        };
+        let at = |s: f64| Duration::from_secs(1_000_000_000) + Duration::from_secs_f64(s);
         let due: Vec<Duration> = [0.1, 2.3, 4.999]
             .iter()
             .map(|s| at(*s) + resync_after(minute, at(*s)))

@@ -275,7 +275,8 @@ async fn reconcile_inner(
         ),
     );
     write_status(&cg, ctx, ready, current_replicas).await?;
-    Ok((Action::requeue(resync), None))
+    // Counted from now, after this pass's requests, so that it stays on the grid.
+    Ok((Action::requeue(ctx.settings.next_resync()), None))
 }
 
 /// Finalizer held by every ConsumerGroup until its Kafka user and ACLs are removed.

@@ -234,7 +234,7 @@ async fn reconcile_inner(
                 {
                     Outcome::not_ready("ResourceConflict", message, resync)
                 } else {
-                    sync(et, &topics, drifted_if_changed(et), &ctx.shared).await?
+                    sync(et, &topics, drifted_if_changed(et), &ctx.shared, resync).await?
                 }
             }
         }
@@ -250,9 +250,13 @@ async fn reconcile_inner(
             .await;
     }
     let failure = outcome.ready.filter(|r| !r.status).map(|r| r.reason);
-    let action = outcome
-        .requeue
-        .map_or_else(Action::await_change, Action::requeue);
+    // The resync is counted from now, after this pass's requests, so that it stays on
+    // the grid.
+    let action = match outcome.requeue {
+        None => Action::await_change(),
+        Some(d) if d == resync => Action::requeue(ctx.shared.settings.next_resync()),
+        Some(d) => Action::requeue(d),
+    };
     Ok((action, failure))
 }
 
@@ -296,8 +300,8 @@ async fn sync(
     topics: &[DesiredTopic],
     drift: bool,
     ctx: &Context,
+    resync: Duration,
 ) -> Result<Outcome, Error> {
-    let resync = ctx.settings.next_resync();
     let before = managed(et);
     let adopt = annotation_is_true(&et.metadata, ADOPT_ANNOTATION);
     let mut actual = Vec::with_capacity(topics.len());

@@ -273,12 +273,24 @@ impl Reads {
                     let (native, metrics) = (native.clone(), metrics.clone());
                     async move {
                         metrics.kafka_request("DescribeUserScramCredentials");
-                        let users: Vec<&str> = users.iter().map(String::as_str).collect();
-                        let found = native.describe_scram_users(&users).await?;
-                        Ok(found
-                            .into_iter()
-                            .map(|(user, creds)| (user, Ok(creds)))
-                            .collect())
+                        let refs: Vec<&str> = users.iter().map(String::as_str).collect();
+                        match native.describe_scram_users(&refs).await {
+                            Ok(found) => Ok(found.into_iter().map(|(u, c)| (u, Ok(c))).collect()),
+                            // One user's refusal fails the whole answer: ask user by user,
+                            // so that each gets its own.
+                            Err(native::NativeError::Kafka { .. }) if users.len() > 1 => {
+                                let mut answers = batch::Answers::new();
+                                for user in users {
+                                    metrics.kafka_request("DescribeUserScramCredentials");
+                                    let found = native.describe_scram_users(&[&user]).await;
+                                    let creds =
+                                        found.map(|mut f| f.remove(&user).unwrap_or_default());
+                                    answers.insert(user, creds);
+                                }
+                                Ok(answers)
+                            }
+                            Err(e) => Err(e),
+                        }
                     }
                 },
                 || native::NativeError::Cancelled {

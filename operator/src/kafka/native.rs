@@ -715,7 +715,8 @@ impl NativeAdmin {
                 let descriptions =
                     c_array(rd_kafka_DescribeTopics_result_topics(result, &mut n), n);
                 let mut answer = BTreeMap::new();
-                for d in descriptions {
+                // A topic the broker left out of its answer leaves a null in the array.
+                for d in descriptions.iter().filter(|d| !d.is_null()) {
                     let name = read_string(rd_kafka_TopicDescription_name(*d));
                     let layout = match item_error(rd_kafka_TopicDescription_error(*d)) {
                         Some((RDKafkaErrorCode::UnknownTopicOrPartition, _)) => Ok(None),

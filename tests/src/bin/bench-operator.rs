@@ -20,7 +20,7 @@ use serde_json::json;
 async fn main() -> anyhow::Result<()> {
     let total: usize = std::env::args().nth(1).map_or(Ok(1000), |a| a.parse())?;
     anyhow::ensure!(
-        total >= 2 && total % 2 == 0,
+        total >= 2 && total.is_multiple_of(2),
         "N must be even: N/2 of each kind"
     );
     let n = total / 2;
