@@ -632,11 +632,10 @@ async fn concurrent_describes_share_requests_and_match_kafkas_tools() {
             .unwrap();
     }
     let missing = unique("native.missing");
-    let (admin, metrics) = admin_as(
-        &env,
-        &env.info.kafka_admin_user,
-        &env.info.kafka_admin_password,
-    );
+    // As the operator runs: its own user, with the documented ACLs.
+    let user = env.create_operator_user().await;
+    env.grant_operator_acls(&user).await;
+    let (admin, metrics) = admin_as(&env, &user.user, &user.password);
     let asked: Vec<&String> = topics.iter().chain([&missing]).collect();
     let answers = futures::future::join_all(asked.iter().map(|t| admin.describe_topic(t))).await;
 
