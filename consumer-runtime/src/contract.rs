@@ -51,6 +51,16 @@ pub const HEALTH_ADDR: &str = "EVENTOPS_HEALTH_ADDR";
 /// `valueFrom.secretKeyRef`.
 pub const DATABASE_URL: &str = "DATABASE_URL";
 
+/// JSON array of the Kafka topic names the worker's outbox relay may publish to
+/// (`ConsumerGroup.spec.outbox.topics`, resolved to topic names). When set, the worker
+/// runs the relay (see [`crate::outbox`]); the operator grants the group's Kafka user
+/// Write on exactly these topics.
+pub const OUTBOX_TOPICS: &str = "EVENTOPS_OUTBOX_TOPICS";
+/// PostgreSQL URL of the database holding `eventops_outbox`, from the Secret key
+/// `ConsumerGroup.spec.outbox.databaseSecret` names. When unset, the relay uses
+/// [`DATABASE_URL`].
+pub const OUTBOX_DATABASE_URL: &str = "EVENTOPS_OUTBOX_DATABASE_URL";
+
 /// Port of the health and metrics endpoints when [`HEALTH_PORT`] is not set.
 pub const DEFAULT_HEALTH_PORT: u16 = 8080;
 
@@ -117,6 +127,18 @@ pub struct WorkerConfig {
     pub health_addr: Option<String>,
     /// The worker's PostgreSQL URL from [`DATABASE_URL`], if set.
     pub postgres_url: Option<String>,
+    /// The outbox relay's settings, when [`OUTBOX_TOPICS`] is set.
+    pub outbox: Option<OutboxContract>,
+}
+
+/// What the operator tells a worker about its outbox relay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxContract {
+    /// Kafka topics the relay may publish to; a row for any other topic is refused and
+    /// stays in the table (reported, never dropped).
+    pub topics: Vec<String>,
+    /// The outbox database from [`OUTBOX_DATABASE_URL`], else [`DATABASE_URL`].
+    pub database_url: String,
 }
 
 /// A missing or malformed variable, named with what it should hold.
@@ -206,6 +228,32 @@ impl WorkerConfig {
                 });
             }
         };
+        let postgres_url = lookup(DATABASE_URL).filter(|v| !v.is_empty());
+        let outbox = match lookup(OUTBOX_TOPICS).filter(|v| !v.is_empty()) {
+            None => None,
+            Some(json) => {
+                let topics: Vec<String> =
+                    serde_json::from_str(&json).map_err(|e| ContractError {
+                        name: OUTBOX_TOPICS,
+                        problem: format!("is not a JSON array of topic names: {e}"),
+                    })?;
+                let database_url = lookup(OUTBOX_DATABASE_URL)
+                    .filter(|v| !v.is_empty())
+                    .or_else(|| postgres_url.clone())
+                    .ok_or_else(|| ContractError {
+                        name: OUTBOX_DATABASE_URL,
+                        problem: format!(
+                            "is not set and neither is {DATABASE_URL}; the outbox relay \
+                             needs the database its rows are written to (set \
+                             spec.outbox.databaseSecret on the ConsumerGroup)"
+                        ),
+                    })?;
+                Some(OutboxContract {
+                    topics,
+                    database_url,
+                })
+            }
+        };
         Ok(Self {
             kafka,
             group_id: required(GROUP_ID)?,
@@ -221,7 +269,8 @@ impl WorkerConfig {
             idempotency,
             health_port: number(HEALTH_PORT, &DEFAULT_HEALTH_PORT.to_string())? as u16,
             health_addr: lookup(HEALTH_ADDR).filter(|v| !v.is_empty()),
-            postgres_url: lookup(DATABASE_URL).filter(|v| !v.is_empty()),
+            postgres_url,
+            outbox,
         })
     }
 }
@@ -272,6 +321,27 @@ mod tests {
         let c = WorkerConfig::from_lookup(lookup(&vars)).unwrap();
         assert_eq!(c.health_addr.as_deref(), Some("10.0.0.7:8080"));
         assert_eq!(c.postgres_url.as_deref(), Some("postgres://db/x"));
+    }
+
+    #[test]
+    fn the_outbox_runs_only_when_its_topics_are_set_and_falls_back_to_database_url() {
+        assert_eq!(WorkerConfig::from_lookup(lookup(&MINIMAL)).unwrap().outbox, None);
+        let mut vars = MINIMAL.to_vec();
+        vars.push((OUTBOX_TOPICS, r#"["payments.captured"]"#));
+        let err = WorkerConfig::from_lookup(lookup(&vars)).unwrap_err();
+        assert_eq!(err.name, OUTBOX_DATABASE_URL, "{err}");
+        vars.push((DATABASE_URL, "postgres://db/app"));
+        let c = WorkerConfig::from_lookup(lookup(&vars)).unwrap();
+        let outbox = c.outbox.unwrap();
+        assert_eq!(outbox.topics, ["payments.captured"]);
+        assert_eq!(outbox.database_url, "postgres://db/app");
+        vars.push((OUTBOX_DATABASE_URL, "postgres://db/outbox"));
+        let c = WorkerConfig::from_lookup(lookup(&vars)).unwrap();
+        assert_eq!(c.outbox.unwrap().database_url, "postgres://db/outbox");
+        vars.push((OUTBOX_TOPICS, "payments.captured"));
+        vars.retain(|(k, v)| *k != OUTBOX_TOPICS || !v.starts_with('['));
+        let err = WorkerConfig::from_lookup(lookup(&vars)).unwrap_err();
+        assert_eq!(err.name, OUTBOX_TOPICS, "{err}");
     }
 
     #[test]
