@@ -186,19 +186,7 @@ impl WorkerConfig {
             })
         };
 
-        let mut kafka = BTreeMap::new();
-        kafka.insert("bootstrap.servers".to_string(), required(KAFKA_BOOTSTRAP)?);
-        if let Some(p) = lookup(KAFKA_SECURITY_PROTOCOL) {
-            kafka.insert("security.protocol".into(), p);
-        }
-        if let Some(user) = lookup(KAFKA_USERNAME) {
-            kafka.insert("sasl.username".into(), user);
-            kafka.insert("sasl.password".into(), required(KAFKA_PASSWORD)?);
-            kafka.insert(
-                "sasl.mechanism".into(),
-                lookup(KAFKA_SASL_MECHANISM).unwrap_or_else(|| "SCRAM-SHA-512".into()),
-            );
-        }
+        let kafka = kafka_properties(&lookup)?;
         let topics_json = required(TOPICS)?;
         let topics: Vec<TopicRoute> =
             serde_json::from_str(&topics_json).map_err(|e| ContractError {
@@ -275,6 +263,36 @@ impl WorkerConfig {
     }
 }
 
+/// The librdkafka properties of the `EVENTOPS_KAFKA_*` variables: bootstrap servers,
+/// security protocol and SASL credentials. For processes that only publish, such as the
+/// standalone outbox relay.
+pub fn kafka_properties(
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<BTreeMap<String, String>, ContractError> {
+    let required = |name: &'static str| {
+        lookup(name)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| ContractError {
+                name,
+                problem: "is not set; the operator sets it on every worker pod".into(),
+            })
+    };
+    let mut kafka = BTreeMap::new();
+    kafka.insert("bootstrap.servers".to_string(), required(KAFKA_BOOTSTRAP)?);
+    if let Some(p) = lookup(KAFKA_SECURITY_PROTOCOL) {
+        kafka.insert("security.protocol".into(), p);
+    }
+    if let Some(user) = lookup(KAFKA_USERNAME) {
+        kafka.insert("sasl.username".into(), user);
+        kafka.insert("sasl.password".into(), required(KAFKA_PASSWORD)?);
+        kafka.insert(
+            "sasl.mechanism".into(),
+            lookup(KAFKA_SASL_MECHANISM).unwrap_or_else(|| "SCRAM-SHA-512".into()),
+        );
+    }
+    Ok(kafka)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,7 +343,10 @@ mod tests {
 
     #[test]
     fn the_outbox_runs_only_when_its_topics_are_set_and_falls_back_to_database_url() {
-        assert_eq!(WorkerConfig::from_lookup(lookup(&MINIMAL)).unwrap().outbox, None);
+        assert_eq!(
+            WorkerConfig::from_lookup(lookup(&MINIMAL)).unwrap().outbox,
+            None
+        );
         let mut vars = MINIMAL.to_vec();
         vars.push((OUTBOX_TOPICS, r#"["payments.captured"]"#));
         let err = WorkerConfig::from_lookup(lookup(&vars)).unwrap_err();

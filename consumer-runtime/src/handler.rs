@@ -176,4 +176,33 @@ impl Context<'_> {
             .map_err(|e| HandlerError::from_error(ErrorKind::Permanent, e))?;
         self.publish(topic, key, &bytes).await
     }
+
+    /// Appends an event envelope to the transactional outbox through `tx` (the
+    /// [`TransactionalHandler`]'s transaction), instead of publishing it now: it is
+    /// published by the outbox relay after `tx` commits, and never if `tx` rolls back.
+    /// Like [`publish_event`](Self::publish_event) it carries this event's correlation id
+    /// (in the envelope and the header) and the `traceparent`. A database failure is
+    /// transient. See [`outbox`](crate::outbox).
+    pub async fn outbox_event<T: Serialize>(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        topic: &str,
+        key: Option<&[u8]>,
+        mut event: Envelope<T>,
+    ) -> Result<(), HandlerError> {
+        if event.correlation_id.is_none() {
+            event.correlation_id = self.correlation_id.map(str::to_string);
+        }
+        let mut message = crate::outbox::OutboxMessage::event(topic, key, &event)
+            .map_err(|e| HandlerError::from_error(ErrorKind::Permanent, e))?;
+        if let Some(c) = &event.correlation_id {
+            message = message.with_header(CORRELATION_HEADER, c.as_bytes());
+        }
+        for (name, value) in crate::tracing_otel::outgoing_headers(self.traceparent) {
+            message = message.with_header(name, value.into_bytes());
+        }
+        crate::outbox::append(tx, &message)
+            .await
+            .map_err(HandlerError::transient)
+    }
 }

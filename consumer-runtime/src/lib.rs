@@ -55,6 +55,7 @@ mod handler;
 pub mod idempotency;
 pub mod metrics;
 pub mod offsets;
+pub mod outbox;
 mod partition;
 pub mod postgres;
 mod processor;

@@ -61,6 +61,10 @@ pub struct Metrics {
     pub(crate) dependency_failures: Family<DependencyLabel, Counter>,
     pub(crate) commits: Counter,
     pub(crate) commit_failures: Counter,
+    pub(crate) outbox_published: Counter,
+    pub(crate) outbox_refused: Counter,
+    pub(crate) outbox_pending: Gauge,
+    pub(crate) outbox_oldest_age: Gauge<f64, AtomicU64>,
     /// True while the worker consumes (running, not shutting down). `/readyz` also needs
     /// the group joined and no dependency outage; see [`Metrics::is_ready`].
     pub ready: AtomicBool,
@@ -94,6 +98,10 @@ impl Default for Metrics {
             dependency_failures: Family::default(),
             commits: Counter::default(),
             commit_failures: Counter::default(),
+            outbox_published: Counter::default(),
+            outbox_refused: Counter::default(),
+            outbox_pending: Gauge::default(),
+            outbox_oldest_age: Gauge::default(),
             ready: AtomicBool::new(false),
             joined: AtomicBool::new(false),
             waiting_on_dependency: AtomicUsize::new(0),
@@ -155,6 +163,27 @@ impl Default for Metrics {
             "Offset commits that failed (they are sent again)",
             m.commit_failures.clone(),
         );
+        registry.register(
+            "outbox_published",
+            "Outbox rows the relay published and Kafka acknowledged",
+            m.outbox_published.clone(),
+        );
+        registry.register(
+            "outbox_refused",
+            "Outbox rows Kafka (or the relay's allowed topics) refused; they stay in the \
+             table, with the later rows of their shard",
+            m.outbox_refused.clone(),
+        );
+        registry.register(
+            "outbox_pending_rows",
+            "Rows in eventops_outbox not yet published (refreshed every few seconds)",
+            m.outbox_pending.clone(),
+        );
+        registry.register(
+            "outbox_oldest_pending_age_seconds",
+            "Age of the oldest row in eventops_outbox (0 when it is empty)",
+            m.outbox_oldest_age.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -193,6 +222,13 @@ impl Metrics {
         now.saturating_sub(last) <= self.liveness_timeout_ms.load(Ordering::Relaxed)
     }
 
+    /// Marks a process that has no consumer group (the standalone outbox relay) ready:
+    /// `/readyz` then passes while no dependency is failing.
+    pub fn mark_ready_without_group(&self) {
+        self.joined.store(true, Ordering::Relaxed);
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
     /// The poll loop is alive.
     pub(crate) fn beat(&self) {
         self.heartbeat_ms
@@ -206,6 +242,11 @@ impl Metrics {
             .inc();
     }
 
+    /// Outbox rows this process's relay published so far.
+    pub fn outbox_published(&self) -> u64 {
+        self.outbox_published.get()
+    }
+
     /// Records of `topic` dead-lettered so far.
     pub fn dead_lettered(&self, topic: &str) -> u64 {
         self.dead_lettered
@@ -217,8 +258,9 @@ impl Metrics {
 }
 
 /// Binds `addr` and serves `/healthz`, `/readyz` and `/metrics` in the background.
-/// Returns the bound address (useful with port 0).
-pub(crate) async fn serve(
+/// Returns the bound address (useful with port 0). A worker does this itself; for other
+/// processes of the runtime, such as the standalone outbox relay.
+pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {

@@ -49,6 +49,7 @@ use crate::contract::{self, ContractError, Idempotency, RetryRoute, WorkerConfig
 use crate::handler::{Handler, TransactionalHandler};
 use crate::idempotency::{InboxError, MemoryStore, PostgresInbox, PostgresTimeouts};
 use crate::metrics::{self, Metrics, PartitionLabels};
+use crate::outbox::{Relay, RelayError, RelayOptions};
 use crate::partition::{self, PartitionHandle, PartitionState};
 use crate::processor::{Dedup, Plain, Processor, Transactional};
 use crate::record::{Gathered, Record};
@@ -148,6 +149,8 @@ pub(crate) struct Options {
     pub health_server: bool,
     pub revoke_timeout: Duration,
     pub liveness_timeout: Duration,
+    /// The outbox relay's database URL and options, when the worker runs one.
+    pub outbox: Option<(String, RelayOptions)>,
 }
 
 /// How records of one consumed topic are retried and dead-lettered.
@@ -634,6 +637,15 @@ impl WorkerBuilder {
             health_server: true,
             revoke_timeout: Duration::from_secs(15),
             liveness_timeout: Duration::from_secs(60),
+            outbox: config.outbox.as_ref().map(|o| {
+                (
+                    o.database_url.clone(),
+                    RelayOptions {
+                        topics: Some(o.topics.iter().cloned().collect()),
+                        ..RelayOptions::default()
+                    },
+                )
+            }),
         };
         Self { config, options }
     }
@@ -757,6 +769,22 @@ impl WorkerBuilder {
     }
 
     /// Builds a worker calling `handler`, with the configured idempotency (`None`,
+    /// Runs an outbox relay in the worker (see [`outbox`](crate::outbox)) for the table in
+    /// `database_url`, with the worker's producer and metrics. The operator's
+    /// `spec.outbox` sets this through the environment; `options.auto_migrate` follows
+    /// [`postgres_auto_migrate`](Self::postgres_auto_migrate).
+    pub fn outbox_relay(mut self, database_url: impl Into<String>, options: RelayOptions) -> Self {
+        self.options.outbox = Some((database_url.into(), options));
+        self
+    }
+
+    /// Runs no outbox relay, whatever the environment says (for a worker whose relay runs
+    /// as its own process).
+    pub fn without_outbox_relay(mut self) -> Self {
+        self.options.outbox = None;
+        self
+    }
+
     /// `Memory`, or `Postgres`: the event id claimed in a transaction that commits when
     /// the handler succeeds, see [`idempotency`](crate::idempotency)).
     pub async fn build<H: Handler>(self, handler: H) -> Result<Worker, WorkerError> {
@@ -875,6 +903,20 @@ impl WorkerBuilder {
             .set("linger.ms", "5");
         let producer: FutureProducer = producer_config.create()?;
 
+        let relay = match &o.outbox {
+            Some((url, relay_options)) => {
+                let relay_options = RelayOptions {
+                    auto_migrate: o.postgres.auto_migrate,
+                    ..relay_options.clone()
+                };
+                let relay = Relay::connect(url, producer.clone(), relay_options)
+                    .await
+                    .map_err(|RelayError::Database(e)| WorkerError::Inbox(e))?;
+                Some(relay.with_metrics(metrics.clone()))
+            }
+            None => None,
+        };
+
         let consumer_config = consumer_config(common, &self.config);
 
         let processor = Arc::new(processor);
@@ -908,6 +950,7 @@ impl WorkerBuilder {
             core,
             consumer,
             health,
+            relay,
         })
     }
 }
@@ -917,6 +960,7 @@ pub struct Worker {
     core: Arc<Core>,
     consumer: Arc<BaseConsumer<Ctx>>,
     health: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
+    relay: Option<Relay>,
 }
 
 impl Worker {
@@ -955,7 +999,16 @@ impl Worker {
             core,
             consumer,
             health,
+            relay,
         } = self;
+        // The relay stops after the consumer: what the last handlers appended is
+        // published before the worker exits (or, if it is killed first, by the next relay).
+        let (relay_stop, relay_stopped) = tokio::sync::oneshot::channel::<()>();
+        let relay = relay.map(|r| {
+            tokio::spawn(r.run_until(async move {
+                let _ = relay_stopped.await;
+            }))
+        });
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         core.metrics.beat();
         let poll_core = core.clone();
@@ -999,6 +1052,10 @@ impl Worker {
             let _ = done_rx.await;
         }
         committer.abort();
+        let _ = relay_stop.send(());
+        if let Some(relay) = relay {
+            let _ = relay.await;
+        }
         let _ = rdkafka::producer::Producer::flush(&core.producer, Duration::from_secs(10));
         if let Some((_, task)) = health {
             task.abort();

@@ -91,6 +91,7 @@ async fn orders_flow_through_inventory_payment_and_notification() {
             .unwrap_or_else(|e| panic!("starting the {name} worker: {e}"));
         ((name, child), port)
     };
+    let outbox_topics = serde_json::json!([captured_topic]).to_string();
     let (inventory, inventory_port) =
         worker("inventory", &[&orders_topic], &[("INVENTORY_WORK_MS", "2")]);
     let (payment, payment_port) = worker(
@@ -100,6 +101,11 @@ async fn orders_flow_through_inventory_payment_and_notification() {
             ("EVENTOPS_IDEMPOTENCY", "Postgres"),
             ("DATABASE_URL", &database_url),
             ("PAYMENT_CAPTURED_TOPIC", &captured_topic),
+            // As the operator sets it for spec.outbox.
+            ("EVENTOPS_OUTBOX_TOPICS", &outbox_topics),
+            // Every 7th attempt fails after writing the payment row and appending its
+            // PaymentCaptured: the transaction rolls back and the order is retried.
+            ("PAYMENT_FAIL_EVERY", "7"),
         ],
     );
     let (notification, notification_port) =
@@ -174,10 +180,14 @@ async fn orders_flow_through_inventory_payment_and_notification() {
     let (db, connection) = tokio_postgres::connect(&database_url, NoTls).await.unwrap();
     tokio::spawn(connection);
     let rows = db
-        .query("SELECT order_id FROM payments", &[])
+        .query("SELECT order_id, event_id FROM payments", &[])
         .await
         .unwrap();
     let paid: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let payment_events: BTreeSet<String> = rows
+        .iter()
+        .map(|r| format!("payment-captured-{}", r.get::<_, String>(1)))
+        .collect();
     assert_eq!(paid.len(), 600, "payment rows");
     assert_eq!(
         paid.iter().cloned().collect::<BTreeSet<_>>(),
@@ -185,7 +195,21 @@ async fn orders_flow_through_inventory_payment_and_notification() {
         "one payment per order"
     );
 
-    // PaymentCaptured for every order, and notification consumed all of them.
+    // PaymentCaptured for every order once the relay has emptied the outbox, and
+    // notification consumed all of them.
+    eventually(
+        Duration::from_secs(60),
+        "the payment outbox relayed",
+        || async {
+            let pending: i64 = db
+                .query_one("SELECT count(*) FROM eventops_outbox", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (pending == 0).then_some(())
+        },
+    )
+    .await;
     let captured = read_all(&info, &captured_topic);
     let captured_ids: BTreeSet<String> = captured
         .iter()
@@ -193,6 +217,23 @@ async fn orders_flow_through_inventory_payment_and_notification() {
         .collect();
     assert_eq!(captured_ids, order_ids, "PaymentCaptured order ids");
     assert!(captured.iter().all(|v| v["type"] == "PaymentCaptured"));
+    // The outbox: every PaymentCaptured has its payment row and every payment row its
+    // PaymentCaptured, once, although about one attempt in seven rolled back after
+    // writing both (published from inside the transaction, those would be on Kafka too).
+    let captured_events: BTreeSet<String> = captured
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        captured_events, payment_events,
+        "PaymentCaptured ids against payment rows"
+    );
+    assert_eq!(
+        captured.len(),
+        600,
+        "PaymentCaptured records on {captured_topic}"
+    );
+
     let notification_group = &groups["notification"];
     eventually(
         Duration::from_secs(60),

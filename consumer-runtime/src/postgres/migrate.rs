@@ -21,11 +21,18 @@ pub struct Migration {
 }
 
 /// Every shipped migration, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    file: "0001_inbox.sql",
-    sql: include_str!("../../migrations/0001_inbox.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        file: "0001_inbox.sql",
+        sql: include_str!("../../migrations/0001_inbox.sql"),
+    },
+    Migration {
+        version: 2,
+        file: "0002_outbox.sql",
+        sql: include_str!("../../migrations/0002_outbox.sql"),
+    },
+];
 
 /// The schema version this runtime needs: the newest shipped migration's.
 pub fn required_version() -> i32 {

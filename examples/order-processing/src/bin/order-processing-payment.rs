@@ -2,17 +2,24 @@
 //!
 //! The payment row is written in the transaction the runtime opens for its PostgreSQL
 //! inbox, so it commits together with the event id: a redelivered order is charged
-//! exactly once. `PaymentCaptured` is published before that transaction commits; if the
-//! commit then fails, the retry publishes it again with the same event id (derived from
-//! the order's), so consumers with idempotency recognise the duplicate.
+//! exactly once. `PaymentCaptured` is appended to the transactional outbox in that same
+//! transaction, not published from inside it: it exists exactly when the payment row
+//! does. The outbox relay (run by the worker when the ConsumerGroup has `spec.outbox`)
+//! publishes it after the commit, with a stable event id derived from the order's.
 //!
 //! Settings: `DATABASE_URL` (required; in Kubernetes from a Secret through the
 //! ConsumerGroup's `template.env`), `PAYMENT_WORK_MS` (simulated payment-provider call,
-//! default 2 ms), `PAYMENT_CAPTURED_TOPIC` (default `payments.payment.captured`).
+//! default 2 ms), `PAYMENT_CAPTURED_TOPIC` (default `payments.payment.captured`),
+//! `PAYMENT_FAIL_EVERY` (default 0, off: every n-th attempt fails after writing, as a
+//! provider timeout would; its transaction rolls back and the order is retried).
 
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use eventops_consumer_runtime::contract;
+use eventops_consumer_runtime::outbox::RelayOptions;
 use eventops_consumer_runtime::tokio_postgres::{self, NoTls, Transaction};
 use eventops_consumer_runtime::{
     Context, Envelope, ErrorKind, Event, HandlerError, Idempotency, TransactionalHandler, Worker,
@@ -34,6 +41,8 @@ const CREATE_PAYMENTS: &str = "CREATE TABLE IF NOT EXISTS payments (
 struct Payment {
     work: Duration,
     captured_topic: String,
+    fail_every: u64,
+    attempts: AtomicU64,
 }
 
 impl TransactionalHandler for Payment {
@@ -67,12 +76,22 @@ impl TransactionalHandler for Payment {
             },
         );
         captured.id = format!("payment-captured-{}", event.id());
-        ctx.publish_event(
+        ctx.outbox_event(
+            tx,
             &self.captured_topic,
             Some(order.order_id.as_bytes()),
             captured,
         )
-        .await
+        .await?;
+        let attempt = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.fail_every > 0 && attempt.is_multiple_of(self.fail_every) {
+            // Everything above rolls back: no payment row, no PaymentCaptured.
+            return Err(HandlerError::message(
+                ErrorKind::Transient,
+                "the payment provider timed out (PAYMENT_FAIL_EVERY)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -88,6 +107,12 @@ async fn main() -> anyhow::Result<()> {
     let work = env_millis("PAYMENT_WORK_MS", 2)?;
     let captured_topic =
         std::env::var("PAYMENT_CAPTURED_TOPIC").unwrap_or_else(|_| PAYMENT_CAPTURED_TOPIC.into());
+    let fail_every = match std::env::var("PAYMENT_FAIL_EVERY") {
+        Ok(v) => v.parse().with_context(|| {
+            format!("PAYMENT_FAIL_EVERY is {v:?}; expected a whole number (0 turns it off)")
+        })?,
+        Err(_) => 0,
+    };
 
     let (client, connection) = tokio_postgres::connect(&url, NoTls)
         .await
@@ -100,12 +125,26 @@ async fn main() -> anyhow::Result<()> {
     drop(client);
     let _ = connection.await;
 
-    Worker::from_env()?
+    let mut worker = Worker::from_env()?;
+    if std::env::var(contract::OUTBOX_TOPICS).is_err() {
+        // Not configured by the operator (spec.outbox): relay the payments database's
+        // outbox anyway, or PaymentCaptured would wait in it forever.
+        worker = worker.outbox_relay(
+            &url,
+            RelayOptions {
+                topics: Some(BTreeSet::from([captured_topic.clone()])),
+                ..RelayOptions::default()
+            },
+        );
+    }
+    worker
         // Charging twice is not an option, whatever the ConsumerGroup says.
         .idempotency(Idempotency::Postgres) // the inbox is in DATABASE_URL's database too
         .build_transactional(Payment {
             work,
             captured_topic,
+            fail_every,
+            attempts: AtomicU64::new(0),
         })
         .await?
         .run()
