@@ -207,7 +207,8 @@ impl PostgresInbox {
         if options.auto_migrate {
             postgres::migrate(&mut client).await?;
         } else {
-            postgres::check(&client).await?;
+            postgres::migrate::check_for(&client, postgres::migrate::INBOX_VERSION, "the inbox")
+                .await?;
         }
         drop(client);
         let pruner = match options.retention {

@@ -768,7 +768,6 @@ impl WorkerBuilder {
         self
     }
 
-    /// Builds a worker calling `handler`, with the configured idempotency (`None`,
     /// Runs an outbox relay in the worker (see [`outbox`](crate::outbox)) for the table in
     /// `database_url`, with the worker's producer and metrics. The operator's
     /// `spec.outbox` sets this through the environment; `options.auto_migrate` follows
@@ -785,6 +784,7 @@ impl WorkerBuilder {
         self
     }
 
+    /// Builds a worker calling `handler`, with the configured idempotency (`None`,
     /// `Memory`, or `Postgres`: the event id claimed in a transaction that commits when
     /// the handler succeeds, see [`idempotency`](crate::idempotency)).
     pub async fn build<H: Handler>(self, handler: H) -> Result<Worker, WorkerError> {
@@ -905,8 +905,18 @@ impl WorkerBuilder {
 
         let relay = match &o.outbox {
             Some((url, relay_options)) => {
+                if let Some(inbox) = &o.postgres_url
+                    && inbox != url
+                {
+                    tracing::warn!(
+                        "the outbox relay reads a different database than DATABASE_URL: rows \
+                         appended through the handler's transaction (Context::outbox_event) \
+                         go to DATABASE_URL's eventops_outbox and are not relayed from there"
+                    );
+                }
                 let relay_options = RelayOptions {
                     auto_migrate: o.postgres.auto_migrate,
+                    timeouts: o.postgres.timeouts.clone(),
                     ..relay_options.clone()
                 };
                 let relay = Relay::connect(url, producer.clone(), relay_options)

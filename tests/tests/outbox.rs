@@ -154,7 +154,7 @@ async fn a_rolled_back_transaction_publishes_nothing_and_a_committed_one_is_publ
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_row_for_a_topic_outside_the_allowed_list_stays_and_holds_back_its_shard_only() {
+async fn a_row_for_a_topic_outside_the_allowed_list_stays_and_holds_back_its_key_only() {
     let env = env().await;
     let (topic, other) = (unique("outbox-allowed"), unique("outbox-refused"));
     create_topics(&env.info, &[(&topic, 1), (&other, 1)]).await;
@@ -170,7 +170,6 @@ async fn a_row_for_a_topic_outside_the_allowed_list_stays_and_holds_back_its_sha
     let mut free = Vec::new();
     for i in 0..40 {
         let key = format!("free-{i}");
-        // Only keys of another shard than "stuck" can pass.
         append(&client, &message(&topic, &key, &format!("free-{i}")))
             .await
             .unwrap();
@@ -186,47 +185,103 @@ async fn a_row_for_a_topic_outside_the_allowed_list_stays_and_holds_back_its_sha
         (stats.refused.load(Ordering::Relaxed) > 0).then_some(())
     })
     .await;
-    // What stays is the refused row and the rows of its shard behind it; every other
-    // shard drains.
-    let left: i64 = eventually(TIMEOUT, "every other shard drained", || async {
-        let row = client
-            .query_one(
-                "SELECT count(*) FILTER (WHERE shard <> (SELECT shard FROM eventops_outbox \
-                     WHERE event_id = 'refused-1')), count(*) FROM eventops_outbox",
-                &[],
-            )
+    // What stays is the refused row and the row of its key behind it; every other key
+    // drains.
+    let left: Vec<String> = eventually(TIMEOUT, "every other key drained", || async {
+        let left: Vec<String> = client
+            .query("SELECT event_id FROM eventops_outbox ORDER BY id", &[])
             .await
-            .unwrap();
-        (row.get::<_, i64>(0) == 0).then(|| row.get::<_, i64>(1))
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        (left.len() == 2).then_some(left)
     })
     .await;
-    let first: String = client
-        .query_one(
-            "SELECT event_id FROM eventops_outbox ORDER BY id LIMIT 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(first, "refused-1");
-    assert!(
-        left >= 2,
-        "the row behind the refused one of its key stayed"
-    );
+    assert_eq!(left, ["refused-1", "after-refused"]);
     let _ = stop.send(());
     task.await.unwrap();
     assert_eq!(topic_record_count(&env, &other).await, 0);
     let published = topic_record_count(&env, &topic).await;
-    assert_eq!(
-        published,
-        42 - left,
-        "what left the table is what reached Kafka"
-    );
-    assert!(left < 42, "nothing was published");
+    assert_eq!(published, 40, "every other key's row reached Kafka, once");
     let on_topic = read_topic(&env.info, &topic, published as usize, TIMEOUT).await;
     assert!(
         on_topic.iter().all(|m| m.key() != Some(b"stuck")),
         "a row behind the refused one of its key was published"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transactions_of_one_key_are_published_in_the_order_they_committed() {
+    let env = env().await;
+    let topic = unique("outbox-commit-order");
+    create_topics(&env.info, &[(&topic, 3)]).await;
+    let creds = writer_of(&env, &topic).await;
+    let (url, client) = outbox_database(&env).await;
+    // For each key: transaction "first" appends, then holds its transaction open for
+    // 300 ms; "second" appends 50 ms after "first" did and commits at once. Without a
+    // per-key lock "second" would commit first yet have the higher row id, and be
+    // published after "first": not in commit order. The relay starts once both have
+    // committed, so it cannot publish "second" in the moment before "first" commits.
+    let mut rounds = Vec::new();
+    for k in 0..5 {
+        let (url, topic) = (url.clone(), topic.clone());
+        rounds.push(tokio::spawn(async move {
+            let key = format!("key-{k}");
+            let mut a = connect(&url).await;
+            let mut b = connect(&url).await;
+            let first = async {
+                let tx = a.transaction().await.unwrap();
+                append(&tx, &message(&topic, &key, &format!("{key}-first")))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                tx.commit().await.unwrap();
+                Instant::now()
+            };
+            let second = async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let tx = b.transaction().await.unwrap();
+                append(&tx, &message(&topic, &key, &format!("{key}-second")))
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+                Instant::now()
+            };
+            let (first_at, second_at) = tokio::join!(first, second);
+            let commit_order = if first_at <= second_at {
+                [format!("{key}-first"), format!("{key}-second")]
+            } else {
+                [format!("{key}-second"), format!("{key}-first")]
+            };
+            (key, commit_order)
+        }));
+    }
+    let mut expected = BTreeMap::new();
+    for r in rounds {
+        let (key, order) = r.await.unwrap();
+        expected.insert(key, order.to_vec());
+    }
+    let (stop, task, _) =
+        spawn_relay(&url, tenant_producer(&env, &creds), RelayOptions::default()).await;
+    let records = read_topic(&env.info, &topic, 10, TIMEOUT).await;
+    eventually(TIMEOUT, "the outbox emptied", || async {
+        (pending_rows(&client).await == 0).then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    task.await.unwrap();
+    let mut published: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in &records {
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        published
+            .entry(v["data"]["key"].as_str().unwrap().to_string())
+            .or_default()
+            .push(v["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        published, expected,
+        "per key: published order against commit order"
     );
 }
 
@@ -348,6 +403,8 @@ fn relay_process(
             serde_json::to_string(&[topic]).unwrap(),
         )
         .env(contract::HEALTH_ADDR, format!("127.0.0.1:{port}"))
+        // Small cycles, so that a kill finds rows committed and not yet published.
+        .env("EVENTOPS_OUTBOX_BATCH", "50")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()

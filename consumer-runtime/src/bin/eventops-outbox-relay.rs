@@ -9,6 +9,7 @@
 //! - `EVENTOPS_KAFKA_BOOTSTRAP`, `EVENTOPS_KAFKA_SECURITY_PROTOCOL`,
 //!   `EVENTOPS_KAFKA_USERNAME`, `EVENTOPS_KAFKA_PASSWORD`, `EVENTOPS_KAFKA_SASL_MECHANISM`;
 //! - `EVENTOPS_OUTBOX_TOPICS` (optional): JSON array of the topics rows may name;
+//! - `EVENTOPS_OUTBOX_BATCH` (optional, default 1000): most rows one cycle publishes;
 //! - `EVENTOPS_HEALTH_ADDR` (default `0.0.0.0:8080`): `/metrics`, `/healthz`, `/readyz`.
 //!
 //! Runs until SIGTERM or SIGINT, finishing the cycle under way.
@@ -46,6 +47,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             problem: format!("is not a JSON array of topic names: {e}"),
         })?),
     };
+    let batch = match lookup("EVENTOPS_OUTBOX_BATCH") {
+        None => RelayOptions::default().batch,
+        Some(v) => v
+            .parse()
+            .ok()
+            .filter(|b| *b > 0)
+            .ok_or_else(|| ContractError {
+                name: "EVENTOPS_OUTBOX_BATCH",
+                problem: format!("is {v:?}; expected a whole number above 0"),
+            })?,
+    };
     let mut config = ClientConfig::new();
     for (k, v) in contract::kafka_properties(&lookup)? {
         config.set(k, v);
@@ -69,6 +81,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         producer,
         RelayOptions {
             topics,
+            batch,
             ..RelayOptions::default()
         },
     )

@@ -54,6 +54,9 @@ use crate::envelope::Envelope;
 /// The channel [`append`] notifies and the relay listens on.
 pub const CHANNEL: &str = "eventops_outbox";
 
+/// The schema version the outbox needs (`0002_outbox.sql`).
+pub const SCHEMA_VERSION: i32 = 2;
+
 /// How many shards the shipped schema has (rows of `eventops_outbox_shards`).
 pub const SHARDS: u64 = 16;
 

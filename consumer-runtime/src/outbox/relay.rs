@@ -12,14 +12,18 @@
 //! 4. **Delete** the acknowledged rows and end the transaction, which frees the shards.
 //!
 //! A crash anywhere before step 4 ends leaves the rows in the table: they are published
-//! again with the same event id (at least once). A refused row (a topic not among
-//! [`RelayOptions::topics`], or one Kafka refuses) stays, and so does every later row of
-//! its shard; the failure is logged and counted, the relay backs off and tries again, and
-//! the oldest pending age grows until someone fixes the cause. A refusal known before
-//! sending holds the later rows of its shard back unsent. One Kafka reports only after
-//! sending (say a record too large, or a revoked ACL) comes when later rows of the batch
-//! are already on their way: they are delivered, kept in the table, and published again
-//! after the refused row once it goes through; the consumer's inbox absorbs the repeats.
+//! again with the same event id (at least once). Every acknowledged row is deleted.
+//!
+//! A refused row (for a topic not among [`RelayOptions::topics`], or one Kafka refuses)
+//! stays in the table; the failure is logged with the reason and counted, the relay backs
+//! off and tries again, and the oldest pending age grows until someone fixes the cause.
+//! Nothing is dropped. Later rows of the same key are held back unsent, in order, when the
+//! refusal is known before sending (a topic not allowed, a record too large for the
+//! producer). A refusal Kafka reports only after sending comes when later rows of the batch
+//! may already be on their way: those of the same key are then delivered ahead of it, and
+//! the relay logs that the key's order was broken. Rows that Kafka has not acknowledged
+//! within [`RelayOptions::delivery_timeout`] stay for the next cycle, so a Kafka outage
+//! never holds the shard locks (and a transaction of the business database) open long.
 //!
 //! Between cycles the relay waits for a `NOTIFY` on [`CHANNEL`](super::CHANNEL) (sent by
 //! [`append`](super::append) and delivered by PostgreSQL at commit), or at most
@@ -65,6 +69,11 @@ pub struct RelayOptions {
     pub auto_migrate: bool,
     /// Bounds on connecting and on each statement.
     pub timeouts: PostgresTimeouts,
+    /// Longest wait for Kafka's acknowledgements in one cycle (default 30 s); rows not
+    /// acknowledged by then stay and are sent again (at least once).
+    pub delivery_timeout: Duration,
+    /// At shutdown, how long the relay goes on publishing what is pending (default 5 s).
+    pub drain_on_shutdown: Duration,
 }
 
 impl Default for RelayOptions {
@@ -78,6 +87,8 @@ impl Default for RelayOptions {
             gauge_interval: Duration::from_secs(5),
             auto_migrate: true,
             timeouts: PostgresTimeouts::default(),
+            delivery_timeout: Duration::from_secs(30),
+            drain_on_shutdown: Duration::from_secs(5),
         }
     }
 }
@@ -143,7 +154,8 @@ impl Relay {
         if options.auto_migrate {
             postgres::migrate(&mut client).await?;
         } else {
-            postgres::check(&client).await?;
+            postgres::migrate::check_for(&client, super::SCHEMA_VERSION, "the outbox relay")
+                .await?;
         }
         drop(client);
         Ok(Self {
@@ -212,6 +224,14 @@ impl Relay {
                 }
             }
         }
+        // What the last handlers appended goes out now rather than with the next relay.
+        let deadline = tokio::time::Instant::now() + self.options.drain_on_shutdown;
+        while tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout_at(deadline, self.cycle()).await {
+                Ok(Ok(c)) if c.published > 0 && c.refused == 0 => {}
+                _ => break,
+            }
+        }
         listener.abort();
         if let Some(g) = gauges {
             g.abort();
@@ -234,7 +254,13 @@ impl Relay {
         &self,
         client: &mut deadpool_postgres::Client,
     ) -> Result<Cycle, tokio_postgres::Error> {
-        let tx = client.transaction().await?;
+        // READ COMMITTED whatever the server's default: the rows are read after the shard
+        // locks are granted, so they include what the previous holder left.
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+            .start()
+            .await?;
         let claim = tx.prepare_cached(CLAIM).await?;
         let shards: Vec<i16> = tx
             .query(&claim, &[&(self.options.shards_per_claim as i64)])
@@ -253,31 +279,40 @@ impl Relay {
             .await?;
         let outcomes = self.publish(&rows).await;
 
-        // Per shard, only the rows before its first refusal are done: the rest wait, in
-        // order, behind the refused one.
-        let mut blocked = HashSet::new();
+        // Every acknowledged row is done; refused and held rows stay, in order.
         let mut done: Vec<i64> = Vec::with_capacity(rows.len());
         let mut cycle = Cycle::default();
+        let mut refused_keys: HashSet<Vec<u8>> = HashSet::new();
         for (row, outcome) in rows.iter().zip(outcomes) {
-            let shard: i16 = row.get(1);
+            let key: Option<&[u8]> = row.get(3);
             match outcome {
                 Outcome::Delivered => {
                     cycle.published += 1;
-                    if !blocked.contains(&shard) {
-                        done.push(row.get(0));
+                    done.push(row.get(0));
+                    if let Some(k) = key
+                        && refused_keys.contains(k)
+                    {
+                        tracing::error!(
+                            id = row.get::<_, i64>(0), topic = row.get::<_, &str>(2),
+                            event_id = row.get::<_, &str>(7),
+                            key = %String::from_utf8_lossy(k),
+                            "outbox relay: Kafka refused an earlier row of this key after this \
+                             one was sent: this row was delivered ahead of it"
+                        );
                     }
                 }
                 Outcome::Held => {}
                 Outcome::Refused(reason) => {
                     cycle.refused += 1;
-                    if blocked.insert(shard) {
-                        tracing::error!(
-                            id = row.get::<_, i64>(0), topic = row.get::<_, &str>(2),
-                            event_id = row.get::<_, &str>(7), shard, reason = %reason,
-                            "outbox relay: a row was refused; it and the later rows of its \
-                             shard stay in eventops_outbox and are tried again"
-                        );
+                    if let Some(k) = key {
+                        refused_keys.insert(k.to_vec());
                     }
+                    tracing::error!(
+                        id = row.get::<_, i64>(0), topic = row.get::<_, &str>(2),
+                        event_id = row.get::<_, &str>(7), reason = %reason,
+                        "outbox relay: a row was refused; it stays in eventops_outbox, with \
+                         the later rows of its key, and is tried again"
+                    );
                 }
             }
         }
@@ -297,37 +332,38 @@ impl Relay {
         Ok(cycle)
     }
 
-    /// Sends the rows in order and waits for each acknowledgement. A row refused before
-    /// it is sent (a topic not allowed, a full or closed producer) holds back the later
-    /// rows of its shard unsent. A refusal Kafka reports later comes after the later rows
-    /// were sent: those are delivered but stay in the table behind it, and are published
-    /// again once it goes through (duplicates the consumer's inbox absorbs).
+    /// Sends the rows in order and waits for the acknowledgements, at most
+    /// [`RelayOptions::delivery_timeout`]. A row refused before it is sent holds back the
+    /// later rows of its key unsent (a row without a key holds back nothing).
     async fn publish(&self, rows: &[tokio_postgres::Row]) -> Vec<Outcome> {
-        let mut held = HashSet::new();
+        let mut held: HashSet<&[u8]> = HashSet::new();
         let mut pending = Vec::with_capacity(rows.len());
         for row in rows {
-            let shard: i16 = row.get(1);
-            if held.contains(&shard) {
+            let key: Option<&[u8]> = row.get(3);
+            if key.is_some_and(|k| held.contains(k)) {
                 pending.push(Err(None));
                 continue;
             }
-            let refused = match self.send(row).await {
-                Ok(delivery) => {
-                    pending.push(Ok(delivery));
-                    continue;
+            match self.send(row).await {
+                Ok(delivery) => pending.push(Ok(delivery)),
+                Err(reason) => {
+                    held.extend(key);
+                    pending.push(Err(Some(reason)));
                 }
-                Err(reason) => reason,
-            };
-            held.insert(shard);
-            pending.push(Err(Some(refused)));
+            }
         }
+        let deadline = tokio::time::Instant::now() + self.options.delivery_timeout;
         let mut outcomes = Vec::with_capacity(pending.len());
         for p in pending {
             outcomes.push(match p {
-                Ok(delivery) => match delivery.await {
-                    Ok(Ok(_)) => Outcome::Delivered,
-                    Ok(Err((e, _))) => Outcome::Refused(e.to_string()),
-                    Err(_) => Outcome::Refused("the producer was dropped".into()),
+                Ok(delivery) => match tokio::time::timeout_at(deadline, delivery).await {
+                    Ok(Ok(Ok(_))) => Outcome::Delivered,
+                    Ok(Ok(Err((e, _)))) => Outcome::Refused(e.to_string()),
+                    Ok(Err(_)) => Outcome::Refused("the producer was dropped".into()),
+                    Err(_) => Outcome::Refused(format!(
+                        "Kafka did not acknowledge it within {:?} (delivery_timeout)",
+                        self.options.delivery_timeout
+                    )),
                 },
                 Err(Some(reason)) => Outcome::Refused(reason),
                 Err(None) => Outcome::Held,
@@ -385,7 +421,7 @@ enum Outcome {
     Delivered,
     /// Refused, with the reason.
     Refused(String),
-    /// Not sent: an earlier row of its shard was refused before it.
+    /// Not sent: an earlier row of its key was refused before it was sent.
     Held,
 }
 

@@ -90,35 +90,39 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, InboxError> {
     Ok(applied)
 }
 
+/// The schema version the inbox needs (`0001_inbox.sql`).
+pub const INBOX_VERSION: i32 = 1;
+
 /// Verifies that every shipped migration was applied, without changing anything; the
 /// error names the files to apply and the setting that would apply them at startup.
 pub async fn check(client: &Client) -> Result<(), InboxError> {
+    check_for(client, required_version(), "this runtime").await
+}
+
+/// Verifies that the migrations up to version `needed` were applied, for `component`
+/// (say "the inbox"), without changing anything. A worker that only uses the inbox keeps
+/// starting on a database without the outbox migration.
+pub async fn check_for(client: &Client, needed: i32, component: &str) -> Result<(), InboxError> {
     let current = current_version(client).await?;
-    let required = required_version();
-    if current >= required {
+    if current >= needed {
         return Ok(());
     }
     let missing: Vec<&str> = MIGRATIONS
         .iter()
-        .filter(|m| m.version > current)
+        .filter(|m| m.version > current && m.version <= needed)
         .map(|m| m.file)
         .collect();
-    let table = client
-        .query_one("SELECT to_regclass('eventops_inbox') IS NOT NULL", &[])
-        .await
-        .map_err(|e| InboxError(format!("reading the inbox schema: {e}")))?
-        .get::<_, bool>(0);
-    let found = if table {
-        format!("the table eventops_inbox exists but its schema is at version {current}")
+    let found = if current == 0 {
+        "the database has none of the EventOps tables".to_string()
     } else {
-        "the table eventops_inbox does not exist".to_string()
+        format!("the EventOps schema of this database is at version {current}")
     };
     Err(InboxError(format!(
-        "{found}; this worker needs schema version {required} and \
-         WorkerBuilder::postgres_auto_migrate is false, so it does not change the schema. \
-         Apply the shipped migration(s) {} from consumer-runtime/migrations/ \
-         (psql \"$DATABASE_URL\" -1 -v ON_ERROR_STOP=1 -f <file>, or \
-         eventops_consumer_runtime::postgres::migrate), or set postgres_auto_migrate(true) \
+        "{found}; {component} needs schema version {needed} and auto-migration is off \
+         (WorkerBuilder::postgres_auto_migrate(false) or RelayOptions::auto_migrate), so it \
+         does not change the schema. Apply the shipped migration(s) {} from \
+         consumer-runtime/migrations/ (psql \"$DATABASE_URL\" -1 -v ON_ERROR_STOP=1 -f \
+         <file>, or eventops_consumer_runtime::postgres::migrate), or turn auto-migration on \
          to apply them at startup",
         missing.join(", ")
     )))
