@@ -3,10 +3,12 @@
 //!
 //! For each contender, on a fresh database and fresh 6-partition topics:
 //!
-//! 1. **Throughput.** `--writers` connections commit `--events` outbox rows (in
+//! 1. **Drain.** `--events` rows committed before the relay starts; the time from its
+//!    start until Kafka holds every record (the topic's end offsets).
+//! 2. **Throughput.** `--writers` connections commit `--events` outbox rows (in
 //!    transactions of `--per-tx` rows) as fast as they can while the relay runs; the time
-//!    runs from the first commit until Kafka holds every record (the topic's end offsets).
-//! 2. **Latency.** One writer commits single-row transactions at `--rate` rows/s for
+//!    runs from the first commit until Kafka holds every record.
+//! 3. **Latency.** One writer commits single-row transactions at `--rate` rows/s for
 //!    `--seconds`; a consumer notes when each event arrives. Latency is arrival minus the
 //!    moment the writer's commit returned.
 //!
@@ -23,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use eventops_consumer_runtime::outbox::{OutboxMessage, Relay, RelayOptions, append};
+use eventops_consumer_runtime::outbox::{OutboxMessage, Relay, RelayOptions, append, append_all};
 use eventops_consumer_runtime::tokio_postgres::{self, NoTls};
 use eventops_consumer_runtime::{Envelope, postgres};
 use eventops_devenv::EnvInfo;
@@ -44,7 +46,7 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     writers: usize,
     /// Rows per writer transaction in the throughput run.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 100)]
     per_tx: usize,
     /// Rows per second in the latency run (one row per transaction).
     #[arg(long, default_value_t = 1_000)]
@@ -70,6 +72,7 @@ impl Contender {
 }
 
 struct Figures {
+    drain: f64,
     throughput: f64,
     writers_rate: f64,
     p50_ms: f64,
@@ -88,16 +91,17 @@ async fn main() -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "| relay | events | events/s (until all on Kafka) | writers' commits/s | latency p50 ms | p99 ms | max ms |"
+        "| relay | events | events/s, writers committing | writers' rows/s | events/s, draining a backlog | latency p50 ms | p99 ms | max ms |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (c, f) in &results {
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |",
             c.name(),
             args.events,
             f.throughput,
             f.writers_rate,
+            f.drain,
             f.p50_ms,
             f.p99_ms,
             f.max_ms
@@ -131,7 +135,24 @@ async fn run(env: &EnvInfo, args: &Args, contender: Contender) -> anyhow::Result
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create()?;
+    // Drain: a backlog committed while no relay runs, then the time to publish it all.
+    let drain_topic = format!(
+        "bench-outbox-drain-{}-{}",
+        std::process::id(),
+        fastrand_u64()
+    );
+    create_topic(env, &drain_topic).await?;
+    write(
+        &url,
+        &drain_topic,
+        args.writers,
+        args.events / args.writers,
+        args.per_tx,
+    )
+    .await?;
+    let drain_total = ((args.events / args.writers) * args.writers) as i64;
     let (stop, stopped) = oneshot::channel::<()>();
+    let drain_started = Instant::now();
     let relay = match contender {
         Contender::Relay => {
             let relay = Relay::connect(&url, producer, RelayOptions::default()).await?;
@@ -145,53 +166,29 @@ async fn run(env: &EnvInfo, args: &Args, contender: Contender) -> anyhow::Result
         }
     };
 
-    // Throughput.
-    let topic = format!("bench-outbox-{}-{}", std::process::id(), fastrand_u64());
-    create_topic(env, &topic).await?;
-    let started = Instant::now();
-    let mut writers = Vec::new();
-    let per_writer = args.events / args.writers;
-    for w in 0..args.writers {
-        let (url, topic, per_tx) = (url.clone(), topic.clone(), args.per_tx);
-        writers.push(tokio::spawn(async move {
-            let mut client = connect(&url).await?;
-            let mut i = 0;
-            while i < per_writer {
-                let tx = client.transaction().await?;
-                for _ in 0..per_tx.min(per_writer - i) {
-                    append(&tx, &message(&topic, &format!("w{w}-{i}"), i % 500)).await?;
-                    i += 1;
-                }
-                tx.commit().await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for w in writers {
-        w.await??;
-    }
-    let committed = started.elapsed();
-    let total = (per_writer * args.writers) as i64;
     let watcher: BaseConsumer = env
         .kafka_admin_config()
         .set("group.id", "bench-outbox-watermarks")
         .create()?;
-    loop {
-        let mut on_kafka = 0;
-        for p in 0..6 {
-            on_kafka += watcher
-                .fetch_watermarks(&topic, p, Duration::from_secs(10))?
-                .1;
-        }
-        if on_kafka >= total {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(600),
-            "{on_kafka} of {total} records on Kafka after 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_on_kafka(&watcher, &drain_topic, drain_total, drain_started).await?;
+    let drained = drain_started.elapsed();
+    eprintln!("  drain: a backlog of {drain_total} published in {drained:?}");
+
+    // Throughput: writers commit while the relay runs.
+    let topic = format!("bench-outbox-{}-{}", std::process::id(), fastrand_u64());
+    create_topic(env, &topic).await?;
+    let started = Instant::now();
+    write(
+        &url,
+        &topic,
+        args.writers,
+        args.events / args.writers,
+        args.per_tx,
+    )
+    .await?;
+    let committed = started.elapsed();
+    let total = ((args.events / args.writers) * args.writers) as i64;
+    wait_on_kafka(&watcher, &topic, total, started).await?;
     let all_on_kafka = started.elapsed();
     eprintln!(
         "  throughput: {total} committed in {committed:?}, all on Kafka after {all_on_kafka:?}"
@@ -239,12 +236,71 @@ async fn run(env: &EnvInfo, args: &Args, contender: Contender) -> anyhow::Result
     latencies.sort_by(f64::total_cmp);
     let pct = |q: f64| latencies[((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1)];
     Ok(Figures {
+        drain: drain_total as f64 / drained.as_secs_f64(),
         throughput: total as f64 / all_on_kafka.as_secs_f64(),
         writers_rate: total as f64 / committed.as_secs_f64(),
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         max_ms: pct(1.0),
     })
+}
+
+/// `writers` connections each commit `per_writer` rows, `per_tx` to a transaction.
+async fn write(
+    url: &str,
+    topic: &str,
+    writers: usize,
+    per_writer: usize,
+    per_tx: usize,
+) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (url, topic) = (url.to_string(), topic.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut client = connect(&url).await?;
+            let mut i = 0;
+            while i < per_writer {
+                let tx = client.transaction().await?;
+                let n = per_tx.min(per_writer - i);
+                let rows: Vec<OutboxMessage> = (i..i + n)
+                    .map(|j| message(&topic, &format!("{topic}-w{w}-{j}"), j % 500))
+                    .collect();
+                append_all(&tx, &rows).await?;
+                i += n;
+                tx.commit().await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// Waits until `topic` holds `total` records (its end offsets), for at most 10 minutes.
+async fn wait_on_kafka(
+    watcher: &BaseConsumer,
+    topic: &str,
+    total: i64,
+    started: Instant,
+) -> anyhow::Result<()> {
+    loop {
+        let mut on_kafka = 0;
+        for p in 0..6 {
+            on_kafka += watcher
+                .fetch_watermarks(topic, p, Duration::from_secs(10))?
+                .1;
+        }
+        if on_kafka >= total {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "{on_kafka} of {total} records on Kafka after 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A ~200-byte event envelope keyed by `key % 500`.
@@ -272,6 +328,9 @@ fn read_arrivals(
         .set("group.id", "bench-outbox-reader")
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "10")
+        // As the runtime's consumers: librdkafka otherwise waits up to 1 s between fetches
+        // of a partition whose queue it considers full enough.
+        .set("fetch.queue.backoff.ms", "10")
         .create()?;
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in 0..6 {
@@ -339,11 +398,14 @@ async fn polling_relay(
                 if let Some(p) = payload {
                     record = record.payload(p);
                 }
-                deliveries.push(producer.send(record, Duration::from_secs(30)));
+                // Queued now, acknowledged below: the whole batch is in flight at once.
+                deliveries.push(producer.send_result(record).ok());
             }
             let mut done = Vec::with_capacity(rows.len());
             for (row, d) in rows.iter().zip(deliveries) {
-                if d.await.is_ok() {
+                if let Some(d) = d
+                    && matches!(d.await, Ok(Ok(_)))
+                {
                     done.push(row.get::<_, i64>(0));
                 }
             }

@@ -45,6 +45,9 @@ mod relay;
 
 pub use relay::{Relay, RelayError, RelayOptions, RelayStats};
 
+// `append_all` below pipelines appends: tokio-postgres sends a statement as soon as its
+// future is first polled, so polling them together puts them on the wire back to back.
+
 use serde::Serialize;
 use tokio_postgres::GenericClient;
 use tokio_postgres::types::Type;
@@ -174,6 +177,16 @@ pub async fn append(
             ],
         )
         .await?;
+    Ok(())
+}
+
+/// Appends `messages` in order through `client`, as [`append`] does each, with the
+/// statements pipelined on the connection (one round trip for many rows).
+pub async fn append_all(
+    client: &impl GenericClient,
+    messages: &[OutboxMessage],
+) -> Result<(), tokio_postgres::Error> {
+    futures::future::try_join_all(messages.iter().map(|m| append(client, m))).await?;
     Ok(())
 }
 
