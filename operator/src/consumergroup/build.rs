@@ -541,6 +541,7 @@ mod tests {
                 group_id: None,
                 topics: vec!["orders".into()],
                 produces: vec![],
+                outbox: None,
                 template: WorkerTemplate {
                     image: "inventory:1".into(),
                     ..Default::default()

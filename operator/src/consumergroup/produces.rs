@@ -84,6 +84,7 @@ mod tests {
                 group_id: None,
                 topics: vec!["orders".into()],
                 produces: produces.iter().map(|s| s.to_string()).collect(),
+                outbox: None,
                 template: Default::default(),
                 processing: Default::default(),
                 scaling: Default::default(),
