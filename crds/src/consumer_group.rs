@@ -57,6 +57,16 @@ pub struct ConsumerGroupSpec {
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub produces: Vec<String>,
 
+    /// The transactional outbox: events the workers' handlers append to the
+    /// `eventops_outbox` table in their own database transaction are published to Kafka
+    /// by a relay running inside the worker pods, with the group's Kafka user. It is a
+    /// field of the group, not a resource of its own, because the rows are written in the
+    /// worker's database transaction: the relay shares the worker's database, Kafka user,
+    /// lifecycle and metrics endpoint. (For other setups a standalone relay binary
+    /// exists.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbox: Option<OutboxSpec>,
+
     /// The worker container that runs the group's consumers.
     pub template: WorkerTemplate,
 
@@ -67,6 +77,42 @@ pub struct ConsumerGroupSpec {
     /// How the number of workers follows consumer lag.
     #[serde(default)]
     pub scaling: ScalingPolicy,
+}
+
+/// The outbox relay that runs inside the group's worker pods, as the group's Kafka user.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxSpec {
+    /// Names of the EventTopics, in this namespace, that the relay publishes to. The
+    /// group's Kafka user is allowed to write them (only once their EventTopic owns
+    /// them); a row for any other topic stays in the table and is reported, never
+    /// published.
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub topics: Vec<String>,
+
+    /// The Secret key holding the PostgreSQL URL of the database with the
+    /// `eventops_outbox` table (`postgres://user:password@host/db`). When absent, the
+    /// relay uses the worker's `DATABASE_URL` from `template.env`: the outbox lives in the
+    /// database the handlers write to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_secret: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret in the ConsumerGroup's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret, in the ConsumerGroup's namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
+
+    /// The key within the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
 }
 
 /// The essentials of the worker's pod: EventOps fills in the rest.

@@ -4,8 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+use eventops_consumer_runtime::contract;
 use eventops_crds::{ConsumerGroup, EventTopic};
 use eventops_tests::{TestEnv, apply, env, eventually, unique, wait_ready};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use rdkafka::ClientConfig;
@@ -76,7 +78,27 @@ async fn produce(
     topic: &str,
     payload: &str,
 ) -> Result<(), RDKafkaErrorCode> {
+    produce_with(client(env, creds), topic, payload).await
+}
+
+/// [`produce`] with an idempotent producer, as the outbox relay uses: it asks the broker
+/// for a producer id (InitProducerId) before its first record.
+async fn produce_idempotent(
+    env: &TestEnv,
+    creds: &Creds,
+    topic: &str,
+    payload: &str,
+) -> Result<(), RDKafkaErrorCode> {
     let mut config = client(env, creds);
+    config.set("enable.idempotence", "true");
+    produce_with(config, topic, payload).await
+}
+
+async fn produce_with(
+    mut config: ClientConfig,
+    topic: &str,
+    payload: &str,
+) -> Result<(), RDKafkaErrorCode> {
     config.set("message.timeout.ms", "10000");
     let (topic, payload) = (topic.to_string(), payload.to_string());
     tokio::task::spawn_blocking(move || {
@@ -389,6 +411,136 @@ async fn a_group_produces_to_its_produces_topics_and_no_other() {
         produce(&env, &payment, &orders, "forged").await,
         Err(RDKafkaErrorCode::TopicAuthorizationFailed)
     );
+}
+
+/// `spec.outbox`: the relay runs in the workers with the group's Kafka user, so the user
+/// may write exactly the outbox's topics (with an idempotent producer, as the relay's
+/// is) and the workers are told which topics and where the outbox database is. An
+/// EventTopic the outbox names that is not there grants nothing and is named.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_groups_outbox_relay_writes_its_outbox_topics_and_no_other() {
+    let env = env().await;
+    let ns = env.namespace("outbox").await;
+    let _operator = env.start_operator(&ns);
+    let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
+    let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
+    let (orders, captured, refunded) = (
+        unique("orders.order.placed"),
+        unique("payments.payment.captured"),
+        unique("payments.payment.refunded"),
+    );
+    for (name, topic) in [
+        ("orders", &orders),
+        ("captured", &captured),
+        ("refunded", &refunded),
+    ] {
+        apply(&topics, name, json!({"partitions": 1, "topicName": topic}))
+            .await
+            .unwrap();
+        wait_ready(&topics, name, "True").await;
+    }
+    // The outbox database's URL, in a Secret of the namespace (set up as the super user).
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &ns);
+    let db: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "payments-db"},
+        "stringData": {"url": "postgres://payment@db/payments"},
+    }))
+    .unwrap();
+    secrets.create(&Default::default(), &db).await.unwrap();
+    let spec = |outbox_topics: &[&str]| {
+        json!({"topics": ["orders"],
+               "outbox": {"topics": outbox_topics,
+                          "databaseSecret": {"name": "payments-db", "key": "url"}},
+               "template": {"image": "payment:1"}})
+    };
+
+    // An EventTopic that is not there: nothing is granted, the condition says which.
+    apply(&groups, "payment", spec(&["captured", "missing"]))
+        .await
+        .unwrap();
+    let (reason, message) = wait_ready(&groups, "payment", "False").await;
+    assert_eq!(reason, "TopicNotFound", "{message}");
+    assert!(
+        message.contains("spec.outbox.topics names EventTopic missing"),
+        "{message}"
+    );
+    let principal = format!("User:eventops.{ns}.payment");
+    let listed = list_acls(&env, &principal).await;
+    assert!(!listed.contains(&captured), "{listed}");
+
+    apply(&groups, "payment", spec(&["captured"]))
+        .await
+        .unwrap();
+    wait_ready(&groups, "payment", "True").await;
+    let payment = group_creds(&env, &ns, "payment").await;
+    assert_eq!(
+        produce_idempotent(&env, &payment, &captured, "captured-1").await,
+        Ok(())
+    );
+    assert_eq!(
+        produce_idempotent(&env, &payment, &refunded, "forged").await,
+        Err(RDKafkaErrorCode::TopicAuthorizationFailed)
+    );
+    assert_eq!(
+        produce(&env, &payment, &orders, "forged").await,
+        Err(RDKafkaErrorCode::TopicAuthorizationFailed)
+    );
+    // Kafka's own AclCommand: Write on the outbox topic, nothing on the other.
+    let listed = list_acls(&env, &principal).await;
+    assert!(
+        acl_lines(&listed, &captured)
+            .iter()
+            .any(|l| l.contains("operation=WRITE") && l.contains("permissionType=ALLOW")),
+        "{listed}"
+    );
+    assert!(!listed.contains(&refunded), "{listed}");
+
+    // The workers: the topics the relay may publish to and its database, by reference.
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    let d = deployments.get("payment").await.unwrap();
+    let vars = d.spec.template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    let var = |name: &str| vars.iter().find(|e| e.name == name).cloned();
+    let outbox_topics = var(contract::OUTBOX_TOPICS).expect("EVENTOPS_OUTBOX_TOPICS");
+    let outbox_topics: Vec<String> =
+        serde_json::from_str(outbox_topics.value.as_deref().unwrap()).unwrap();
+    assert_eq!(outbox_topics, [captured.as_str()]);
+    let url = var(contract::OUTBOX_DATABASE_URL).expect("EVENTOPS_OUTBOX_DATABASE_URL");
+    assert_eq!(url.value, None);
+    let key = url.value_from.unwrap().secret_key_ref.unwrap();
+    assert_eq!(
+        (key.name.as_str(), key.key.as_str()),
+        ("payments-db", "url")
+    );
+
+    // Without the outbox, the grant goes.
+    apply(
+        &groups,
+        "payment",
+        json!({"topics": ["orders"], "template": {"image": "payment:1"}}),
+    )
+    .await
+    .unwrap();
+    eventually(TIMEOUT, "the outbox grant to be revoked", || async {
+        let listed = list_acls(&env, &principal).await;
+        (!listed.contains(&captured)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        produce_idempotent(&env, &payment, &captured, "late").await,
+        Err(RDKafkaErrorCode::TopicAuthorizationFailed)
+    );
+}
+
+/// The lines of an `AclCommand --list` answer under the resource named `topic`.
+fn acl_lines<'a>(listed: &'a str, topic: &str) -> Vec<&'a str> {
+    listed
+        .split("Current ACLs for resource")
+        .filter(|block| block.contains(&format!("name={topic},")))
+        .flat_map(str::lines)
+        .collect()
 }
 
 /// `AclCommand --list` for one principal, from Kafka's own tool.

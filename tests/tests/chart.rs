@@ -76,6 +76,14 @@ async fn values_schema_and_chart_reject_bad_values_naming_them() {
             "/watchNamespace",
         ),
         (format!("{ok},metrics.port=70000"), "/metrics/port"),
+        (
+            format!("{ok},prometheusRule.outboxOldestPendingSeconds=0"),
+            "/prometheusRule/outboxOldestPendingSeconds",
+        ),
+        (
+            format!("{ok},prometheusRule.outboxStalledFor=soon"),
+            "/prometheusRule/outboxStalledFor",
+        ),
         // Combinations the schema cannot express fail in the templates.
         (
             format!("{ok},kafka.securityProtocol=SASL_SSL"),
@@ -707,7 +715,8 @@ async fn removing_any_rule_of_the_charts_rbac_breaks_the_operator() {
 /// The ServiceMonitor and PrometheusRule validate against the Prometheus Operator's own
 /// CRDs (fetched from its Go module by `tools/install-prometheus-crds.sh`), and the
 /// dashboard is valid JSON; every metric the rules and dashboard use is in the chart
-/// README's table, the one place the names are kept.
+/// README's table, the one place the names are kept, and every alert is named there; the
+/// outbox alert's threshold and duration come from the values.
 #[tokio::test]
 async fn monitoring_assets_pass_a_server_side_dry_run() {
     let env = env().await;
@@ -782,6 +791,64 @@ async fn monitoring_assets_pass_a_server_side_dry_run() {
             "{name} is used by the rules or dashboard but not listed in charts/eventops/README.md"
         );
     }
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert_eq!(
+        alerts,
+        [
+            "EventOpsConsumerLagGrowing",
+            "EventOpsDeadLetterArrivals",
+            "EventOpsOutboxStalled",
+            "EventOpsReconcileFailures",
+            "EventOpsOperatorDown",
+        ]
+    );
+    for alert in &alerts {
+        assert!(
+            readme.contains(&format!("`{alert}`")),
+            "alert {alert} is not described in charts/eventops/README.md"
+        );
+    }
+
+    // The outbox alert: the values set its threshold and how long it must hold.
+    let rendered = env
+        .helm(&[
+            "template",
+            &unique("mon"),
+            &chart(),
+            "-n",
+            &ns,
+            "--show-only",
+            "templates/prometheusrule.yaml",
+            "--set",
+            "kafka.bootstrapServers=kafka:9092,prometheusRule.enabled=true",
+            "--set",
+            "prometheusRule.outboxOldestPendingSeconds=120,prometheusRule.outboxStalledFor=2m",
+        ])
+        .expect_ok("helm template of the PrometheusRule");
+    let outbox = rendered
+        .split("- alert: ")
+        .find(|rule| rule.starts_with("EventOpsOutboxStalled"))
+        .expect("the outbox alert");
+    let line = |prefix: &str| {
+        outbox
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {outbox}"))
+    };
+    assert!(
+        outbox.contains("eventops_worker_outbox_oldest_pending_age_seconds"),
+        "{outbox}"
+    );
+    assert_eq!(line(") > "), ") > 120");
+    assert_eq!(line("for: "), "for: 2m");
+    assert!(
+        line("description: ").contains("more than 120 s for 2m"),
+        "{outbox}"
+    );
 }
 
 /// All-namespaces mode: the same rules through a ClusterRole, asked of the API server's

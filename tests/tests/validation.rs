@@ -121,6 +121,25 @@ async fn invalid_resources_are_rejected_naming_the_field() {
             "spec.scaling.scaleDownStabilization",
         ),
         (GROUP(json!({"replicas": 3})), "replicas"),
+        (GROUP(json!({"outbox": {}})), "spec.outbox.topics"),
+        (
+            GROUP(json!({"outbox": {"topics": []}})),
+            "spec.outbox.topics",
+        ),
+        (
+            GROUP(json!({"outbox": {"topics": ["a", "a"]}})),
+            "spec.outbox.topics",
+        ),
+        (
+            GROUP(
+                json!({"outbox": {"topics": ["a"], "databaseSecret": {"name": "Bad_Name", "key": "url"}}}),
+            ),
+            "spec.outbox.databaseSecret.name",
+        ),
+        (
+            GROUP(json!({"outbox": {"topics": ["a"], "databaseSecret": {"name": "db"}}})),
+            "spec.outbox.databaseSecret.key",
+        ),
     ];
     for (spec, field) in &group_cases {
         let err = apply(&groups, "ConsumerGroup", &unique("g"), spec)
@@ -142,6 +161,11 @@ async fn invalid_resources_are_rejected_naming_the_field() {
     apply(&groups, "ConsumerGroup", &long[..63], &GROUP(json!({})))
         .await
         .expect("a 63-character ConsumerGroup name");
+    let outbox = json!({"outbox": {"topics": ["captured"],
+                                   "databaseSecret": {"name": "payments-db", "key": "url"}}});
+    apply(&groups, "ConsumerGroup", &unique("g"), &GROUP(outbox))
+        .await
+        .expect("a ConsumerGroup with an outbox");
 
     // Immutable fields, on update.
     let name = unique("immutable");

@@ -103,8 +103,8 @@ pub fn resolve_some_topics<'a>(
 /// ConsumerGroup may be granted ACLs on them. Every name it derives (main, dead-letter
 /// and retry topics) must be in `status.managedTopics`: an EventTopic the namespace
 /// policy refused (`NotPermitted`), or that was refused an existing topic it may not
-/// adopt (`TopicExists`), manages nothing, and naming it in `spec.topics` or
-/// `spec.produces` must not reach past those rules. One being deleted does not own
+/// adopt (`TopicExists`), manages nothing, and naming it in `spec.topics`,
+/// `spec.produces` or `spec.outbox.topics` must not reach past those rules. One being deleted does not own
 /// either: its topics are about to go, and a new EventTopic may claim the name next.
 pub fn owns_its_topic(et: &EventTopic) -> bool {
     let Some(status) = &et.status else {
@@ -363,10 +363,12 @@ pub fn initial_replicas(cg: &ConsumerGroup, partitions: i32) -> i32 {
 
 /// The worker Deployment. `replicas` is deliberately absent: the autoscaler owns it
 /// through the scale subresource, and a field absent from this apply is never fought over
-/// (the reconciler creates the Deployment once at `minReplicas`).
+/// (the reconciler creates the Deployment once at `minReplicas`). `outbox_topics` are the
+/// Kafka topics `spec.outbox.topics` resolved to (see [`super::outbox`]).
 pub fn deployment(
     cg: &ConsumerGroup,
     routes: &[TopicRoute],
+    outbox_topics: &[String],
     kafka: &WorkerKafka,
     credentials_version: &str,
 ) -> Deployment {
@@ -444,6 +446,7 @@ pub fn deployment(
             format!("$({}):{}", contract::POD_IP, contract::DEFAULT_HEALTH_PORT),
         ),
     ];
+    env.extend(super::outbox::env(cg, outbox_topics));
     env.extend(t.env.iter().cloned());
     let selector = BTreeMap::from([(GROUP_LABEL.to_string(), cg.name_any())]);
     Deployment {
@@ -541,6 +544,7 @@ mod tests {
                 group_id: None,
                 topics: vec!["orders".into()],
                 produces: vec![],
+                outbox: None,
                 template: WorkerTemplate {
                     image: "inventory:1".into(),
                     ..Default::default()
@@ -595,7 +599,7 @@ mod tests {
             bootstrap: "kafka:9092".into(),
             security_protocol: "SASL_PLAINTEXT".into(),
         };
-        let ours = deployment(&cg, &[], &kafka, "v1").metadata;
+        let ours = deployment(&cg, &[], &[], &kafka, "v1").metadata;
         let unowned = ObjectMeta::default();
         let mut other_controller = ours.clone();
         other_controller.owner_references.as_mut().unwrap()[0].uid = "uid-2".into();
@@ -713,7 +717,7 @@ mod tests {
             dead_letter_topic: None,
             retry_topics: vec![],
         }];
-        let d = deployment(&group(), &routes, &kafka, "v1");
+        let d = deployment(&group(), &routes, &[], &kafka, "v1");
         let spec = d.spec;
         assert_eq!(spec.replicas, None);
         assert_eq!(d.metadata.owner_references.unwrap()[0].uid, "uid-1");
@@ -772,6 +776,80 @@ mod tests {
             config.kafka["sasl.username"],
             format!("from-secret:{}", contract::KAFKA_USERNAME)
         );
+    }
+
+    /// What the worker reads back of the outbox (`contract::WorkerConfig`), from the
+    /// Deployment the operator builds, with a Secret reference read as `secret:name/key`.
+    #[test]
+    fn the_outbox_reaches_the_worker_as_the_contract_says() {
+        use eventops_crds::{OutboxSpec, SecretKeyRef};
+        let kafka = WorkerKafka {
+            bootstrap: "k:9092".into(),
+            security_protocol: "SASL_PLAINTEXT".into(),
+        };
+        let topics = ["payments.payment.captured".to_string()];
+        let database_url = EnvVar {
+            name: contract::DATABASE_URL.into(),
+            value: Some("postgres://db/app".into()),
+            value_from: None,
+        };
+        let outbox = |secret: Option<(&str, &str)>| OutboxSpec {
+            topics: vec!["captured".into()],
+            database_secret: secret.map(|(name, key)| SecretKeyRef {
+                name: name.into(),
+                key: key.into(),
+            }),
+        };
+        // The worker's outbox (topics, database URL), or the variable it refuses.
+        type Outcome<'a> = Result<Option<(&'a [String], &'a str)>, &'a str>;
+        // (spec.outbox, template.env, outcome)
+        let cases: [(Option<OutboxSpec>, Vec<EnvVar>, Outcome<'_>); 4] = [
+            (None, vec![database_url.clone()], Ok(None)),
+            (
+                Some(outbox(Some(("payments-db", "url")))),
+                vec![database_url.clone()],
+                Ok(Some((&topics, "secret:payments-db/url"))),
+            ),
+            // Without databaseSecret, the worker's own database.
+            (
+                Some(outbox(None)),
+                vec![database_url.clone()],
+                Ok(Some((&topics, "postgres://db/app"))),
+            ),
+            (
+                Some(outbox(None)),
+                vec![],
+                Err(contract::OUTBOX_DATABASE_URL),
+            ),
+        ];
+        for (spec, template_env, expected) in cases {
+            let mut cg = group();
+            cg.spec.outbox = spec.clone();
+            cg.spec.template.env = template_env;
+            let d = deployment(&cg, &[], &topics, &kafka, "v1");
+            let env = d.spec.template.spec.unwrap().containers[0]
+                .env
+                .clone()
+                .unwrap();
+            let lookup = |name: &str| {
+                let e = env.iter().find(|e| e.name == name)?;
+                e.value.clone().or_else(|| {
+                    let r = e.value_from.as_ref()?.secret_key_ref.as_ref()?;
+                    Some(format!("secret:{}/{}", r.name, r.key))
+                })
+            };
+            let got = contract::WorkerConfig::from_lookup(lookup);
+            match expected {
+                Ok(want) => {
+                    let outbox = got.unwrap().outbox;
+                    let outbox = outbox
+                        .as_ref()
+                        .map(|o| (o.topics.as_slice(), o.database_url.as_str()));
+                    assert_eq!(outbox, want, "{spec:?}");
+                }
+                Err(name) => assert_eq!(got.unwrap_err().name, name, "{spec:?}"),
+            }
+        }
     }
 
     #[test]

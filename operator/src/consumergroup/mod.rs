@@ -2,6 +2,7 @@
 //! ([`build`], pure) → apply (server-side apply, only what differs) → status.
 
 pub mod build;
+pub mod outbox;
 pub mod produces;
 
 use std::collections::BTreeMap;
@@ -52,10 +53,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
                     .state()
                     .into_iter()
                     .filter(|cg| cg.namespace() == et.namespace())
-                    .filter(|cg| {
-                        cg.spec.topics.contains(&et.name_any())
-                            || cg.spec.produces.contains(&et.name_any())
-                    })
+                    .filter(|cg| names_event_topic(cg, &et.name_any()))
                     .map(|cg| ObjectRef::from_obj(&*cg))
                     .collect::<Vec<_>>()
             },
@@ -68,6 +66,15 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
             }
         })
         .await;
+}
+
+/// Whether `cg` names the EventTopic `name` in a field it resolves (`spec.topics`,
+/// `spec.produces`, `spec.outbox.topics`): a change of that EventTopic reconciles it.
+fn names_event_topic(cg: &ConsumerGroup, name: &str) -> bool {
+    (cg.spec.topics.iter())
+        .chain(&cg.spec.produces)
+        .chain(outbox::topic_names(cg))
+        .any(|t| t == name)
 }
 
 async fn reconcile(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -97,7 +104,11 @@ async fn reconcile_inner(
     // Dereference.
     let topics_api: Api<EventTopic> = Api::namespaced(ctx.client.clone(), &ns);
     let mut found = BTreeMap::new();
-    for name in cg.spec.topics.iter().chain(&cg.spec.produces) {
+    let named: BTreeSet<&String> = (cg.spec.topics.iter())
+        .chain(&cg.spec.produces)
+        .chain(outbox::topic_names(&cg))
+        .collect();
+    for name in named {
         if let Some(et) = topics_api
             .get_opt(name)
             .await
@@ -126,14 +137,21 @@ async fn reconcile_inner(
     }
     let (routes, missing) = build::resolve_some_topics(&cg, |n| found.get(n));
     let (produced, missing_produced) = produces::resolve_some(&cg, |n| found.get(n));
+    let (outbox_topics, missing_outbox) = outbox::resolve_some(&cg, |n| found.get(n));
     let mut desired_acls = build::acls(&cg, &routes);
     desired_acls.extend(produces::acls(&cg, &produced));
-    let waiting = if missing.0.is_empty() {
-        produces::missing_message(&missing_produced, &ns)
-    } else {
-        Some(missing.message(&ns))
-    };
-    if let Some(message) = waiting {
+    desired_acls.extend(outbox::acls(&cg, &outbox_topics));
+    // Every field that names a missing EventTopic, so one fix is not followed by another.
+    let waiting: Vec<String> = [
+        (!missing.0.is_empty()).then(|| missing.message(&ns)),
+        produces::missing_message(&missing_produced, &ns),
+        outbox::missing_message(&missing_outbox, &ns),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !waiting.is_empty() {
+        let message = waiting.join("; ");
         // Grants on a topic the group has lost (its EventTopic deleted, or no longer
         // owning it) go now, not when the group is whole again: the topic may be
         // somebody else's by then.
@@ -190,7 +208,8 @@ async fn reconcile_inner(
     };
     let credentials_version = build::credentials_version(&password);
     let desired_secret = build::secret(&cg, &kafka, &password, rotation.as_deref());
-    let desired_deployment = build::deployment(&cg, &routes, &kafka, &credentials_version);
+    let desired_deployment =
+        build::deployment(&cg, &routes, &outbox_topics, &kafka, &credentials_version);
 
     // Apply: only what differs, so a resync that finds nothing writes nothing. Kafka
     // first: the Secret must never hand out a password Kafka does not know yet.
@@ -571,6 +590,27 @@ pub fn worker_kafka(config: &crate::config::RunConfig) -> WorkerKafka {
 mod tests {
     use super::*;
     use rdkafka::types::RDKafkaErrorCode as C;
+
+    #[test]
+    fn a_change_of_any_eventtopic_the_group_names_reconciles_it() {
+        let cg: ConsumerGroup = serde_json::from_value(serde_json::json!({
+            "apiVersion": "eventops.dev/v1alpha1", "kind": "ConsumerGroup",
+            "metadata": {"name": "payment", "namespace": "shop"},
+            "spec": {"topics": ["orders"], "produces": ["captured"],
+                     "outbox": {"topics": ["refunded"]}, "template": {"image": "p:1"}},
+        }))
+        .unwrap();
+        // (EventTopic, whether it reconciles the group)
+        let cases = [
+            ("orders", true),
+            ("captured", true),
+            ("refunded", true),
+            ("voided", false),
+        ];
+        for (name, expected) in cases {
+            assert_eq!(names_event_topic(&cg, name), expected, "{name}");
+        }
+    }
 
     #[test]
     fn a_refusal_somebody_must_fix_waits_for_the_resync() {

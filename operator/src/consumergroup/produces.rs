@@ -30,9 +30,19 @@ pub fn resolve_some<'a, 'c>(
     cg: &'c ConsumerGroup,
     find: impl Fn(&str) -> Option<&'a EventTopic>,
 ) -> (Vec<String>, Vec<&'c str>) {
+    resolve_names(&cg.spec.produces, find)
+}
+
+/// The Kafka topics of the EventTopics `names` names that resolve (exist and own their
+/// topic), in the order named, and the names that do not: the rule for every field
+/// that names topics a group's user may write (`spec.produces`, `spec.outbox.topics`).
+pub fn resolve_names<'a, 'c>(
+    names: &'c [String],
+    find: impl Fn(&str) -> Option<&'a EventTopic>,
+) -> (Vec<String>, Vec<&'c str>) {
     let mut topics = Vec::new();
     let mut missing = Vec::new();
-    for name in &cg.spec.produces {
+    for name in names {
         match find(name) {
             Some(et) if owns_its_topic(et) => topics.push(et.kafka_topic_name().to_string()),
             _ => missing.push(name.as_str()),
@@ -43,16 +53,23 @@ pub fn resolve_some<'a, 'c>(
 
 /// The condition message for produced EventTopics that do not resolve, if any.
 pub fn missing_message(missing: &[&str], namespace: &str) -> Option<String> {
+    missing_message_for("spec.produces", missing, namespace)
+}
+
+/// The condition message for EventTopics named in `field` that do not resolve, if any.
+pub fn missing_message_for(field: &str, missing: &[&str], namespace: &str) -> Option<String> {
     (!missing.is_empty()).then(|| {
         format!(
-            "spec.produces names EventTopic {} that does not exist in namespace {namespace} or \
+            "{field} names EventTopic {} that does not exist in namespace {namespace} or \
              does not own its Kafka topic (see its Ready condition): waiting for it",
             missing.join(", ")
         )
     })
 }
 
-/// Write and Describe on each produced topic, for the group's principal.
+/// Write and Describe on each produced topic, for the group's principal. An idempotent
+/// producer (the outbox relay's) needs nothing more on Kafka 3 and later: its producer
+/// id comes with Write on a topic.
 pub fn acls(cg: &ConsumerGroup, topics: &[String]) -> BTreeSet<AclBinding> {
     let principal = principal(cg);
     topics
@@ -84,6 +101,7 @@ mod tests {
                 group_id: None,
                 topics: vec!["orders".into()],
                 produces: produces.iter().map(|s| s.to_string()).collect(),
+                outbox: None,
                 template: Default::default(),
                 processing: Default::default(),
                 scaling: Default::default(),
