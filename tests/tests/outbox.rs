@@ -656,7 +656,26 @@ async fn a_worker_relays_what_its_handler_appended_only_for_the_attempt_that_com
         )
         .await;
     }
-    let records = read_topic(&env.info, &output, 20, TIMEOUT).await;
+    // One more with a W3C traceparent: the appended event carries it on.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&input)
+                .partition(0)
+                .key("traced")
+                .payload(&event("traced", 1, serde_json::json!({})))
+                .headers(
+                    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                        key: "traceparent",
+                        value: Some(traceparent),
+                    }),
+                ),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("producing the traced record");
+    let records = read_topic(&env.info, &output, 21, TIMEOUT).await;
     eventually(TIMEOUT, "the outbox emptied", || async {
         (pending_rows(&client).await == 0).then_some(())
     })
@@ -664,9 +683,14 @@ async fn a_worker_relays_what_its_handler_appended_only_for_the_attempt_that_com
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 
+    let traced = records
+        .iter()
+        .find(|m| m.key() == Some(&b"traced"[..]))
+        .expect("the traced event's Captured");
+    assert_eq!(header(traced, "traceparent"), Some(traceparent.as_bytes()));
     assert_eq!(
         topic_record_count(&env, &output).await,
-        20,
+        21,
         "a rolled-back attempt was published"
     );
     for m in &records {
@@ -681,10 +705,10 @@ async fn a_worker_relays_what_its_handler_appended_only_for_the_attempt_that_com
         assert_eq!(v["correlationId"], format!("corr-{of}"));
         assert_eq!(m.key(), Some(of.as_bytes()));
     }
-    assert_eq!(metrics.outbox_published(), 20);
+    assert_eq!(metrics.outbox_published(), 21);
+    let encoded = metrics.encode();
     assert!(
-        metrics
-            .encode()
-            .contains("eventops_worker_outbox_pending_rows")
+        encoded.contains("eventops_worker_outbox_published_total 21\n"),
+        "{encoded}"
     );
 }

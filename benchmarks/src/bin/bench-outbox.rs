@@ -133,7 +133,7 @@ async fn run(env: &EnvInfo, args: &Args, contender: Contender) -> anyhow::Result
     let producer: FutureProducer = env
         .kafka_admin_config()
         .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
+        .set("linger.ms", "1")
         .create()?;
     // Drain: a backlog committed while no relay runs, then the time to publish it all.
     let drain_topic = format!(
@@ -327,7 +327,8 @@ fn read_arrivals(
         .kafka_admin_config()
         .set("group.id", "bench-outbox-reader")
         .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
+        // The instrument: it should add as little as it can to the latency it measures.
+        .set("fetch.wait.max.ms", "1")
         // As the runtime's consumers: librdkafka otherwise waits up to 1 s between fetches
         // of a partition whose queue it considers full enough.
         .set("fetch.queue.backoff.ms", "10")

@@ -64,7 +64,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     config
         .set("enable.idempotence", "true")
-        .set("linger.ms", "5");
+        .set("linger.ms", "1");
     let producer: FutureProducer = config.create()?;
 
     let addr: SocketAddr = lookup(contract::HEALTH_ADDR)

@@ -45,9 +45,6 @@ mod relay;
 
 pub use relay::{Relay, RelayError, RelayOptions, RelayStats};
 
-// `append_all` below pipelines appends: tokio-postgres sends a statement as soon as its
-// future is first polled, so polling them together puts them on the wire back to back.
-
 use serde::Serialize;
 use tokio_postgres::GenericClient;
 use tokio_postgres::types::Type;
@@ -180,13 +177,64 @@ pub async fn append(
     Ok(())
 }
 
-/// Appends `messages` in order through `client`, as [`append`] does each, with the
-/// statements pipelined on the connection (one round trip for many rows).
+/// Appends `messages` in order through `client`, as [`append`] does each: one prepared
+/// statement executed for every message, pipelined on the connection (one round trip
+/// for many rows), and one notification.
 pub async fn append_all(
     client: &impl GenericClient,
     messages: &[OutboxMessage],
 ) -> Result<(), tokio_postgres::Error> {
-    futures::future::try_join_all(messages.iter().map(|m| append(client, m))).await?;
+    const SQL: &str = "WITH l AS (SELECT pg_advisory_xact_lock($1, $2)) \
+         INSERT INTO eventops_outbox \
+             (shard, topic, key, payload, header_names, header_values, event_id) \
+         SELECT $3, $4, $5, $6, $7, $8, $9 FROM l";
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let insert = client
+        .prepare_typed(
+            SQL,
+            &[
+                Type::INT4,
+                Type::INT4,
+                Type::INT2,
+                Type::TEXT,
+                Type::BYTEA,
+                Type::BYTEA,
+                Type::TEXT_ARRAY,
+                Type::BYTEA_ARRAY,
+                Type::TEXT,
+            ],
+        )
+        .await?;
+    let rows = messages.iter().map(|m| {
+        let insert = &insert;
+        async move {
+            let (shard, lock) = m.placement();
+            let names: Vec<&str> = m.headers.iter().map(|(n, _)| n.as_str()).collect();
+            let values: Vec<&[u8]> = m.headers.iter().map(|(_, v)| v.as_slice()).collect();
+            client
+                .execute(
+                    insert,
+                    &[
+                        &KEY_LOCK_CLASS,
+                        &lock,
+                        &shard,
+                        &m.topic,
+                        &m.key,
+                        &m.payload,
+                        &names,
+                        &values,
+                        &m.event_id,
+                    ],
+                )
+                .await
+        }
+    });
+    futures::future::try_join_all(rows).await?;
+    client
+        .execute("SELECT pg_notify('eventops_outbox', '')", &[])
+        .await?;
     Ok(())
 }
 
