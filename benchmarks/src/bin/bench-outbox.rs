@@ -10,12 +10,15 @@
 //!    runs from the first commit until Kafka holds every record.
 //! 3. **Latency.** One writer commits single-row transactions at `--rate` rows/s for
 //!    `--seconds`; a consumer notes when each event arrives. Latency is arrival minus the
-//!    moment the writer's commit returned.
+//!    moment the writer's commit returned; the first second's events are left out (the
+//!    producer is still learning the new topic's partition leaders).
 //!
 //! The baseline is the common polling relay: every 500 ms it reads the oldest 100 rows,
 //! publishes them, deletes them, and goes on with the next 100 until a read comes back
 //! short (so it is not held to 100 rows per poll). The relay is [`Relay`] with its
 //! defaults, woken by `LISTEN/NOTIFY`.
+//!
+//! A discarded warm-up round of both comes first (`--warmup false` skips it).
 //!
 //! Prints a table and ends with
 //! `bench-outbox: relay X events/s, p99 Y ms, baseline X events/s, p99 Y ms`.
@@ -37,7 +40,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::oneshot;
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone, Copy)]
 struct Args {
     /// Rows committed in the throughput run.
     #[arg(long, default_value_t = 100_000)]
@@ -54,6 +57,9 @@ struct Args {
     /// Length of the latency run.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Run a discarded warm-up round of both contenders first.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    warmup: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +90,19 @@ struct Figures {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let env = EnvInfo::from_env()?;
+    // A warm-up round of both, discarded: a broker JVM just started compiles its hot
+    // paths during the first contender's run, which would favour the second.
+    if args.warmup {
+        let small = Args {
+            events: (args.events / 10).max(args.writers),
+            seconds: 3,
+            ..args
+        };
+        for contender in [Contender::Relay, Contender::Baseline] {
+            eprintln!("bench-outbox: warm-up, {}", contender.name());
+            run(&env, &small, contender).await?;
+        }
+    }
     let mut results = Vec::new();
     for contender in [Contender::Relay, Contender::Baseline] {
         eprintln!("bench-outbox: {}", contender.name());
@@ -224,8 +243,15 @@ async fn run(env: &EnvInfo, args: &Args, contender: Contender) -> anyhow::Result
     let _ = stop.send(());
     relay.await?;
     let arrivals = arrivals.lock().unwrap();
+    // The first second is left out: the producer learns the new topic's leaders then.
+    let skip = args.rate as usize;
     let mut latencies: Vec<f64> = commits
         .iter()
+        .filter(|(id, _)| {
+            id.strip_prefix("latency-")
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n >= skip)
+        })
         .map(|(id, committed)| {
             arrivals[id]
                 .saturating_duration_since(*committed)
