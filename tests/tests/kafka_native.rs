@@ -656,8 +656,21 @@ async fn concurrent_describes_share_requests_and_match_kafkas_tools() {
         !env.topic_exists(&missing).await,
         "describing created {missing}"
     );
-    assert_eq!(requests(&metrics, "Metadata"), 1);
-    assert_eq!(requests(&metrics, "DescribeConfigs"), 1);
+    // One request answers every ask queued before it was sent; an ask that arrives while
+    // it is out (the four tasks run on two threads of a loaded machine) waits for a second.
+    // Four separate requests is the old code.
+    let (metadata, configs) = (
+        requests(&metrics, "Metadata"),
+        requests(&metrics, "DescribeConfigs"),
+    );
+    assert!(
+        (1..=2).contains(&metadata),
+        "{metadata} Metadata requests for 4 asks"
+    );
+    assert!(
+        (1..=2).contains(&configs),
+        "{configs} DescribeConfigs requests for 4 asks"
+    );
 }
 
 /// A principal without Describe on a topic gets Kafka's refusal for it, whether the

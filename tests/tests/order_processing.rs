@@ -103,8 +103,9 @@ async fn orders_flow_through_inventory_payment_and_notification() {
             ("PAYMENT_CAPTURED_TOPIC", &captured_topic),
             // As the operator sets it for spec.outbox.
             ("EVENTOPS_OUTBOX_TOPICS", &outbox_topics),
-            // Every 7th attempt fails after writing the payment row and appending its
-            // PaymentCaptured: the transaction rolls back and the order is retried.
+            // The first attempt at about one order in 7 fails after writing the payment
+            // row and appending its PaymentCaptured: the transaction rolls back and the
+            // order is retried.
             ("PAYMENT_FAIL_EVERY", "7"),
         ],
     );
@@ -218,7 +219,7 @@ async fn orders_flow_through_inventory_payment_and_notification() {
     assert_eq!(captured_ids, order_ids, "PaymentCaptured order ids");
     assert!(captured.iter().all(|v| v["type"] == "PaymentCaptured"));
     // The outbox: every PaymentCaptured has its payment row and every payment row its
-    // PaymentCaptured, once, although about one attempt in seven rolled back after
+    // PaymentCaptured, once, although about one order in seven rolled back once after
     // writing both (published from inside the transaction, those would be on Kafka too).
     let captured_events: BTreeSet<String> = captured
         .iter()
