@@ -39,8 +39,12 @@ async fn writer_of(env: &TestEnv, topic: &str) -> (String, String) {
 
 /// An idempotent producer with `user`'s credentials, as a relay has.
 fn tenant_producer(env: &TestEnv, (user, password): &(String, String)) -> FutureProducer {
-    env.info
-        .kafka_admin_config()
+    // Built from the broker's address and the tenant's credentials only: nothing of the
+    // super user's configuration reaches the relay under test.
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.info.kafka_bootstrap)
+        .set("security.protocol", "SASL_PLAINTEXT")
+        .set("sasl.mechanism", &env.info.kafka_sasl_mechanism)
         .set("sasl.username", user)
         .set("sasl.password", password)
         .set("enable.idempotence", "true")
