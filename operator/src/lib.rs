@@ -13,6 +13,7 @@ pub mod error;
 pub mod eventtopic;
 pub mod finalizer;
 pub mod kafka;
+pub mod leader;
 pub mod policy;
 pub mod status;
 pub mod telemetry;

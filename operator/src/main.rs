@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use eventops_operator::config::RunConfig;
+use eventops_operator::leader;
 use eventops_operator::telemetry::{self, Metrics};
-use kube_lease_manager::LeaseManagerBuilder;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -90,15 +90,10 @@ async fn main() -> anyhow::Result<()> {
             if !args.no_leader_election {
                 let identity = std::env::var("POD_NAME")
                     .unwrap_or_else(|_| format!("eventops-operator-{}", std::process::id()));
-                let manager = LeaseManagerBuilder::new(client.clone(), "eventops-operator")
-                    .with_namespace(&args.lease_namespace)
-                    .with_identity(&identity)
-                    .with_duration(LEASE_SECONDS)
-                    .with_grace(LEASE_GRACE_SECONDS)
-                    .with_field_manager(eventops_operator::FIELD_MANAGER)
-                    .build()
-                    .await
-                    .context("setting up leader election")?;
+                let manager =
+                    leader::lease_manager(client.clone(), &args.lease_namespace, &identity)
+                        .await
+                        .context("setting up leader election")?;
                 let (mut is_leader, _task) = manager.watch().await;
                 tracing::info!(%identity, "waiting to lead");
                 tokio::select! {
@@ -107,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 tracing::info!(%identity, "leading");
                 let watchdog =
-                    lease_watchdog(client.clone(), args.lease_namespace.clone(), identity);
+                    leader::watchdog(client.clone(), args.lease_namespace.clone(), identity);
                 leader = Some((is_leader, watchdog));
             }
             let stopped_by_signal = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -151,47 +146,4 @@ async fn signals() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
     }
-}
-
-/// Lease timing: held for `LEASE_SECONDS`, renewed `LEASE_GRACE_SECONDS` before expiry.
-const LEASE_SECONDS: u64 = 15;
-const LEASE_GRACE_SECONDS: u64 = 5;
-
-/// Notifies when this replica can no longer be sure it leads: the Lease names another
-/// holder, or no renewal could be confirmed for longer than the Lease minus its grace
-/// (the API server is unreachable). The lease manager alone keeps saying "leader" while
-/// its renewals fail, and a cut-off replica must stop before another one takes over.
-fn lease_watchdog(
-    client: kube::Client,
-    namespace: String,
-    identity: String,
-) -> Arc<tokio::sync::Notify> {
-    use k8s_openapi::api::coordination::v1::Lease;
-    let lost = Arc::new(tokio::sync::Notify::new());
-    let notify = lost.clone();
-    tokio::spawn(async move {
-        let leases: kube::Api<Lease> = kube::Api::namespaced(client, &namespace);
-        let limit = std::time::Duration::from_secs(LEASE_SECONDS - LEASE_GRACE_SECONDS);
-        let mut confirmed = std::time::Instant::now();
-        loop {
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-            match leases.get("eventops-operator").await {
-                Ok(lease) => {
-                    let holder = lease.spec.and_then(|s| s.holder_identity);
-                    if holder.as_deref() != Some(identity.as_str()) {
-                        tracing::warn!(?holder, "the Lease names another holder");
-                        break;
-                    }
-                    confirmed = std::time::Instant::now();
-                }
-                Err(e) if confirmed.elapsed() > limit => {
-                    tracing::warn!(error = %e, "could not confirm the Lease in time");
-                    break;
-                }
-                Err(_) => {}
-            }
-        }
-        notify.notify_one();
-    });
-    lost
 }

@@ -467,21 +467,30 @@ pub async fn wait_ready<K>(api: &Api<K>, name: &str, status: &str) -> (String, S
 where
     K: HasConditions + kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    eventually(
-        Duration::from_secs(60),
-        &format!("{name} Ready={status}"),
-        || async {
-            let c = api
-                .get(name)
-                .await
-                .ok()?
-                .conditions()
-                .into_iter()
-                .find(|c| c.type_ == "Ready")?;
-            (c.status == status).then_some((c.reason, c.message))
-        },
-    )
-    .await
+    let timeout = Duration::from_secs(60);
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no Ready condition");
+    loop {
+        watchdog::check_background();
+        let ready = match api.get(name).await {
+            Ok(object) => object.conditions().into_iter().find(|c| c.type_ == "Ready"),
+            Err(e) => {
+                last = format!("GET failed: {e}");
+                None
+            }
+        };
+        if let Some(c) = ready {
+            if c.status == status {
+                return (c.reason, c.message);
+            }
+            last = format!("Ready={} {}: {}", c.status, c.reason, c.message);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {name} Ready={status}; last seen: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Polls `check` until it returns `Some`, panicking with `what` after `timeout`.
