@@ -279,6 +279,19 @@ pub struct ScalingPolicy {
     #[serde(default = "default_stuck_after")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub stuck_after: Duration,
+
+    /// One-step scaling: once the group's processing rate per replica has been measured,
+    /// replicas are the fewest that drain the current lag within this time while keeping
+    /// up with the records arriving: the smallest n with `lag + arrivalRate × drainWithin
+    /// ≤ n × processingRatePerReplica × drainWithin`, reached in one step and capped as
+    /// usual (`maxReplicas`, partitions, `limitToPartitionsWithLag`,
+    /// `evenPartitionDistribution`). The rates are measured from the partitions' end
+    /// offsets and the group's committed offsets; until a processing rate is measured
+    /// (it needs a backlog and Ready workers), `lagPerReplica` decides. Unset: only
+    /// `lagPerReplica` decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub drain_within: Option<Duration>,
 }
 
 impl Default for ScalingPolicy {
@@ -293,6 +306,7 @@ impl Default for ScalingPolicy {
             limit_to_partitions_with_lag: false,
             even_partition_distribution: false,
             stuck_after: default_stuck_after(),
+            drain_within: None,
         }
     }
 }
@@ -336,6 +350,19 @@ pub struct ConsumerGroupStatus {
     /// The autoscaler's last change of replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale: Option<ScaleRecord>,
+
+    /// Records appended per second to the consumed partitions, as `scaling.drainWithin`
+    /// counts them (the lower of the last two measurements, so a one-off burst counts as
+    /// lag, not as a rate), when last written. Only with `scaling.drainWithin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrival_rate: Option<f64>,
+
+    /// Records per second one Ready worker processes (committed-offset advance per
+    /// second divided by the Ready workers, measured while there was a backlog,
+    /// smoothed), when last written. Absent until measured; only with
+    /// `scaling.drainWithin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processing_rate_per_replica: Option<f64>,
 }
 
 /// Lag of one partition.
@@ -360,7 +387,7 @@ pub struct ScaleRecord {
     pub from: i32,
     /// Replicas after.
     pub to: i32,
-    /// Why, with the lag that led to it.
+    /// Why, with the lag (and, with `scaling.drainWithin`, the rates) that led to it.
     pub reason: String,
 }
 
