@@ -1,7 +1,7 @@
 //! Prometheus metrics and the HTTP endpoints: `/metrics`, `/healthz`, `/readyz`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -83,6 +83,12 @@ pub struct Metrics {
     /// 1 while a ConsumerGroup's lag can be measured, 0 while it cannot (committed
     /// offsets unreadable): its lag gauges are absent then, not zero.
     pub lag_measured: Family<GroupLabels, Gauge>,
+    /// Records appended per second to a ConsumerGroup's partitions, as
+    /// `scaling.drainWithin` counts them (only for such groups, once measured).
+    pub arrival_rate: Family<GroupLabels, Gauge<f64, AtomicU64>>,
+    /// Records per second one Ready worker of a ConsumerGroup processes, as
+    /// `scaling.drainWithin` counts them (only for such groups, once measured).
+    pub processing_rate: Family<GroupLabels, Gauge<f64, AtomicU64>>,
     scales: Family<ScaleLabels, Counter>,
     cycles: Histogram,
     cycle_count: std::sync::atomic::AtomicU64,
@@ -153,6 +159,20 @@ impl Default for Metrics {
              cannot be read (see its LagMeasured condition)",
             lag_measured.clone(),
         );
+        let arrival_rate = Family::<GroupLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "consumergroup_arrival_rate",
+            "Records appended per second to a ConsumerGroup's partitions (groups with \
+             scaling.drainWithin)",
+            arrival_rate.clone(),
+        );
+        let processing_rate = Family::<GroupLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "consumergroup_processing_rate_per_replica",
+            "Records per second one Ready worker of a ConsumerGroup processes, measured \
+             while it had a backlog (groups with scaling.drainWithin)",
+            processing_rate.clone(),
+        );
         let scales = Family::<ScaleLabels, Counter>::default();
         registry.register(
             "autoscaler_scales",
@@ -172,6 +192,8 @@ impl Default for Metrics {
             partition_lag,
             desired_replicas,
             lag_measured,
+            arrival_rate,
+            processing_rate,
             scales,
             cycles,
             cycle_count: Default::default(),

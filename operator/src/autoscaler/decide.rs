@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use eventops_crds::ScalingPolicy;
 
+use super::rate::Rates;
+
 /// A partition, as (topic, partition).
 pub type Partition = (String, i32);
 
@@ -31,6 +33,8 @@ pub struct Policy {
     pub even: bool,
     /// A lagging partition whose committed offset has not moved this long is stuck.
     pub stuck_after: Duration,
+    /// One-step scaling: drain the lag within this, given the measured rates.
+    pub drain_within: Option<Duration>,
 }
 
 impl From<&ScalingPolicy> for Policy {
@@ -45,6 +49,7 @@ impl From<&ScalingPolicy> for Policy {
             limit_to_partitions_with_lag: s.limit_to_partitions_with_lag,
             even: s.even_partition_distribution,
             stuck_after: s.stuck_after.into(),
+            drain_within: s.drain_within.map(Into::into),
         }
     }
 }
@@ -102,15 +107,20 @@ impl History {
 /// 1. A partition with lag whose committed offset has not moved for `stuck_after`
 ///    while workers run is stuck; it needs a worker, not more of them, so it counts
 ///    for one replica at most.
-/// 2. `ceil(lag / lagPerReplica)` of the other partitions' lag; a group at zero stays
-///    at zero while that lag is at most `activationLag`.
+/// 2. Of the other partitions' lag: with `drainWithin` (T) and a measured processing
+///    rate per replica (r), the smallest n with `lag + arrival × T ≤ n × r × T` (drain
+///    the lag within T while keeping up with arrivals); otherwise `ceil(lag /
+///    lagPerReplica)`. A group at zero stays at zero while that lag is at most
+///    `activationLag`.
 /// 3. Capped at the partitions with lag (if asked), raised to `minReplicas`, capped at
 ///    `maxReplicas` and the partition count, rounded up to a divisor of the partition
 ///    count (if asked).
-/// 4. Up: at once, but not twice within `scaleUpInterval`. Down: only to the highest
-///    recommendation of the last `scaleDownStabilization`.
+/// 4. Up: at once, to the whole need in one step, but not twice within
+///    `scaleUpInterval`. Down: only to the highest recommendation of the last
+///    `scaleDownStabilization`.
 pub fn decide(
     policy: &Policy,
+    rates: &Rates,
     history: &mut History,
     partitions: &BTreeMap<Partition, Measured>,
     current: i32,
@@ -151,8 +161,14 @@ pub fn decide(
             ));
         }
         0
+    } else if let Some(drain) = drain_to(policy, rates, driving, &mut notes) {
+        drain
     } else {
         let n = (driving + policy.lag_per_replica - 1) / policy.lag_per_replica;
+        notes.push(format!(
+            "{n} replica(s) at lagPerReplica {}",
+            policy.lag_per_replica
+        ));
         i32::try_from(n).unwrap_or(i32::MAX)
     };
     if !stuck.is_empty() {
@@ -162,10 +178,6 @@ pub fn decide(
         ));
         want = want.max(1);
     }
-    notes.push(format!(
-        "{want} replica(s) at lagPerReplica {}",
-        policy.lag_per_replica
-    ));
 
     // 3. Bounds.
     if policy.limit_to_partitions_with_lag && want > lagging {
@@ -244,6 +256,36 @@ pub fn decide(
     }
 }
 
+/// With `drainWithin` (T) and a usable processing rate per replica (r), the fewest
+/// replicas n with `lag + arrival × T ≤ n × r × T`; `None` (the `lagPerReplica` rule
+/// decides) without `drainWithin` or without a measured rate above zero. An arrival
+/// rate not measured yet counts as none.
+fn drain_to(policy: &Policy, rates: &Rates, lag: i64, notes: &mut Vec<String>) -> Option<i32> {
+    let within = policy.drain_within?;
+    let t = within.as_secs_f64();
+    let per_replica = rates.per_replica.filter(|r| r.is_finite() && *r > 0.0);
+    let Some(r) = per_replica.filter(|_| t > 0.0) else {
+        notes.push(format!(
+            "no processing rate measured yet for drainWithin {within:?}"
+        ));
+        return None;
+    };
+    let arrival = rates.arrival.filter(|a| a.is_finite()).unwrap_or(0.0).max(0.0);
+    let work = lag as f64 + arrival * t;
+    // A hair under the exact multiple stays that multiple: 1000 / (100 × 10) is 1.
+    let n = (work / (r * t) - 1e-9).ceil().max(0.0);
+    let n = if n >= f64::from(i32::MAX) {
+        i32::MAX
+    } else {
+        n as i32
+    };
+    notes.push(format!(
+        "arrivals {arrival:.1}/s, {r:.1}/s per replica: {n} replica(s) drain lag {lag} \
+         within drainWithin {within:?}"
+    ));
+    Some(n)
+}
+
 /// A fresh history for a group running `current` replicas: the scale-down window
 /// starts now, as if `current` had just been recommended.
 pub fn history_for(current: i32, now: Instant) -> History {
@@ -257,6 +299,11 @@ pub fn history_for(current: i32, now: Instant) -> History {
 mod tests {
     use super::*;
 
+    const NO_RATES: Rates = Rates {
+        arrival: None,
+        per_replica: None,
+    };
+
     fn policy() -> Policy {
         Policy {
             min: 0,
@@ -268,6 +315,7 @@ mod tests {
             limit_to_partitions_with_lag: false,
             even: false,
             stuck_after: Duration::from_secs(30),
+            drain_within: None,
         }
     }
 
@@ -290,7 +338,7 @@ mod tests {
     fn once(policy: &Policy, partitions: &[i64], current: i32) -> i32 {
         let now = Instant::now();
         let mut history = History::default();
-        decide(policy, &mut history, &lags(partitions), current, now).replicas
+        decide(policy, &NO_RATES, &mut history, &lags(partitions), current, now).replicas
     }
 
     #[test]
@@ -332,15 +380,16 @@ mod tests {
         let p = policy();
         let t0 = Instant::now();
         let mut h = history_for(1, t0);
-        let d = decide(&p, &mut h, &lags(&[250, 0, 0, 0]), 1, t0);
+        let d = decide(&p, &NO_RATES, &mut h, &lags(&[250, 0, 0, 0]), 1, t0);
         assert_eq!(d.replicas, 3);
         h.scaled_up(t0);
         let later = t0 + Duration::from_secs(2);
-        let d = decide(&p, &mut h, &lags(&[400, 0, 0, 0]), 3, later);
+        let d = decide(&p, &NO_RATES, &mut h, &lags(&[400, 0, 0, 0]), 3, later);
         assert_eq!(d.replicas, 3, "{}", d.reason);
         assert!(d.reason.contains("scale-up held"), "{}", d.reason);
         let d = decide(
             &p,
+            &NO_RATES,
             &mut h,
             &lags(&[400, 0, 0, 0]),
             3,
@@ -355,15 +404,15 @@ mod tests {
         let t0 = Instant::now();
         let mut h = history_for(4, t0);
         let at = |s| t0 + Duration::from_secs(s);
-        let d = decide(&p, &mut h, &lags(&[0, 0, 0, 0]), 4, at(1));
+        let d = decide(&p, &NO_RATES, &mut h, &lags(&[0, 0, 0, 0]), 4, at(1));
         assert_eq!(d.replicas, 4, "{}", d.reason);
         assert!(d.reason.contains("scaleDownStabilization"), "{}", d.reason);
         // A short spike inside the window keeps the high mark.
-        let d = decide(&p, &mut h, &lags(&[150, 0, 0, 0]), 4, at(30));
+        let d = decide(&p, &NO_RATES, &mut h, &lags(&[150, 0, 0, 0]), 4, at(30));
         assert_eq!(d.replicas, 4);
-        let d = decide(&p, &mut h, &lags(&[0, 0, 0, 0]), 4, at(62));
+        let d = decide(&p, &NO_RATES, &mut h, &lags(&[0, 0, 0, 0]), 4, at(62));
         assert_eq!(d.replicas, 2, "the spike's 2 holds: {}", d.reason);
-        let d = decide(&p, &mut h, &lags(&[0, 0, 0, 0]), 2, at(91));
+        let d = decide(&p, &NO_RATES, &mut h, &lags(&[0, 0, 0, 0]), 2, at(91));
         assert_eq!(d.replicas, 0, "{}", d.reason);
     }
 
@@ -373,21 +422,21 @@ mod tests {
         let t0 = Instant::now();
         let mut h = history_for(4, t0);
         let stuck_lag = lags(&[5000, 0, 0, 0]);
-        let d = decide(&p, &mut h, &stuck_lag, 4, t0);
+        let d = decide(&p, &NO_RATES, &mut h, &stuck_lag, 4, t0);
         assert!(d.stuck.is_empty());
-        let d = decide(&p, &mut h, &stuck_lag, 4, t0 + Duration::from_secs(29));
+        let d = decide(&p, &NO_RATES, &mut h, &stuck_lag, 4, t0 + Duration::from_secs(29));
         assert!(d.stuck.is_empty());
         let later = t0 + Duration::from_secs(100);
-        let d = decide(&p, &mut h, &stuck_lag, 4, later);
+        let d = decide(&p, &NO_RATES, &mut h, &stuck_lag, 4, later);
         assert_eq!(d.stuck, BTreeSet::from([("t".to_string(), 0)]));
         assert_eq!(d.total_lag, 5000);
         // Stabilization still holds 4 for its window; after it, one replica.
-        let d = decide(&p, &mut h, &stuck_lag, 4, later + Duration::from_secs(61));
+        let d = decide(&p, &NO_RATES, &mut h, &stuck_lag, 4, later + Duration::from_secs(61));
         assert_eq!(d.replicas, 1, "{}", d.reason);
         // Progress clears it.
         let mut moved = stuck_lag.clone();
         moved.get_mut(&("t".to_string(), 0)).unwrap().committed = Some(10);
-        let d = decide(&p, &mut h, &moved, 1, later + Duration::from_secs(62));
+        let d = decide(&p, &NO_RATES, &mut h, &moved, 1, later + Duration::from_secs(62));
         assert!(d.stuck.is_empty());
         assert_eq!(d.replicas, 4);
     }
@@ -399,10 +448,10 @@ mod tests {
         let mut h = history_for(1, t0);
         let idle = lags(&[0, 0, 0, 0]);
         let at = |s| t0 + Duration::from_secs(s);
-        assert_eq!(decide(&p, &mut h, &idle, 1, at(100)).replicas, 0);
+        assert_eq!(decide(&p, &NO_RATES, &mut h, &idle, 1, at(100)).replicas, 0);
         h.external_change(3, at(101));
-        assert_eq!(decide(&p, &mut h, &idle, 3, at(102)).replicas, 3);
-        assert_eq!(decide(&p, &mut h, &idle, 3, at(162)).replicas, 0);
+        assert_eq!(decide(&p, &NO_RATES, &mut h, &idle, 3, at(102)).replicas, 3);
+        assert_eq!(decide(&p, &NO_RATES, &mut h, &idle, 3, at(162)).replicas, 0);
     }
 
     #[test]
@@ -411,9 +460,202 @@ mod tests {
         let t0 = Instant::now();
         let mut h = History::default();
         let l = lags(&[10, 0, 0, 0]);
-        decide(&p, &mut h, &l, 0, t0);
-        let d = decide(&p, &mut h, &l, 0, t0 + Duration::from_secs(100));
+        decide(&p, &NO_RATES, &mut h, &l, 0, t0);
+        let d = decide(&p, &NO_RATES, &mut h, &l, 0, t0 + Duration::from_secs(100));
         assert!(d.stuck.is_empty());
         assert_eq!(d.replicas, 1);
+    }
+
+    fn rates(arrival: Option<f64>, per_replica: Option<f64>) -> Rates {
+        Rates {
+            arrival,
+            per_replica,
+        }
+    }
+
+    #[test]
+    fn drain_within_reaches_the_need_in_one_step() {
+        // 8 partitions, drainWithin 10 s, lagPerReplica 100 (the fallback).
+        let draining = |f: fn(&mut Policy)| {
+            let mut p = policy();
+            p.drain_within = Some(Duration::from_secs(10));
+            f(&mut p);
+            p
+        };
+        let p = draining(|_| {});
+        let spread = |total: i64| vec![total / 8; 8];
+        #[rustfmt::skip]
+        let cases: Vec<(&str, Policy, Vec<i64>, Rates, i32, i32)> = vec![
+            // what, policy, partition lags, rates, current, want
+            ("backlog spike: one step to what drains it (3200 / (100/s × 10 s))",
+                p.clone(), spread(3200), rates(Some(0.0), Some(100.0)), 1, 4),
+            ("the same spike by lagPerReplica alone would want 32, capped at 8",
+                policy(), spread(3200), rates(Some(0.0), Some(100.0)), 1, 8),
+            ("arrivals only: keeps up (250/s at 100/s per replica)",
+                p.clone(), spread(0), rates(Some(250.0), Some(100.0)), 1, 3),
+            ("backlog and arrivals: (1000 + 150 × 10) / (100 × 10) = 2.5",
+                p.clone(), spread(1000), rates(Some(150.0), Some(100.0)), 1, 3),
+            ("an exact multiple is not rounded up", p.clone(), spread(2000), rates(Some(0.0), Some(100.0)), 1, 2),
+            ("one record needs one replica", p.clone(), vec![1, 0, 0, 0, 0, 0, 0, 0], rates(Some(0.0), Some(100.0)), 1, 1),
+            ("arrivals not measured yet count as none", p.clone(), spread(800), rates(None, Some(100.0)), 1, 1),
+            ("no processing rate yet: lagPerReplica", p.clone(), spread(320), rates(Some(10.0), None), 1, 4),
+            ("a processing rate of 0: lagPerReplica", p.clone(), spread(320), rates(Some(10.0), Some(0.0)), 1, 4),
+            ("a processing rate that is not a number: lagPerReplica", p.clone(), spread(320), rates(None, Some(f64::NAN)), 1, 4),
+            ("arrivals of 0 and no lag: minReplicas", draining(|p| p.min = 1), spread(0), rates(Some(0.0), Some(100.0)), 3, 1),
+            ("nothing to do at min 0", p.clone(), spread(0), rates(Some(0.0), Some(100.0)), 1, 0),
+            ("an unusable arrival rate counts as none", p.clone(), spread(800), rates(Some(f64::NAN), Some(100.0)), 1, 1),
+            ("capped at maxReplicas", draining(|p| p.max = Some(3)), spread(8000), rates(Some(0.0), Some(100.0)), 1, 3),
+            ("capped at the partitions", p.clone(), spread(0), rates(Some(1e12), Some(1.0)), 1, 8),
+            ("an arrival rate beyond i32 does not overflow", p.clone(), spread(0), rates(Some(1e300), Some(1e-300)), 1, 8),
+            ("capped at partitions with lag", draining(|p| p.limit_to_partitions_with_lag = true),
+                vec![3000, 3000, 0, 0, 0, 0, 0, 0], rates(Some(0.0), Some(100.0)), 1, 2),
+            ("even: 3 of 8 becomes 4", draining(|p| p.even = true), spread(2400), rates(Some(0.0), Some(100.0)), 1, 4),
+            ("a group at zero stays there at activationLag, whatever the rates",
+                draining(|p| p.activation_lag = 100), spread(80), rates(Some(50.0), Some(100.0)), 0, 0),
+            ("without drainWithin, rates decide nothing", policy(), spread(320), rates(Some(1000.0), Some(1.0)), 1, 4),
+        ];
+        for (what, policy, partitions, rates, current, want) in cases {
+            let mut h = History::default();
+            let d = decide(&policy, &rates, &mut h, &lags(&partitions), current, Instant::now());
+            assert_eq!(d.replicas, want, "{what}: {}", d.reason);
+        }
+    }
+
+    #[test]
+    fn the_reason_names_the_rates_or_the_fallback() {
+        let mut p = policy();
+        p.drain_within = Some(Duration::from_secs(60));
+        let now = Instant::now();
+        let measured = rates(Some(500.0), Some(50.0));
+        let d = decide(&p, &measured, &mut History::default(), &lags(&[900, 0, 0, 0]), 1, now);
+        assert!(
+            d.reason.contains("arrivals 500.0/s, 50.0/s per replica")
+                && d.reason.contains("drain lag 900 within drainWithin 60s"),
+            "{}",
+            d.reason
+        );
+        let d = decide(&p, &NO_RATES, &mut History::default(), &lags(&[900, 0, 0, 0]), 1, now);
+        assert!(
+            d.reason.contains("no processing rate measured yet")
+                && d.reason.contains("9 replica(s) at lagPerReplica 100"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn a_measured_need_is_not_held_back_by_scale_up_interval_steps() {
+        // Up to 6 in one go; scaleUpInterval then holds a further step, and the one after
+        // it goes straight to the new need.
+        let mut p = policy();
+        p.drain_within = Some(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let mut h = history_for(1, t0);
+        let r = rates(Some(0.0), Some(100.0));
+        let d = decide(&p, &r, &mut h, &lags(&[3000, 3000, 0, 0, 0, 0, 0, 0]), 1, t0);
+        assert_eq!(d.replicas, 6, "{}", d.reason);
+        h.scaled_up(t0);
+        let more = lags(&[4000, 4000, 0, 0, 0, 0, 0, 0]);
+        let d = decide(&p, &r, &mut h, &more, 6, t0 + Duration::from_secs(2));
+        assert_eq!(d.replicas, 6, "{}", d.reason);
+        assert!(d.reason.contains("scale-up held"), "{}", d.reason);
+        let d = decide(&p, &r, &mut h, &more, 6, t0 + Duration::from_secs(5));
+        assert_eq!(d.replicas, 8, "{}", d.reason);
+    }
+
+    /// The demo's spike, simulated second by second through the rate tracker and the
+    /// decision: 6 partitions, 50 records/s rising to 500/s, 50/s per worker (as the
+    /// order-processing inventory service), workers Ready 3 s after a scale-up. With
+    /// `drainWithin: 60s` the group goes 1 → 6 in one step, within 3 s of its lag
+    /// crossing one replica's worth (lagPerReplica 500); by lag alone it takes steps.
+    #[test]
+    fn the_demo_spike_takes_one_step_with_drain_within() {
+        use crate::autoscaler::rate::{Observation, RateTracker};
+
+        fn run(drain_within: Option<Duration>) -> (Vec<(f64, i32, i32)>, Option<f64>) {
+            let policy = Policy {
+                min: 1,
+                max: None,
+                lag_per_replica: 500,
+                activation_lag: 0,
+                scale_down_window: Duration::from_secs(30),
+                scale_up_interval: Duration::from_secs(5),
+                limit_to_partitions_with_lag: false,
+                even: false,
+                stuck_after: Duration::from_secs(120),
+                drain_within,
+            };
+            const PARTITIONS: usize = 6;
+            let t0 = Instant::now();
+            let (mut ends, mut committed) = ([0f64; PARTITIONS], [0f64; PARTITIONS]);
+            let (mut current, mut ready) = (1, 1);
+            let mut pending: Option<(f64, i32)> = None;
+            let mut tracker = RateTracker::default();
+            let mut history = history_for(1, t0);
+            let (mut steps, mut crossed) = (vec![], None);
+            let dt = 0.1;
+            for tick in 1..=400 {
+                let t = f64::from(tick) * dt;
+                let arrival = if (10.3..40.3).contains(&t) { 500.0 } else { 50.0 };
+                let capacity = f64::from(ready) * 50.0 * dt / PARTITIONS as f64;
+                for (end, c) in ends.iter_mut().zip(committed.iter_mut()) {
+                    *end += arrival * dt / PARTITIONS as f64;
+                    *c = (*c + capacity).min(end.floor());
+                }
+                if let Some((at, n)) = pending
+                    && t >= at
+                {
+                    ready = n;
+                    pending = None;
+                }
+                if tick % 10 != 0 {
+                    continue;
+                }
+                let now = t0 + Duration::from_secs_f64(t);
+                let observed: BTreeMap<Partition, Observation> = (0..PARTITIONS)
+                    .map(|p| {
+                        let (end, c) = (ends[p].floor() as i64, committed[p].floor() as i64);
+                        let o = Observation {
+                            end,
+                            committed: Some(c),
+                            lag: end - c,
+                        };
+                        (("t".to_string(), p as i32), o)
+                    })
+                    .collect();
+                let measured = observed
+                    .iter()
+                    .map(|(p, o)| {
+                        let m = Measured {
+                            lag: o.lag,
+                            committed: o.committed,
+                        };
+                        (p.clone(), m)
+                    })
+                    .collect();
+                let lag: i64 = observed.values().map(|o| o.lag).sum();
+                if crossed.is_none() && lag >= policy.lag_per_replica {
+                    crossed = Some(t);
+                }
+                let rates = tracker.observe(now, &observed, ready);
+                let d = decide(&policy, &rates, &mut history, &measured, current, now);
+                if d.replicas > current {
+                    steps.push((t, current, d.replicas));
+                    history.scaled_up(now);
+                    pending = Some((t + 3.0, d.replicas));
+                }
+                current = d.replicas;
+            }
+            (steps, crossed)
+        }
+
+        let (steps, crossed) = run(Some(Duration::from_secs(60)));
+        let crossed = crossed.expect("the lag crosses 500");
+        assert_eq!(steps.len(), 1, "{steps:?}");
+        let (at, from, to) = steps[0];
+        assert_eq!((from, to), (1, 6), "{steps:?}");
+        assert!(at - crossed <= 3.0, "{steps:?}, lag crossed 500 at {crossed}");
+        let (steps, _) = run(None);
+        assert!(steps.len() > 1, "lagPerReplica alone: {steps:?}");
     }
 }

@@ -14,6 +14,7 @@
 pub mod decide;
 pub mod lag;
 pub mod offsets;
+pub mod rate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use crate::kafka::native::{IsolationLevel, OffsetSpec};
 use crate::telemetry::{GroupLabels, PartitionLabels};
 use decide::{Decision, History, Measured, Partition, Policy};
 use lag::{OffsetReset, Offsets};
+use rate::{Observation, RateTracker, Rates};
 
 /// Condition type set while partitions have lag that is not being processed.
 pub const STUCK: &str = "LagStuck";
@@ -85,6 +87,8 @@ struct GroupState {
     /// The Deployment's replicas as last seen, to notice changes made by others.
     seen: i32,
     partition_labels: BTreeSet<PartitionLabels>,
+    /// Arrival and processing rates, for `scaling.drainWithin`.
+    rates: RateTracker,
 }
 
 /// Runs the autoscaler until `shutdown` resolves.
@@ -180,6 +184,8 @@ struct Target {
     cg: Arc<ConsumerGroup>,
     topics: Vec<String>,
     replicas: i32,
+    /// Workers Ready now, as the Deployment reports them: the ones processing.
+    ready: i32,
 }
 
 impl Cycle<'_> {
@@ -306,6 +312,9 @@ impl Cycle<'_> {
             let state = states.get_mut(&key).expect("a state for every target");
             let committed = self.committed.group(target.cg.kafka_group_id());
             let mut measured = BTreeMap::new();
+            // Kept only for groups that scale on rates: a copy per partition per cycle.
+            let track_rates = target.cg.spec.scaling.drain_within.is_some();
+            let mut observed = BTreeMap::new();
             let mut complete = true;
             for topic in &target.topics {
                 // Not in the metadata (just created, or deleted behind our back): no
@@ -364,6 +373,14 @@ impl Cycle<'_> {
                         }
                     }
                     state.last.insert(tp.clone(), (c, e));
+                    if track_rates {
+                        let o = Observation {
+                            end: e,
+                            committed: c,
+                            lag,
+                        };
+                        observed.insert(tp.clone(), o);
+                    }
                     measured.insert(tp, Measured { lag, committed: c });
                 }
             }
@@ -373,7 +390,15 @@ impl Cycle<'_> {
                 continue;
             }
             state.last.retain(|tp, _| measured.contains_key(tp));
-            self.evaluate(&target, state, &measured).await;
+            let rates = if track_rates {
+                state
+                    .rates
+                    .observe(Instant::now(), &observed, target.ready)
+            } else {
+                state.rates = RateTracker::default();
+                Rates::default()
+            };
+            self.evaluate(&target, state, &measured, &rates).await;
         }
         probed.retain(|k, _| seen_probes.contains(k));
         Ok(())
@@ -410,6 +435,7 @@ impl Cycle<'_> {
                     applied: None,
                     seen: observed,
                     partition_labels: BTreeSet::new(),
+                    rates: RateTracker::default(),
                 });
                 let ours = state.applied.is_some_and(|(n, _)| n == observed);
                 if observed != state.seen && !ours {
@@ -424,10 +450,16 @@ impl Cycle<'_> {
                     }
                     _ => observed,
                 };
+                let ready = deployment
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.ready_replicas)
+                    .unwrap_or(0);
                 Some(Target {
                     topics: routes.into_iter().map(|r| r.topic).collect(),
                     cg,
                     replicas,
+                    ready,
                 })
             })
             .collect()
@@ -439,12 +471,20 @@ impl Cycle<'_> {
         target: &Target,
         state: &mut GroupState,
         measured: &BTreeMap<Partition, Measured>,
+        rates: &Rates,
     ) {
         let cg = &target.cg;
         let now = Instant::now();
         let policy = Policy::from(&cg.spec.scaling);
-        let decision = decide::decide(&policy, &mut state.history, measured, target.replicas, now);
-        self.record_metrics(cg, state, measured, &decision);
+        let decision = decide::decide(
+            &policy,
+            rates,
+            &mut state.history,
+            measured,
+            target.replicas,
+            now,
+        );
+        self.record_metrics(cg, state, measured, &decision, rates);
 
         let old = state
             .written
@@ -467,7 +507,7 @@ impl Cycle<'_> {
                 }
             }
         }
-        self.write_status(cg, state, &decision, &old, last_scale, measured)
+        self.write_status(cg, state, &decision, &old, last_scale, measured, rates)
             .await;
     }
 
@@ -554,6 +594,7 @@ impl Cycle<'_> {
         old: &ConsumerGroupStatus,
         last_scale: Option<ScaleRecord>,
         measured: &BTreeMap<Partition, Measured>,
+        rates: &Rates,
     ) {
         let stuck = !decision.stuck.is_empty();
         // Which partitions, not how much lag: the lag moves every cycle, and a condition
@@ -609,13 +650,19 @@ impl Cycle<'_> {
             total_lag: Some(decision.total_lag),
             partition_lag,
             last_scale,
+            arrival_rate: rates.arrival.map(status_rate),
+            processing_rate_per_replica: rates.per_replica.map(status_rate),
             ..Default::default()
         };
         let decision_changed = new.desired_replicas != old.desired_replicas
             || new.last_scale != old.last_scale
-            || new.conditions != old_own;
-        let figures_changed =
-            new.total_lag != old.total_lag || new.partition_lag != old.partition_lag;
+            || new.conditions != old_own
+            // The first processing rate changes what decides: worth saying at once.
+            || new.processing_rate_per_replica.is_some() != old.processing_rate_per_replica.is_some();
+        let figures_changed = new.total_lag != old.total_lag
+            || new.partition_lag != old.partition_lag
+            || new.arrival_rate != old.arrival_rate
+            || new.processing_rate_per_replica != old.processing_rate_per_replica;
         let due = state
             .written
             .as_ref()
@@ -680,6 +727,8 @@ impl Cycle<'_> {
         state.partition_labels.clear();
         // Offsets seen before the gap say nothing about progress across it.
         state.last.clear();
+        state.rates.gap();
+        m.arrival_rate.remove(&group);
         let old = state
             .written
             .as_ref()
@@ -733,6 +782,7 @@ impl Cycle<'_> {
         state: &mut GroupState,
         measured: &BTreeMap<Partition, Measured>,
         decision: &Decision,
+        rates: &Rates,
     ) {
         let m = &self.ctx.metrics;
         let group = GroupLabels {
@@ -740,6 +790,19 @@ impl Cycle<'_> {
             consumergroup: cg.name_any(),
         };
         m.lag_measured.get_or_create(&group).set(1);
+        for (family, rate) in [
+            (&m.arrival_rate, rates.arrival),
+            (&m.processing_rate, rates.per_replica),
+        ] {
+            match rate {
+                Some(r) => {
+                    family.get_or_create(&group).set(r);
+                }
+                None => {
+                    family.remove(&group);
+                }
+            }
+        }
         m.group_lag.get_or_create(&group).set(decision.total_lag);
         m.desired_replicas
             .get_or_create(&group)
@@ -770,10 +833,18 @@ impl Cycle<'_> {
         m.group_lag.remove(&group);
         m.desired_replicas.remove(&group);
         m.lag_measured.remove(&group);
+        m.arrival_rate.remove(&group);
+        m.processing_rate.remove(&group);
         for l in &state.partition_labels {
             m.partition_lag.remove(l);
         }
     }
+}
+
+/// A rate as status shows it: to a tenth of a record per second, so that noise in the
+/// last digits does not count as a change.
+fn status_rate(r: f64) -> f64 {
+    (r * 10.0).round() / 10.0
 }
 
 /// The conditions among `all` that this loop owns.
