@@ -64,7 +64,7 @@ pub struct Measured {
 }
 
 /// What one cycle decided for a group.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
     /// Replicas to run now.
     pub replicas: i32,
@@ -74,6 +74,8 @@ pub struct Decision {
     pub stuck: BTreeSet<Partition>,
     /// Why `replicas`, in words.
     pub reason: String,
+    /// The rates it was decided on (with `drainWithin`).
+    pub rates: Rates,
 }
 
 /// What the decision remembers about a group between cycles.
@@ -253,6 +255,7 @@ pub fn decide(
         total_lag,
         stuck,
         reason: notes.join("; "),
+        rates: *rates,
     }
 }
 
@@ -270,7 +273,11 @@ fn drain_to(policy: &Policy, rates: &Rates, lag: i64, notes: &mut Vec<String>) -
         ));
         return None;
     };
-    let arrival = rates.arrival.filter(|a| a.is_finite()).unwrap_or(0.0).max(0.0);
+    let arrival = rates
+        .arrival
+        .filter(|a| a.is_finite())
+        .unwrap_or(0.0)
+        .max(0.0);
     let work = lag as f64 + arrival * t;
     // A hair under the exact multiple stays that multiple: 1000 / (100 × 10) is 1.
     let n = (work / (r * t) - 1e-9).ceil().max(0.0);
@@ -338,7 +345,15 @@ mod tests {
     fn once(policy: &Policy, partitions: &[i64], current: i32) -> i32 {
         let now = Instant::now();
         let mut history = History::default();
-        decide(policy, &NO_RATES, &mut history, &lags(partitions), current, now).replicas
+        decide(
+            policy,
+            &NO_RATES,
+            &mut history,
+            &lags(partitions),
+            current,
+            now,
+        )
+        .replicas
     }
 
     #[test]
@@ -424,19 +439,40 @@ mod tests {
         let stuck_lag = lags(&[5000, 0, 0, 0]);
         let d = decide(&p, &NO_RATES, &mut h, &stuck_lag, 4, t0);
         assert!(d.stuck.is_empty());
-        let d = decide(&p, &NO_RATES, &mut h, &stuck_lag, 4, t0 + Duration::from_secs(29));
+        let d = decide(
+            &p,
+            &NO_RATES,
+            &mut h,
+            &stuck_lag,
+            4,
+            t0 + Duration::from_secs(29),
+        );
         assert!(d.stuck.is_empty());
         let later = t0 + Duration::from_secs(100);
         let d = decide(&p, &NO_RATES, &mut h, &stuck_lag, 4, later);
         assert_eq!(d.stuck, BTreeSet::from([("t".to_string(), 0)]));
         assert_eq!(d.total_lag, 5000);
         // Stabilization still holds 4 for its window; after it, one replica.
-        let d = decide(&p, &NO_RATES, &mut h, &stuck_lag, 4, later + Duration::from_secs(61));
+        let d = decide(
+            &p,
+            &NO_RATES,
+            &mut h,
+            &stuck_lag,
+            4,
+            later + Duration::from_secs(61),
+        );
         assert_eq!(d.replicas, 1, "{}", d.reason);
         // Progress clears it.
         let mut moved = stuck_lag.clone();
         moved.get_mut(&("t".to_string(), 0)).unwrap().committed = Some(10);
-        let d = decide(&p, &NO_RATES, &mut h, &moved, 1, later + Duration::from_secs(62));
+        let d = decide(
+            &p,
+            &NO_RATES,
+            &mut h,
+            &moved,
+            1,
+            later + Duration::from_secs(62),
+        );
         assert!(d.stuck.is_empty());
         assert_eq!(d.replicas, 4);
     }
@@ -473,6 +509,9 @@ mod tests {
         }
     }
 
+    /// What, policy, partition lags, rates, current replicas, wanted replicas.
+    type Case = (&'static str, Policy, Vec<i64>, Rates, i32, i32);
+
     #[test]
     fn drain_within_reaches_the_need_in_one_step() {
         // 8 partitions, drainWithin 10 s, lagPerReplica 100 (the fallback).
@@ -485,7 +524,7 @@ mod tests {
         let p = draining(|_| {});
         let spread = |total: i64| vec![total / 8; 8];
         #[rustfmt::skip]
-        let cases: Vec<(&str, Policy, Vec<i64>, Rates, i32, i32)> = vec![
+        let cases: Vec<Case> = vec![
             // what, policy, partition lags, rates, current, want
             ("backlog spike: one step to what drains it (3200 / (100/s × 10 s))",
                 p.clone(), spread(3200), rates(Some(0.0), Some(100.0)), 1, 4),
@@ -516,7 +555,14 @@ mod tests {
         ];
         for (what, policy, partitions, rates, current, want) in cases {
             let mut h = History::default();
-            let d = decide(&policy, &rates, &mut h, &lags(&partitions), current, Instant::now());
+            let d = decide(
+                &policy,
+                &rates,
+                &mut h,
+                &lags(&partitions),
+                current,
+                Instant::now(),
+            );
             assert_eq!(d.replicas, want, "{what}: {}", d.reason);
         }
     }
@@ -527,14 +573,28 @@ mod tests {
         p.drain_within = Some(Duration::from_secs(60));
         let now = Instant::now();
         let measured = rates(Some(500.0), Some(50.0));
-        let d = decide(&p, &measured, &mut History::default(), &lags(&[900, 0, 0, 0]), 1, now);
+        let d = decide(
+            &p,
+            &measured,
+            &mut History::default(),
+            &lags(&[900, 0, 0, 0]),
+            1,
+            now,
+        );
         assert!(
             d.reason.contains("arrivals 500.0/s, 50.0/s per replica")
                 && d.reason.contains("drain lag 900 within drainWithin 60s"),
             "{}",
             d.reason
         );
-        let d = decide(&p, &NO_RATES, &mut History::default(), &lags(&[900, 0, 0, 0]), 1, now);
+        let d = decide(
+            &p,
+            &NO_RATES,
+            &mut History::default(),
+            &lags(&[900, 0, 0, 0]),
+            1,
+            now,
+        );
         assert!(
             d.reason.contains("no processing rate measured yet")
                 && d.reason.contains("9 replica(s) at lagPerReplica 100"),
@@ -552,7 +612,14 @@ mod tests {
         let t0 = Instant::now();
         let mut h = history_for(1, t0);
         let r = rates(Some(0.0), Some(100.0));
-        let d = decide(&p, &r, &mut h, &lags(&[3000, 3000, 0, 0, 0, 0, 0, 0]), 1, t0);
+        let d = decide(
+            &p,
+            &r,
+            &mut h,
+            &lags(&[3000, 3000, 0, 0, 0, 0, 0, 0]),
+            1,
+            t0,
+        );
         assert_eq!(d.replicas, 6, "{}", d.reason);
         h.scaled_up(t0);
         let more = lags(&[4000, 4000, 0, 0, 0, 0, 0, 0]);
@@ -596,7 +663,11 @@ mod tests {
             let dt = 0.1;
             for tick in 1..=400 {
                 let t = f64::from(tick) * dt;
-                let arrival = if (10.3..40.3).contains(&t) { 500.0 } else { 50.0 };
+                let arrival = if (10.3..40.3).contains(&t) {
+                    500.0
+                } else {
+                    50.0
+                };
                 let capacity = f64::from(ready) * 50.0 * dt / PARTITIONS as f64;
                 for (end, c) in ends.iter_mut().zip(committed.iter_mut()) {
                     *end += arrival * dt / PARTITIONS as f64;
@@ -654,7 +725,10 @@ mod tests {
         assert_eq!(steps.len(), 1, "{steps:?}");
         let (at, from, to) = steps[0];
         assert_eq!((from, to), (1, 6), "{steps:?}");
-        assert!(at - crossed <= 3.0, "{steps:?}, lag crossed 500 at {crossed}");
+        assert!(
+            at - crossed <= 3.0,
+            "{steps:?}, lag crossed 500 at {crossed}"
+        );
         let (steps, _) = run(None);
         assert!(steps.len() > 1, "lagPerReplica alone: {steps:?}");
     }

@@ -391,9 +391,7 @@ impl Cycle<'_> {
             }
             state.last.retain(|tp, _| measured.contains_key(tp));
             let rates = if track_rates {
-                state
-                    .rates
-                    .observe(Instant::now(), &observed, target.ready)
+                state.rates.observe(Instant::now(), &observed, target.ready)
             } else {
                 state.rates = RateTracker::default();
                 Rates::default()
@@ -484,7 +482,7 @@ impl Cycle<'_> {
             target.replicas,
             now,
         );
-        self.record_metrics(cg, state, measured, &decision, rates);
+        self.record_metrics(cg, state, measured, &decision);
 
         let old = state
             .written
@@ -507,7 +505,7 @@ impl Cycle<'_> {
                 }
             }
         }
-        self.write_status(cg, state, &decision, &old, last_scale, measured, rates)
+        self.write_status(cg, state, &decision, &old, last_scale, measured)
             .await;
     }
 
@@ -594,9 +592,9 @@ impl Cycle<'_> {
         old: &ConsumerGroupStatus,
         last_scale: Option<ScaleRecord>,
         measured: &BTreeMap<Partition, Measured>,
-        rates: &Rates,
     ) {
         let stuck = !decision.stuck.is_empty();
+        let rates = &decision.rates;
         // Which partitions, not how much lag: the lag moves every cycle, and a condition
         // that changed with it would be a status write every cycle. The figures are in
         // status.partitionLag and the metrics.
@@ -782,9 +780,9 @@ impl Cycle<'_> {
         state: &mut GroupState,
         measured: &BTreeMap<Partition, Measured>,
         decision: &Decision,
-        rates: &Rates,
     ) {
         let m = &self.ctx.metrics;
+        let rates = &decision.rates;
         let group = GroupLabels {
             namespace: cg.namespace().unwrap_or_default(),
             consumergroup: cg.name_any(),

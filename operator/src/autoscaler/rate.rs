@@ -62,7 +62,7 @@ impl RateTracker {
     ///   second interval.
     /// - **Processing per replica**: the committed offsets' advance per second divided by
     ///   the Ready workers, from intervals in which the group had a backlog the whole time
-    ///   (the lag at the start was at least what was processed), the workers were the same
+    ///   (the lag at the start was more than what was processed), the workers were the same
     ///   throughout and for the interval before (a worker that just joined is not at full
     ///   speed, and its group rebalances), and something was processed (a pause says
     ///   nothing about speed; a stuck partition has its own rule). Smoothed over
@@ -99,7 +99,7 @@ impl RateTracker {
                 if self.arrivals.len() > 2 {
                     self.arrivals.remove(0);
                 }
-                let busy = processed > 0 && backlog >= processed;
+                let busy = processed > 0 && backlog > processed;
                 let settled = running > 0 && last.running == running && settled_since < last.at;
                 if busy && settled {
                     let measured = processed as f64 / secs / f64::from(running);
@@ -162,7 +162,11 @@ mod tests {
         let at = |s| t0 + Duration::from_secs(s);
         let mut r = RateTracker::default();
         assert_eq!(r.observe(at(0), &one(0, 0), 1).arrival, None);
-        assert_eq!(r.observe(at(1), &one(100, 0), 1).arrival, None, "one interval");
+        assert_eq!(
+            r.observe(at(1), &one(100, 0), 1).arrival,
+            None,
+            "one interval"
+        );
         assert_eq!(r.observe(at(2), &one(200, 0), 1).arrival, Some(100.0));
         // A burst of 5000 in one interval: lag, not a rate.
         assert_eq!(r.observe(at(3), &one(5200, 0), 1).arrival, Some(100.0));
@@ -185,11 +189,11 @@ mod tests {
         // Smoothed: a 100/s interval moves it part of the way.
         let p = r.observe(at(3), &one(1000, 400), 2).per_replica.unwrap();
         assert!(50.0 < p && p < 60.0, "{p}");
-        // More processed (700) than the backlog at the start (600): the workers caught
-        // up with the arrivals and may have idled, so it is not a measurement.
-        assert_eq!(r.observe(at(4), &one(1500, 1100), 2).per_replica, Some(p));
+        // As much processed (600) as the backlog at the start: the workers may have
+        // idled once it was done, so it is not a measurement.
+        assert_eq!(r.observe(at(4), &one(1500, 1000), 2).per_replica, Some(p));
         // Nothing processed: a pause, not a speed.
-        assert_eq!(r.observe(at(5), &one(2000, 1100), 2).per_replica, Some(p));
+        assert_eq!(r.observe(at(5), &one(2000, 1000), 2).per_replica, Some(p));
     }
 
     #[test]
@@ -199,11 +203,20 @@ mod tests {
         let mut r = RateTracker::default();
         r.observe(at(0), &one(10_000, 0), 1);
         r.observe(at(1), &one(10_000, 50), 1);
-        assert_eq!(r.observe(at(2), &one(10_000, 100), 1).per_replica, Some(50.0));
+        assert_eq!(
+            r.observe(at(2), &one(10_000, 100), 1).per_replica,
+            Some(50.0)
+        );
         // Four more workers become Ready: the interval in which they did, and the one
         // after (the group rebalances), are not measured.
-        assert_eq!(r.observe(at(3), &one(10_000, 110), 5).per_replica, Some(50.0));
-        assert_eq!(r.observe(at(4), &one(10_000, 120), 5).per_replica, Some(50.0));
+        assert_eq!(
+            r.observe(at(3), &one(10_000, 110), 5).per_replica,
+            Some(50.0)
+        );
+        assert_eq!(
+            r.observe(at(4), &one(10_000, 120), 5).per_replica,
+            Some(50.0)
+        );
         let p = r.observe(at(5), &one(10_000, 370), 5).per_replica.unwrap();
         assert!((p - 50.0).abs() < 1e-9, "{p}");
         // No Ready worker: nothing to divide by.
