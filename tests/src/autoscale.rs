@@ -16,11 +16,25 @@ pub fn produce(info: &EnvInfo, topic: &str, partition: i32, n: usize) {
 /// Produces `n` small records round-robin over `partitions` of `topic` from one
 /// producer, as one burst, and waits until Kafka has them all.
 pub fn produce_spread(info: &EnvInfo, topic: &str, partitions: &[i32], n: usize) {
-    let producer: ThreadedProducer<DefaultProducerContext> = info
-        .kafka_admin_config()
+    send_spread(&producer(info), topic, partitions, n);
+}
+
+/// A producer for [`send_spread`], so a burst can be timed without a client's start-up.
+pub fn producer(info: &EnvInfo) -> ThreadedProducer<DefaultProducerContext> {
+    info.kafka_admin_config()
         .set("linger.ms", "5")
         .create()
-        .expect("creating a producer");
+        .expect("creating a producer")
+}
+
+/// Produces `n` small records round-robin over `partitions` of `topic` with `producer`
+/// (partition `partitions[i % len]` gets record `i`), and waits until Kafka has them all.
+pub fn send_spread(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    partitions: &[i32],
+    n: usize,
+) {
     for i in 0..n {
         let payload = format!("record {i}");
         let mut record = BaseRecord::<(), _>::to(topic)
@@ -96,6 +110,44 @@ pub fn commit(info: &EnvInfo, group: &str, topic: &str, partition: i32, offset: 
     consumer
         .commit(&tpl, CommitMode::Sync)
         .unwrap_or_else(|e| panic!("committing {offset} for {group} on {topic}/{partition}: {e}"));
+}
+
+/// Commits for one group from one client, as its workers would, for simulations that
+/// commit often (a client per commit costs a connection and a SCRAM exchange). The group
+/// must have no active members.
+pub struct Committer {
+    consumer: BaseConsumer,
+    group: String,
+    topic: String,
+}
+
+impl Committer {
+    /// A committer for `group` on `topic`.
+    pub fn new(info: &EnvInfo, group: &str, topic: &str) -> Self {
+        let consumer = info
+            .kafka_admin_config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("creating a consumer");
+        Self {
+            consumer,
+            group: group.into(),
+            topic: topic.into(),
+        }
+    }
+
+    /// Commits `(partition, offset)` pairs in one request.
+    pub fn commit(&self, offsets: &[(i32, i64)]) {
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in offsets {
+            tpl.add_partition_offset(&self.topic, *partition, Offset::Offset(*offset))
+                .expect("a valid offset");
+        }
+        self.consumer
+            .commit(&tpl, CommitMode::Sync)
+            .unwrap_or_else(|e| panic!("committing {offsets:?} for {}: {e}", self.group));
+    }
 }
 
 /// Deletes the records of `topic`/`partition` before `offset` with Kafka's own

@@ -5,7 +5,10 @@
 use std::time::{Duration, Instant};
 
 use eventops_crds::{ConsumerGroup, EventTopic};
-use eventops_tests::autoscale::{commit, delete_records_before, produce, produce_in_transaction};
+use eventops_tests::autoscale::{
+    Committer, commit, delete_records_before, produce, produce_in_transaction, producer,
+    send_spread,
+};
 use eventops_tests::{TestEnv, apply, env, eventually, unique, wait_ready};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
@@ -28,6 +31,16 @@ struct Setup {
 /// A namespace with the operator, an EventTopic of `partitions` partitions and a
 /// ConsumerGroup `group` consuming it with `scaling`; returns once the group is Ready.
 async fn setup(prefix: &str, partitions: i32, scaling: serde_json::Value) -> Setup {
+    setup_with(prefix, partitions, scaling, json!({"image": "worker:1"})).await
+}
+
+/// [`setup`] with the workers' pod `template`.
+async fn setup_with(
+    prefix: &str,
+    partitions: i32,
+    scaling: serde_json::Value,
+    template: serde_json::Value,
+) -> Setup {
     let env = env().await;
     let ns = env.namespace(prefix).await;
     let operator = env.start_operator(&ns);
@@ -46,7 +59,7 @@ async fn setup(prefix: &str, partitions: i32, scaling: serde_json::Value) -> Set
         &groups,
         "workers",
         json!({"groupId": unique("workers"), "topics": ["work"],
-               "template": {"image": "worker:1"}, "scaling": scaling}),
+               "template": template, "scaling": scaling}),
     )
     .await
     .unwrap();
@@ -607,4 +620,214 @@ async fn every_scale_event_shows_its_own_from_and_to() {
     .await;
     assert!(notes[0].starts_with("0 → 1 replicas"), "{notes:?}");
     assert!(notes[1].starts_with("1 → 2 replicas"), "{notes:?}");
+}
+
+/// Records one Ready worker processes per second in [`drain_within_reaches_the_need_in_one_step`].
+const RATE: f64 = 100.0;
+
+/// The group's workers, played by the test: every 100 ms, `RATE` records per second per
+/// Ready worker (as the Deployment reports them) are committed, over the partitions
+/// with lag, never beyond what was produced. Returns the task and the shared count of
+/// records produced per partition, which the test raises after each burst.
+fn simulated_workers(
+    s: &Setup,
+    group: &str,
+    partitions: usize,
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::Mutex<Vec<i64>>>,
+) {
+    let produced = std::sync::Arc::new(std::sync::Mutex::new(vec![0i64; partitions]));
+    let committer = std::sync::Arc::new(Committer::new(&s.env.info, group, &s.topic));
+    let deployments = s.deployments.clone();
+    let shared = produced.clone();
+    let task = tokio::spawn(async move {
+        let mut committed = vec![0i64; partitions];
+        let mut budget = 0.0f64;
+        let mut last = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let ready = match deployments.get_status("workers").await {
+                Ok(d) => d.status.and_then(|s| s.ready_replicas).unwrap_or(0),
+                Err(_) => continue,
+            };
+            let now = Instant::now();
+            budget += f64::from(ready) * RATE * now.duration_since(last).as_secs_f64();
+            last = now;
+            let ends = shared.lock().unwrap().clone();
+            let mut moved = false;
+            // One record at a time from each partition with lag in turn, as workers that
+            // share the partitions would.
+            while budget >= 1.0 {
+                let mut took = false;
+                for (c, end) in committed.iter_mut().zip(&ends) {
+                    if budget >= 1.0 && *c < *end {
+                        *c += 1;
+                        budget -= 1.0;
+                        took = true;
+                    }
+                }
+                if !took {
+                    // Nothing left to do: idle workers do not save up.
+                    budget = budget.fract();
+                    break;
+                }
+                moved = true;
+            }
+            if moved {
+                let offsets: Vec<(i32, i64)> = committed
+                    .iter()
+                    .enumerate()
+                    .map(|(p, c)| (p as i32, *c))
+                    .collect();
+                let committer = committer.clone();
+                tokio::task::spawn_blocking(move || committer.commit(&offsets))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    (task, produced)
+}
+
+/// One-step scaling (issue 15): with `drainWithin`, a burst on a group whose workers
+/// process a known 100 records/s each takes it, in one scale step, to the fewest
+/// replicas that drain the burst within `drainWithin`: 2,500 records in 10 s at 100/s
+/// per worker is 3 workers (`lagPerReplica` is far above the burst, so it alone would
+/// keep 1). The workers' pods are real and Ready (the `pod-probe` program, serving the
+/// readiness probe), their processing is played by the test (committing offsets).
+#[tokio::test(flavor = "multi_thread")]
+async fn drain_within_reaches_the_need_in_one_step() {
+    const PARTITIONS: usize = 8;
+    const BURST: usize = 2500;
+    let out_dir = eventops_tests::pods::probe_out_dir("as-drain");
+    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+    let s = setup_with(
+        "as-drain",
+        PARTITIONS as i32,
+        json!({"minReplicas": 1, "lagPerReplica": 1_000_000, "drainWithin": "10s",
+               "scaleUpInterval": "5s", "scaleDownStabilization": "5m"}),
+        json!({"image": "ghcr.io/eventops/pod-probe:test", "env": [
+            {"name": "POD_IP", "valueFrom": field("status.podIP")},
+            {"name": "PROBE_ADDR", "value": "$(POD_IP):8080"},
+            {"name": "PROBE_OUT_DIR", "value": out_dir},
+        ]}),
+    )
+    .await;
+    let ready = |n: i32| {
+        let deployments = s.deployments.clone();
+        async move {
+            let d = deployments.get_status("workers").await.ok()?;
+            (d.status?.ready_replicas == Some(n)).then_some(())
+        }
+    };
+    eventually(Duration::from_secs(60), "1 worker Ready", || ready(1)).await;
+    let group = s.group_id().await;
+    let (workers, produced) = simulated_workers(&s, &group, PARTITIONS);
+    let producer = std::sync::Arc::new(producer(&s.env.info));
+    let all: Vec<i32> = (0..PARTITIONS as i32).collect();
+    // Right after an autoscaler cycle, so that a burst falls within one interval of its
+    // measurements (one that spans two would look like a rate of arrivals).
+    let burst = |n: usize| {
+        let (producer, topic, all, produced) = (
+            producer.clone(),
+            s.topic.clone(),
+            all.clone(),
+            produced.clone(),
+        );
+        let metrics = s.operator.metrics.clone();
+        async move {
+            let cycles = metrics.autoscaler_cycles();
+            while metrics.autoscaler_cycles() == cycles {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let started = Instant::now();
+            tokio::task::spawn_blocking(move || {
+                send_spread(&producer, &topic, &all, n);
+                let mut produced = produced.lock().unwrap();
+                for i in 0..n {
+                    produced[i % PARTITIONS] += 1;
+                }
+            })
+            .await
+            .unwrap();
+            started.elapsed()
+        }
+    };
+    let rate_gauge = |name: &str| {
+        let prefix = format!(
+            r#"eventops_operator_consumergroup_{name}{{namespace="{}",consumergroup="workers"}} "#,
+            s.ns
+        );
+        s.operator
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.parse::<f64>().ok()))
+    };
+
+    // Warm-up: 400 records are 4 s of backlog for the one worker, long enough for the
+    // operator to measure its rate; too little to need a second worker within 10 s.
+    burst(400).await;
+    let measured = eventually(TIMEOUT, "a processing rate measured", || async {
+        rate_gauge("processing_rate_per_replica")
+    })
+    .await;
+    s.wait_lag(0).await;
+    let measured = rate_gauge("processing_rate_per_replica").unwrap_or(measured);
+    eprintln!("processing rate per replica measured: {measured:.1}/s (played: {RATE}/s)");
+    assert!(
+        (RATE * 0.75..RATE * 1.25).contains(&measured),
+        "measured {measured}/s per replica, played {RATE}/s"
+    );
+    let d = s.deployments.get("workers").await.unwrap();
+    assert_eq!(d.spec.replicas, Some(1), "the warm-up needs one worker");
+
+    // The burst: 2500 / (100/s × 10 s) = 2.5, so 3 workers, in one step.
+    let took = burst(BURST).await;
+    let produced_at = Instant::now();
+    // Every replica count the Deployment shows on the way: the steps.
+    let seen = std::sync::Mutex::new(vec![1]);
+    let reached = eventually(TIMEOUT, "3 replicas", || async {
+        let n = s.deployments.get("workers").await.ok()?.spec.replicas?;
+        let mut seen = seen.lock().unwrap();
+        if seen.last() != Some(&n) {
+            seen.push(n);
+        }
+        (n >= 3).then(|| produced_at.elapsed())
+    })
+    .await;
+    eprintln!("burst of {BURST} produced in {took:?}; 3 replicas {reached:?} after it");
+    let status = s
+        .wait_status("lastScale 1 → 3", |st| {
+            st.last_scale
+                .as_ref()
+                .is_some_and(|l| l.to >= 3)
+                .then(|| st.clone())
+        })
+        .await;
+    let last = status.last_scale.clone().unwrap();
+    eprintln!("lastScale {} → {}: {}", last.from, last.to, last.reason);
+    assert_eq!((last.from, last.to), (1, 3), "{}", last.reason);
+    assert!(
+        last.reason.contains("/s per replica") && last.reason.contains("drainWithin 10s"),
+        "{}",
+        last.reason
+    );
+    assert!(status.processing_rate_per_replica.is_some(), "{status:?}");
+    assert!(status.arrival_rate.is_some(), "{status:?}");
+
+    // Drained by the three, with no further step.
+    eventually(TIMEOUT, "3 workers Ready", || ready(3)).await;
+    s.wait_lag(0).await;
+    let d = s.deployments.get("workers").await.unwrap();
+    let mut seen = seen.into_inner().unwrap();
+    seen.push(d.spec.replicas.unwrap());
+    seen.dedup();
+    workers.abort();
+    let ups = event_notes(&s.env, &s.ns, "workers", "ScaledUp").await;
+    assert_eq!(ups.len(), 1, "scale-ups: {ups:?}, replicas seen: {seen:?}");
+    assert!(ups[0].starts_with("1 → 3 replicas"), "{ups:?}");
+    assert_eq!(seen, vec![1, 3], "replicas seen");
 }
