@@ -15,6 +15,7 @@ pub mod finalizer;
 pub mod kafka;
 pub mod leader;
 pub mod policy;
+pub mod redrive;
 pub mod status;
 pub mod telemetry;
 
@@ -75,6 +76,7 @@ pub async fn run(
     tokio::join!(
         eventtopic::run(ctx.clone(), shutdown.clone()),
         consumergroup::run(ctx.clone(), shutdown.clone()),
+        redrive::run(ctx.clone(), config.kafka_settings()?, shutdown.clone()),
         autoscaler::run(
             ctx,
             config.kafka_settings()?,
