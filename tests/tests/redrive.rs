@@ -581,3 +581,111 @@ async fn redrive_throughput_with_default_settings() {
         rate / 500.0
     );
 }
+
+/// The command line: `dlt list` and `dlt show` print the dead letters with their decoded
+/// provenance and exception, read with the given Kafka user; `dlt redrive --dry-run`
+/// creates a dry-run Redrive and prints what would move.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_command_line_lists_shows_and_dry_runs_dead_letters() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    let s = setup("redrive-cli").await;
+    let p = producer(&s.env.info);
+    for i in 0..2i64 {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "kafka_dlt-original-topic",
+                value: Some(s.orders.as_str()),
+            })
+            .insert(Header {
+                key: "kafka_dlt-original-partition",
+                value: Some(&1i32.to_be_bytes()[..]),
+            })
+            .insert(Header {
+                key: "kafka_dlt-original-offset",
+                value: Some(&(40 + i).to_be_bytes()[..]),
+            })
+            .insert(Header {
+                key: "kafka_dlt-exception-fqcn",
+                value: Some(DECLINED),
+            })
+            .insert(Header {
+                key: "kafka_dlt-exception-message",
+                value: Some("card expired"),
+            });
+        p.send(
+            FutureRecord::to(&s.dlt)
+                .partition(0)
+                .key(&format!("o-{i}"))
+                .payload("{}")
+                .headers(headers),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    let cli = |args: &'static [&'static str]| {
+        let mut command =
+            tokio::process::Command::new(eventops_tests::workspace_binary("eventops-operator"));
+        command
+            .arg("dlt")
+            .args(args)
+            .args(["-n", &s.ns])
+            .env("KUBECONFIG", &s.env.info.kubeconfig)
+            .env("EVENTOPS_KAFKA_BOOTSTRAP", &s.env.info.kafka_bootstrap)
+            .env("EVENTOPS_KAFKA_USERNAME", &s.operator_user.user)
+            .env("EVENTOPS_KAFKA_PASSWORD", &s.operator_user.password)
+            .kill_on_drop(true);
+        async move {
+            let output = tokio::time::timeout(TIMEOUT, command.output())
+                .await
+                .expect("dlt finishes in time")
+                .expect("running eventops-operator dlt");
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            assert!(
+                output.status.success(),
+                "dlt {args:?}: {stdout}{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            stdout
+        }
+    };
+    let listed = cli(&["list", "orders"]).await;
+    let rows: Vec<&str> = listed.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{listed}");
+    for (i, row) in rows.iter().enumerate() {
+        assert!(row.starts_with(&format!("0/{i} ")), "{row}");
+        assert!(row.contains(&format!("o-{i}")), "{row}");
+        assert!(row.contains(&format!("{}/1/{}", s.orders, 40 + i)), "{row}");
+        assert!(row.contains(&format!("{DECLINED}: card expired")), "{row}");
+    }
+    let shown = cli(&["show", "orders", "0", "1"]).await;
+    assert!(
+        shown.contains("header kafka_dlt-original-offset: 41"),
+        "{shown}"
+    );
+    assert!(shown.contains("key: o-1"), "{shown}");
+
+    let operator = s.env.start_operator_as(Some(&s.ns), Some(&s.operator_user));
+    let dry = cli(&[
+        "redrive",
+        "orders",
+        "--name",
+        "cli-dry",
+        "--dry-run",
+        "--exception-class",
+        "PaymentDeclined",
+    ])
+    .await;
+    assert!(
+        dry.contains("Completed: matched 2, would move 2, skipped 0"),
+        "{dry}"
+    );
+    assert!(dry.contains(&format!("to {}", s.orders)), "{dry}");
+    let status = s.redrives.get("cli-dry").await.unwrap().status.unwrap();
+    assert_eq!((status.matched, status.moved), (2, 2));
+    operator.stop().await;
+    // A dry run moved nothing.
+    assert_eq!(topic_record_count(&s.env, &s.orders).await, 0);
+}
