@@ -3,15 +3,18 @@
 //! - [`EventTopic`]: a Kafka topic with its configs and dead-letter topic.
 //! - [`ConsumerGroup`]: a Kafka consumer group, the workers that form it, and how they
 //!   process records and scale.
+//! - [`Redrive`]: moves dead-lettered records back to their topic, each exactly once.
 //!
 //! The CRD manifests in `crds/generated/` are produced by [`crd_manifests`] (through
 //! `eventops-operator crd --out-dir crds/generated`); a test fails when they drift.
 
 mod consumer_group;
 mod event_topic;
+mod redrive;
 
 pub use consumer_group::*;
 pub use event_topic::*;
+pub use redrive::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -21,7 +24,7 @@ pub const GROUP: &str = "eventops.dev";
 
 /// Every EventOps CustomResourceDefinition.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![EventTopic::crd(), ConsumerGroup::crd()]
+    vec![EventTopic::crd(), ConsumerGroup::crd(), Redrive::crd()]
 }
 
 /// `(file name, YAML)` for each CRD, as committed in `crds/generated/`.

@@ -5,6 +5,7 @@
 //! validate and build the desired state (pure, unit-tested) → apply → status.
 
 pub mod autoscaler;
+pub mod cli;
 pub mod conditions;
 pub mod config;
 pub mod consumergroup;
@@ -15,6 +16,7 @@ pub mod finalizer;
 pub mod kafka;
 pub mod leader;
 pub mod policy;
+pub mod redrive;
 pub mod status;
 pub mod telemetry;
 
@@ -75,6 +77,7 @@ pub async fn run(
     tokio::join!(
         eventtopic::run(ctx.clone(), shutdown.clone()),
         consumergroup::run(ctx.clone(), shutdown.clone()),
+        redrive::run(ctx.clone(), config.kafka_settings()?, shutdown.clone()),
         autoscaler::run(
             ctx,
             config.kafka_settings()?,

@@ -26,6 +26,9 @@ struct Cli {
 enum Cmd {
     /// Run the controllers against the cluster of the current kubeconfig or service account.
     Run(Box<RunArgs>),
+    /// Dead letters: list or show an EventTopic's dead-letter records, or redrive them.
+    #[command(subcommand)]
+    Dlt(Box<eventops_operator::cli::DltCommand>),
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD.
     Crd {
         /// Write `<crd name>.yaml` files into this directory instead of printing.
@@ -68,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Dlt(command) => eventops_operator::cli::run(*command).await?,
         Cmd::Run(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -145,5 +149,17 @@ async fn signals() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap's own checks of every subcommand (duplicate flags, for one), which it would
+    /// otherwise only make when that subcommand is run.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }

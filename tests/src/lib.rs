@@ -461,6 +461,15 @@ impl HasConditions for eventops_crds::ConsumerGroup {
     }
 }
 
+impl HasConditions for eventops_crds::Redrive {
+    fn conditions(&self) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+        self.status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default()
+    }
+}
+
 /// Waits up to a minute until object `name`'s `Ready` condition has `status` ("True" or
 /// "False"); returns its reason and message.
 pub async fn wait_ready<K>(api: &Api<K>, name: &str, status: &str) -> (String, String)

@@ -12,6 +12,10 @@ pub enum AclResource {
     /// Every topic (the literal wildcard `*`): the operator manages whatever topic names
     /// its EventTopics ask for.
     AnyTopic,
+    /// Consumer groups whose ids start with this prefix.
+    GroupPrefix(&'static str),
+    /// Transactional ids that start with this prefix.
+    TransactionalIdPrefix(&'static str),
 }
 
 impl AclResource {
@@ -19,6 +23,18 @@ impl AclResource {
         match self {
             AclResource::Cluster => vec!["--cluster".into()],
             AclResource::AnyTopic => vec!["--topic".into(), "*".into()],
+            AclResource::GroupPrefix(p) => vec![
+                "--group".into(),
+                p.into(),
+                "--resource-pattern-type".into(),
+                "prefixed".into(),
+            ],
+            AclResource::TransactionalIdPrefix(p) => vec![
+                "--transactional-id".into(),
+                p.into(),
+                "--resource-pattern-type".into(),
+                "prefixed".into(),
+            ],
         }
     }
 }
@@ -33,6 +49,12 @@ pub const OPERATOR_ACLS: &[(AclResource, &str)] = &[
     (AclResource::AnyTopic, "Alter"),
     (AclResource::AnyTopic, "AlterConfigs"),
     (AclResource::AnyTopic, "Read"),
+    (AclResource::AnyTopic, "Write"),
+    (AclResource::GroupPrefix("eventops-redrive."), "Read"),
+    (
+        AclResource::TransactionalIdPrefix("eventops-redrive."),
+        "Write",
+    ),
 ];
 
 /// A SCRAM-SHA-512 user of its own for an operator under test.
@@ -107,7 +129,9 @@ impl TestEnv {
 
     /// Grants `user` exactly [`OPERATOR_ACLS`].
     pub async fn grant_operator_acls(&self, user: &OperatorUser) {
-        for resource in [AclResource::Cluster, AclResource::AnyTopic] {
+        let mut resources: Vec<AclResource> = OPERATOR_ACLS.iter().map(|(r, _)| *r).collect();
+        resources.dedup();
+        for resource in resources {
             let ops: Vec<&str> = OPERATOR_ACLS
                 .iter()
                 .filter(|(r, _)| *r == resource)

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use eventops_crds::{ConsumerGroup, EventTopic};
+use eventops_crds::{ConsumerGroup, EventTopic, Redrive};
 use eventops_tests::operator_user::{AclResource, OPERATOR_ACLS, OperatorUser};
 use eventops_tests::{
     HasConditions, OperatorHandle, TestEnv, apply, env, eventually, unique, wait_ready,
@@ -24,6 +24,7 @@ struct Setup {
     user: OperatorUser,
     topics: Api<EventTopic>,
     groups: Api<ConsumerGroup>,
+    redrives: Api<Redrive>,
     operator: OperatorHandle,
 }
 
@@ -38,6 +39,7 @@ async fn setup(prefix: &str) -> Setup {
     Setup {
         topics: Api::namespaced(env.client.clone(), &ns),
         groups: Api::namespaced(env.client.clone(), &ns),
+        redrives: Api::namespaced(env.client.clone(), &ns),
         env,
         ns,
         user,
@@ -61,15 +63,48 @@ async fn wait_condition<K>(
 where
     K: HasConditions + kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    eventually(
+    let last = std::sync::Mutex::new(None::<Condition>);
+    let found = tokio::time::timeout(
         TIMEOUT,
-        &format!("{name} {type_}={status} naming {needle:?}"),
-        || async {
-            let c = condition(&api.get(name).await.ok()?, type_)?;
-            (c.status == status && c.message.contains(needle)).then_some(c.message)
-        },
+        eventually(
+            TIMEOUT + Duration::from_secs(5),
+            &format!("{name} {type_}={status} naming {needle:?}"),
+            || async {
+                let c = condition(&api.get(name).await.ok()?, type_)?;
+                *last.lock().unwrap() = Some(c.clone());
+                (c.status == status && c.message.contains(needle)).then_some(c.message)
+            },
+        ),
     )
-    .await
+    .await;
+    found.unwrap_or_else(|_| {
+        panic!(
+            "{name} {type_}={status} naming {needle:?} not seen within {TIMEOUT:?}; last: {:?}",
+            last.lock().unwrap()
+        )
+    })
+}
+
+/// One record in `topic`'s dead-letter topic, as a worker writes it (the super user
+/// stands in for the worker).
+async fn dead_letter(env: &TestEnv, topic: &str) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    let producer = eventops_tests::runtime::producer(&env.info);
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "kafka_dlt-original-topic",
+        value: Some(topic),
+    });
+    producer
+        .send(
+            FutureRecord::to(&format!("{topic}.DLT"))
+                .key("k")
+                .payload("v")
+                .headers(headers),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("producing a dead letter: {e}"));
 }
 
 async fn produce(env: &TestEnv, topic: &str, partition: i32, n: usize) {
@@ -248,6 +283,7 @@ async fn without_any_one_documented_acl_a_condition_names_it() {
     })
     .await;
 
+    let mut redrives = Vec::new();
     for (i, &(resource, operation)) in OPERATOR_ACLS.iter().enumerate() {
         // A fresh EventTopic that exists before the ACL goes, for Delete, Alter and
         // AlterConfigs.
@@ -268,9 +304,24 @@ async fn without_any_one_documented_acl_a_condition_names_it() {
         let on = match resource {
             AclResource::Cluster => "on the Cluster",
             AclResource::AnyTopic => "on Topic",
+            AclResource::GroupPrefix(_) => "on Group",
+            AclResource::TransactionalIdPrefix(_) => "on TransactionalId",
         };
         let needle = format!("{operation} {on}");
         let message = match (resource, operation) {
+            // A Redrive reads the dead-letter topic in its own group and moves the record
+            // back in a transaction of its own.
+            (AclResource::AnyTopic, "Write")
+            | (AclResource::GroupPrefix(_), _)
+            | (AclResource::TransactionalIdPrefix(_), _) => {
+                dead_letter(&s.env, &topic).await;
+                let redrive = format!("r{i}");
+                apply(&s.redrives, &redrive, json!({"source": name}))
+                    .await
+                    .unwrap();
+                redrives.push(redrive.clone());
+                wait_condition(&s.redrives, &redrive, "Complete", "False", &needle).await
+            }
             (AclResource::Cluster, _) => {
                 let group = format!("g{i}");
                 apply(
@@ -339,6 +390,10 @@ async fn without_any_one_documented_acl_a_condition_names_it() {
     }
     // Everything recovers once the ACLs are back.
     wait_condition(&s.groups, "measured", "LagMeasured", "True", "").await;
+    for redrive in &redrives {
+        let moved = wait_condition(&s.redrives, redrive, "Complete", "True", "moved 1 of 1").await;
+        eprintln!("{redrive}: {moved}");
+    }
     for i in 0..OPERATOR_ACLS.len() {
         let name = format!("t{i}");
         if s.topics.get_opt(&name).await.unwrap().is_some() {

@@ -30,13 +30,14 @@ import org.springframework.util.backoff.FixedBackOff;
  * <pre>
  * dead-letter --bootstrap B --mechanism M --user U --password P --group G
  *             --topic T --partition N --offset O --dlt D --exception FQCN --message TEXT
+ *             [--count C]
  * </pre>
  *
  * Runs a listener container of group G on T-N from offset O whose listener throws
- * {@code new FQCN(TEXT)} for that record, with a {@link DefaultErrorHandler} (no retries)
+ * {@code new FQCN(TEXT)} for that record (and the C - 1 after it, C defaulting to 1), with a {@link DefaultErrorHandler} (no retries)
  * and a {@link DeadLetterPublishingRecoverer} sending to D, the source partition number
  * (as a service configured with {@code (r, e) -> new TopicPartition(D, r.partition())}).
- * Exits 0 once the recoverer has published, 1 otherwise.
+ * Exits 0 once the recoverer has published them all, 1 otherwise.
  *
  * <pre>
  * retry-main  (login options) --group G --topic T --message TEXT
@@ -77,11 +78,12 @@ public final class SpringOracle {
 		String dlt = need(a, "dlt");
 		String exceptionClass = need(a, "exception");
 		String message = need(a, "message");
+		int count = Integer.parseInt(a.getOrDefault("count", "1"));
 
 		KafkaTemplate<byte[], byte[]> template = template(a);
 		DeadLetterPublishingRecoverer dlpr = new DeadLetterPublishingRecoverer(template,
 				(r, e) -> new TopicPartition(dlt, r.partition()));
-		CountDownLatch published = new CountDownLatch(1);
+		CountDownLatch published = new CountDownLatch(count);
 		ConsumerAwareRecordRecoverer recoverer = (r, consumer, e) -> {
 			dlpr.accept(r, consumer, e);
 			published.countDown();
@@ -91,7 +93,7 @@ public final class SpringOracle {
 		ContainerProperties props = new ContainerProperties(new TopicPartitionOffset(topic, partition, offset));
 		props.setGroupId(need(a, "group"));
 		props.setMessageListener((MessageListener<byte[], byte[]>) r -> {
-			if (r.offset() == offset) {
+			if (r.offset() >= offset && r.offset() < offset + count) {
 				throw exception(exceptionClass, message);
 			}
 		});
@@ -103,10 +105,11 @@ public final class SpringOracle {
 		container.stop();
 		template.destroy();
 		if (!done) {
-			System.err.println("spring-oracle: nothing was dead-lettered within 60 s");
+			System.err.println("spring-oracle: " + published.getCount() + " of " + count
+					+ " records were not dead-lettered within 60 s");
 			System.exit(1);
 		}
-		System.out.println("spring-oracle: dead-lettered " + topic + "-" + partition + "@" + offset + " to " + dlt);
+		System.out.println("spring-oracle: dead-lettered " + count + " from " + topic + "-" + partition + "@" + offset + " to " + dlt);
 		System.exit(0);
 	}
 
