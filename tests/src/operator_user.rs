@@ -12,13 +12,24 @@ pub enum AclResource {
     /// Every topic (the literal wildcard `*`): the operator manages whatever topic names
     /// its EventTopics ask for.
     AnyTopic,
+    /// Every consumer group (the literal wildcard `*`): the operator describes groups and
+    /// reads and rewinds their committed offsets, whatever group ids ConsumerGroups use.
+    AnyGroup,
 }
 
 impl AclResource {
+    /// Every resource, in the order [`OPERATOR_ACLS`] lists them.
+    pub const ALL: [AclResource; 3] = [
+        AclResource::Cluster,
+        AclResource::AnyTopic,
+        AclResource::AnyGroup,
+    ];
+
     fn args(self) -> Vec<String> {
         match self {
             AclResource::Cluster => vec!["--cluster".into()],
             AclResource::AnyTopic => vec!["--topic".into(), "*".into()],
+            AclResource::AnyGroup => vec!["--group".into(), "*".into()],
         }
     }
 }
@@ -33,6 +44,7 @@ pub const OPERATOR_ACLS: &[(AclResource, &str)] = &[
     (AclResource::AnyTopic, "Alter"),
     (AclResource::AnyTopic, "AlterConfigs"),
     (AclResource::AnyTopic, "Read"),
+    (AclResource::AnyGroup, "Read"),
 ];
 
 /// A SCRAM-SHA-512 user of its own for an operator under test.
@@ -107,7 +119,7 @@ impl TestEnv {
 
     /// Grants `user` exactly [`OPERATOR_ACLS`].
     pub async fn grant_operator_acls(&self, user: &OperatorUser) {
-        for resource in [AclResource::Cluster, AclResource::AnyTopic] {
+        for resource in AclResource::ALL {
             let ops: Vec<&str> = OPERATOR_ACLS
                 .iter()
                 .filter(|(r, _)| *r == resource)
