@@ -298,6 +298,25 @@ async fn without_any_one_documented_acl_a_condition_names_it() {
                 .unwrap();
                 wait_condition(&s.groups, &group, "Ready", "False", &needle).await
             }
+            (AclResource::AnyGroup, _) => {
+                // No controller calls the group APIs yet (the Replay controller is to), so
+                // no condition can name this one: the operator's own admin client, as
+                // its user, is refused, with the hint a condition would carry.
+                let admin = operator_admin(&s);
+                let group = unique("acl-row-group");
+                eventually(TIMEOUT, "describing a group to be refused", || async {
+                    match admin.describe_consumer_group(&group).await {
+                        Err(NativeError::Kafka { op, code, message })
+                            if code == RDKafkaErrorCode::GroupAuthorizationFailed =>
+                        {
+                            let message = with_permission_hint(message, op, code);
+                            message.contains(&needle).then_some(message)
+                        }
+                        _ => None,
+                    }
+                })
+                .await
+            }
             (_, "Create") => {
                 let fresh = format!("new{i}");
                 apply(
@@ -343,25 +362,6 @@ async fn without_any_one_documented_acl_a_condition_names_it() {
                     "False",
                     "Read on Topic",
                 )
-                .await
-            }
-            (AclResource::AnyGroup, _) => {
-                // No controller calls the group APIs yet (the Replay controller is to), so
-                // no condition can name this one: the operator's own admin client, as
-                // its user, is refused, with the hint a condition would carry.
-                let admin = operator_admin(&s);
-                let group = unique("acl-row-group");
-                eventually(TIMEOUT, "describing a group to be refused", || async {
-                    match admin.describe_consumer_group(&group).await {
-                        Err(NativeError::Kafka { op, code, message })
-                            if code == RDKafkaErrorCode::GroupAuthorizationFailed =>
-                        {
-                            let message = with_permission_hint(message, op, code);
-                            message.contains(&needle).then_some(message)
-                        }
-                        _ => None,
-                    }
-                })
                 .await
             }
             other => panic!("no check for {other:?}: add one"),
