@@ -142,6 +142,10 @@ pub fn operator_permission(request: &str) -> Option<&'static str> {
         "describe configs of" => "DescribeConfigs on Topic (implied by AlterConfigs)",
         "describe" | "list offsets" => "Describe on Topic (implied by Alter, Delete or Read)",
         "read committed offsets" => "Read on Topic __consumer_offsets",
+        "describe consumer group" | "list consumer group offsets" => {
+            "Describe on Group (implied by Read on Group)"
+        }
+        "alter consumer group offsets" => "Read on Group",
         _ => return None,
     })
 }

@@ -12,8 +12,10 @@ pub enum AclResource {
     /// Every topic (the literal wildcard `*`): the operator manages whatever topic names
     /// its EventTopics ask for.
     AnyTopic,
-    /// Consumer groups whose ids start with this prefix.
-    GroupPrefix(&'static str),
+    /// Every consumer group (the literal wildcard `*`): the operator describes groups and
+    /// reads and rewinds their committed offsets, whatever group ids ConsumerGroups use,
+    /// and a Redrive reads in a group of its own.
+    AnyGroup,
     /// Transactional ids that start with this prefix.
     TransactionalIdPrefix(&'static str),
 }
@@ -23,12 +25,7 @@ impl AclResource {
         match self {
             AclResource::Cluster => vec!["--cluster".into()],
             AclResource::AnyTopic => vec!["--topic".into(), "*".into()],
-            AclResource::GroupPrefix(p) => vec![
-                "--group".into(),
-                p.into(),
-                "--resource-pattern-type".into(),
-                "prefixed".into(),
-            ],
+            AclResource::AnyGroup => vec!["--group".into(), "*".into()],
             AclResource::TransactionalIdPrefix(p) => vec![
                 "--transactional-id".into(),
                 p.into(),
@@ -50,7 +47,7 @@ pub const OPERATOR_ACLS: &[(AclResource, &str)] = &[
     (AclResource::AnyTopic, "AlterConfigs"),
     (AclResource::AnyTopic, "Read"),
     (AclResource::AnyTopic, "Write"),
-    (AclResource::GroupPrefix("eventops-redrive."), "Read"),
+    (AclResource::AnyGroup, "Read"),
     (
         AclResource::TransactionalIdPrefix("eventops-redrive."),
         "Write",

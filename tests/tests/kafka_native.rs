@@ -1,21 +1,22 @@
-//! The native admin calls (ACLs, SCRAM users, cluster description) against the real
-//! broker, checked with Kafka's own AclCommand, ConfigCommand and ClusterTool and by
-//! authenticating as the user.
+//! The native admin calls (ACLs, SCRAM users, cluster description, consumer groups and
+//! their offsets) against the real broker, checked with Kafka's own AclCommand,
+//! ConfigCommand, ClusterTool and ConsumerGroupCommand and by authenticating as the user.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use eventops_operator::config::RunConfig;
 use eventops_operator::kafka::KafkaAdmin;
 use eventops_operator::kafka::native::{
-    AclBinding, AclFilter, AclOperation, AclPermission, NativeAdmin, NativeError, PatternType,
-    ResourceType, SCRAM_ITERATIONS, ScramCredential, ScramMechanism,
+    AclBinding, AclFilter, AclOperation, AclPermission, GroupState, NativeAdmin, NativeError,
+    PatternType, ResourceType, SCRAM_ITERATIONS, ScramCredential, ScramMechanism,
 };
 use eventops_operator::telemetry::Metrics;
+use eventops_tests::runtime::committed_offsets;
 use eventops_tests::{TestEnv, env, eventually, unique};
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -333,6 +334,26 @@ async fn invalid_arguments_are_clear_errors() {
     assert!(matches!(err, NativeError::InvalidArgument(_)), "{err}");
     let err = admin.describe_scram_users(&["a\0b"]).await.unwrap_err();
     assert!(matches!(err, NativeError::InvalidArgument(_)), "{err}");
+    let err = admin.describe_consumer_group("a\0b").await.unwrap_err();
+    assert!(matches!(err, NativeError::InvalidArgument(_)), "{err}");
+    let err = admin
+        .list_consumer_group_offsets("g", Some(&[("a\0b".into(), 0)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NativeError::InvalidArgument(_)), "{err}");
+    for bad in [
+        vec![("t".to_string(), 0, -1)],
+        vec![("t".to_string(), 0, 1), ("t".to_string(), 0, 2)],
+    ] {
+        let err = admin
+            .alter_consumer_group_offsets("g", &bad)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, NativeError::InvalidArgument(m) if m.contains("partition 0")),
+            "{err}"
+        );
+    }
     // librdkafka's own validation.
     let err = admin
         .upsert_scram_user(&unique("native-empty"), "")
@@ -702,5 +723,310 @@ async fn a_describe_without_the_acl_is_refused_by_name() {
             }
             Ok(state) => panic!("described {name} without the ACL: {state:?}"),
         }
+    }
+}
+
+/// `ConsumerGroupCommand --describe --state` of `group`: its state, member count,
+/// assignor (empty for `-`) and coordinator id; `None` when the tool says Kafka has no
+/// such group.
+async fn group_command_state(
+    env: &TestEnv,
+    group: &str,
+) -> Option<(GroupState, usize, String, Option<i32>)> {
+    let out = env
+        .kafka_tool(
+            "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+            &["--describe", "--group", group, "--state"],
+        )
+        .await
+        .unwrap();
+    if out.contains("GroupIdNotFoundException") {
+        return None;
+    }
+    let cols: Vec<&str> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cols| cols.first() == Some(&group))
+        .unwrap_or_else(|| panic!("no state line for {group} in:\n{out}"));
+    let n = cols.len();
+    let state = GroupState::ALL
+        .iter()
+        .copied()
+        .find(|s| format!("{s:?}") == cols[n - 2])
+        .unwrap_or_else(|| panic!("state {:?} in:\n{out}", cols[n - 2]));
+    let members = cols[n - 1].parse().unwrap();
+    let assignor = match cols[n - 3] {
+        "-" => String::new(),
+        a => a.to_string(),
+    };
+    let coordinator = cols
+        .iter()
+        .find_map(|c| c.strip_prefix('(')?.strip_suffix(')')?.parse().ok());
+    Some((state, members, assignor, coordinator))
+}
+
+/// The operator's admin client as its own user, holding exactly the documented ACLs.
+async fn operator_admin(env: &TestEnv) -> (KafkaAdmin, Arc<Metrics>) {
+    let user = env.create_operator_user().await;
+    env.grant_operator_acls(&user).await;
+    admin_as(env, &user.user, &user.password)
+}
+
+/// A consumer (the super user: setup, not the code under test) that has joined
+/// `group` on `topic` and has its assignment; it leaves the group when dropped.
+async fn join_group(env: &TestEnv, group: &str, topic: &str) -> BaseConsumer {
+    let (info, group, topic) = (env.info.clone(), group.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = info
+            .kafka_admin_config()
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[&topic]).unwrap();
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        // Polling drives the join; records it returns are not looked at.
+        while consumer.assignment().unwrap().count() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{group} got no assignment within {TIMEOUT:?}"
+            );
+            if let Some(Err(e)) = consumer.poll(Duration::from_millis(200)) {
+                panic!("joining {group}: {e}");
+            }
+        }
+        consumer
+    })
+    .await
+    .unwrap()
+}
+
+/// Leaves the group (closing blocks until the coordinator has the LeaveGroup).
+async fn leave_group(consumer: BaseConsumer) {
+    tokio::task::spawn_blocking(move || drop(consumer))
+        .await
+        .unwrap();
+}
+
+fn offsets(topic: &str, pairs: &[(i32, i64)]) -> BTreeMap<(String, i32), i64> {
+    pairs
+        .iter()
+        .map(|(p, o)| ((topic.to_string(), *p), *o))
+        .collect()
+}
+
+/// A group's life as a Replay controller sees it, through the operator's own user: a
+/// group Kafka does not have is Dead, one with a member Stable, and once the member
+/// leaves Empty; its committed offsets can be rewound only while Empty. Every answer
+/// is checked against Kafka's own ConsumerGroupCommand.
+#[tokio::test(flavor = "multi_thread")]
+async fn consumer_groups_are_described_and_rewound_as_kafkas_tool_sees_them() {
+    let env = env().await;
+    env.time_limit(Duration::from_secs(240));
+    let topic = unique("native.group-work");
+    env.kafka_tool(
+        "org.apache.kafka.tools.TopicCommand",
+        &["--create", "--topic", &topic, "--partitions", "2"],
+    )
+    .await
+    .unwrap();
+    {
+        let (info, topic) = (env.info.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || {
+            eventops_tests::autoscale::produce_spread(&info, &topic, &[0, 1], 20)
+        })
+        .await
+        .unwrap();
+    }
+    let (admin, metrics) = operator_admin(&env).await;
+    let group = unique("native-group");
+
+    // Not there yet: Dead, no members, no offsets. Kafka's Java tool (a newer
+    // DescribeGroups) says "not found" for the same group.
+    let described = admin.describe_consumer_group(&group).await.unwrap();
+    assert_eq!(described.state, GroupState::Dead, "{described:?}");
+    assert_eq!(described.members, 0, "{described:?}");
+    assert_eq!(group_command_state(&env, &group).await, None);
+    assert_eq!(
+        admin
+            .list_consumer_group_offsets(&group, None)
+            .await
+            .unwrap(),
+        BTreeMap::new()
+    );
+    assert_eq!(committed_offsets(&env, &group).await, BTreeMap::new());
+
+    // A member joins and commits: Stable, with one member.
+    let member = join_group(&env, &group, &topic).await;
+    let mut commit = rdkafka::TopicPartitionList::new();
+    commit
+        .add_partition_offset(&topic, 0, rdkafka::Offset::Offset(7))
+        .unwrap();
+    commit
+        .add_partition_offset(&topic, 1, rdkafka::Offset::Offset(9))
+        .unwrap();
+    member.commit(&commit, CommitMode::Sync).unwrap();
+    let described = eventually(TIMEOUT, "the group to be Stable", || async {
+        let d = admin.describe_consumer_group(&group).await.unwrap();
+        (d.state == GroupState::Stable).then_some(d)
+    })
+    .await;
+    assert_eq!(described.members, 1, "{described:?}");
+    assert_eq!(
+        group_command_state(&env, &group).await,
+        Some((
+            described.state,
+            described.members,
+            described.assignor.clone(),
+            described.coordinator
+        ))
+    );
+    assert!(!described.assignor.is_empty(), "{described:?}");
+    let committed = offsets(&topic, &[(0, 7), (1, 9)]);
+    assert_eq!(committed_offsets(&env, &group).await, committed);
+    assert_eq!(
+        admin
+            .list_consumer_group_offsets(&group, None)
+            .await
+            .unwrap(),
+        committed
+    );
+    // Only the partitions asked for; one without a commit is left out.
+    let other = unique("native.group-other");
+    let asked = [(topic.clone(), 1), (topic.clone(), 1), (other.clone(), 0)];
+    assert_eq!(
+        admin
+            .list_consumer_group_offsets(&group, Some(&asked))
+            .await
+            .unwrap(),
+        offsets(&topic, &[(1, 9)])
+    );
+    assert_eq!(
+        admin
+            .list_consumer_group_offsets(&group, Some(&[]))
+            .await
+            .unwrap(),
+        BTreeMap::new()
+    );
+
+    // While it has a member, Kafka refuses to rewind it, partition by partition, and
+    // nothing changes.
+    let rewind = [(topic.clone(), 0, 2), (topic.clone(), 1, 0)];
+    let err = admin
+        .alter_consumer_group_offsets(&group, &rewind)
+        .await
+        .unwrap_err();
+    eprintln!("rewinding a group with a member: {err}");
+    let (code, message) = kafka_refusal(err);
+    assert_eq!(code, RDKafkaErrorCode::UnknownMemberId, "{message}");
+    for p in ["partition 0", "partition 1"] {
+        assert!(message.contains(p), "names {p}: {message}");
+    }
+    assert_eq!(committed_offsets(&env, &group).await, committed);
+
+    // The member leaves: Empty, and now the rewind is taken.
+    leave_group(member).await;
+    let described = eventually(TIMEOUT, "the group to be Empty", || async {
+        let d = admin.describe_consumer_group(&group).await.unwrap();
+        (d.state == GroupState::Empty).then_some(d)
+    })
+    .await;
+    assert_eq!(described.members, 0, "{described:?}");
+    assert_eq!(
+        group_command_state(&env, &group).await,
+        Some((GroupState::Empty, 0, String::new(), described.coordinator))
+    );
+    admin
+        .alter_consumer_group_offsets(&group, &rewind)
+        .await
+        .unwrap();
+    let rewound = offsets(&topic, &[(0, 2), (1, 0)]);
+    assert_eq!(committed_offsets(&env, &group).await, rewound);
+    assert_eq!(
+        admin
+            .list_consumer_group_offsets(&group, None)
+            .await
+            .unwrap(),
+        rewound
+    );
+    // Naming one partition leaves the other alone; an empty request changes nothing.
+    admin
+        .alter_consumer_group_offsets(&group, &[(topic.clone(), 1, 5)])
+        .await
+        .unwrap();
+    admin
+        .alter_consumer_group_offsets(&group, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        committed_offsets(&env, &group).await,
+        offsets(&topic, &[(0, 2), (1, 5)])
+    );
+
+    // A group Kafka does not have can be given offsets: that makes it, Empty.
+    let fresh = unique("native-group-fresh");
+    admin
+        .alter_consumer_group_offsets(&fresh, &[(topic.clone(), 0, 4)])
+        .await
+        .unwrap();
+    assert_eq!(
+        committed_offsets(&env, &fresh).await,
+        offsets(&topic, &[(0, 4)])
+    );
+    assert_eq!(
+        admin.describe_consumer_group(&fresh).await.unwrap().state,
+        GroupState::Empty
+    );
+
+    for request in ["DescribeGroups", "OffsetFetch", "OffsetCommit"] {
+        assert!(requests(&metrics, request) > 0, "{request} counted");
+    }
+}
+
+/// Without the Group ACL the documentation lists, every group call is refused with
+/// Kafka's GroupAuthorizationFailed, and the operator's hint names the missing ACL.
+#[tokio::test(flavor = "multi_thread")]
+async fn group_calls_without_the_group_acl_are_refused_by_name() {
+    use eventops_operator::conditions::with_permission_hint;
+    use eventops_tests::operator_user::{AclResource, OPERATOR_ACLS};
+    let env = env().await;
+    env.time_limit(Duration::from_secs(120));
+    let user = env.create_operator_user().await;
+    for resource in [AclResource::Cluster, AclResource::AnyTopic] {
+        let ops: Vec<&str> = OPERATOR_ACLS
+            .iter()
+            .filter(|(r, _)| *r == resource)
+            .map(|(_, op)| *op)
+            .collect();
+        env.set_acls(true, &user.principal(), resource, &ops).await;
+    }
+    let (admin, _) = admin_as(&env, &user.user, &user.password);
+    let group = unique("native-group-hidden");
+    let topic = unique("native.group-hidden");
+    let results = [
+        admin.describe_consumer_group(&group).await.map(|_| ()),
+        admin
+            .list_consumer_group_offsets(&group, None)
+            .await
+            .map(|_| ()),
+        admin
+            .alter_consumer_group_offsets(&group, &[(topic, 0, 0)])
+            .await,
+    ];
+    for (result, acl) in
+        results
+            .into_iter()
+            .zip(["Describe on Group", "Describe on Group", "Read on Group"])
+    {
+        let err = result.expect_err("refused without the Group ACL");
+        let NativeError::Kafka { op, code, message } = &err else {
+            panic!("expected Kafka's refusal, got {err}");
+        };
+        assert_eq!(*code, RDKafkaErrorCode::GroupAuthorizationFailed, "{err}");
+        assert!(message.contains(&group), "names the group: {err}");
+        let hinted = with_permission_hint(message.clone(), op, *code);
+        assert!(hinted.contains(acl), "{hinted}");
+        eprintln!("{op}: {hinted}");
     }
 }

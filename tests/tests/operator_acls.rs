@@ -304,7 +304,7 @@ async fn without_any_one_documented_acl_a_condition_names_it() {
         let on = match resource {
             AclResource::Cluster => "on the Cluster",
             AclResource::AnyTopic => "on Topic",
-            AclResource::GroupPrefix(_) => "on Group",
+            AclResource::AnyGroup => "on Group",
             AclResource::TransactionalIdPrefix(_) => "on TransactionalId",
         };
         let needle = format!("{operation} {on}");
@@ -312,7 +312,7 @@ async fn without_any_one_documented_acl_a_condition_names_it() {
             // A Redrive reads the dead-letter topic in its own group and moves the record
             // back in a transaction of its own.
             (AclResource::AnyTopic, "Write")
-            | (AclResource::GroupPrefix(_), _)
+            | (AclResource::AnyGroup, _)
             | (AclResource::TransactionalIdPrefix(_), _) => {
                 dead_letter(&s.env, &topic).await;
                 let redrive = format!("r{i}");

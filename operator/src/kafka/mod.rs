@@ -484,6 +484,49 @@ impl KafkaAdmin {
         self.reads.acls.get(principal.to_string()).await
     }
 
+    /// Kafka's description of consumer group `group`: its state and members. A group
+    /// Kafka does not have is described as [`native::GroupState::Dead`], not as an error.
+    /// Needs Describe on the group (implied by Read).
+    pub async fn describe_consumer_group(
+        &self,
+        group: &str,
+    ) -> Result<native::GroupDescription, native::NativeError> {
+        // librdkafka may ask with ConsumerGroupDescribe first (a classic group is then
+        // described by DescribeGroups); counted once, as the request that answers.
+        self.metrics.kafka_request("DescribeGroups");
+        self.native().describe_consumer_group(group).await
+    }
+
+    /// The offsets consumer group `group` has committed, by (topic, partition): of every
+    /// partition it committed on, or of `partitions` only. Partitions without a commit
+    /// are left out. Needs Describe on the group (implied by Read) and on the topics.
+    pub async fn list_consumer_group_offsets(
+        &self,
+        group: &str,
+        partitions: Option<&[(String, i32)]>,
+    ) -> Result<BTreeMap<(String, i32), i64>, native::NativeError> {
+        self.metrics.kafka_request("OffsetFetch");
+        self.native()
+            .list_consumer_group_offsets(group, partitions)
+            .await
+    }
+
+    /// Sets the committed offsets of consumer group `group`, `(topic, partition,
+    /// offset)` each, to rewind or skip ahead; Kafka takes it only while the group has
+    /// no members (see [`native::NativeAdmin::alter_consumer_group_offsets`]). Needs Read
+    /// on the group and on the topics.
+    pub async fn alter_consumer_group_offsets(
+        &self,
+        group: &str,
+        offsets: &[(String, i32, i64)],
+    ) -> Result<(), native::NativeError> {
+        self.metrics.kafka_request("OffsetCommit");
+        self.metrics.kafka_write();
+        self.native()
+            .alter_consumer_group_offsets(group, offsets)
+            .await
+    }
+
     /// Every topic's partitions, as the leader broker of each partition in partition
     /// order, from one Metadata request. Re-read every autoscaler cycle so added
     /// partitions are measured at once.

@@ -1,6 +1,6 @@
 //! Admin calls that the `rdkafka` crate does not wrap (ACLs, SCRAM credentials, cluster
-//! description), made directly through librdkafka's C API on the operator's existing
-//! admin client.
+//! description, consumer groups and their committed offsets), made directly through
+//! librdkafka's C API on the operator's existing admin client.
 //!
 //! Every call runs on a blocking thread with its own result queue, and every C object
 //! it creates is owned by a guard that frees it on drop, so no path (errors included)
@@ -343,6 +343,41 @@ pub struct ClusterNode {
     pub port: u16,
 }
 
+c_enum! {
+    /// A consumer group's state, as Kafka reports it.
+    GroupState <=> rd_kafka_consumer_group_state_t {
+        /// A state librdkafka does not know (for example `Assigning` or `Reconciling`
+        /// of a group on the KIP-848 consumer protocol).
+        Unknown = RD_KAFKA_CONSUMER_GROUP_STATE_UNKNOWN,
+        /// Members are (re)joining.
+        PreparingRebalance = RD_KAFKA_CONSUMER_GROUP_STATE_PREPARING_REBALANCE,
+        /// Members have joined and wait for their assignment.
+        CompletingRebalance = RD_KAFKA_CONSUMER_GROUP_STATE_COMPLETING_REBALANCE,
+        /// Members consume their assignment.
+        Stable = RD_KAFKA_CONSUMER_GROUP_STATE_STABLE,
+        /// No such group: Kafka reports a group it does not have (never used, or whose
+        /// offsets expired) as `Dead`, not as an error.
+        Dead = RD_KAFKA_CONSUMER_GROUP_STATE_DEAD,
+        /// No members, but committed offsets: offsets can be altered from outside the
+        /// group only now (or while it is `Dead`, which creates it).
+        Empty = RD_KAFKA_CONSUMER_GROUP_STATE_EMPTY,
+    }
+}
+
+/// A consumer group as Kafka describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupDescription {
+    /// Its state.
+    pub state: GroupState,
+    /// How many members it has.
+    pub members: usize,
+    /// The partition assignor its members agreed on (`range`, `cooperative-sticky`,
+    /// ...); empty while it has no members.
+    pub assignor: String,
+    /// The id of the broker coordinating it, if Kafka reported one.
+    pub coordinator: Option<i32>,
+}
+
 /// The SCRAM mechanism and iteration count [`NativeAdmin::upsert_scram_user`] uses.
 pub const SCRAM_MECHANISM: ScramMechanism = ScramMechanism::Sha512;
 /// See [`SCRAM_MECHANISM`].
@@ -350,7 +385,8 @@ pub const SCRAM_ITERATIONS: i32 = 8192;
 
 type Client = AdminClient<DefaultClientContext>;
 
-/// ACL, SCRAM and cluster administration on an existing admin client. Cheap to clone.
+/// ACL, SCRAM, cluster and consumer group administration on an existing admin client.
+/// Cheap to clone.
 #[derive(Clone)]
 pub struct NativeAdmin {
     client: Arc<Client>,
@@ -1031,6 +1067,271 @@ impl NativeAdmin {
         .await
     }
 
+    /// The state, member count, assignor and coordinator of consumer group `group`, in
+    /// one DescribeGroups request to its coordinator (librdkafka first asks with
+    /// ConsumerGroupDescribe, which Kafka answers for groups on the KIP-848 consumer
+    /// protocol only). A group Kafka does not have is not an error: Kafka answers
+    /// librdkafka's DescribeGroups (version 4 at most) with [`GroupState::Dead`] and no
+    /// members. (Kafka 4.3's own ConsumerGroupCommand reports the same group as
+    /// `GroupIdNotFoundException` instead.)
+    pub async fn describe_consumer_group(
+        &self,
+        group: &str,
+    ) -> Result<GroupDescription, NativeError> {
+        const OP: &str = "describe consumer group";
+        let c_group = c_string("group", group)?;
+        let group = group.to_string();
+        self.blocking(OP, move |client, timeout| {
+            let mut ptrs = [c_group.as_ptr()];
+            let event = request(
+                client,
+                OP,
+                Api::DescribeConsumerGroups,
+                timeout,
+                |rk, options, queue| {
+                    // SAFETY: `ptrs` points into `c_group`, which outlives the call;
+                    // librdkafka copies the name. rk, options and queue are valid for the
+                    // call.
+                    unsafe {
+                        rd_kafka_DescribeConsumerGroups(
+                            rk,
+                            ptrs.as_mut_ptr(),
+                            ptrs.len(),
+                            options,
+                            queue,
+                        )
+                    }
+                },
+            )?;
+            let mut n = 0;
+            // SAFETY: request() checked that this is a DescribeConsumerGroups result,
+            // which owns the descriptions, their errors, strings and coordinator nodes.
+            unsafe {
+                let result = rd_kafka_event_DescribeConsumerGroups_result(event.as_ptr());
+                let groups = c_array(
+                    rd_kafka_DescribeConsumerGroups_result_groups(result, &mut n),
+                    n,
+                );
+                let [d] = groups else {
+                    return Err(unexpected(OP, format!("{n} descriptions for one group")));
+                };
+                let id = read_string(rd_kafka_ConsumerGroupDescription_group_id(*d));
+                if id != group {
+                    return Err(unexpected(
+                        OP,
+                        format!("group {id:?} described for {group:?}"),
+                    ));
+                }
+                // A request that failed on the way (no coordinator, no answer) is
+                // reported here, per group, rather than on the event.
+                if let Some((code, message)) =
+                    item_error(rd_kafka_ConsumerGroupDescription_error(*d))
+                {
+                    return Err(group_refusal(OP, code, message, &group));
+                }
+                let coordinator = rd_kafka_ConsumerGroupDescription_coordinator(*d);
+                Ok(GroupDescription {
+                    state: group_state(raw::rd_kafka_ConsumerGroupDescription_state(*d)),
+                    members: rd_kafka_ConsumerGroupDescription_member_count(*d),
+                    assignor: read_string(rd_kafka_ConsumerGroupDescription_partition_assignor(*d)),
+                    coordinator: (!coordinator.is_null()).then(|| rd_kafka_Node_id(coordinator)),
+                })
+            }
+        })
+        .await
+    }
+
+    /// The offsets consumer group `group` has committed, in one OffsetFetch request to its
+    /// coordinator: of every partition it committed on (`partitions` `None`), or of
+    /// `partitions` only. A partition without a committed offset is left out, and a group
+    /// Kafka does not have has none. Offsets committed inside a transaction still open
+    /// are not waited for. A partition Kafka reports an error for fails the call with
+    /// Kafka's code, naming the partition. Duplicates are ignored.
+    pub async fn list_consumer_group_offsets(
+        &self,
+        group: &str,
+        partitions: Option<&[(String, i32)]>,
+    ) -> Result<BTreeMap<(String, i32), i64>, NativeError> {
+        const OP: &str = "list consumer group offsets";
+        let c_group = c_string("group", group)?;
+        let partitions: Option<BTreeSet<(String, i32)>> =
+            partitions.map(|p| p.iter().cloned().collect());
+        // librdkafka refuses an empty list (None asks for every partition).
+        if partitions.as_ref().is_some_and(BTreeSet::is_empty) {
+            return Ok(BTreeMap::new());
+        }
+        for (topic, _) in partitions.iter().flatten() {
+            c_string("topic", topic)?;
+        }
+        let group = group.to_string();
+        self.blocking(OP, move |client, timeout| {
+            let list = partitions.map(|partitions| {
+                let mut list = rdkafka::TopicPartitionList::with_capacity(partitions.len());
+                for (topic, partition) in &partitions {
+                    list.add_partition(topic, *partition);
+                }
+                list
+            });
+            let list_ptr = list.as_ref().map_or(ptr::null(), |l| l.ptr().cast_const());
+            // SAFETY: the name is NUL-terminated; the list is null (every partition) or
+            // valid. Both are copied into the request object, which we own.
+            let request_object = unsafe {
+                Owned::new(
+                    rd_kafka_ListConsumerGroupOffsets_new(c_group.as_ptr(), list_ptr),
+                    rd_kafka_ListConsumerGroupOffsets_destroy,
+                )
+            }
+            .ok_or_else(|| unexpected(OP, "librdkafka returned no request".into()))?;
+            let mut ptrs = [request_object.as_ptr()];
+            let event = request(
+                client,
+                OP,
+                Api::ListConsumerGroupOffsets,
+                timeout,
+                |rk, options, queue| {
+                    // SAFETY: `ptrs` holds one valid request object that librdkafka
+                    // copies; rk, options and queue are valid for the call.
+                    unsafe {
+                        rd_kafka_ListConsumerGroupOffsets(
+                            rk,
+                            ptrs.as_mut_ptr(),
+                            ptrs.len(),
+                            options,
+                            queue,
+                        )
+                    }
+                },
+            )
+            .map_err(|e| about_group(e, &group))?;
+            let mut n = 0;
+            // SAFETY: request() checked that this is a ListConsumerGroupOffsets result,
+            // which owns the group results, their errors and partition lists.
+            let entries = unsafe {
+                let result = rd_kafka_event_ListConsumerGroupOffsets_result(event.as_ptr());
+                let results = c_array(
+                    rd_kafka_ListConsumerGroupOffsets_result_groups(result, &mut n),
+                    n,
+                );
+                group_result_partitions(OP, results, &group)?
+            };
+            let mut offsets = BTreeMap::new();
+            let mut failed = Vec::new();
+            for entry in entries {
+                match entry.error {
+                    Some(error) => failed.push((entry.topic, entry.partition, error)),
+                    // A negative offset is librdkafka's "none committed".
+                    None if entry.offset >= 0 => {
+                        offsets.insert((entry.topic, entry.partition), entry.offset);
+                    }
+                    None => {}
+                }
+            }
+            match partition_refusal(OP, &group, failed) {
+                Some(e) => Err(e),
+                None => Ok(offsets),
+            }
+        })
+        .await
+    }
+
+    /// Sets the committed offsets of consumer group `group`: each `(topic, partition,
+    /// offset)` becomes the offset the group resumes from there, in one OffsetCommit
+    /// request to its coordinator; partitions not named keep theirs. Kafka takes this
+    /// only while the group has no members ([`GroupState::Empty`], or
+    /// [`GroupState::Dead`], which creates it): otherwise it refuses every partition with
+    /// [`RDKafkaErrorCode::UnknownMemberId`]. A partition Kafka refuses fails the call
+    /// with Kafka's code (the first refused partition's) and, in the message, every
+    /// refused partition with the reason; the others may have been committed. Offsets
+    /// must be at least 0, one per partition.
+    pub async fn alter_consumer_group_offsets(
+        &self,
+        group: &str,
+        offsets: &[(String, i32, i64)],
+    ) -> Result<(), NativeError> {
+        const OP: &str = "alter consumer group offsets";
+        let c_group = c_string("group", group)?;
+        let mut wanted: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for (topic, partition, offset) in offsets {
+            c_string("topic", topic)?;
+            if *offset < 0 {
+                return Err(NativeError::InvalidArgument(format!(
+                    "{OP}: offset {offset} of {topic} partition {partition} is negative"
+                )));
+            }
+            match wanted.insert((topic.clone(), *partition), *offset) {
+                Some(other) if other != *offset => {
+                    return Err(NativeError::InvalidArgument(format!(
+                        "{OP}: two offsets ({other}, {offset}) for {topic} partition \
+                         {partition}"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        // librdkafka refuses an empty request; nothing to change is success.
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let group = group.to_string();
+        self.blocking(OP, move |client, timeout| {
+            let mut list = rdkafka::TopicPartitionList::with_capacity(wanted.len());
+            for ((topic, partition), offset) in &wanted {
+                list.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*offset))
+                    .map_err(|e| NativeError::InvalidArgument(e.to_string()))?;
+            }
+            // SAFETY: the name is NUL-terminated and the list valid; both are copied into
+            // the request object, which we own.
+            let request_object = unsafe {
+                Owned::new(
+                    rd_kafka_AlterConsumerGroupOffsets_new(c_group.as_ptr(), list.ptr()),
+                    rd_kafka_AlterConsumerGroupOffsets_destroy,
+                )
+            }
+            .ok_or_else(|| unexpected(OP, "librdkafka returned no request".into()))?;
+            let mut ptrs = [request_object.as_ptr()];
+            let event = request(
+                client,
+                OP,
+                Api::AlterConsumerGroupOffsets,
+                timeout,
+                |rk, options, queue| {
+                    // SAFETY: `ptrs` holds one valid request object that librdkafka
+                    // copies; rk, options and queue are valid for the call.
+                    unsafe {
+                        rd_kafka_AlterConsumerGroupOffsets(
+                            rk,
+                            ptrs.as_mut_ptr(),
+                            ptrs.len(),
+                            options,
+                            queue,
+                        )
+                    }
+                },
+            )
+            .map_err(|e| about_group(e, &group))?;
+            let mut n = 0;
+            // SAFETY: request() checked that this is an AlterConsumerGroupOffsets result,
+            // which owns the group results, their errors and partition lists.
+            let entries = unsafe {
+                let result = rd_kafka_event_AlterConsumerGroupOffsets_result(event.as_ptr());
+                let results = c_array(
+                    rd_kafka_AlterConsumerGroupOffsets_result_groups(result, &mut n),
+                    n,
+                );
+                group_result_partitions(OP, results, &group)?
+            };
+            let failed = entries
+                .into_iter()
+                .filter_map(|e| Some((e.topic, e.partition, e.error?)))
+                .collect();
+            match partition_refusal(OP, &group, failed) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+
     /// Runs `f` on a blocking thread: librdkafka's queue poll blocks its caller.
     async fn blocking<T: Send + 'static>(
         &self,
@@ -1091,6 +1392,9 @@ enum Api {
     CreateTopics,
     DescribeTopics,
     IncrementalAlterConfigs,
+    DescribeConsumerGroups,
+    ListConsumerGroupOffsets,
+    AlterConsumerGroupOffsets,
 }
 
 impl Api {
@@ -1136,6 +1440,18 @@ impl Api {
             Api::IncrementalAlterConfigs => (
                 RD_KAFKA_ADMIN_OP_INCREMENTALALTERCONFIGS,
                 RD_KAFKA_EVENT_INCREMENTALALTERCONFIGS_RESULT,
+            ),
+            Api::DescribeConsumerGroups => (
+                RD_KAFKA_ADMIN_OP_DESCRIBECONSUMERGROUPS,
+                RD_KAFKA_EVENT_DESCRIBECONSUMERGROUPS_RESULT,
+            ),
+            Api::ListConsumerGroupOffsets => (
+                RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPOFFSETS,
+                RD_KAFKA_EVENT_LISTCONSUMERGROUPOFFSETS_RESULT,
+            ),
+            Api::AlterConsumerGroupOffsets => (
+                RD_KAFKA_ADMIN_OP_ALTERCONSUMERGROUPOFFSETS,
+                RD_KAFKA_EVENT_ALTERCONSUMERGROUPOFFSETS_RESULT,
             ),
         }
     }
@@ -1493,6 +1809,136 @@ fn kafka_error(code: c_int, message: String) -> Option<(RDKafkaErrorCode, String
     }
 }
 
+/// A consumer group's state as librdkafka returned it (see `raw`); a value without a
+/// Rust variant is [`GroupState::Unknown`].
+fn group_state(raw: c_int) -> GroupState {
+    GroupState::ALL
+        .iter()
+        .copied()
+        .find(|s| rd_kafka_consumer_group_state_t::from(*s) as c_int == raw)
+        .unwrap_or(GroupState::Unknown)
+}
+
+/// One partition of a group result: its offset, and Kafka's error for it, if any.
+struct GroupPartition {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    error: Option<(RDKafkaErrorCode, String)>,
+}
+
+/// The partitions of the one group result librdkafka returns for a request about
+/// `group`, or its group-level error.
+///
+/// # Safety
+/// `results` must be live group results.
+unsafe fn group_result_partitions(
+    op: &'static str,
+    results: &[*const rd_kafka_group_result_t],
+    group: &str,
+) -> Result<Vec<GroupPartition>, NativeError> {
+    let [result] = results else {
+        return Err(unexpected(
+            op,
+            format!("{} results for one group", results.len()),
+        ));
+    };
+    // SAFETY: the result is live (see the contract), and so are its name, error and
+    // partition list, whose `cnt` elements are initialised.
+    unsafe {
+        let name = read_string(rd_kafka_group_result_name(*result));
+        if name != group {
+            return Err(unexpected(
+                op,
+                format!("a result for group {name:?}, not {group:?}"),
+            ));
+        }
+        if let Some((code, message)) = item_error(rd_kafka_group_result_error(*result)) {
+            return Err(group_refusal(op, code, message, group));
+        }
+        let list = rd_kafka_group_result_partitions(*result);
+        if list.is_null() || (*list).cnt <= 0 || (*list).elems.is_null() {
+            return Ok(Vec::new());
+        }
+        let elems = std::slice::from_raw_parts((*list).elems, (*list).cnt as usize);
+        Ok(elems
+            .iter()
+            .map(|p| {
+                // Read the error as the int it is (see `raw`).
+                let code = ptr::addr_of!(p.err).cast::<c_int>().read();
+                GroupPartition {
+                    topic: read_string(p.topic),
+                    partition: p.partition,
+                    offset: p.offset,
+                    error: kafka_error(code, String::new()),
+                }
+            })
+            .collect())
+    }
+}
+
+/// Kafka's group-level answer `code` to `op` on `group`; a request that got no answer
+/// in time is a [`NativeError::Timeout`], as in [`request`].
+fn group_refusal(
+    op: &'static str,
+    code: RDKafkaErrorCode,
+    message: String,
+    group: &str,
+) -> NativeError {
+    match code {
+        RDKafkaErrorCode::OperationTimedOut => NativeError::Timeout { op },
+        _ => refused(
+            op,
+            code,
+            format!("{} (group {group})", or_code(message, code)),
+        ),
+    }
+}
+
+/// `e`, naming `group` if it is Kafka's refusal (librdkafka's messages for a request
+/// that failed as a whole do not).
+fn about_group(e: NativeError, group: &str) -> NativeError {
+    match e {
+        NativeError::Kafka { op, code, message } => {
+            refused(op, code, format!("{message} (group {group})"))
+        }
+        other => other,
+    }
+}
+
+/// The refusal of the partitions in `failed` (topic, partition, Kafka's error): the
+/// first one's code, and every one with its reason in the message. `None` if none
+/// failed.
+fn partition_refusal(
+    op: &'static str,
+    group: &str,
+    mut failed: Vec<(String, i32, (RDKafkaErrorCode, String))>,
+) -> Option<NativeError> {
+    failed.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let code = failed.first()?.2.0;
+    let each: Vec<String> = failed
+        .into_iter()
+        .map(|(topic, partition, (code, message))| {
+            format!("{topic} partition {partition}: {}", or_code(message, code))
+        })
+        .collect();
+    Some(refused(
+        op,
+        code,
+        format!("group {group}: {}", each.join("; ")),
+    ))
+}
+
+/// `message`, or (Kafka's partition-level errors carry none) librdkafka's description
+/// of `code`, such as "UnknownMemberId (Broker: Unknown member)".
+fn or_code(message: String, code: RDKafkaErrorCode) -> String {
+    if message.is_empty() {
+        code.to_string()
+    } else {
+        message
+    }
+}
+
 /// Sets the validate-only option.
 fn set_validate_only(
     options: *mut rd_kafka_AdminOptions_t,
@@ -1549,7 +1995,8 @@ mod raw {
     use std::ffi::c_int;
 
     use rdkafka_sys::bindings::{
-        rd_kafka_ConfigResource_t, rd_kafka_error_t, rd_kafka_event_t, rd_kafka_topic_result_t,
+        rd_kafka_ConfigResource_t, rd_kafka_ConsumerGroupDescription_t, rd_kafka_error_t,
+        rd_kafka_event_t, rd_kafka_topic_result_t,
     };
 
     // SAFETY: same symbols and ABI as the bindings' declarations; C enums are ints.
@@ -1558,6 +2005,10 @@ mod raw {
         pub fn rd_kafka_error_code(error: *const rd_kafka_error_t) -> c_int;
         pub fn rd_kafka_ConfigResource_error(config: *const rd_kafka_ConfigResource_t) -> c_int;
         pub fn rd_kafka_topic_result_error(topicres: *const rd_kafka_topic_result_t) -> c_int;
+        // A state, not an error code, but read as an int for the same reason.
+        pub fn rd_kafka_ConsumerGroupDescription_state(
+            grpdesc: *const rd_kafka_ConsumerGroupDescription_t,
+        ) -> c_int;
     }
 }
 
@@ -1640,7 +2091,56 @@ mod tests {
         round_trips::<_, rd_kafka_AclOperation_t>(AclOperation::ALL);
         round_trips::<_, rd_kafka_AclPermissionType_t>(AclPermission::ALL);
         round_trips::<_, rd_kafka_ScramMechanism_t>(ScramMechanism::ALL);
+        round_trips::<_, rd_kafka_consumer_group_state_t>(GroupState::ALL);
         assert_eq!(AclOperation::ALL.len(), 11);
+    }
+
+    #[test]
+    fn group_states_librdkafka_may_add_are_unknown() {
+        use rd_kafka_consumer_group_state_t::*;
+        assert_eq!(
+            GroupState::ALL.len(),
+            RD_KAFKA_CONSUMER_GROUP_STATE__CNT as usize
+        );
+        assert_eq!(
+            group_state(RD_KAFKA_CONSUMER_GROUP_STATE_EMPTY as c_int),
+            GroupState::Empty
+        );
+        assert_eq!(
+            group_state(RD_KAFKA_CONSUMER_GROUP_STATE_DEAD as c_int),
+            GroupState::Dead
+        );
+        assert_eq!(
+            group_state(RD_KAFKA_CONSUMER_GROUP_STATE__CNT as c_int),
+            GroupState::Unknown
+        );
+        assert_eq!(group_state(-1), GroupState::Unknown);
+    }
+
+    #[test]
+    fn partition_refusals_carry_the_first_code_and_every_partition() {
+        assert!(partition_refusal("op", "g", Vec::new()).is_none());
+        let member = RDKafkaErrorCode::UnknownMemberId;
+        let auth = RDKafkaErrorCode::TopicAuthorizationFailed;
+        let err = partition_refusal(
+            "op",
+            "g",
+            vec![
+                ("b".into(), 0, (auth, String::new())),
+                ("a".into(), 1, (member, String::new())),
+                ("a".into(), 0, (member, "said".into())),
+            ],
+        )
+        .expect("refused");
+        let NativeError::Kafka { code, message, .. } = err else {
+            panic!("{err}");
+        };
+        assert_eq!(code, member);
+        assert_eq!(
+            message,
+            format!("group g: a partition 0: said; a partition 1: {member}; b partition 0: {auth}")
+        );
+        assert!(message.contains("Unknown member"), "{message}");
     }
 
     #[test]
