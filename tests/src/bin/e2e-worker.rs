@@ -7,7 +7,7 @@
 //!   time, whatever its number of partitions, like a worker with one CPU: more pods
 //!   drain a backlog faster.
 //! - `E2E_STATS=1`: every 500 ms, upsert the runtime's count of records its inbox found
-//!   already processed (`eventops_runtime_records_duplicate_total`) into
+//!   already processed (`eventops_worker_records_duplicate_total`) into
 //!   `e2e_stats (pod, duplicates)`, so a chaos test can count redeliveries the inbox
 //!   absorbed (up to 500 ms of a killed pod's count is lost).
 //!
@@ -135,7 +135,7 @@ async fn report_stats(
         let duplicates: f64 = metrics
             .encode()
             .lines()
-            .filter(|l| l.starts_with("eventops_runtime_records_duplicate_total"))
+            .filter(|l| l.starts_with("eventops_worker_records_duplicate_total"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
         if client.is_none() {
