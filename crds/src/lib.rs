@@ -4,6 +4,7 @@
 //! - [`ConsumerGroup`]: a Kafka consumer group, the workers that form it, and how they
 //!   process records and scale.
 //! - [`Redrive`]: moves dead-lettered records back to their topic, each exactly once.
+//! - [`Replay`]: rewinds a ConsumerGroup's committed offsets while it is held at 0.
 //!
 //! The CRD manifests in `crds/generated/` are produced by [`crd_manifests`] (through
 //! `eventops-operator crd --out-dir crds/generated`); a test fails when they drift.
@@ -11,10 +12,12 @@
 mod consumer_group;
 mod event_topic;
 mod redrive;
+mod replay;
 
 pub use consumer_group::*;
 pub use event_topic::*;
 pub use redrive::*;
+pub use replay::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -24,7 +27,12 @@ pub const GROUP: &str = "eventops.dev";
 
 /// Every EventOps CustomResourceDefinition.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![EventTopic::crd(), ConsumerGroup::crd(), Redrive::crd()]
+    vec![
+        EventTopic::crd(),
+        ConsumerGroup::crd(),
+        Redrive::crd(),
+        Replay::crd(),
+    ]
 }
 
 /// `(file name, YAML)` for each CRD, as committed in `crds/generated/`.

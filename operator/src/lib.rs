@@ -17,6 +17,7 @@ pub mod kafka;
 pub mod leader;
 pub mod policy;
 pub mod redrive;
+pub mod replay;
 pub mod status;
 pub mod telemetry;
 
@@ -78,6 +79,7 @@ pub async fn run(
         eventtopic::run(ctx.clone(), shutdown.clone()),
         consumergroup::run(ctx.clone(), shutdown.clone()),
         redrive::run(ctx.clone(), config.kafka_settings()?, shutdown.clone()),
+        replay::run(ctx.clone(), shutdown.clone()),
         autoscaler::run(
             ctx,
             config.kafka_settings()?,

@@ -199,4 +199,56 @@ async fn invalid_resources_are_rejected_naming_the_field() {
     .await
     .unwrap_err();
     assert!(err.contains("spec.replicationFactor is immutable"), "{err}");
+
+    // Replays: where to restart is given exactly once per topic, and never changes.
+    let replays =
+        Api::<DynamicObject>::namespaced_with(env.client.clone(), &ns, &resource("Replay"));
+    let at = |p: Value| json!({"consumerGroup": "payments", "from": p});
+    let replay_cases: Vec<(Value, &str)> = vec![
+        (json!({"consumerGroup": "payments"}), "set spec.from"),
+        (
+            at(json!({})),
+            "set exactly one of earliest: true, timestamp or offsets",
+        ),
+        (at(json!({"earliest": false})), "spec.from: Invalid value"),
+        (
+            at(json!({"earliest": true, "timestamp": "2026-01-01T00:00:00Z"})),
+            "spec.from: Invalid value",
+        ),
+        (at(json!({"offsets": []})), "spec.from.offsets"),
+        (
+            at(json!({"offsets": [{"partition": -1, "offset": 0}]})),
+            "spec.from.offsets[0].partition",
+        ),
+        (
+            json!({"consumerGroup": "payments", "topics": [
+                {"topic": "orders", "earliest": true},
+                {"topic": "orders", "earliest": true}]}),
+            "spec.topics names a topic twice",
+        ),
+        (
+            json!({"consumerGroup": "payments", "topics": [{"topic": "orders"}]}),
+            "spec.topics[0]",
+        ),
+        (json!({"from": {"earliest": true}}), "spec.consumerGroup"),
+    ];
+    for (spec, needle) in &replay_cases {
+        let err = apply(&replays, "Replay", &unique("r"), spec)
+            .await
+            .expect_err(&format!("{spec} was accepted"));
+        assert!(err.contains(needle), "{spec}: {err}");
+    }
+    let name = unique("replay");
+    apply(&replays, "Replay", &name, &at(json!({"earliest": true})))
+        .await
+        .expect("a valid Replay");
+    let err = apply(
+        &replays,
+        "Replay",
+        &name,
+        &at(json!({"timestamp": "2026-01-01T00:00:00Z"})),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("a Replay's spec cannot change"), "{err}");
 }

@@ -20,7 +20,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventops_crds::{ConsumerGroup, ConsumerGroupStatus, EventTopic, PartitionLag, ScaleRecord};
+use eventops_crds::{
+    ConsumerGroup, ConsumerGroupStatus, EventTopic, PartitionLag, REPLAY_HOLD_ANNOTATION,
+    ScaleRecord,
+};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -415,6 +418,8 @@ impl Cycle<'_> {
             .state()
             .into_iter()
             .filter(|cg| cg.metadata.deletion_timestamp.is_none())
+            // A Replay holds the group at 0 replicas until its offsets are set.
+            .filter(|cg| !cg.annotations().contains_key(REPLAY_HOLD_ANNOTATION))
             .filter_map(|cg| {
                 let ns = cg.namespace().unwrap_or_default();
                 let routes = build::resolve_topics(&cg, |name| {

@@ -208,6 +208,9 @@ pub enum OffsetSpec {
     Earliest,
     /// The log-end offset (or last stable offset, under read_committed).
     Latest,
+    /// The offset of the first record whose timestamp is at or after this time
+    /// (milliseconds since the Unix epoch); `-1` when the partition has none.
+    Timestamp(i64),
 }
 
 /// One change of [`NativeAdmin::alter_topic_configs`].
@@ -789,7 +792,7 @@ impl NativeAdmin {
         .await
     }
 
-    /// The earliest or latest offset of each of `partitions`, in one ListOffsets request
+    /// The earliest, latest or by-time offset of each of `partitions`, in one ListOffsets request
     /// per partition leader. With [`IsolationLevel::ReadCommitted`], "latest" is the last
     /// stable offset: records of open transactions are not counted. A partition Kafka
     /// reports an error for is left out of the answer, so callers see it as unknown
@@ -813,6 +816,7 @@ impl NativeAdmin {
             let offset = match spec {
                 OffsetSpec::Earliest => rdkafka::Offset::Beginning,
                 OffsetSpec::Latest => rdkafka::Offset::End,
+                OffsetSpec::Timestamp(ms) => rdkafka::Offset::Offset(ms.max(0)),
             };
             for (topic, partition) in &partitions {
                 list.add_partition_offset(topic, *partition, offset)
@@ -857,7 +861,10 @@ impl NativeAdmin {
                     // error, known to the binding or not.
                     let err = ptr::addr_of!((*tp).err).cast::<c_int>().read();
                     let tp = &*tp;
-                    if err == 0 && tp.offset >= 0 {
+                    // By timestamp, Kafka answers -1 for a partition without a record
+                    // that late: an answer, not an error.
+                    let by_time = matches!(spec, OffsetSpec::Timestamp(_));
+                    if err == 0 && (tp.offset >= 0 || (by_time && tp.offset == -1)) {
                         offsets.insert((read_string(tp.topic), tp.partition), tp.offset);
                     }
                 }
