@@ -130,6 +130,11 @@ pub struct ReplayStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewound: Option<i64>,
 
+    /// Records between an old committed offset and a later new one, summed: passed
+    /// over, never read (explicit offsets ahead of the group's position).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<i64>,
+
     /// When the Replay took the group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,

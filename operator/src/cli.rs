@@ -2,12 +2,12 @@
 //! read an EventTopic's dead-letter topic with the Kafka credentials given (never moving
 //! or committing anything) and print each record's decoded provenance and exception;
 //! `redrive` creates a [`Redrive`] from flags, and with `--dry-run` prints what would
-//! move.
+//! move. `eventops-operator replay` creates a [`eventops_crds::Replay`] from flags.
 
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use eventops_crds::{EventTopic, Redrive, RedriveStatus};
+use eventops_crds::{EventTopic, Redrive, RedriveStatus, Replay, ReplayStatus};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -453,6 +453,146 @@ async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Flags of `replay`, each a field of the Replay's spec.
+#[derive(clap::Args)]
+pub struct ReplayArgs {
+    /// The ConsumerGroup to rewind (`spec.consumerGroup`).
+    pub consumer_group: String,
+    /// Namespace of the ConsumerGroup and the Replay.
+    #[arg(short, long, default_value = "default")]
+    pub namespace: String,
+    /// Name of the Replay (default: `<consumer group>-replay-<unix seconds>`).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// `spec.from.earliest`: every topic from its first stored record.
+    #[arg(
+        long,
+        conflicts_with = "from_time",
+        required_unless_present_any = ["from_time", "offsets"]
+    )]
+    pub earliest: bool,
+    /// `spec.from.timestamp` (RFC 3339): every topic from its first record at or after
+    /// this time.
+    #[arg(long)]
+    pub from_time: Option<String>,
+    /// `spec.topics[].offsets`: `EVENTTOPIC:PARTITION=OFFSET`, repeated; the topics named
+    /// restart there instead.
+    #[arg(long = "offset", value_name = "EVENTTOPIC:PARTITION=OFFSET")]
+    pub offsets: Vec<String>,
+    /// `spec.allowDuplicates`: replay a group without the Postgres inbox anyway.
+    #[arg(long)]
+    pub allow_duplicates: bool,
+    /// Print the Replay instead of creating it.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Wait until the replay completes, printing its phases and the offsets set.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// The Replay the flags describe.
+fn replay_object(args: &ReplayArgs, name: &str) -> anyhow::Result<serde_json::Value> {
+    let mut spec = serde_json::json!({"consumerGroup": args.consumer_group});
+    if args.earliest {
+        spec["from"] = serde_json::json!({"earliest": true});
+    }
+    if let Some(t) = &args.from_time {
+        spec["from"] = serde_json::json!({"timestamp": t});
+    }
+    let mut topics: std::collections::BTreeMap<&str, Vec<serde_json::Value>> = Default::default();
+    for o in &args.offsets {
+        let parsed = o.split_once(':').and_then(|(topic, rest)| {
+            let (p, off) = rest.split_once('=')?;
+            Some((topic, p.parse::<i32>().ok()?, off.parse::<i64>().ok()?))
+        });
+        let Some((topic, partition, offset)) = parsed else {
+            bail!("--offset {o:?}: expected EVENTTOPIC:PARTITION=OFFSET, e.g. orders:0=42");
+        };
+        topics
+            .entry(topic)
+            .or_default()
+            .push(serde_json::json!({"partition": partition, "offset": offset}));
+    }
+    if !topics.is_empty() {
+        spec["topics"] = topics
+            .into_iter()
+            .map(|(topic, offsets)| serde_json::json!({"topic": topic, "offsets": offsets}))
+            .collect();
+    }
+    if args.allow_duplicates {
+        spec["allowDuplicates"] = true.into();
+    }
+    Ok(serde_json::json!({
+        "apiVersion": "eventops.dev/v1alpha1",
+        "kind": "Replay",
+        "metadata": {"name": name, "namespace": args.namespace},
+        "spec": spec,
+    }))
+}
+
+/// Creates the Replay `args` describe (or prints it), and with `--wait` follows it.
+pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let name = args.name.clone().unwrap_or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        format!("{}-replay-{now}", args.consumer_group)
+    });
+    let object = replay_object(&args, &name)?;
+    if args.dry_run {
+        println!("{}", serde_json::to_string_pretty(&object)?);
+        return Ok(());
+    }
+    let client = Client::try_default()
+        .await
+        .context("connecting to Kubernetes")?;
+    let api: Api<Replay> = Api::namespaced(client, &args.namespace);
+    api.patch(
+        &name,
+        &PatchParams::apply(CLI_MANAGER),
+        &Patch::Apply(&object),
+    )
+    .await
+    .with_context(|| format!("creating Replay {}/{name}", args.namespace))?;
+    println!("replay.eventops.dev/{name} created");
+    if !args.wait {
+        return Ok(());
+    }
+    let mut last = None;
+    loop {
+        let status: ReplayStatus = api.get(&name).await?.status.unwrap_or_default();
+        let phase = status.phase.as_deref().unwrap_or("Pending");
+        let message = |type_: &str| {
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == type_)
+                .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        };
+        if phase == "Refused" {
+            let (_, reason, message) = message("Accepted").unwrap_or_default();
+            bail!("{reason}: {message}");
+        }
+        let line = match message("Complete").or_else(|| message("Accepted")) {
+            Some((_, reason, message)) => format!("{phase}: {reason}: {message}"),
+            None => phase.to_string(),
+        };
+        if last.as_ref() != Some(&line) {
+            println!("{line}");
+            last = Some(line);
+        }
+        if phase == "Completed" {
+            for p in &status.offsets {
+                let before = p.before.map_or("-".to_string(), |b| b.to_string());
+                println!("  {}/{}: {before} -> {}", p.topic, p.partition, p.after);
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,5 +639,63 @@ mod tests {
         assert_eq!(object["metadata"]["namespace"], "shop");
         // The spec is one the CRD type reads.
         let _: eventops_crds::RedriveSpec = serde_json::from_value(object["spec"].clone()).unwrap();
+    }
+
+    #[derive(clap::Parser)]
+    struct ReplayCli {
+        #[command(flatten)]
+        replay: ReplayArgs,
+    }
+
+    #[test]
+    fn replay_flags_become_the_spec_fields() {
+        let parse = |args: &[&str]| {
+            ReplayCli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .map(|c| replay_object(&c.replay, "r"))
+        };
+        let object = parse(&[
+            "payments",
+            "-n",
+            "shop",
+            "--from-time",
+            "2026-12-01T10:00:00Z",
+            "--offset",
+            "orders:0=42",
+            "--offset",
+            "orders:2=7",
+            "--allow-duplicates",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            object["spec"],
+            serde_json::json!({
+                "consumerGroup": "payments",
+                "from": {"timestamp": "2026-12-01T10:00:00Z"},
+                "topics": [{"topic": "orders", "offsets": [
+                    {"partition": 0, "offset": 42}, {"partition": 2, "offset": 7}]}],
+                "allowDuplicates": true,
+            })
+        );
+        assert_eq!(object["metadata"]["namespace"], "shop");
+        let _: eventops_crds::ReplaySpec = serde_json::from_value(object["spec"].clone()).unwrap();
+        // Where to restart is required, once.
+        assert!(parse(&["payments"]).is_err());
+        assert!(
+            parse(&[
+                "payments",
+                "--earliest",
+                "--from-time",
+                "2026-12-01T10:00:00Z"
+            ])
+            .is_err()
+        );
+        let bad = parse(&["payments", "--offset", "orders:x=1"])
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            bad.to_string().contains("EVENTTOPIC:PARTITION=OFFSET"),
+            "{bad}"
+        );
     }
 }

@@ -29,6 +29,9 @@ enum Cmd {
     /// Dead letters: list or show an EventTopic's dead-letter records, or redrive them.
     #[command(subcommand)]
     Dlt(Box<eventops_operator::cli::DltCommand>),
+    /// Rewind a ConsumerGroup: create a Replay from flags (to earliest, a time, or given
+    /// offsets), and with `--wait` follow it to the offsets it set.
+    Replay(Box<eventops_operator::cli::ReplayArgs>),
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD.
     Crd {
         /// Write `<crd name>.yaml` files into this directory instead of printing.
@@ -72,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Dlt(command) => eventops_operator::cli::run(*command).await?,
+        Cmd::Replay(args) => eventops_operator::cli::replay(*args).await?,
         Cmd::Run(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(

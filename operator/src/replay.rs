@@ -43,7 +43,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tracing::{info, warn};
 
 use crate::conditions::{self, Observed, with_permission_hint};
-use crate::consumergroup::build::owns_its_topic;
+use crate::consumergroup::build::{controlled_by, group_conflict, owns_its_topic};
 use crate::context::Context;
 use crate::error::Error;
 use crate::kafka::native::{GroupState, IsolationLevel, NativeError, OffsetSpec};
@@ -61,6 +61,10 @@ const PENDING: &str = "Pending";
 const SCALING_DOWN: &str = "ScalingDown";
 const COMPLETED: &str = "Completed";
 const REFUSED: &str = "Refused";
+
+/// How long the consumer runtime's inbox remembers a processed event id by default
+/// (`PostgresOptions::retention`): a replay reaching further back may apply events again.
+const INBOX_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How often a held group is looked at while it scales down.
 const WHILE_HELD: Duration = Duration::from_secs(1);
@@ -146,10 +150,12 @@ async fn step(rp: &Replay, ctx: &Context) -> Result<Action, Error> {
         .await
         .map_err(|e| Error::kube("add the finalizer to", rp, e))?;
 
-    match hold_and_rewind(rp, ctx, &groups, &status).await? {
+    // Every status write of the pass goes through `new`: status is applied whole (server-side
+    // apply, one field manager), so writing an older copy would erase what the pass wrote.
+    let mut new = status.clone();
+    match hold_and_rewind(rp, ctx, &groups, &status, &mut new).await? {
         Ok(action) => Ok(action),
         Err(stop) => {
-            let mut new = status.clone();
             new.phase = Some(stop.phase.into());
             new.conditions = set(rp, &new.conditions, stop.observed.clone());
             if new != status {
@@ -180,6 +186,7 @@ async fn hold_and_rewind(
     ctx: &Context,
     groups: &Api<ConsumerGroup>,
     status: &ReplayStatus,
+    new: &mut ReplayStatus,
 ) -> Result<Result<Action, Stop>, Error> {
     let ns = rp.namespace().unwrap_or_default();
     let spec = &rp.spec;
@@ -192,28 +199,60 @@ async fn hold_and_rewind(
             "ConsumerGroupNotFound",
             format!(
                 "spec.consumerGroup names ConsumerGroup {} that does not exist in namespace \
-                 {ns}: name a ConsumerGroup of this namespace",
+                 {ns}: waiting for it (or delete this Replay and create it again naming a \
+                 ConsumerGroup of this namespace)",
                 spec.consumer_group
             ),
         )));
     };
+    let ours = hold_value(rp);
+    let held = cg.annotations().get(REPLAY_HOLD_ANNOTATION) == Some(&ours);
+    // A reconcile that stops while the group is held says so.
+    let stop = |mut stop: Stop| {
+        if held {
+            stop.phase = SCALING_DOWN;
+            stop.observed.message.push_str(&format!(
+                "; ConsumerGroup {} is held at 0 replicas meanwhile: delete this Replay to \
+                 release it",
+                cg.name_any()
+            ));
+        }
+        Ok(Err(stop))
+    };
     let idempotency = cg.spec.processing.idempotency;
     if idempotency != Idempotency::Postgres && !spec.allow_duplicates {
-        return Ok(Err(Stop::pending(
+        return stop(Stop::pending(
             "DuplicatesNotAllowed",
             format!(
                 "ConsumerGroup {} has spec.processing.idempotency {idempotency:?}, so its \
-                 workers would apply the replayed events again: set spec.allowDuplicates: \
-                 true to replay anyway, or give the group idempotency Postgres (its inbox \
-                 skips what it already applied)",
+                 workers would apply the replayed events again: delete this Replay and \
+                 create it again with spec.allowDuplicates: true to replay anyway, or give \
+                 the group idempotency Postgres (its inbox skips what it already applied)",
                 cg.name_any()
             ),
-        )));
+        ));
+    }
+    // B: only a group this namespace may own, and that no older ConsumerGroup shares.
+    let group_id = cg.kafka_group_id().to_string();
+    if let Err(message) = ctx
+        .settings
+        .namespace_policy
+        .check(&ns, "spec.groupId", &group_id)
+    {
+        return stop(Stop::pending(
+            "NotPermitted",
+            format!("ConsumerGroup {}: {message}", cg.name_any()),
+        ));
+    }
+    if let Some(message) = group_conflict(&cg, ctx.groups.state().iter().map(AsRef::as_ref)) {
+        return stop(Stop::pending(
+            "ResourceConflict",
+            format!("ConsumerGroup {}: {message}", cg.name_any()),
+        ));
     }
 
     // Where each topic restarts, from Kafka's offsets now; recomputed on every pass
     // until the group is held and empty, then kept in status.
-    let group_id = cg.kafka_group_id().to_string();
     let planned = if status.offsets.is_empty() {
         let topics: Api<EventTopic> = Api::namespaced(ctx.client.clone(), &ns);
         let all = topics
@@ -223,21 +262,21 @@ async fn hold_and_rewind(
             .items;
         let targets = match targets(rp, &cg, &all) {
             Ok(t) => t,
-            Err(stop) => return Ok(Err(stop)),
+            Err(s) => return stop(s),
         };
-        match plan_offsets(ctx, &targets).await {
+        let inbox_guards = idempotency == Idempotency::Postgres && !spec.allow_duplicates;
+        match plan_offsets(ctx, &targets, inbox_guards).await {
             Ok(Ok(plan)) => Some(plan),
-            Ok(Err(stop)) => return Ok(Err(stop)),
-            Err(e) => return Ok(Err(kafka_stop("resolve the offsets to rewind to", &e))),
+            Ok(Err(s)) => return stop(s),
+            Err(e) => return stop(kafka_stop("resolve the offsets to rewind to", &e)),
         }
     } else {
         None
     };
 
     // Hold the group.
-    let ours = hold_value(rp);
     let held_by = cg.annotations().get(REPLAY_HOLD_ANNOTATION).cloned();
-    if held_by.as_deref() != Some(ours.as_str()) {
+    if !held {
         if let Some(other) = held_by.as_deref()
             && let Some(name) = live_holder(ctx, &ns, other).await?
         {
@@ -297,14 +336,22 @@ async fn hold_and_rewind(
         .get_opt(&cg.name_any())
         .await
         .map_err(|e| Error::kube("read the Deployment of", &cg, e))?;
-    let replicas = deployment.as_ref().and_then(|d| d.spec.replicas);
-    let mut new = status.clone();
+    // Only the group's own Deployment: one under its name that the group does not
+    // control is somebody else's (and the ConsumerGroup says so).
+    let replicas = deployment
+        .as_ref()
+        .filter(|d| controlled_by(&cg, &d.metadata))
+        .and_then(|d| d.spec.replicas);
+    let after_hold = |mut s: Stop| {
+        s.phase = SCALING_DOWN;
+        Ok(Err(s))
+    };
     new.group_id = Some(group_id.clone());
     if new.started_at.is_none() {
         new.started_at = Some(Time(Timestamp::now()));
         new.replicas_before = replicas;
         // Written before the replicas change, so a retry never records the 0 it set.
-        crate::status::apply(ctx, rp, &new).await?;
+        crate::status::apply(ctx, rp, &*new).await?;
     }
     if replicas.is_some_and(|r| r != 0) {
         ctx.metrics.kube_write("scale");
@@ -322,7 +369,7 @@ async fn hold_and_rewind(
     }
     let described = match ctx.kafka.describe_consumer_group(&group_id).await {
         Ok(d) => d,
-        Err(e) => return Ok(Err(kafka_stop("describe the group", &e))),
+        Err(e) => return after_hold(kafka_stop("describe the group", &e)),
     };
     new.phase = Some(SCALING_DOWN.into());
     new.conditions = set(
@@ -356,8 +403,8 @@ async fn hold_and_rewind(
                 ),
             ),
         );
-        if &new != status {
-            crate::status::apply(ctx, rp, &new).await?;
+        if *new != *status {
+            crate::status::apply(ctx, rp, &*new).await?;
         }
         return Ok(Ok(Action::requeue(WHILE_HELD)));
     }
@@ -366,7 +413,7 @@ async fn hold_and_rewind(
     if let Some(plan) = planned {
         let before = match ctx.kafka.list_consumer_group_offsets(&group_id, None).await {
             Ok(b) => b,
-            Err(e) => return Ok(Err(kafka_stop("read the group's committed offsets", &e))),
+            Err(e) => return after_hold(kafka_stop("read the group's committed offsets", &e)),
         };
         new.offsets = plan
             .into_iter()
@@ -378,7 +425,8 @@ async fn hold_and_rewind(
             })
             .collect();
         new.rewound = Some(rewound(&new.offsets));
-        crate::status::apply(ctx, rp, &new).await?;
+        new.skipped = Some(skipped(&new.offsets));
+        crate::status::apply(ctx, rp, &*new).await?;
     }
     let offsets: Vec<(String, i32, i64)> = new
         .offsets
@@ -398,12 +446,16 @@ async fn hold_and_rewind(
         }) => {
             return Ok(Ok(Action::requeue(WHILE_HELD)));
         }
-        Err(e) => return Ok(Err(kafka_stop("set the group's offsets", &e))),
+        Err(e) => return after_hold(kafka_stop("set the group's offsets", &e)),
     }
     new.phase = Some(COMPLETED.into());
     new.completed_at = Some(Time(Timestamp::now()));
+    let skipped = match new.skipped.unwrap_or_default() {
+        0 => String::new(),
+        n => format!(", {n} records skipped"),
+    };
     let summary = format!(
-        "set {} partitions of Kafka group {group_id} ({} records to read again); \
+        "set {} partitions of Kafka group {group_id} ({} records to read again{skipped}); \
          ConsumerGroup {} handed back to the autoscaler",
         new.offsets.len(),
         new.rewound.unwrap_or_default(),
@@ -414,7 +466,7 @@ async fn hold_and_rewind(
         &new.conditions,
         Observed::new(COMPLETE, true, "Rewound", summary.clone()),
     );
-    crate::status::apply(ctx, rp, &new).await?;
+    crate::status::apply(ctx, rp, &*new).await?;
     info!(replay = %rp.name_any(), namespace = %ns, group = %group_id, "{summary}");
     ctx.event(rp, EventType::Normal, "Completed", "Replay", summary)
         .await;
@@ -438,7 +490,7 @@ fn targets(rp: &Replay, cg: &ConsumerGroup, all: &[EventTopic]) -> Result<Vec<Ta
                 "TopicNotInGroup",
                 format!(
                     "spec.topics[{i}].topic names {}, which is not one of ConsumerGroup {}'s \
-                     topics ({}): name one of them",
+                     topics ({}): delete this Replay and create it again naming one of them",
                     t.topic,
                     cg.name_any(),
                     cg.spec.topics.join(", ")
@@ -481,14 +533,31 @@ fn targets(rp: &Replay, cg: &ConsumerGroup, all: &[EventTopic]) -> Result<Vec<Ta
     Ok(out)
 }
 
-/// The offset to set on each partition of `targets`, from Kafka's offsets now.
+/// The offset to set on each partition of `targets`, from Kafka's offsets now. With
+/// `inbox_guards`, a plan reaching records older than [`INBOX_WINDOW`] is refused: the
+/// inbox may have forgotten them.
 async fn plan_offsets(
     ctx: &Context,
     targets: &[Target],
+    inbox_guards: bool,
 ) -> Result<Result<BTreeMap<(String, i32), i64>, Stop>, NativeError> {
     let native = ctx.kafka.native();
+    let now = Timestamp::now();
     let mut plan = BTreeMap::new();
     for target in targets {
+        if let Some(t) = &target.position.timestamp
+            && t.0 > now
+        {
+            return Ok(Err(Stop::pending(
+                "TimestampInFuture",
+                format!(
+                    "{}.timestamp is {}, in the future: a replay from it would skip the \
+                     records up to then; delete this Replay and create it again with a time \
+                     in the past",
+                    target.field, t.0
+                ),
+            )));
+        }
         let partitions = match ctx.kafka.describe_topic(&target.topic).await {
             Ok(Some(t)) => t.partitions,
             Ok(None) => {
@@ -505,17 +574,14 @@ async fn plan_offsets(
             }
         };
         let all: Vec<(String, i32)> = (0..partitions).map(|p| (target.topic.clone(), p)).collect();
-        let read = IsolationLevel::ReadUncommitted;
-        let earliest = native
-            .list_offsets(&all, OffsetSpec::Earliest, read)
+        let at = |spec| native.list_offsets(&all, spec, IsolationLevel::ReadUncommitted);
+        let earliest = at(OffsetSpec::Earliest).await?;
+        // The last stable offset: never past a transaction still open.
+        let latest = native
+            .list_offsets(&all, OffsetSpec::Latest, IsolationLevel::ReadCommitted)
             .await?;
-        let latest = native.list_offsets(&all, OffsetSpec::Latest, read).await?;
         let by_time = match &target.position.timestamp {
-            Some(t) => Some(
-                native
-                    .list_offsets(&all, OffsetSpec::Timestamp(t.0.as_millisecond()), read)
-                    .await?,
-            ),
+            Some(t) => Some(at(OffsetSpec::Timestamp(t.0.as_millisecond())).await?),
             None => None,
         };
         let ranges = Ranges {
@@ -524,12 +590,48 @@ async fn plan_offsets(
             latest: &latest,
             by_time: by_time.as_ref(),
         };
-        match positions(&target.topic, &target.field, &target.position, &ranges) {
-            Ok(p) => plan.extend(p),
+        let positions = match positions(&target.topic, &target.field, &target.position, &ranges) {
+            Ok(p) => p,
             Err(stop) => return Ok(Err(stop)),
+        };
+        if inbox_guards {
+            let since = now - INBOX_WINDOW;
+            let window = at(OffsetSpec::Timestamp(since.as_millisecond())).await?;
+            if let Some(((topic, p), offset, first)) = beyond_window(&positions, &window, &latest) {
+                return Ok(Err(Stop::pending(
+                    "DuplicatesNotAllowed",
+                    format!(
+                        "{} goes back to {topic} partition {p} offset {offset}, before offset \
+                         {first}, its first record of the last 7 days: the workers' inbox \
+                         forgets event ids 7 days after processing them (the runtime's \
+                         default retention), so older events would be applied again; \
+                         delete this Replay and create it again from a later point, or with \
+                         spec.allowDuplicates: true",
+                        target.field
+                    ),
+                )));
+            }
         }
+        plan.extend(positions);
     }
     Ok(Ok(plan))
+}
+
+/// The first partition of `plan` that restarts before `window`'s offset (the first
+/// record of the inbox's window; `-1`: none, so the partition's end), with both offsets.
+/// Pure.
+fn beyond_window(
+    plan: &BTreeMap<(String, i32), i64>,
+    window: &BTreeMap<(String, i32), i64>,
+    latest: &BTreeMap<(String, i32), i64>,
+) -> Option<((String, i32), i64, i64)> {
+    plan.iter().find_map(|(key, &offset)| {
+        let first = match window.get(key) {
+            Some(-1) | None => *latest.get(key)?,
+            Some(&w) => w,
+        };
+        (offset < first).then(|| (key.clone(), offset, first))
+    })
 }
 
 /// What Kafka says of a topic's partitions.
@@ -563,7 +665,8 @@ fn positions(
                 return Err(Stop::pending(
                     "OffsetOutOfRange",
                     format!(
-                        "{field}.partition is {}, but {topic} has {} partitions",
+                        "{field}.partition is {}, but {topic} has {} partitions: delete this \
+                         Replay and create it again naming one of them",
                         po.partition, r.partitions
                     ),
                 ));
@@ -579,7 +682,7 @@ fn positions(
                     "OffsetOutOfRange",
                     format!(
                         "{field}.offset is {}, but {topic} partition {} holds offsets {lo} to \
-                         {hi}: choose one in that range",
+                         {hi}: delete this Replay and create it again with one in that range",
                         po.offset, po.partition
                     ),
                 ));
@@ -600,6 +703,15 @@ fn positions(
         out.insert(key(p), offset.ok_or_else(|| unknown(p))?);
     }
     Ok(out)
+}
+
+/// Records between an old committed offset and a later new one, summed: passed over,
+/// never read.
+fn skipped(offsets: &[ReplayedPartition]) -> i64 {
+    offsets
+        .iter()
+        .filter_map(|p| p.before.map(|b| (p.after - b).max(0)))
+        .sum()
 }
 
 /// Records between the new and the old committed offsets, summed.
@@ -630,6 +742,44 @@ async fn live_holder(ctx: &Context, ns: &str, value: &str) -> Result<Option<Stri
             )
         })
         .map(|o| o.name_any()))
+}
+
+/// Removes a hold from `cg` that no live Replay has (its Replay was deleted without its
+/// finalizer running, or finished without releasing), so the autoscaler takes the group
+/// back. A hold written meanwhile is left alone (resourceVersion precondition).
+pub(crate) async fn clear_stale_hold(
+    cg: &ConsumerGroup,
+    ctx: &Context,
+    groups: &Api<ConsumerGroup>,
+) -> Result<(), Error> {
+    let Some(value) = cg.annotations().get(REPLAY_HOLD_ANNOTATION) else {
+        return Ok(());
+    };
+    let ns = cg.namespace().unwrap_or_default();
+    if live_holder(ctx, &ns, value).await?.is_some() {
+        return Ok(());
+    }
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": cg.resource_version(),
+        "annotations": {REPLAY_HOLD_ANNOTATION: null},
+    }});
+    ctx.metrics.kube_write("replay-hold");
+    match groups
+        .patch(
+            &cg.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            warn!(consumergroup = %cg.name_any(), hold = %value, "removed a hold no live Replay has");
+            Ok(())
+        }
+        // Written meanwhile: the next reconcile looks again.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(Error::kube("release", cg, e)),
+    }
 }
 
 /// Removes `rp`'s hold from its ConsumerGroup, if it holds it.
@@ -668,7 +818,7 @@ fn kafka_stop(what: &str, e: &NativeError) -> Stop {
         _ => e.to_string(),
     };
     Stop {
-        phase: SCALING_DOWN,
+        phase: PENDING,
         observed: Observed::new(
             COMPLETE,
             false,
@@ -750,6 +900,34 @@ mod tests {
             e.contains("spec.from.offsets[0].partition is 3") && e.contains("3 partitions"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_plan_reaching_before_the_inbox_window_is_found() {
+        let (latest, plan) = (map("t", &[100, 50]), map("t", &[30, 50]));
+        // The window starts at offset 30 of partition 0: a restart there is inside it.
+        assert_eq!(beyond_window(&plan, &map("t", &[30, -1]), &latest), None);
+        assert_eq!(
+            beyond_window(&plan, &map("t", &[31, -1]), &latest),
+            Some((("t".to_string(), 0), 30, 31))
+        );
+        // No record in the window: every record of partition 1 is older than it; a
+        // restart at its end reads none of them.
+        assert_eq!(
+            beyond_window(&map("t", &[30, 49]), &map("t", &[30, -1]), &latest),
+            Some((("t".to_string(), 1), 49, 50))
+        );
+    }
+
+    #[test]
+    fn skipped_counts_what_a_move_ahead_passes_over() {
+        let p = |before, after| ReplayedPartition {
+            topic: "t".into(),
+            partition: 0,
+            before,
+            after,
+        };
+        assert_eq!(skipped(&[p(Some(10), 4), p(Some(3), 8), p(None, 9)]), 5);
     }
 
     #[test]

@@ -426,6 +426,24 @@ async fn one_replay_per_group_never_under_a_member_and_duplicates_only_when_allo
         held(groups.get("notifications").await.unwrap()).is_some_and(|h| h.starts_with("first/")),
     );
 
+    // A time in the future would skip records: refused, naming the field.
+    apply(
+        &replays,
+        "future",
+        json!({"consumerGroup": "notifications", "allowDuplicates": true,
+               "from": {"timestamp": "2999-01-01T00:00:00Z"}}),
+    )
+    .await
+    .unwrap();
+    wait_condition(
+        &replays,
+        "future",
+        "Accepted",
+        "False",
+        "spec.from.timestamp",
+    )
+    .await;
+
     // A second Replay of the group is refused, naming the first, for good.
     apply(
         &replays,
@@ -450,14 +468,21 @@ async fn one_replay_per_group_never_under_a_member_and_duplicates_only_when_allo
         (gone && held(groups.get("notifications").await.ok()?).is_none()).then_some(())
     })
     .await;
-    apply(
-        &replays,
-        "third",
-        json!({"consumerGroup": "notifications", "from": {"earliest": true},
-               "allowDuplicates": true}),
-    )
-    .await
-    .unwrap();
+    // This one from the command line, which follows it to the end.
+    let cli = tokio::process::Command::new(eventops_tests::workspace_binary("eventops-operator"))
+        .args([
+            "replay",
+            "notifications",
+            "--earliest",
+            "--allow-duplicates",
+        ])
+        .args(["--name", "third", "--wait", "-n", &ns])
+        .env("KUBECONFIG", &env.info.kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("eventops-operator replay");
     wait_condition(&replays, "third", "Complete", "False", "1 members").await;
     // Still the member's offsets: nothing was set under it.
     assert_eq!(
@@ -472,6 +497,24 @@ async fn one_replay_per_group_never_under_a_member_and_duplicates_only_when_allo
     member.unsubscribe();
     drop(member);
     wait_condition(&replays, "third", "Complete", "True", "handed back").await;
+    let out = tokio::time::timeout(TIMEOUT, cli.wait_with_output())
+        .await
+        .expect("the command line to return")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "replay.eventops.dev/third created",
+        "ScalingDown: WaitingForEmptyGroup",
+        &format!("{topic}/0: 5 -> 0"),
+        &format!("{topic}/1: 5 -> 0"),
+    ] {
+        assert!(stdout.contains(line), "{line:?} in:\n{stdout}");
+    }
     let third = replays.get("third").await.unwrap().status.unwrap();
     let offsets: Vec<(i32, Option<i64>, i64)> = third
         .offsets
@@ -486,6 +529,95 @@ async fn one_replay_per_group_never_under_a_member_and_duplicates_only_when_allo
         "Kafka's view of the group"
     );
     assert_eq!(held(groups.get("notifications").await.unwrap()), None);
+    // A hold no live Replay has (one deleted without its finalizer running) does not
+    // keep the group from its autoscaler: the ConsumerGroup controller removes it.
+    groups
+        .patch(
+            "notifications",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"annotations": {
+                REPLAY_HOLD_ANNOTATION: "ghost/0f0e6f1c-0000-0000-0000-000000000000"}}})),
+        )
+        .await
+        .unwrap();
+    eventually(TIMEOUT, "the stale hold removed", || async {
+        held(groups.get("notifications").await.ok()?)
+            .is_none()
+            .then_some(())
+    })
+    .await;
+
+    // A ConsumerGroup sharing an older one's Kafka group id is not replayed: the group
+    // is the older one's.
+    apply(
+        &groups,
+        "copycat",
+        json!({"groupId": group_id, "topics": ["orders"], "template": {"image": "n:1"},
+               "scaling": {"minReplicas": 0, "maxReplicas": 1}}),
+    )
+    .await
+    .unwrap();
+    apply(
+        &replays,
+        "takeover",
+        json!({"consumerGroup": "copycat", "from": {"earliest": true}, "allowDuplicates": true}),
+    )
+    .await
+    .unwrap();
+    wait_condition(
+        &replays,
+        "takeover",
+        "Accepted",
+        "False",
+        "already used by ConsumerGroup",
+    )
+    .await;
+
+    // The inbox remembers event ids for 7 days (the runtime's default): a replay of a
+    // Postgres group reaching records older than that is refused unless allowed.
+    let archive = unique("shop.archive");
+    apply(
+        &topics,
+        "archive",
+        json!({"partitions": 1, "topicName": archive}),
+    )
+    .await
+    .unwrap();
+    wait_ready(&topics, "archive", "True").await;
+    let ten_days_ago = k8s_openapi::jiff::Timestamp::now().as_millisecond() - 10 * 86_400_000;
+    let payload = event("old-1", 1, json!({}));
+    producer(&env.info)
+        .send(
+            FutureRecord::to(&archive)
+                .key("old-1")
+                .payload(&payload)
+                .timestamp(ten_days_ago),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    apply(
+        &groups,
+        "ledger",
+        json!({"topics": ["archive"], "template": {"image": "n:1"},
+               "processing": {"idempotency": "Postgres"},
+               "scaling": {"minReplicas": 0, "maxReplicas": 1}}),
+    )
+    .await
+    .unwrap();
+    apply(
+        &replays,
+        "too-far",
+        json!({"consumerGroup": "ledger", "from": {"earliest": true}}),
+    )
+    .await
+    .unwrap();
+    let refusal = wait_condition(&replays, "too-far", "Accepted", "False", "last 7 days").await;
+    assert!(
+        refusal.contains("spec.from") && refusal.contains("spec.allowDuplicates"),
+        "{refusal}"
+    );
+
     // The refused ones stay refused and set nothing.
     assert_eq!(
         phase(&replays.get("second").await.unwrap()).as_deref(),

@@ -100,6 +100,7 @@ async fn reconcile_inner(
     crate::finalizer::set(&groups, &*cg, CREDENTIALS_FINALIZER, true, &ctx.metrics)
         .await
         .map_err(|e| Error::kube("add the finalizer to", &*cg, e))?;
+    crate::replay::clear_stale_hold(&cg, ctx, &groups).await?;
 
     // Dereference.
     let topics_api: Api<EventTopic> = Api::namespaced(ctx.client.clone(), &ns);
