@@ -507,6 +507,7 @@ async fn one_replay_per_group_never_under_a_member_and_duplicates_only_when_allo
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    println!("eventops-operator replay printed:\n{stdout}");
     for line in [
         "replay.eventops.dev/third created",
         "ScalingDown: WaitingForEmptyGroup",
