@@ -259,17 +259,22 @@ async fn console_records(env: &TestEnv, topic: &str) -> Vec<(String, Option<Stri
         .collect()
 }
 
-/// The dead letters of 60 orders written by the runtime (30 declined, 30 invalid) and of
-/// 3 refunds written by Spring Kafka go back: a dry run counts and moves nothing; a
+/// The dead letters of 900 orders written by the runtime (450 declined, 450 invalid) and
+/// of 100 refunds written by Spring Kafka go back: a dry run counts and moves nothing; a
 /// redrive of the declined ones moves exactly those, once each, at most at its rate; a
 /// redrive of Spring's sends them back to the refunds topic; the fixed service applies
 /// each once; the rest stays; refusals name the field.
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_letters_of_the_runtime_and_of_spring_go_back_once_each() {
+    // 1,000 dead letters: 900 orders by the runtime, half of them PaymentDeclined, and
+    // 100 refunds by Spring Kafka.
+    const ORDERS: usize = 900;
+    const REFUNDS: usize = 100;
+    const DECLINED_ORDERS: i64 = ORDERS as i64 / 2;
     let s = setup("redrive").await;
-    // Spring Kafka dead-letters three refunds into the orders' dead-letter topic.
+    // Spring Kafka dead-letters the refunds into the orders' dead-letter topic.
     let p = producer(&s.env.info);
-    for i in 0..3 {
+    for i in 0..REFUNDS {
         let id = format!("r-{i}");
         produce(&p, &s.refunds, 0, &id, &event(&id, 1, json!({"n": i}))).await;
     }
@@ -281,7 +286,7 @@ async fn dead_letters_of_the_runtime_and_of_spring_go_back_once_each() {
             ("topic", &s.refunds),
             ("partition", "0"),
             ("offset", "0"),
-            ("count", "3"),
+            ("count", &REFUNDS.to_string()),
             ("dlt", &s.dlt),
             ("exception", "java.lang.IllegalStateException"),
             ("message", "refund service was down"),
@@ -289,10 +294,10 @@ async fn dead_letters_of_the_runtime_and_of_spring_go_back_once_each() {
         ORACLE_TIMEOUT,
     )
     .await;
-    // The buggy order service dead-letters all 60 orders.
-    s.produce_orders(60).await;
+    // The buggy order service dead-letters every order.
+    s.produce_orders(ORDERS).await;
     let buggy = s.run_worker(&[&s.orders], Orders::default()).await;
-    s.wait_dead_letters(63).await;
+    s.wait_dead_letters((ORDERS + REFUNDS) as i64).await;
     buggy.stop().await;
 
     let operator = s.env.start_operator_as(Some(&s.ns), Some(&s.operator_user));
@@ -332,7 +337,10 @@ async fn dead_letters_of_the_runtime_and_of_spring_go_back_once_each() {
     .await
     .unwrap();
     let (dry, _) = s.wait_completed("dry", Instant::now()).await;
-    assert_eq!((dry.matched, dry.moved, dry.skipped), (30, 30, 0));
+    assert_eq!(
+        (dry.matched, dry.moved, dry.skipped),
+        (DECLINED_ORDERS, DECLINED_ORDERS, 0)
+    );
     assert!(!dry.samples.is_empty());
     for sample in &dry.samples {
         assert_eq!(sample.exception.as_deref(), Some(DECLINED));
@@ -342,12 +350,12 @@ async fn dead_letters_of_the_runtime_and_of_spring_go_back_once_each() {
     }
     assert_eq!(topic_record_count(&s.env, &s.orders).await, orders_before);
 
-    // The declined orders go back, at most 10 a second.
+    // The declined orders go back, at most 150 a second.
     let since = Instant::now();
     apply(
         &s.redrives,
         "declined",
-        json!({"source": "orders", "maxRecordsPerSecond": 10,
+        json!({"source": "orders", "maxRecordsPerSecond": 150,
                "filter": {"exceptionClass": DECLINED}}),
     )
     .await
@@ -355,13 +363,13 @@ async fn dead_letters_of_the_runtime_and_of_spring_go_back_once_each() {
     let (declined, took) = s.wait_completed("declined", since).await;
     assert_eq!(
         (declined.matched, declined.moved, declined.skipped),
-        (30, 30, 0)
+        (DECLINED_ORDERS, DECLINED_ORDERS, 0)
     );
-    // 30 records at 10/s, a burst of 2 allowed: at least 2.8 s; measured on the test's
-    // clock from the apply, so a slow start only makes it longer.
+    // 450 records at 150/s, a burst of 30 allowed: at least 2.8 s; measured on the
+    // test's clock from the apply, so a slow start only makes it longer.
     assert!(
         took >= Duration::from_millis(2_800),
-        "30 records at 10/s moved in {took:?}"
+        "{DECLINED_ORDERS} records at 150/s moved in {took:?}"
     );
     // Spring's go back to the refunds topic.
     apply(
@@ -372,35 +380,49 @@ async fn dead_letters_of_the_runtime_and_of_spring_go_back_once_each() {
     .await
     .unwrap();
     let (refunds, _) = s.wait_completed("refunds", Instant::now()).await;
-    assert_eq!((refunds.matched, refunds.moved, refunds.skipped), (3, 3, 0));
+    let refunds_n = REFUNDS as i64;
+    assert_eq!(
+        (refunds.matched, refunds.moved, refunds.skipped),
+        (refunds_n, refunds_n, 0)
+    );
     operator.stop().await;
 
-    // Kafka's view: the orders topic has the 60 orders plus the 30 declined, each once;
-    // the refunds topic its 3 plus Spring's 3 back.
+    // Kafka's view: the orders topic has the orders plus the declined ones, each once;
+    // the refunds topic its refunds plus Spring's back.
     let on_orders = console_records(&s.env, &s.orders).await;
     let redriven: Vec<&(String, Option<String>)> = on_orders
         .iter()
         .filter(|(_, from)| from.is_some())
         .collect();
-    assert_eq!(on_orders.len(), 90, "{on_orders:?}");
+    assert_eq!(on_orders.len(), ORDERS + ORDERS / 2, "{on_orders:?}");
     let keys: BTreeSet<&str> = redriven.iter().map(|(k, _)| k.as_str()).collect();
-    let expected: BTreeSet<String> = (0..60).step_by(2).map(|i| format!("o-{i}")).collect();
+    let expected: BTreeSet<String> = (0..ORDERS).step_by(2).map(|i| format!("o-{i}")).collect();
     assert_eq!(
         keys,
         expected.iter().map(String::as_str).collect::<BTreeSet<_>>()
     );
     let sources: BTreeSet<&Option<String>> = redriven.iter().map(|(_, f)| f).collect();
-    assert_eq!(sources.len(), 30, "one redriven record per dead letter");
+    assert_eq!(
+        sources.len(),
+        ORDERS / 2,
+        "one redriven record per dead letter"
+    );
     assert!(
         redriven
             .iter()
             .all(|(_, f)| f.as_deref().unwrap().starts_with(&format!("{}/", s.dlt)))
     );
     let on_refunds = console_records(&s.env, &s.refunds).await;
-    assert_eq!(on_refunds.len(), 6, "{on_refunds:?}");
-    assert_eq!(on_refunds.iter().filter(|(_, f)| f.is_some()).count(), 3);
+    assert_eq!(on_refunds.len(), 2 * REFUNDS, "{on_refunds:?}");
+    assert_eq!(
+        on_refunds.iter().filter(|(_, f)| f.is_some()).count(),
+        REFUNDS
+    );
     // The others stay: the dead-letter topic is as it was.
-    assert_eq!(topic_record_count(&s.env, &s.dlt).await, 63);
+    assert_eq!(
+        topic_record_count(&s.env, &s.dlt).await,
+        (ORDERS + REFUNDS) as i64
+    );
 
     // The fixed service applies each redriven order once (the refunds, redriven or not,
     // once too: the copies carry the same event ids).
@@ -412,7 +434,7 @@ async fn dead_letters_of_the_runtime_and_of_spring_go_back_once_each() {
     let want: BTreeMap<String, u32> = expected
         .iter()
         .cloned()
-        .chain((0..3).map(|i| format!("r-{i}")))
+        .chain((0..REFUNDS).map(|i| format!("r-{i}")))
         .map(|id| (id, 1))
         .collect();
     eventually(
