@@ -74,11 +74,19 @@ async fn two_replicas_elect_one_leader_and_fail_over() {
     let led = unique("orders.order-led");
     apply(&api, &led, json!({"partitions": 1})).await.unwrap();
     wait_ready(&api, &led, "True").await;
-    let (_, metrics) = http_get(replicas[leader].port, "/metrics").unwrap();
-    assert!(
-        metrics.contains(r#"eventops_operator_reconciles_total{controller="eventtopic"}"#),
-        "{metrics}"
-    );
+    // Counted when the reconcile returns, which may be just after its status write made
+    // the EventTopic Ready.
+    eventually(
+        Duration::from_secs(10),
+        "the leader counting its eventtopic reconcile",
+        || async {
+            let (_, metrics) = http_get(replicas[leader].port, "/metrics")?;
+            metrics
+                .contains(r#"eventops_operator_reconciles_total{controller="eventtopic"}"#)
+                .then_some(())
+        },
+    )
+    .await;
 
     // SIGTERM: the leader stops; the follower takes the Lease once it expires.
     sigterm(&replicas[leader].child);
