@@ -28,9 +28,9 @@ use super::select::{self, Destination, DltRecord, Filter, Verdict};
 /// How long one Kafka call may take before the batch is retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most records read into one transaction.
-const BATCH: usize = 1_000;
+const BATCH: usize = 10_000;
 /// How long a batch waits for more records before it commits what it has.
-const BATCH_WAIT: Duration = Duration::from_millis(100);
+const BATCH_WAIT: Duration = Duration::from_millis(500);
 /// Samples kept for status.
 pub const SAMPLES: usize = 5;
 
