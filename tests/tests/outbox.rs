@@ -157,6 +157,86 @@ async fn a_rolled_back_transaction_publishes_nothing_and_a_committed_one_is_publ
     assert_eq!(stats.refused.load(Ordering::Relaxed), 0);
 }
 
+/// The value of the metric line `name` (without labels) in `encoded`.
+fn gauge(encoded: &str, name: &str) -> Option<f64> {
+    encoded
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// An idle relay is woken by the commit (`LISTEN/NOTIFY`), not by its fallback poll,
+/// here 10 minutes; and the gauges the chart's `EventOpsOutboxStalled` alert reads show
+/// a row that cannot be published: pending 1, its age growing.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_relay_is_woken_by_the_commit_and_its_gauges_show_what_waits() {
+    let env = env().await;
+    let (topic, other) = (unique("outbox-woken"), unique("outbox-not-allowed"));
+    create_topics(&env.info, &[(&topic, 1), (&other, 1)]).await;
+    let creds = writer_of(&env, &topic).await;
+    let (url, client) = outbox_database(&env).await;
+    let options = RelayOptions {
+        fallback_poll: Duration::from_secs(600),
+        gauge_interval: Duration::from_millis(200),
+        topics: Some(BTreeSet::from([topic.clone()])),
+        ..RelayOptions::default()
+    };
+    let metrics = Arc::new(eventops_consumer_runtime::metrics::Metrics::default());
+    let relay = Relay::connect(&url, tenant_producer(&env, &creds), options)
+        .await
+        .expect("relay")
+        .with_metrics(metrics.clone());
+    let stats = relay.stats();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(relay.run_until(async move {
+        let _ = stopped.await;
+    }));
+    // The relay's first cycle finds nothing; then it waits.
+    append(&client, &message(&topic, "k", "first"))
+        .await
+        .unwrap();
+    read_topic(&env.info, &topic, 1, TIMEOUT).await;
+    eventually(TIMEOUT, "the first row deleted", || async {
+        (pending_rows(&client).await == 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Committed while it waits: on Kafka long before a 600 s poll would look.
+    let committed = Instant::now();
+    append(&client, &message(&topic, "k", "second"))
+        .await
+        .unwrap();
+    read_topic(&env.info, &topic, 2, TIMEOUT).await;
+    let woken_in = committed.elapsed();
+    assert!(
+        woken_in < Duration::from_secs(30),
+        "the second row took {woken_in:?}: the relay waited for its poll, not the notification"
+    );
+    assert_eq!(stats.published.load(Ordering::Relaxed), 2);
+
+    // A row it may not publish stays: the gauges say so.
+    append(&client, &message(&other, "stuck", "refused"))
+        .await
+        .unwrap();
+    let (pending, age) = eventually(TIMEOUT, "the gauges showing the waiting row", || async {
+        let encoded = metrics.encode();
+        let pending = gauge(&encoded, "eventops_worker_outbox_pending_rows")?;
+        let age = gauge(
+            &encoded,
+            "eventops_worker_outbox_oldest_pending_age_seconds",
+        )?;
+        (pending == 1.0 && age >= 2.0).then_some((pending, age))
+    })
+    .await;
+    let _ = stop.send(());
+    task.await.unwrap();
+    assert_eq!(topic_record_count(&env, &other).await, 0);
+    println!("woken in {woken_in:?}; gauges: pending {pending}, oldest age {age:.1} s");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_for_a_topic_outside_the_allowed_list_stays_and_holds_back_its_key_only() {
     let env = env().await;
