@@ -251,9 +251,10 @@ async fn hold_and_rewind(
         ));
     }
 
-    // Where each topic restarts, from Kafka's offsets now; recomputed on every pass
-    // until the group is held and empty, then kept in status.
-    let planned = if status.offsets.is_empty() {
+    // Where each topic restarts, from Kafka's offsets now: checked before the group is
+    // held (so an impossible plan never holds it), then made again once the group is
+    // empty and kept in status. Not while a held group waits for its members to leave.
+    let planned = if status.offsets.is_empty() && (!held || group_is_empty(ctx, &cg).await) {
         let topics: Api<EventTopic> = Api::namespaced(ctx.client.clone(), &ns);
         let all = topics
             .list(&Default::default())
@@ -296,19 +297,7 @@ async fn hold_and_rewind(
                 requeue: Duration::ZERO,
             }));
         }
-        let patch = serde_json::json!({"metadata": {
-            "resourceVersion": cg.resource_version(),
-            "annotations": {REPLAY_HOLD_ANNOTATION: ours},
-        }});
-        ctx.metrics.kube_write("replay-hold");
-        match groups
-            .patch(
-                &cg.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-        {
+        match write_hold(ctx, groups, &cg, Some(&ours)).await {
             Ok(_) => {}
             // Someone wrote the group meanwhile: look again.
             Err(kube::Error::Api(e)) if e.code == 409 => {
@@ -410,6 +399,10 @@ async fn hold_and_rewind(
     }
 
     // Record the plan with the offsets before, then set it.
+    if planned.is_none() && new.offsets.is_empty() {
+        // The group emptied between the plan's check and the describe: plan next pass.
+        return Ok(Ok(Action::requeue(WHILE_HELD)));
+    }
     if let Some(plan) = planned {
         let before = match ctx.kafka.list_consumer_group_offsets(&group_id, None).await {
             Ok(b) => b,
@@ -472,6 +465,15 @@ async fn hold_and_rewind(
         .await;
     release(rp, ctx, groups).await?;
     Ok(Ok(Action::await_change()))
+}
+
+/// Whether Kafka describes `cg`'s group as without members (an error counts as not: the
+/// pass that needs it reports the error).
+async fn group_is_empty(ctx: &Context, cg: &ConsumerGroup) -> bool {
+    ctx.kafka
+        .describe_consumer_group(cg.kafka_group_id())
+        .await
+        .is_ok_and(|d| matches!(d.state, GroupState::Empty | GroupState::Dead))
 }
 
 /// The Kafka topics to rewind, with their partition counts and where each restarts.
@@ -759,20 +761,8 @@ pub(crate) async fn clear_stale_hold(
     if live_holder(ctx, &ns, value).await?.is_some() {
         return Ok(());
     }
-    let patch = serde_json::json!({"metadata": {
-        "resourceVersion": cg.resource_version(),
-        "annotations": {REPLAY_HOLD_ANNOTATION: null},
-    }});
-    ctx.metrics.kube_write("replay-hold");
-    match groups
-        .patch(
-            &cg.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => {
+    match write_hold(ctx, groups, cg, None).await {
+        Ok(()) => {
             warn!(consumergroup = %cg.name_any(), hold = %value, "removed a hold no live Replay has");
             Ok(())
         }
@@ -780,6 +770,29 @@ pub(crate) async fn clear_stale_hold(
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(Error::kube("release", cg, e)),
     }
+}
+
+/// Sets (`Some`) or removes (`None`) the hold annotation on `cg`, with `cg`'s
+/// resourceVersion as a precondition: a write another made meanwhile fails with 409.
+async fn write_hold(
+    ctx: &Context,
+    groups: &Api<ConsumerGroup>,
+    cg: &ConsumerGroup,
+    value: Option<&str>,
+) -> kube::Result<()> {
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": cg.resource_version(),
+        "annotations": {REPLAY_HOLD_ANNOTATION: value},
+    }});
+    ctx.metrics.kube_write("replay-hold");
+    groups
+        .patch(
+            &cg.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map(drop)
 }
 
 /// Removes `rp`'s hold from its ConsumerGroup, if it holds it.
@@ -794,17 +807,7 @@ async fn release(rp: &Replay, ctx: &Context, groups: &Api<ConsumerGroup>) -> Res
     if cg.annotations().get(REPLAY_HOLD_ANNOTATION) != Some(&hold_value(rp)) {
         return Ok(());
     }
-    let patch = serde_json::json!({"metadata": {
-        "resourceVersion": cg.resource_version(),
-        "annotations": {REPLAY_HOLD_ANNOTATION: null},
-    }});
-    ctx.metrics.kube_write("replay-hold");
-    groups
-        .patch(
-            &cg.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+    write_hold(ctx, groups, &cg, None)
         .await
         .map_err(|e| Error::kube("release", &cg, e))?;
     info!(replay = %rp.name_any(), group = %cg.name_any(), "released the group");
