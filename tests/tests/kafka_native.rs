@@ -15,7 +15,6 @@ use eventops_operator::kafka::native::{
 use eventops_operator::telemetry::Metrics;
 use eventops_tests::runtime::committed_offsets;
 use eventops_tests::{TestEnv, env, eventually, unique};
-use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 
@@ -184,40 +183,6 @@ async fn acls_are_created_described_and_deleted() {
     assert_eq!(admin.delete_acls(&[filter]).await.unwrap(), []);
 }
 
-/// Whether `user`/`password` can authenticate: fetching metadata needs a completed
-/// SASL handshake but no ACLs. On failure, the errors librdkafka reported meanwhile.
-async fn authenticates(
-    env: &TestEnv,
-    user: &str,
-    password: &str,
-) -> Result<(), Vec<RDKafkaErrorCode>> {
-    let mut config = env.info.kafka_admin_config();
-    config
-        .set("sasl.username", user)
-        .set("sasl.password", password)
-        .set_log_level(RDKafkaLogLevel::Emerg);
-    let consumer: BaseConsumer = config.create().unwrap();
-    tokio::task::spawn_blocking(move || {
-        if consumer
-            .fetch_metadata(None, Duration::from_secs(5))
-            .is_ok()
-        {
-            return Ok(());
-        }
-        // The metadata call only says the transport failed; why is reported as error
-        // events, which a consumer's poll returns.
-        let mut errors = Vec::new();
-        while let Some(r) = consumer.poll(Duration::from_millis(500)) {
-            if let Err(e) = r {
-                errors.push(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail));
-            }
-        }
-        Err(errors)
-    })
-    .await
-    .unwrap()
-}
-
 /// Asserts that authentication fails because of the credentials.
 fn assert_refused(result: Result<(), Vec<RDKafkaErrorCode>>) {
     match result {
@@ -254,14 +219,14 @@ async fn scram_users_are_upserted_described_and_deleted() {
     let unknown = admin.describe_scram_users(&[&user]).await.unwrap();
     assert_eq!(unknown.get(&user), Some(&vec![]), "{unknown:?}");
     assert!(!admin.delete_scram_user(&user).await.unwrap());
-    assert_refused(authenticates(&env, &user, password).await);
+    assert_refused(env.authenticates(&user, password).await);
 
     admin.upsert_scram_user(&user, password).await.unwrap();
     eventually(TIMEOUT, "the new user to authenticate", || async {
-        authenticates(&env, &user, password).await.ok()
+        env.authenticates(&user, password).await.ok()
     })
     .await;
-    assert_refused(authenticates(&env, &user, "wrong password").await);
+    assert_refused(env.authenticates(&user, "wrong password").await);
     let described = admin.describe_scram_users(&[&user, "admin"]).await.unwrap();
     assert_eq!(
         described[&user],
@@ -288,14 +253,14 @@ async fn scram_users_are_upserted_described_and_deleted() {
     let new_password = "tr0ub4dor&3";
     admin.upsert_scram_user(&user, new_password).await.unwrap();
     eventually(TIMEOUT, "the new password to work", || async {
-        authenticates(&env, &user, new_password).await.ok()
+        env.authenticates(&user, new_password).await.ok()
     })
     .await;
-    assert_refused(authenticates(&env, &user, password).await);
+    assert_refused(env.authenticates(&user, password).await);
 
     assert!(admin.delete_scram_user(&user).await.unwrap());
     let errors = eventually(TIMEOUT, "the deleted user to be refused", || async {
-        authenticates(&env, &user, new_password).await.err()
+        env.authenticates(&user, new_password).await.err()
     })
     .await;
     assert_refused(Err(errors));

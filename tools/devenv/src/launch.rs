@@ -447,11 +447,7 @@ impl Environment {
         let mut bootstrap = Vec::new();
         for (i, &(port, controller_port)) in ports.iter().enumerate() {
             let id = i + 1;
-            let (name, data) = if n == 1 {
-                ("kafka".to_string(), dir.join("data"))
-            } else {
-                (format!("kafka-{id}"), dir.join(format!("data-{id}")))
-            };
+            let (name, data) = (kafka_proc_name(n, id), kafka_data_dir(&dir, n, id));
             let properties = format!(
                 "process.roles=broker,controller\n\
                  node.id={id}\n\
@@ -480,6 +476,12 @@ impl Environment {
                  share.coordinator.state.topic.replication.factor={rf}\n\
                  share.coordinator.state.topic.min.isr={min_isr}\n\
                  group.initial.rebalance.delay.ms=0\n\
+                 # Kafka 4.3.1 loses every SCRAM credential when a restart replays a user's\n\
+                 # removal into an image with no snapshot under it (ScramDelta.apply drops\n\
+                 # the mechanism's map it empties, then fills the dropped copy). With a\n\
+                 # snapshot, which always holds the super user, no removal empties the map.\n\
+                 # `wait_kafka` waits for the first one. Test: tests/tests/broker_restart.rs.\n\
+                 metadata.log.max.snapshot.interval.ms={SNAPSHOT_INTERVAL_MS}\n\
                  # Kafka's default: tests then catch a client that creates topics by accident.\n\
                  auto.create.topics.enable=true\n",
                 data = data.display(),
@@ -537,6 +539,18 @@ impl Environment {
                     .fetch_metadata(None, Duration::from_secs(2))
                     .is_ok_and(|m| m.brokers().len() == brokers)
             })?;
+            // See `SNAPSHOT_INTERVAL_MS`: a restart before the first snapshot can lose
+            // every SCRAM credential.
+            let metadata = kafka_data_dir(&self.info.state_dir.join("kafka"), brokers, i + 1)
+                .join("__cluster_metadata-0");
+            proc.wait_ready(Duration::from_secs(60), || {
+                std::fs::read_dir(&metadata).is_ok_and(|entries| {
+                    entries
+                        .flatten()
+                        .any(|e| e.path().extension().is_some_and(|x| x == "checkpoint"))
+                })
+            })
+            .context("waiting for Kafka's first metadata snapshot")?;
         }
         eprintln!(
             "[devenv] kafka ready on {} ({brokers} broker(s), SASL/SCRAM-SHA-512, ACLs enforced)",
@@ -708,6 +722,20 @@ fn make_pki(dir: &Path) -> anyhow::Result<Pki> {
         .arg("-out")
         .arg(&pki.sa_public))?;
     Ok(pki)
+}
+
+/// How often (at most) a Kafka node writes a metadata snapshot, in milliseconds (Kafka's
+/// default: an hour). A restart starts from the last one; see `start_kafka`.
+const SNAPSHOT_INTERVAL_MS: u64 = 5_000;
+
+/// The data directory of Kafka node `id` (from 1) in a cluster of `brokers`, under the
+/// environment's `kafka` directory.
+fn kafka_data_dir(kafka_dir: &Path, brokers: usize, id: usize) -> PathBuf {
+    if brokers == 1 {
+        kafka_dir.join("data")
+    } else {
+        kafka_dir.join(format!("data-{id}"))
+    }
 }
 
 /// The process name of Kafka node `id` (from 1) in a cluster of `brokers`.
