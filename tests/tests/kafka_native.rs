@@ -417,6 +417,56 @@ async fn describe_cluster_matches_kafka() {
     assert_eq!(cluster.cluster_id, cluster_tool_cluster_id(&env).await);
 }
 
+/// Threads of this test process now.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// Calls in flight wait on no thread of their own: one thread hands every result out.
+/// (Each call used to block a thread of Tokio's blocking pool until its answer came:
+/// 400 threads in the operator under `tools/bench-operator 1000`.)
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_in_flight_hold_no_thread_each() {
+    const CALLS: usize = 300;
+    let env = env().await;
+    let (admin, metrics) = operator_admin(&env).await;
+    let native = admin.native();
+    native.describe_cluster().await.expect("a first call");
+    let before = threads();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let sampler = async {
+        let mut most = 0;
+        let mut samples = 0;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            most = most.max(threads());
+            samples += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        (most, samples)
+    };
+    let calls = async {
+        let answers =
+            futures::future::join_all((0..CALLS).map(|_| native.describe_cluster())).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        answers
+    };
+    let ((most, samples), answers) = tokio::join!(sampler, calls);
+    let failed: Vec<_> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} calls failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(samples > 0, "the thread count was never sampled");
+    // Other tests of this binary run meanwhile and start threads of their own.
+    assert!(
+        most < before + 100,
+        "{CALLS} calls in flight took the process from {before} to {most} threads"
+    );
+    drop(metrics);
+}
+
 fn kafka_refusal(e: NativeError) -> (RDKafkaErrorCode, String) {
     match e {
         NativeError::Kafka { code, message, .. } => (code, message),

@@ -232,6 +232,8 @@ pub struct NewTopicSpec {
 #[derive(Clone)]
 pub struct KafkaAdmin {
     client: Arc<AdminClient<DefaultClientContext>>,
+    /// ACLs, SCRAM users and the rest librdkafka's C API has: one result thread for all.
+    native: native::NativeAdmin,
     timeout: Duration,
     metrics: Arc<Metrics>,
     reads: Arc<Reads>,
@@ -247,13 +249,22 @@ struct Reads {
 impl Reads {
     fn new(
         client: &Arc<AdminClient<DefaultClientContext>>,
+        native: &native::NativeAdmin,
         timeout: Duration,
         metrics: &Arc<Metrics>,
     ) -> Self {
         let topics = {
-            let (client, metrics) = (client.clone(), metrics.clone());
+            let (client, native, metrics) = (client.clone(), native.clone(), metrics.clone());
             Batcher::new(
-                move |names| describe_topics(client.clone(), timeout, metrics.clone(), names),
+                move |names| {
+                    describe_topics(
+                        client.clone(),
+                        native.clone(),
+                        timeout,
+                        metrics.clone(),
+                        names,
+                    )
+                },
                 || KafkaError::Unavailable {
                     op: "describe",
                     topic: String::new(),
@@ -264,10 +275,7 @@ impl Reads {
             )
         };
         let scram = {
-            let (native, metrics) = (
-                native::NativeAdmin::new(client.clone(), timeout),
-                metrics.clone(),
-            );
+            let (native, metrics) = (native.clone(), metrics.clone());
             Batcher::new(
                 move |users: Vec<String>| {
                     let (native, metrics) = (native.clone(), metrics.clone());
@@ -299,10 +307,7 @@ impl Reads {
             )
         };
         let acls = {
-            let (native, metrics) = (
-                native::NativeAdmin::new(client.clone(), timeout),
-                metrics.clone(),
-            );
+            let (native, metrics) = (native.clone(), metrics.clone());
             Batcher::new(
                 move |principals: Vec<String>| {
                     let (native, metrics) = (native.clone(), metrics.clone());
@@ -343,6 +348,7 @@ impl Reads {
 /// that exist); a failure of either is every topic's, under its own name.
 async fn describe_topics(
     client: Arc<AdminClient<DefaultClientContext>>,
+    native: native::NativeAdmin,
     timeout: Duration,
     metrics: Arc<Metrics>,
     names: Vec<String>,
@@ -355,10 +361,7 @@ async fn describe_topics(
     };
     metrics.kafka_request("Metadata");
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let layouts = match native::NativeAdmin::new(client.clone(), timeout)
-        .describe_topics(&refs)
-        .await
-    {
+    let layouts = match native.describe_topics(&refs).await {
         Ok(layouts) => layouts,
         Err(e) => return each(KafkaError::from_native("describe", "", e)),
     };
@@ -438,10 +441,12 @@ impl KafkaAdmin {
         for (k, v) in &settings.properties {
             config.set(k, v);
         }
-        let client = Arc::new(config.create()?);
+        let client: Arc<AdminClient<DefaultClientContext>> = Arc::new(config.create()?);
         let timeout = Duration::from_secs(10);
+        let native = native::NativeAdmin::new(client.clone(), timeout);
         Ok(Self {
-            reads: Arc::new(Reads::new(&client, timeout, &metrics)),
+            reads: Arc::new(Reads::new(&client, &native, timeout, &metrics)),
+            native,
             client,
             timeout,
             metrics,
@@ -450,7 +455,7 @@ impl KafkaAdmin {
 
     /// ACL, SCRAM and cluster administration over the same connection.
     pub fn native(&self) -> native::NativeAdmin {
-        native::NativeAdmin::new(self.client.clone(), self.timeout)
+        self.native.clone()
     }
 
     fn options(&self) -> AdminOptions {

@@ -2,14 +2,16 @@
 //! description, consumer groups and their committed offsets), made directly through
 //! librdkafka's C API on the operator's existing admin client.
 //!
-//! Every call runs on a blocking thread with its own result queue, and every C object
-//! it creates is owned by a guard that frees it on drop, so no path (errors included)
-//! leaks.
+//! Every call is sent from the calling task and answered on one result queue per
+//! client, which one thread polls and hands out to the waiting calls (by the id each
+//! carries as its opaque): no thread blocks per call. Every C object a call creates is
+//! owned by a guard that frees it on drop, so no path (errors included) leaks.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::{CStr, CString, c_char, c_int, c_uint};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_void};
 use std::ptr::{self, NonNull};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rdkafka::admin::AdminClient;
@@ -392,14 +394,19 @@ type Client = AdminClient<DefaultClientContext>;
 /// Cheap to clone.
 #[derive(Clone)]
 pub struct NativeAdmin {
-    client: Arc<Client>,
+    dispatch: Arc<Dispatch>,
     timeout: Duration,
 }
 
 impl NativeAdmin {
-    /// Uses `client`'s connection; each request gives up after `timeout`.
+    /// Uses `client`'s connection; each request gives up after `timeout`. Starts the
+    /// thread that hands out every result (one per `NativeAdmin` and its clones, which
+    /// ends once they are all dropped): create one and clone it.
     pub fn new(client: Arc<AdminClient<DefaultClientContext>>, timeout: Duration) -> Self {
-        Self { client, timeout }
+        Self {
+            dispatch: Dispatch::start(client),
+            timeout,
+        }
     }
 
     /// Creates ACLs; creating one that exists is not an error. On error some of them
@@ -410,17 +417,16 @@ impl NativeAdmin {
             return Ok(());
         }
         let acls = acls.to_vec();
-        self.blocking(OP, move |client, timeout| {
+        let event = {
             let c_acls = acls
                 .iter()
                 .map(|a| new_acl(a.try_into()?, true))
                 .collect::<Result<Vec<_>, _>>()?;
             let mut ptrs: Vec<_> = c_acls.iter().map(Owned::as_ptr).collect();
-            let event = request(
-                client,
+            self.send(
                 OP,
                 Api::CreateAcls,
-                timeout,
+                |_| Ok(()),
                 |rk, options, queue| {
                     // SAFETY: `ptrs` holds valid bindings that librdkafka copies; rk,
                     // options and queue are valid for the call.
@@ -428,65 +434,66 @@ impl NativeAdmin {
                         rd_kafka_CreateAcls(rk, ptrs.as_mut_ptr(), ptrs.len(), options, queue)
                     }
                 },
-            )?;
-            let mut n = 0;
-            // SAFETY: request() checked that this is a CreateAcls result, which owns
-            // the array it returns.
-            let results = unsafe {
-                let result = rd_kafka_event_CreateAcls_result(event.as_ptr());
-                c_array(rd_kafka_CreateAcls_result_acls(result, &mut n), n)
-            };
-            if results.len() != acls.len() {
-                return Err(unexpected(
-                    OP,
-                    format!("{n} results for {} ACLs", acls.len()),
-                ));
+            )?
+        }
+        .result()
+        .await?;
+        let mut n = 0;
+        // SAFETY: check_result() checked that this is a CreateAcls result, which owns
+        // the array it returns.
+        let results = unsafe {
+            let result = rd_kafka_event_CreateAcls_result(event.as_ptr());
+            c_array(rd_kafka_CreateAcls_result_acls(result, &mut n), n)
+        };
+        if results.len() != acls.len() {
+            return Err(unexpected(
+                OP,
+                format!("{n} results for {} ACLs", acls.len()),
+            ));
+        }
+        for (acl, result) in acls.iter().zip(results) {
+            // SAFETY: `result` belongs to the live event, and so does its error.
+            let error = unsafe { item_error(rd_kafka_acl_result_error(*result)) };
+            if let Some((code, message)) = error {
+                return Err(refused(OP, code, format!("{message} ({acl:?})")));
             }
-            for (acl, result) in acls.iter().zip(results) {
-                // SAFETY: `result` belongs to the live event, and so does its error.
-                let error = unsafe { item_error(rd_kafka_acl_result_error(*result)) };
-                if let Some((code, message)) = error {
-                    return Err(refused(OP, code, format!("{message} ({acl:?})")));
-                }
-            }
-            Ok(())
-        })
-        .await
+        }
+        Ok(())
     }
 
     /// The ACLs matching `filter`, sorted.
     pub async fn describe_acls(&self, filter: &AclFilter) -> Result<Vec<AclBinding>, NativeError> {
         const OP: &str = "describe ACLs";
         let filter = filter.clone();
-        self.blocking(OP, move |client, timeout| {
+        let event = {
             let c_filter = new_acl((&filter).try_into()?, false)?;
-            let event = request(
-                client,
+            self.send(
                 OP,
                 Api::DescribeAcls,
-                timeout,
+                |_| Ok(()),
                 |rk, options, queue| {
                     // SAFETY: the filter is valid and librdkafka copies it; rk, options and
                     // queue are valid for the call.
                     unsafe { rd_kafka_DescribeAcls(rk, c_filter.as_ptr(), options, queue) }
                 },
-            )?;
-            let mut n = 0;
-            // SAFETY: request() checked that this is a DescribeAcls result, which owns
-            // the array it returns.
-            let acls = unsafe {
-                let result = rd_kafka_event_DescribeAcls_result(event.as_ptr());
-                c_array(rd_kafka_DescribeAcls_result_acls(result, &mut n), n)
-            };
-            let mut acls = acls
-                .iter()
-                // SAFETY: each binding belongs to the live event.
-                .map(|acl| unsafe { read_acl(OP, *acl) })
-                .collect::<Result<Vec<_>, _>>()?;
-            acls.sort();
-            Ok(acls)
-        })
-        .await
+            )?
+        }
+        .result()
+        .await?;
+        let mut n = 0;
+        // SAFETY: check_result() checked that this is a DescribeAcls result, which owns
+        // the array it returns.
+        let acls = unsafe {
+            let result = rd_kafka_event_DescribeAcls_result(event.as_ptr());
+            c_array(rd_kafka_DescribeAcls_result_acls(result, &mut n), n)
+        };
+        let mut acls = acls
+            .iter()
+            // SAFETY: each binding belongs to the live event.
+            .map(|acl| unsafe { read_acl(OP, *acl) })
+            .collect::<Result<Vec<_>, _>>()?;
+        acls.sort();
+        Ok(acls)
     }
 
     /// Deletes the ACLs matching any of `filters` and returns them, sorted. On error
@@ -497,17 +504,16 @@ impl NativeAdmin {
             return Ok(Vec::new());
         }
         let filters = filters.to_vec();
-        self.blocking(OP, move |client, timeout| {
+        let event = {
             let c_filters = filters
                 .iter()
                 .map(|f| new_acl(f.try_into()?, false))
                 .collect::<Result<Vec<_>, _>>()?;
             let mut ptrs: Vec<_> = c_filters.iter().map(Owned::as_ptr).collect();
-            let event = request(
-                client,
+            self.send(
                 OP,
                 Api::DeleteAcls,
-                timeout,
+                |_| Ok(()),
                 |rk, options, queue| {
                     // SAFETY: `ptrs` holds valid filters that librdkafka copies; rk, options
                     // and queue are valid for the call.
@@ -515,44 +521,45 @@ impl NativeAdmin {
                         rd_kafka_DeleteAcls(rk, ptrs.as_mut_ptr(), ptrs.len(), options, queue)
                     }
                 },
-            )?;
-            let mut n = 0;
-            // SAFETY: request() checked that this is a DeleteAcls result, which owns
-            // the array it returns.
-            let responses = unsafe {
-                let result = rd_kafka_event_DeleteAcls_result(event.as_ptr());
-                c_array(rd_kafka_DeleteAcls_result_responses(result, &mut n), n)
-            };
-            let mut deleted = Vec::new();
-            for response in responses {
-                // SAFETY: `response` belongs to the live event, and so do the error and
-                // matching bindings it returns.
-                unsafe {
-                    if let Some((code, message)) =
-                        item_error(rd_kafka_DeleteAcls_result_response_error(*response))
-                    {
-                        return Err(refused(OP, code, message));
+            )?
+        }
+        .result()
+        .await?;
+        let mut n = 0;
+        // SAFETY: check_result() checked that this is a DeleteAcls result, which owns
+        // the array it returns.
+        let responses = unsafe {
+            let result = rd_kafka_event_DeleteAcls_result(event.as_ptr());
+            c_array(rd_kafka_DeleteAcls_result_responses(result, &mut n), n)
+        };
+        let mut deleted = Vec::new();
+        for response in responses {
+            // SAFETY: `response` belongs to the live event, and so do the error and
+            // matching bindings it returns.
+            unsafe {
+                if let Some((code, message)) =
+                    item_error(rd_kafka_DeleteAcls_result_response_error(*response))
+                {
+                    return Err(refused(OP, code, message));
+                }
+                let mut m = 0;
+                let matching = c_array(
+                    rd_kafka_DeleteAcls_result_response_matching_acls(*response, &mut m),
+                    m,
+                );
+                for acl in matching {
+                    let binding = read_acl(OP, *acl)?;
+                    // Kafka reports each matching ACL it failed to delete separately.
+                    if let Some((code, message)) = item_error(rd_kafka_AclBinding_error(*acl)) {
+                        return Err(refused(OP, code, format!("{message} ({binding:?})")));
                     }
-                    let mut m = 0;
-                    let matching = c_array(
-                        rd_kafka_DeleteAcls_result_response_matching_acls(*response, &mut m),
-                        m,
-                    );
-                    for acl in matching {
-                        let binding = read_acl(OP, *acl)?;
-                        // Kafka reports each matching ACL it failed to delete separately.
-                        if let Some((code, message)) = item_error(rd_kafka_AclBinding_error(*acl)) {
-                            return Err(refused(OP, code, format!("{message} ({binding:?})")));
-                        }
-                        deleted.push(binding);
-                    }
+                    deleted.push(binding);
                 }
             }
-            deleted.sort();
-            deleted.dedup();
-            Ok(deleted)
-        })
-        .await
+        }
+        deleted.sort();
+        deleted.dedup();
+        Ok(deleted)
     }
 
     /// Sets `user`'s [`SCRAM_MECHANISM`] password (with [`SCRAM_ITERATIONS`] and a salt
@@ -561,7 +568,7 @@ impl NativeAdmin {
         const OP: &str = "upsert SCRAM credential";
         let c_user = c_string("user", user)?;
         let password = password.as_bytes().to_vec();
-        self.blocking(OP, move |client, timeout| {
+        let event = {
             // SAFETY: the strings are valid for the call, which copies them; a null salt
             // of length 0 asks librdkafka for a random one.
             let alteration = unsafe {
@@ -579,9 +586,11 @@ impl NativeAdmin {
             let alteration =
                 unsafe { Owned::new(alteration, rd_kafka_UserScramCredentialAlteration_destroy) }
                     .ok_or_else(|| unexpected(OP, "librdkafka returned no alteration".into()))?;
-            alter_scram(client, OP, timeout, &alteration)
-        })
-        .await
+            self.send_alter_scram(OP, &alteration)?
+        }
+        .result()
+        .await?;
+        alter_scram_result(OP, &event)
     }
 
     /// Removes `user`'s [`SCRAM_MECHANISM`] credential (other mechanisms stay). Returns
@@ -589,7 +598,7 @@ impl NativeAdmin {
     pub async fn delete_scram_user(&self, user: &str) -> Result<bool, NativeError> {
         const OP: &str = "delete SCRAM credential";
         let c_user = c_string("user", user)?;
-        self.blocking(OP, move |client, timeout| {
+        let event = {
             // SAFETY: the string is valid for the call, which copies it.
             let alteration = unsafe {
                 rd_kafka_UserScramCredentialDeletion_new(c_user.as_ptr(), SCRAM_MECHANISM.into())
@@ -598,16 +607,45 @@ impl NativeAdmin {
             let alteration =
                 unsafe { Owned::new(alteration, rd_kafka_UserScramCredentialAlteration_destroy) }
                     .ok_or_else(|| unexpected(OP, "librdkafka returned no alteration".into()))?;
-            match alter_scram(client, OP, timeout, &alteration) {
-                Ok(()) => Ok(true),
-                Err(NativeError::Kafka {
-                    code: RDKafkaErrorCode::ResourceNotFound,
-                    ..
-                }) => Ok(false),
-                Err(e) => Err(e),
-            }
-        })
-        .await
+            self.send_alter_scram(OP, &alteration)?
+        }
+        .result()
+        .await;
+        match event.and_then(|event| alter_scram_result(OP, &event)) {
+            Ok(()) => Ok(true),
+            Err(NativeError::Kafka {
+                code: RDKafkaErrorCode::ResourceNotFound,
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends one SCRAM alteration; [`alter_scram_result`] reads its answer.
+    fn send_alter_scram(
+        &self,
+        op: &'static str,
+        alteration: &Owned<rd_kafka_UserScramCredentialAlteration_t>,
+    ) -> Result<Pending, NativeError> {
+        let mut ptrs = [alteration.as_ptr()];
+        self.send(
+            op,
+            Api::AlterScram,
+            |_| Ok(()),
+            |rk, options, queue| {
+                // SAFETY: `ptrs` holds one valid alteration that librdkafka copies; rk, options
+                // and queue are valid for the call.
+                unsafe {
+                    rd_kafka_AlterUserScramCredentials(
+                        rk,
+                        ptrs.as_mut_ptr(),
+                        ptrs.len(),
+                        options,
+                        queue,
+                    )
+                }
+            },
+        )
     }
 
     /// The SCRAM credentials of `users`, keyed by user. Every requested user is a key; a
@@ -624,13 +662,12 @@ impl NativeAdmin {
             .into_iter()
             .map(|u| c_string("user", u))
             .collect::<Result<Vec<_>, _>>()?;
-        self.blocking(OP, move |client, timeout| {
+        let event = {
             let mut ptrs: Vec<_> = c_users.iter().map(|u| u.as_ptr()).collect();
-            let event = request(
-                client,
+            self.send(
                 OP,
                 Api::DescribeScram,
-                timeout,
+                |_| Ok(()),
                 |rk, options, queue| {
                     // SAFETY: `ptrs` points into `c_users`, which outlives the call; librdkafka
                     // copies the strings. rk, options and queue are valid for the call.
@@ -644,67 +681,68 @@ impl NativeAdmin {
                         )
                     }
                 },
-            )?;
-            let mut n = 0;
-            // SAFETY: request() checked that this is a DescribeUserScramCredentials
-            // result, which owns the array it returns.
-            let descriptions = unsafe {
-                let result = rd_kafka_event_DescribeUserScramCredentials_result(event.as_ptr());
-                c_array(
-                    rd_kafka_DescribeUserScramCredentials_result_descriptions(result, &mut n),
-                    n,
-                )
-            };
-            descriptions
-                .iter()
-                // SAFETY: each description belongs to the live event.
-                .map(|d| unsafe { read_scram_user(OP, *d) })
-                .collect()
-        })
-        .await
+            )?
+        }
+        .result()
+        .await?;
+        let mut n = 0;
+        // SAFETY: check_result() checked that this is a DescribeUserScramCredentials
+        // result, which owns the array it returns.
+        let descriptions = unsafe {
+            let result = rd_kafka_event_DescribeUserScramCredentials_result(event.as_ptr());
+            c_array(
+                rd_kafka_DescribeUserScramCredentials_result_descriptions(result, &mut n),
+                n,
+            )
+        };
+        descriptions
+            .iter()
+            // SAFETY: each description belongs to the live event.
+            .map(|d| unsafe { read_scram_user(OP, *d) })
+            .collect()
     }
 
     /// The cluster's id, controller and brokers.
     pub async fn describe_cluster(&self) -> Result<ClusterDescription, NativeError> {
         const OP: &str = "describe cluster";
-        self.blocking(OP, move |client, timeout| {
-            let event = request(
-                client,
+        let event = {
+            self.send(
                 OP,
                 Api::DescribeCluster,
-                timeout,
+                |_| Ok(()),
                 |rk, options, queue| {
                     // SAFETY: rk, options and queue are valid for the call.
                     unsafe { rd_kafka_DescribeCluster(rk, options, queue) }
                 },
-            )?;
-            let mut n = 0;
-            // SAFETY: request() checked that this is a DescribeCluster result, which owns
-            // the cluster id, the controller and the node array, and each node's host.
-            unsafe {
-                let result = rd_kafka_event_DescribeCluster_result(event.as_ptr());
-                let cluster_id = read_string(rd_kafka_DescribeCluster_result_cluster_id(result));
-                // Null when Kafka reported no controller.
-                let controller = rd_kafka_DescribeCluster_result_controller(result);
-                let controller = (!controller.is_null()).then(|| rd_kafka_Node_id(controller));
-                let mut nodes: Vec<_> =
-                    c_array(rd_kafka_DescribeCluster_result_nodes(result, &mut n), n)
-                        .iter()
-                        .map(|node| ClusterNode {
-                            id: rd_kafka_Node_id(*node),
-                            host: read_string(rd_kafka_Node_host(*node)),
-                            port: rd_kafka_Node_port(*node),
-                        })
-                        .collect();
-                nodes.sort_by_key(|node| node.id);
-                Ok(ClusterDescription {
-                    cluster_id,
-                    controller,
-                    nodes,
-                })
-            }
-        })
-        .await
+            )?
+        }
+        .result()
+        .await?;
+        let mut n = 0;
+        // SAFETY: check_result() checked that this is a DescribeCluster result, which owns
+        // the cluster id, the controller and the node array, and each node's host.
+        unsafe {
+            let result = rd_kafka_event_DescribeCluster_result(event.as_ptr());
+            let cluster_id = read_string(rd_kafka_DescribeCluster_result_cluster_id(result));
+            // Null when Kafka reported no controller.
+            let controller = rd_kafka_DescribeCluster_result_controller(result);
+            let controller = (!controller.is_null()).then(|| rd_kafka_Node_id(controller));
+            let mut nodes: Vec<_> =
+                c_array(rd_kafka_DescribeCluster_result_nodes(result, &mut n), n)
+                    .iter()
+                    .map(|node| ClusterNode {
+                        id: rd_kafka_Node_id(*node),
+                        host: read_string(rd_kafka_Node_host(*node)),
+                        port: rd_kafka_Node_port(*node),
+                    })
+                    .collect();
+            nodes.sort_by_key(|node| node.id);
+            Ok(ClusterDescription {
+                cluster_id,
+                controller,
+                nodes,
+            })
+        }
     }
 
     /// The partition count and replication factor of each of `topics`, in one
@@ -724,7 +762,7 @@ impl NativeAdmin {
             .into_iter()
             .map(|t| c_string("topic", t))
             .collect::<Result<Vec<_>, _>>()?;
-        self.blocking(OP, move |client, timeout| {
+        let event = {
             let mut ptrs: Vec<_> = c_names.iter().map(|t| t.as_ptr()).collect();
             // SAFETY: `ptrs` points into `c_names`, which outlives the call; librdkafka
             // copies the names into the collection it returns, which we own.
@@ -735,61 +773,58 @@ impl NativeAdmin {
                 )
             }
             .ok_or_else(|| unexpected(OP, "librdkafka returned no topic collection".into()))?;
-            let event = request(
-                client,
+            self.send(
                 OP,
                 Api::DescribeTopics,
-                timeout,
+                |_| Ok(()),
                 |rk, options, queue| {
                     // SAFETY: the collection is live and librdkafka copies it; rk, options
                     // and queue are valid for the call.
                     unsafe { rd_kafka_DescribeTopics(rk, collection.as_ptr(), options, queue) }
                 },
-            )?;
-            let mut n = 0;
-            // SAFETY: request() checked that this is a DescribeTopics result, which owns
-            // the descriptions, their names, errors, partitions and replica arrays.
-            unsafe {
-                let result = rd_kafka_event_DescribeTopics_result(event.as_ptr());
-                let descriptions =
-                    c_array(rd_kafka_DescribeTopics_result_topics(result, &mut n), n);
-                let mut answer = BTreeMap::new();
-                // A topic the broker left out of its answer leaves a null in the array.
-                for d in descriptions.iter().filter(|d| !d.is_null()) {
-                    let name = read_string(rd_kafka_TopicDescription_name(*d));
-                    let layout = match item_error(rd_kafka_TopicDescription_error(*d)) {
-                        Some((RDKafkaErrorCode::UnknownTopicOrPartition, _)) => Ok(None),
-                        Some((code, message)) => {
-                            Err(refused(OP, code, format!("{message} (topic {name})")))
-                        }
-                        None => {
-                            let mut count = 0;
-                            let partitions = c_array(
-                                rd_kafka_TopicDescription_partitions(*d, &mut count),
-                                count,
-                            );
-                            // Replicas of partition 0: every partition has the same count
-                            // unless reassigned by hand.
-                            let replication_factor = partitions
-                                .iter()
-                                .find(|p| rd_kafka_TopicPartitionInfo_partition(**p) == 0)
-                                .map_or(0, |p| {
-                                    let mut replicas = 0;
-                                    rd_kafka_TopicPartitionInfo_replicas(*p, &mut replicas);
-                                    replicas as i32
-                                });
-                            Ok(Some(TopicLayout {
-                                partitions: partitions.len() as i32,
-                                replication_factor,
-                            }))
-                        }
-                    };
-                    answer.insert(name, layout);
-                }
-                Ok(answer)
+            )?
+        }
+        .result()
+        .await?;
+        let mut n = 0;
+        // SAFETY: check_result() checked that this is a DescribeTopics result, which owns
+        // the descriptions, their names, errors, partitions and replica arrays.
+        unsafe {
+            let result = rd_kafka_event_DescribeTopics_result(event.as_ptr());
+            let descriptions = c_array(rd_kafka_DescribeTopics_result_topics(result, &mut n), n);
+            let mut answer = BTreeMap::new();
+            // A topic the broker left out of its answer leaves a null in the array.
+            for d in descriptions.iter().filter(|d| !d.is_null()) {
+                let name = read_string(rd_kafka_TopicDescription_name(*d));
+                let layout = match item_error(rd_kafka_TopicDescription_error(*d)) {
+                    Some((RDKafkaErrorCode::UnknownTopicOrPartition, _)) => Ok(None),
+                    Some((code, message)) => {
+                        Err(refused(OP, code, format!("{message} (topic {name})")))
+                    }
+                    None => {
+                        let mut count = 0;
+                        let partitions =
+                            c_array(rd_kafka_TopicDescription_partitions(*d, &mut count), count);
+                        // Replicas of partition 0: every partition has the same count
+                        // unless reassigned by hand.
+                        let replication_factor = partitions
+                            .iter()
+                            .find(|p| rd_kafka_TopicPartitionInfo_partition(**p) == 0)
+                            .map_or(0, |p| {
+                                let mut replicas = 0;
+                                rd_kafka_TopicPartitionInfo_replicas(*p, &mut replicas);
+                                replicas as i32
+                            });
+                        Ok(Some(TopicLayout {
+                            partitions: partitions.len() as i32,
+                            replication_factor,
+                        }))
+                    }
+                };
+                answer.insert(name, layout);
             }
-        })
-        .await
+            Ok(answer)
+        }
     }
 
     /// The earliest, latest or by-time offset of each of `partitions`, in one ListOffsets request
@@ -811,7 +846,7 @@ impl NativeAdmin {
         for (topic, _) in &partitions {
             c_string("topic", topic)?;
         }
-        self.blocking(OP, move |client, timeout| {
+        let event = {
             let mut list = rdkafka::TopicPartitionList::with_capacity(partitions.len());
             let offset = match spec {
                 OffsetSpec::Earliest => rdkafka::Offset::Beginning,
@@ -822,11 +857,9 @@ impl NativeAdmin {
                 list.add_partition_offset(topic, *partition, offset)
                     .map_err(|e| NativeError::InvalidArgument(e.to_string()))?;
             }
-            let event = request_with(
-                client,
+            self.send(
                 OP,
                 Api::ListOffsets,
-                timeout,
                 |options| {
                     // SAFETY: options is live for the call; a returned error is ours to
                     // destroy, which Owned does.
@@ -847,31 +880,32 @@ impl NativeAdmin {
                     // queue are valid for the call.
                     unsafe { rd_kafka_ListOffsets(rk, list.ptr(), options, queue) }
                 },
-            )?;
-            let mut n = 0;
-            // SAFETY: request() checked that this is a ListOffsets result, which owns the
-            // array it returns and each info's partition.
-            unsafe {
-                let result = rd_kafka_event_ListOffsets_result(event.as_ptr());
-                let infos = c_array(rd_kafka_ListOffsets_result_infos(result, &mut n), n);
-                let mut offsets = BTreeMap::new();
-                for info in infos {
-                    let tp = rd_kafka_ListOffsetsResultInfo_topic_partition(*info);
-                    // Read the error as the int it is (see `raw`): any code but 0 is an
-                    // error, known to the binding or not.
-                    let err = ptr::addr_of!((*tp).err).cast::<c_int>().read();
-                    let tp = &*tp;
-                    // By timestamp, Kafka answers -1 for a partition without a record
-                    // that late: an answer, not an error.
-                    let by_time = matches!(spec, OffsetSpec::Timestamp(_));
-                    if err == 0 && (tp.offset >= 0 || (by_time && tp.offset == -1)) {
-                        offsets.insert((read_string(tp.topic), tp.partition), tp.offset);
-                    }
+            )?
+        }
+        .result()
+        .await?;
+        let mut n = 0;
+        // SAFETY: check_result() checked that this is a ListOffsets result, which owns the
+        // array it returns and each info's partition.
+        unsafe {
+            let result = rd_kafka_event_ListOffsets_result(event.as_ptr());
+            let infos = c_array(rd_kafka_ListOffsets_result_infos(result, &mut n), n);
+            let mut offsets = BTreeMap::new();
+            for info in infos {
+                let tp = rd_kafka_ListOffsetsResultInfo_topic_partition(*info);
+                // Read the error as the int it is (see `raw`): any code but 0 is an
+                // error, known to the binding or not.
+                let err = ptr::addr_of!((*tp).err).cast::<c_int>().read();
+                let tp = &*tp;
+                // By timestamp, Kafka answers -1 for a partition without a record
+                // that late: an answer, not an error.
+                let by_time = matches!(spec, OffsetSpec::Timestamp(_));
+                if err == 0 && (tp.offset >= 0 || (by_time && tp.offset == -1)) {
+                    offsets.insert((read_string(tp.topic), tp.partition), tp.offset);
                 }
-                Ok(offsets)
             }
-        })
-        .await
+            Ok(offsets)
+        }
     }
 
     /// Creates one topic. `replication_factor` `None` takes the broker's default. With
@@ -893,7 +927,7 @@ impl NativeAdmin {
             .map(|(k, v)| Ok((c_string("config key", k)?, c_string("config value", v)?)))
             .collect::<Result<Vec<_>, NativeError>>()?;
         let topic = topic.to_string();
-        self.blocking(OP, move |client, timeout| {
+        let event = {
             let mut errstr = [0 as c_char; 512];
             // SAFETY: the name is NUL-terminated and copied; errstr is writable for its
             // length.
@@ -928,16 +962,14 @@ impl NativeAdmin {
                 }
             }
             let mut ptrs = [new.as_ptr()];
-            let event = request_with(
-                client,
+            self.send(
                 OP,
                 Api::CreateTopics,
-                timeout,
                 |options| {
                     set_validate_only(options, validate_only)?;
                     // Wait (as long as the request may) until the topic is created
                     // everywhere, so that describing it right after finds it.
-                    set_operation_timeout(options, timeout)
+                    set_operation_timeout(options, self.timeout)
                 },
                 |rk, options, queue| {
                     // SAFETY: `ptrs` holds one valid NewTopic that librdkafka copies; rk,
@@ -946,25 +978,26 @@ impl NativeAdmin {
                         rd_kafka_CreateTopics(rk, ptrs.as_mut_ptr(), ptrs.len(), options, queue)
                     }
                 },
-            )?;
-            let mut n = 0;
-            // SAFETY: request() checked that this is a CreateTopics result, which owns the
-            // array and each result's strings.
-            unsafe {
-                let result = rd_kafka_event_CreateTopics_result(event.as_ptr());
-                let results = c_array(rd_kafka_CreateTopics_result_topics(result, &mut n), n);
-                if results.len() != 1 {
-                    return Err(unexpected(OP, format!("{n} results for one topic")));
-                }
-                let code = raw::rd_kafka_topic_result_error(results[0]);
-                let message = read_string(rd_kafka_topic_result_error_string(results[0]));
-                match kafka_error(code, message) {
-                    Some((code, message)) => Err(refused(OP, code, message)),
-                    None => Ok(()),
-                }
+            )?
+        }
+        .result()
+        .await?;
+        let mut n = 0;
+        // SAFETY: check_result() checked that this is a CreateTopics result, which owns the
+        // array and each result's strings.
+        unsafe {
+            let result = rd_kafka_event_CreateTopics_result(event.as_ptr());
+            let results = c_array(rd_kafka_CreateTopics_result_topics(result, &mut n), n);
+            if results.len() != 1 {
+                return Err(unexpected(OP, format!("{n} results for one topic")));
             }
-        })
-        .await
+            let code = raw::rd_kafka_topic_result_error(results[0]);
+            let message = read_string(rd_kafka_topic_result_error_string(results[0]));
+            match kafka_error(code, message) {
+                Some((code, message)) => Err(refused(OP, code, message)),
+                None => Ok(()),
+            }
+        }
     }
 
     /// Changes only the topic configs `ops` name, in one IncrementalAlterConfigs request:
@@ -999,7 +1032,7 @@ impl NativeAdmin {
                 })
             })
             .collect::<Result<Vec<_>, NativeError>>()?;
-        self.blocking(OP, move |client, timeout| {
+        let event = {
             // SAFETY: the name is NUL-terminated and copied.
             let resource = unsafe {
                 rd_kafka_ConfigResource_new(
@@ -1031,11 +1064,9 @@ impl NativeAdmin {
                 }
             }
             let mut ptrs = [resource.as_ptr()];
-            let event = request_with(
-                client,
+            self.send(
                 OP,
                 Api::IncrementalAlterConfigs,
-                timeout,
                 |options| set_validate_only(options, validate_only),
                 |rk, options, queue| {
                     // SAFETY: `ptrs` holds one valid resource that librdkafka copies; rk,
@@ -1050,28 +1081,29 @@ impl NativeAdmin {
                         )
                     }
                 },
-            )?;
-            let mut n = 0;
-            // SAFETY: request() checked that this is an IncrementalAlterConfigs result,
-            // which owns the array and each resource's error string.
-            unsafe {
-                let result = rd_kafka_event_IncrementalAlterConfigs_result(event.as_ptr());
-                let resources = c_array(
-                    rd_kafka_IncrementalAlterConfigs_result_resources(result, &mut n),
-                    n,
-                );
-                if resources.len() != 1 {
-                    return Err(unexpected(OP, format!("{n} results for one topic")));
-                }
-                let code = raw::rd_kafka_ConfigResource_error(resources[0]);
-                let message = read_string(rd_kafka_ConfigResource_error_string(resources[0]));
-                match kafka_error(code, message) {
-                    Some((code, message)) => Err(refused(OP, code, message)),
-                    None => Ok(()),
-                }
+            )?
+        }
+        .result()
+        .await?;
+        let mut n = 0;
+        // SAFETY: check_result() checked that this is an IncrementalAlterConfigs result,
+        // which owns the array and each resource's error string.
+        unsafe {
+            let result = rd_kafka_event_IncrementalAlterConfigs_result(event.as_ptr());
+            let resources = c_array(
+                rd_kafka_IncrementalAlterConfigs_result_resources(result, &mut n),
+                n,
+            );
+            if resources.len() != 1 {
+                return Err(unexpected(OP, format!("{n} results for one topic")));
             }
-        })
-        .await
+            let code = raw::rd_kafka_ConfigResource_error(resources[0]);
+            let message = read_string(rd_kafka_ConfigResource_error_string(resources[0]));
+            match kafka_error(code, message) {
+                Some((code, message)) => Err(refused(OP, code, message)),
+                None => Ok(()),
+            }
+        }
     }
 
     /// The state, member count, assignor and coordinator of consumer group `group`, in
@@ -1080,21 +1112,45 @@ impl NativeAdmin {
     /// protocol only). A group Kafka does not have is not an error: Kafka answers
     /// librdkafka's DescribeGroups (version 4 at most) with [`GroupState::Dead`] and no
     /// members. (Kafka 4.3's own ConsumerGroupCommand reports the same group as
-    /// `GroupIdNotFoundException` instead.)
+    /// `GroupIdNotFoundException` instead.) Asked again, for 3 s at most, while Kafka
+    /// answers that the coordinator moved or is loading.
     pub async fn describe_consumer_group(
+        &self,
+        group: &str,
+    ) -> Result<GroupDescription, NativeError> {
+        // The group's coordinator moves, or is still loading, for a moment after a
+        // broker starts: ask again, as Kafka's own admin client does.
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.describe_consumer_group_once(group).await {
+                Err(NativeError::Kafka {
+                    code:
+                        RDKafkaErrorCode::NotCoordinator
+                        | RDKafkaErrorCode::CoordinatorLoadInProgress
+                        | RDKafkaErrorCode::CoordinatorNotAvailable,
+                    ..
+                }) if delay < Duration::from_secs(2) => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    async fn describe_consumer_group_once(
         &self,
         group: &str,
     ) -> Result<GroupDescription, NativeError> {
         const OP: &str = "describe consumer group";
         let c_group = c_string("group", group)?;
         let group = group.to_string();
-        self.blocking(OP, move |client, timeout| {
+        let event = {
             let mut ptrs = [c_group.as_ptr()];
-            let event = request(
-                client,
+            self.send(
                 OP,
                 Api::DescribeConsumerGroups,
-                timeout,
+                |_| Ok(()),
                 |rk, options, queue| {
                     // SAFETY: `ptrs` points into `c_group`, which outlives the call;
                     // librdkafka copies the name. rk, options and queue are valid for the
@@ -1109,43 +1165,42 @@ impl NativeAdmin {
                         )
                     }
                 },
-            )?;
-            let mut n = 0;
-            // SAFETY: request() checked that this is a DescribeConsumerGroups result,
-            // which owns the descriptions, their errors, strings and coordinator nodes.
-            unsafe {
-                let result = rd_kafka_event_DescribeConsumerGroups_result(event.as_ptr());
-                let groups = c_array(
-                    rd_kafka_DescribeConsumerGroups_result_groups(result, &mut n),
-                    n,
-                );
-                let [d] = groups else {
-                    return Err(unexpected(OP, format!("{n} descriptions for one group")));
-                };
-                let id = read_string(rd_kafka_ConsumerGroupDescription_group_id(*d));
-                if id != group {
-                    return Err(unexpected(
-                        OP,
-                        format!("group {id:?} described for {group:?}"),
-                    ));
-                }
-                // A request that failed on the way (no coordinator, no answer) is
-                // reported here, per group, rather than on the event.
-                if let Some((code, message)) =
-                    item_error(rd_kafka_ConsumerGroupDescription_error(*d))
-                {
-                    return Err(group_refusal(OP, code, message, &group));
-                }
-                let coordinator = rd_kafka_ConsumerGroupDescription_coordinator(*d);
-                Ok(GroupDescription {
-                    state: group_state(raw::rd_kafka_ConsumerGroupDescription_state(*d)),
-                    members: rd_kafka_ConsumerGroupDescription_member_count(*d),
-                    assignor: read_string(rd_kafka_ConsumerGroupDescription_partition_assignor(*d)),
-                    coordinator: (!coordinator.is_null()).then(|| rd_kafka_Node_id(coordinator)),
-                })
+            )?
+        }
+        .result()
+        .await?;
+        let mut n = 0;
+        // SAFETY: check_result() checked that this is a DescribeConsumerGroups result,
+        // which owns the descriptions, their errors, strings and coordinator nodes.
+        unsafe {
+            let result = rd_kafka_event_DescribeConsumerGroups_result(event.as_ptr());
+            let groups = c_array(
+                rd_kafka_DescribeConsumerGroups_result_groups(result, &mut n),
+                n,
+            );
+            let [d] = groups else {
+                return Err(unexpected(OP, format!("{n} descriptions for one group")));
+            };
+            let id = read_string(rd_kafka_ConsumerGroupDescription_group_id(*d));
+            if id != group {
+                return Err(unexpected(
+                    OP,
+                    format!("group {id:?} described for {group:?}"),
+                ));
             }
-        })
-        .await
+            // A request that failed on the way (no coordinator, no answer) is
+            // reported here, per group, rather than on the event.
+            if let Some((code, message)) = item_error(rd_kafka_ConsumerGroupDescription_error(*d)) {
+                return Err(group_refusal(OP, code, message, &group));
+            }
+            let coordinator = rd_kafka_ConsumerGroupDescription_coordinator(*d);
+            Ok(GroupDescription {
+                state: group_state(raw::rd_kafka_ConsumerGroupDescription_state(*d)),
+                members: rd_kafka_ConsumerGroupDescription_member_count(*d),
+                assignor: read_string(rd_kafka_ConsumerGroupDescription_partition_assignor(*d)),
+                coordinator: (!coordinator.is_null()).then(|| rd_kafka_Node_id(coordinator)),
+            })
+        }
     }
 
     /// The offsets consumer group `group` has committed, in one OffsetFetch request to its
@@ -1171,7 +1226,7 @@ impl NativeAdmin {
             c_string("topic", topic)?;
         }
         let group = group.to_string();
-        self.blocking(OP, move |client, timeout| {
+        let event = {
             let list = partitions.map(|partitions| {
                 let mut list = rdkafka::TopicPartitionList::with_capacity(partitions.len());
                 for (topic, partition) in &partitions {
@@ -1190,11 +1245,10 @@ impl NativeAdmin {
             }
             .ok_or_else(|| unexpected(OP, "librdkafka returned no request".into()))?;
             let mut ptrs = [request_object.as_ptr()];
-            let event = request(
-                client,
+            self.send(
                 OP,
                 Api::ListConsumerGroupOffsets,
-                timeout,
+                |_| Ok(()),
                 |rk, options, queue| {
                     // SAFETY: `ptrs` holds one valid request object that librdkafka
                     // copies; rk, options and queue are valid for the call.
@@ -1209,36 +1263,38 @@ impl NativeAdmin {
                     }
                 },
             )
-            .map_err(|e| about_group(e, &group))?;
-            let mut n = 0;
-            // SAFETY: request() checked that this is a ListConsumerGroupOffsets result,
-            // which owns the group results, their errors and partition lists.
-            let entries = unsafe {
-                let result = rd_kafka_event_ListConsumerGroupOffsets_result(event.as_ptr());
-                let results = c_array(
-                    rd_kafka_ListConsumerGroupOffsets_result_groups(result, &mut n),
-                    n,
-                );
-                group_result_partitions(OP, results, &group)?
-            };
-            let mut offsets = BTreeMap::new();
-            let mut failed = Vec::new();
-            for entry in entries {
-                match entry.error {
-                    Some(error) => failed.push((entry.topic, entry.partition, error)),
-                    // A negative offset is librdkafka's "none committed".
-                    None if entry.offset >= 0 => {
-                        offsets.insert((entry.topic, entry.partition), entry.offset);
-                    }
-                    None => {}
-                }
-            }
-            match partition_refusal(OP, &group, failed) {
-                Some(e) => Err(e),
-                None => Ok(offsets),
-            }
-        })
+            .map_err(|e| about_group(e, &group))?
+        }
+        .result()
         .await
+        .map_err(|e| about_group(e, &group))?;
+        let mut n = 0;
+        // SAFETY: check_result() checked that this is a ListConsumerGroupOffsets result,
+        // which owns the group results, their errors and partition lists.
+        let entries = unsafe {
+            let result = rd_kafka_event_ListConsumerGroupOffsets_result(event.as_ptr());
+            let results = c_array(
+                rd_kafka_ListConsumerGroupOffsets_result_groups(result, &mut n),
+                n,
+            );
+            group_result_partitions(OP, results, &group)?
+        };
+        let mut offsets = BTreeMap::new();
+        let mut failed = Vec::new();
+        for entry in entries {
+            match entry.error {
+                Some(error) => failed.push((entry.topic, entry.partition, error)),
+                // A negative offset is librdkafka's "none committed".
+                None if entry.offset >= 0 => {
+                    offsets.insert((entry.topic, entry.partition), entry.offset);
+                }
+                None => {}
+            }
+        }
+        match partition_refusal(OP, &group, failed) {
+            Some(e) => Err(e),
+            None => Ok(offsets),
+        }
     }
 
     /// Sets the committed offsets of consumer group `group`: each `(topic, partition,
@@ -1280,7 +1336,7 @@ impl NativeAdmin {
             return Ok(());
         }
         let group = group.to_string();
-        self.blocking(OP, move |client, timeout| {
+        let event = {
             let mut list = rdkafka::TopicPartitionList::with_capacity(wanted.len());
             for ((topic, partition), offset) in &wanted {
                 list.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*offset))
@@ -1296,11 +1352,10 @@ impl NativeAdmin {
             }
             .ok_or_else(|| unexpected(OP, "librdkafka returned no request".into()))?;
             let mut ptrs = [request_object.as_ptr()];
-            let event = request(
-                client,
+            self.send(
                 OP,
                 Api::AlterConsumerGroupOffsets,
-                timeout,
+                |_| Ok(()),
                 |rk, options, queue| {
                     // SAFETY: `ptrs` holds one valid request object that librdkafka
                     // copies; rk, options and queue are valid for the call.
@@ -1315,45 +1370,193 @@ impl NativeAdmin {
                     }
                 },
             )
-            .map_err(|e| about_group(e, &group))?;
-            let mut n = 0;
-            // SAFETY: request() checked that this is an AlterConsumerGroupOffsets result,
-            // which owns the group results, their errors and partition lists.
-            let entries = unsafe {
-                let result = rd_kafka_event_AlterConsumerGroupOffsets_result(event.as_ptr());
-                let results = c_array(
-                    rd_kafka_AlterConsumerGroupOffsets_result_groups(result, &mut n),
-                    n,
-                );
-                group_result_partitions(OP, results, &group)?
-            };
-            let failed = entries
-                .into_iter()
-                .filter_map(|e| Some((e.topic, e.partition, e.error?)))
-                .collect();
-            match partition_refusal(OP, &group, failed) {
-                Some(e) => Err(e),
-                None => Ok(()),
-            }
-        })
+            .map_err(|e| about_group(e, &group))?
+        }
+        .result()
         .await
+        .map_err(|e| about_group(e, &group))?;
+        let mut n = 0;
+        // SAFETY: check_result() checked that this is an AlterConsumerGroupOffsets result,
+        // which owns the group results, their errors and partition lists.
+        let entries = unsafe {
+            let result = rd_kafka_event_AlterConsumerGroupOffsets_result(event.as_ptr());
+            let results = c_array(
+                rd_kafka_AlterConsumerGroupOffsets_result_groups(result, &mut n),
+                n,
+            );
+            group_result_partitions(OP, results, &group)?
+        };
+        let failed = entries
+            .into_iter()
+            .filter_map(|e| Some((e.topic, e.partition, e.error?)))
+            .collect();
+        match partition_refusal(OP, &group, failed) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
-    /// Runs `f` on a blocking thread: librdkafka's queue poll blocks its caller.
-    async fn blocking<T: Send + 'static>(
+    /// Sends one admin request: `configure` sets request-specific options, then `send`
+    /// calls the librdkafka function with the client, the options and the result queue.
+    /// The C objects the request is built from may go once this returns (librdkafka
+    /// copies them); await the returned [`Pending`] for the result.
+    fn send(
         &self,
         op: &'static str,
-        f: impl FnOnce(&Client, Duration) -> Result<T, NativeError> + Send + 'static,
-    ) -> Result<T, NativeError> {
-        let client = self.client.clone();
-        let timeout = self.timeout;
-        let task = tokio::task::spawn_blocking(move || f(&client, timeout));
-        match task.await {
-            Ok(result) => result,
-            Err(e) => match e.try_into_panic() {
-                Ok(panic) => std::panic::resume_unwind(panic),
-                Err(_) => Err(NativeError::Cancelled { op }),
-            },
+        api: Api,
+        configure: impl FnOnce(*mut rd_kafka_AdminOptions_t) -> Result<(), NativeError>,
+        send: impl FnOnce(*mut rd_kafka_t, *const rd_kafka_AdminOptions_t, *mut rd_kafka_queue_t),
+    ) -> Result<Pending, NativeError> {
+        let d = &self.dispatch;
+        let (admin_op, _) = api.codes();
+        // Valid while `d.client` lives, which outlasts this function.
+        let rk = d.client.inner().native_ptr();
+        // SAFETY: rk is the live client handle; the request copies the options, so they
+        // may go after `send`.
+        let options = unsafe {
+            Owned::new(
+                rd_kafka_AdminOptions_new(rk, admin_op),
+                rd_kafka_AdminOptions_destroy,
+            )
+        }
+        .ok_or_else(|| unexpected(op, "librdkafka returned no admin options".into()))?;
+        let timeout_ms = c_int::try_from(self.timeout.as_millis()).unwrap_or(c_int::MAX);
+        let mut errstr = [0 as c_char; 256];
+        // SAFETY: options is live; errstr is writable for its length.
+        let err = unsafe {
+            rd_kafka_AdminOptions_set_request_timeout(
+                options.as_ptr(),
+                timeout_ms,
+                errstr.as_mut_ptr(),
+                errstr.len(),
+            )
+        };
+        if err != rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            // SAFETY: librdkafka NUL-terminates errstr within its length.
+            return Err(NativeError::InvalidArgument(unsafe {
+                read_string(errstr.as_ptr())
+            }));
+        }
+        configure(options.as_ptr())?;
+        let id = d.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        d.pending.lock().expect("not poisoned").insert(id, tx);
+        // SAFETY: options is live; the opaque is a number, never dereferenced.
+        unsafe { rd_kafka_AdminOptions_set_opaque(options.as_ptr(), id as *mut c_void) };
+        send(rk, options.as_ptr(), d.queue.as_ptr());
+        Ok(Pending {
+            op,
+            api,
+            id,
+            rx,
+            dispatch: d.clone(),
+            // librdkafka answers with its own timeout error after the request timeout;
+            // the margin lets that (more precise) answer arrive first.
+            wait: self.timeout + Duration::from_secs(5),
+        })
+    }
+}
+
+/// The result queue every request of one client answers on, and the thread that polls
+/// it and hands each result to the request that waits for it: no thread blocks per
+/// request.
+struct Dispatch {
+    // Declared before `client`: a queue goes before its client.
+    queue: Queue,
+    client: Arc<Client>,
+    /// The requests waiting, by the id each carries as its opaque.
+    pending: std::sync::Mutex<HashMap<usize, tokio::sync::oneshot::Sender<Event>>>,
+    next: AtomicUsize,
+}
+
+impl Dispatch {
+    fn start(client: Arc<Client>) -> Arc<Self> {
+        let rk = client.inner().native_ptr();
+        // SAFETY: rk is the live client handle; `Dispatch` destroys the queue before it
+        // lets go of the client.
+        let queue = unsafe { Owned::new(rd_kafka_queue_new(rk), rd_kafka_queue_destroy) }
+            .expect("librdkafka returned no queue (out of memory)");
+        let dispatch = Arc::new(Self {
+            queue: Queue(queue),
+            client,
+            pending: Default::default(),
+            next: AtomicUsize::new(0),
+        });
+        let polled = dispatch.clone();
+        std::thread::Builder::new()
+            .name("kafka-admin-results".into())
+            .spawn(move || polled.run())
+            .expect("starting the Kafka admin result thread");
+        dispatch
+    }
+
+    /// Hands out results until no `NativeAdmin` is left but this thread's.
+    fn run(self: Arc<Self>) {
+        while Arc::strong_count(&self) > 1 {
+            // SAFETY: the queue is live; a polled event is ours to destroy.
+            let Some(event) = (unsafe {
+                Owned::new(
+                    rd_kafka_queue_poll(self.queue.as_ptr(), 200),
+                    rd_kafka_event_destroy,
+                )
+            }) else {
+                continue;
+            };
+            // SAFETY: the event is live.
+            let id = unsafe { rd_kafka_event_opaque(event.as_ptr()) } as usize;
+            let waiting = self.pending.lock().expect("not poisoned").remove(&id);
+            // A request no one waits for any more (timed out, or its caller went):
+            // dropping the event destroys it.
+            if let Some(tx) = waiting {
+                let _ = tx.send(Event(event));
+            }
+        }
+    }
+}
+
+/// A librdkafka queue, used from any thread (librdkafka queues are thread-safe).
+struct Queue(Owned<rd_kafka_queue_t>);
+
+// SAFETY: librdkafka's queue operations are thread-safe.
+unsafe impl Send for Queue {}
+// SAFETY: as above.
+unsafe impl Sync for Queue {}
+
+impl Queue {
+    fn as_ptr(&self) -> *mut rd_kafka_queue_t {
+        self.0.as_ptr()
+    }
+}
+
+/// A result event, owned by whoever holds it.
+struct Event(Owned<rd_kafka_event_t>);
+
+// SAFETY: an event is read and destroyed by one owner at a time, from any thread;
+// librdkafka ties it to no thread.
+unsafe impl Send for Event {}
+
+/// A request sent, waiting for its result.
+struct Pending {
+    op: &'static str,
+    api: Api,
+    id: usize,
+    rx: tokio::sync::oneshot::Receiver<Event>,
+    dispatch: Arc<Dispatch>,
+    wait: Duration,
+}
+
+impl Pending {
+    /// The result event, only if it is of the expected type and carries no
+    /// request-level error.
+    async fn result(self) -> Result<Owned<rd_kafka_event_t>, NativeError> {
+        let op = self.op;
+        match tokio::time::timeout(self.wait, self.rx).await {
+            Ok(Ok(Event(event))) => check_result(op, self.api, event),
+            Ok(Err(_)) => Err(NativeError::Cancelled { op }),
+            Err(_) => {
+                (self.dispatch.pending.lock().expect("not poisoned")).remove(&self.id);
+                Err(NativeError::Timeout { op })
+            }
         }
     }
 }
@@ -1464,74 +1667,13 @@ impl Api {
     }
 }
 
-/// Sends one admin request (through `send`, given the options and a private result
-/// queue) and waits for its result event, which is returned only if it is of the
-/// expected type and carries no request-level error.
-fn request(
-    client: &Client,
+/// `event` if it is of `api`'s result type and carries no request-level error.
+fn check_result(
     op: &'static str,
     api: Api,
-    timeout: Duration,
-    send: impl FnOnce(*mut rd_kafka_t, *const rd_kafka_AdminOptions_t, *mut rd_kafka_queue_t),
+    event: Owned<rd_kafka_event_t>,
 ) -> Result<Owned<rd_kafka_event_t>, NativeError> {
-    request_with(client, op, api, timeout, |_| Ok(()), send)
-}
-
-/// [`request`], with `configure` setting request-specific options first.
-fn request_with(
-    client: &Client,
-    op: &'static str,
-    api: Api,
-    timeout: Duration,
-    configure: impl FnOnce(*mut rd_kafka_AdminOptions_t) -> Result<(), NativeError>,
-    send: impl FnOnce(*mut rd_kafka_t, *const rd_kafka_AdminOptions_t, *mut rd_kafka_queue_t),
-) -> Result<Owned<rd_kafka_event_t>, NativeError> {
-    let (admin_op, event_type) = api.codes();
-    // Valid while `client` is borrowed, which outlasts this function.
-    let rk = client.inner().native_ptr();
-    // SAFETY: rk is the live client handle; the queue is ours alone. A request still in
-    // flight when we destroy it keeps the queue's internals alive and its late result
-    // is discarded.
-    let queue = unsafe { Owned::new(rd_kafka_queue_new(rk), rd_kafka_queue_destroy) }
-        .ok_or_else(|| unexpected(op, "librdkafka returned no queue".into()))?;
-    // SAFETY: as above; the request copies the options, so they may go after `send`.
-    let options = unsafe {
-        Owned::new(
-            rd_kafka_AdminOptions_new(rk, admin_op),
-            rd_kafka_AdminOptions_destroy,
-        )
-    }
-    .ok_or_else(|| unexpected(op, "librdkafka returned no admin options".into()))?;
-    let timeout_ms = c_int::try_from(timeout.as_millis()).unwrap_or(c_int::MAX);
-    let mut errstr = [0 as c_char; 256];
-    // SAFETY: options is live; errstr is writable for its length.
-    let err = unsafe {
-        rd_kafka_AdminOptions_set_request_timeout(
-            options.as_ptr(),
-            timeout_ms,
-            errstr.as_mut_ptr(),
-            errstr.len(),
-        )
-    };
-    if err != rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-        // SAFETY: librdkafka NUL-terminates errstr within its length.
-        return Err(NativeError::InvalidArgument(unsafe {
-            read_string(errstr.as_ptr())
-        }));
-    }
-    configure(options.as_ptr())?;
-    send(rk, options.as_ptr(), queue.as_ptr());
-    // librdkafka answers with its own timeout error after `timeout`; the margin lets
-    // that (more precise) answer arrive first.
-    let poll_ms = timeout_ms.saturating_add(5_000);
-    // SAFETY: the queue is live; a polled event is ours to destroy.
-    let event = unsafe {
-        Owned::new(
-            rd_kafka_queue_poll(queue.as_ptr(), poll_ms),
-            rd_kafka_event_destroy,
-        )
-    }
-    .ok_or(NativeError::Timeout { op })?;
+    let (_, event_type) = api.codes();
     // SAFETY: the event is live.
     let err = unsafe { raw::rd_kafka_event_error(event.as_ptr()) };
     if matches!(api, Api::DescribeScram) && err > 0 {
@@ -1576,35 +1718,13 @@ fn request_with(
     Ok(event)
 }
 
-/// Sends one SCRAM alteration and returns its per-user error, if any.
-fn alter_scram(
-    client: &Client,
+/// The per-user error of an AlterUserScramCredentials result for one user, if any.
+fn alter_scram_result(
     op: &'static str,
-    timeout: Duration,
-    alteration: &Owned<rd_kafka_UserScramCredentialAlteration_t>,
+    event: &Owned<rd_kafka_event_t>,
 ) -> Result<(), NativeError> {
-    let mut ptrs = [alteration.as_ptr()];
-    let event = request(
-        client,
-        op,
-        Api::AlterScram,
-        timeout,
-        |rk, options, queue| {
-            // SAFETY: `ptrs` holds one valid alteration that librdkafka copies; rk, options
-            // and queue are valid for the call.
-            unsafe {
-                rd_kafka_AlterUserScramCredentials(
-                    rk,
-                    ptrs.as_mut_ptr(),
-                    ptrs.len(),
-                    options,
-                    queue,
-                )
-            }
-        },
-    )?;
     let mut n = 0;
-    // SAFETY: request() checked that this is an AlterUserScramCredentials result, which
+    // SAFETY: check_result() checked that this is an AlterUserScramCredentials result, which
     // owns the array and the responses' errors.
     unsafe {
         let result = rd_kafka_event_AlterUserScramCredentials_result(event.as_ptr());
