@@ -22,6 +22,8 @@ pub struct Settings {
     pub namespace_policy: crate::policy::NamespacePolicy,
     /// How worker pods reach Kafka.
     pub worker_kafka: crate::consumergroup::build::WorkerKafka,
+    /// Reconciles each controller runs at once.
+    pub max_concurrent_reconciles: u16,
 }
 
 impl Settings {
@@ -35,6 +37,11 @@ impl Settings {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         resync_after(self.resync_interval, now)
+    }
+
+    /// A controller's configuration: [`Settings::max_concurrent_reconciles`] at once.
+    pub fn controller_config(&self) -> kube::runtime::controller::Config {
+        kube::runtime::controller::Config::default().concurrency(self.max_concurrent_reconciles)
     }
 }
 

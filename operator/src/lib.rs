@@ -58,6 +58,7 @@ pub async fn run(
         topic_naming: config.topic_naming()?,
         namespace_policy: config.namespace_policy()?,
         worker_kafka: consumergroup::worker_kafka(config),
+        max_concurrent_reconciles: config.max_concurrent_reconciles,
     };
     // One ConsumerGroup cache for every reader (EventTopic status lists consumers).
     let (groups, writer) = kube::runtime::reflector::store();

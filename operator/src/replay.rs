@@ -73,6 +73,7 @@ const WHILE_HELD: Duration = Duration::from_secs(1);
 pub async fn run(shared: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let api: Api<Replay> = shared.api_for_watch();
     Controller::new(api, watcher::Config::default().any_semantic())
+        .with_config(shared.settings.controller_config())
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, shared)
         .for_each(|result| async move {

@@ -36,7 +36,8 @@ use build::{ROTATE_ANNOTATION, ROTATED_FOR_ANNOTATION, WorkerKafka};
 /// Runs the ConsumerGroup controller until `shutdown` resolves.
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let groups_api: Api<ConsumerGroup> = ctx.api_for_watch();
-    let controller = Controller::new(groups_api, watcher::Config::default().any_semantic());
+    let controller = Controller::new(groups_api, watcher::Config::default().any_semantic())
+        .with_config(ctx.settings.controller_config());
     let groups = controller.store();
     controller
         // A deleted or edited Deployment is put back.

@@ -96,7 +96,8 @@ impl Superseded {
 /// Runs the EventTopic controller until `shutdown` resolves.
 pub async fn run(shared: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let api: Api<EventTopic> = shared.api_for_watch();
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+        .with_config(shared.settings.controller_config());
     let ctx = Arc::new(Ctx {
         shared,
         topics: controller.store(),

@@ -66,7 +66,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let api: Api<Redrive> = shared.api_for_watch();
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+        .with_config(shared.settings.controller_config());
     let ctx = Arc::new(Ctx {
         shared,
         kafka,
