@@ -64,7 +64,7 @@ pub struct RunConfig {
     /// once. Each one in flight holds an HTTP connection to the API server (with its TLS
     /// buffers), so this bounds the operator's memory as much as its load on the API
     /// server and Kafka: unbounded, 1,000 objects applied at once opened over 1,200.
-    #[arg(long, env = "EVENTOPS_MAX_CONCURRENT_RECONCILES", default_value_t = 16)]
+    #[arg(long, env = "EVENTOPS_MAX_CONCURRENT_RECONCILES", default_value_t = 48)]
     pub max_concurrent_reconciles: u16,
 
     /// How often the autoscaler measures the lag of every ConsumerGroup and decides
@@ -108,7 +108,7 @@ impl RunConfig {
             namespace: None,
             resync_interval: std::time::Duration::from_secs(60).into(),
             autoscale_interval: std::time::Duration::from_secs(1).into(),
-            max_concurrent_reconciles: 16,
+            max_concurrent_reconciles: 48,
             topic_naming_pattern: DEFAULT_TOPIC_NAMING_PATTERN.into(),
             namespace_prefixes: Vec::new(),
         }
