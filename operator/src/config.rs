@@ -64,6 +64,7 @@ pub struct RunConfig {
     /// once. Each one in flight holds an HTTP connection to the API server (with its TLS
     /// buffers), so this bounds the operator's memory as much as its load on the API
     /// server and Kafka: unbounded, 1,000 objects applied at once opened over 1,200.
+    /// 0 sets no bound.
     #[arg(long, env = "EVENTOPS_MAX_CONCURRENT_RECONCILES", default_value_t = 48)]
     pub max_concurrent_reconciles: u16,
 

@@ -81,6 +81,43 @@ async fn install_crds(client: Client) {
     }
 }
 
+/// Whether `user`/`password` can authenticate at `info`'s Kafka bootstrap servers:
+/// fetching metadata needs a completed SASL handshake but no ACLs. On failure, the
+/// errors librdkafka reported meanwhile.
+pub async fn authenticates(
+    info: &EnvInfo,
+    user: &str,
+    password: &str,
+) -> Result<(), Vec<rdkafka::error::RDKafkaErrorCode>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::RDKafkaErrorCode;
+    let mut config = info.kafka_admin_config();
+    config
+        .set("sasl.username", user)
+        .set("sasl.password", password)
+        .set_log_level(rdkafka::config::RDKafkaLogLevel::Emerg);
+    let consumer: BaseConsumer = config.create().expect("a consumer");
+    tokio::task::spawn_blocking(move || {
+        if consumer
+            .fetch_metadata(None, Duration::from_secs(5))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        // The metadata call only says the transport failed; why is reported as error
+        // events, which a consumer's poll returns.
+        let mut errors = Vec::new();
+        while let Some(r) = consumer.poll(Duration::from_millis(500)) {
+            if let Err(e) = r {
+                errors.push(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail));
+            }
+        }
+        Err(errors)
+    })
+    .await
+    .expect("the metadata call")
+}
+
 /// A name no other test or run uses: `<prefix>-<pid>-<n>`, valid for Kubernetes objects
 /// and Kafka topics alike.
 pub fn unique(prefix: &str) -> String {
@@ -231,40 +268,13 @@ impl TestEnv {
         .await?
     }
 
-    /// Whether `user`/`password` can authenticate: fetching metadata needs a completed
-    /// SASL handshake but no ACLs. On failure, the errors librdkafka reported meanwhile.
+    /// Whether `user`/`password` can authenticate; see [`authenticates`].
     pub async fn authenticates(
         &self,
         user: &str,
         password: &str,
     ) -> Result<(), Vec<rdkafka::error::RDKafkaErrorCode>> {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        use rdkafka::error::RDKafkaErrorCode;
-        let mut config = self.info.kafka_admin_config();
-        config
-            .set("sasl.username", user)
-            .set("sasl.password", password)
-            .set_log_level(rdkafka::config::RDKafkaLogLevel::Emerg);
-        let consumer: BaseConsumer = config.create().expect("a consumer");
-        tokio::task::spawn_blocking(move || {
-            if consumer
-                .fetch_metadata(None, Duration::from_secs(5))
-                .is_ok()
-            {
-                return Ok(());
-            }
-            // The metadata call only says the transport failed; why is reported as error
-            // events, which a consumer's poll returns.
-            let mut errors = Vec::new();
-            while let Some(r) = consumer.poll(Duration::from_millis(500)) {
-                if let Err(e) = r {
-                    errors.push(e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail));
-                }
-            }
-            Err(errors)
-        })
-        .await
-        .expect("the metadata call")
+        authenticates(&self.info, user, password).await
     }
 
     /// `TopicCommand --describe` of one topic, parsed into its summary line's fields

@@ -1480,7 +1480,8 @@ impl Dispatch {
             queue: Queue(queue),
             client,
             pending: Default::default(),
-            next: AtomicUsize::new(0),
+            // Not 0: that is the opaque of an event without one.
+            next: AtomicUsize::new(1),
         });
         let polled = dispatch.clone();
         std::thread::Builder::new()
@@ -1505,10 +1506,11 @@ impl Dispatch {
             // SAFETY: the event is live.
             let id = unsafe { rd_kafka_event_opaque(event.as_ptr()) } as usize;
             let waiting = self.pending.lock().expect("not poisoned").remove(&id);
-            // A request no one waits for any more (timed out, or its caller went):
-            // dropping the event destroys it.
-            if let Some(tx) = waiting {
-                let _ = tx.send(Event(event));
+            // A request no one waits for any more (timed out, or its caller went): the
+            // event goes as `discard` says, here or when a failed send drops it.
+            match waiting {
+                Some(tx) => drop(tx.send(Event(Some(event)))),
+                None => discard(event),
             }
         }
     }
@@ -1528,8 +1530,37 @@ impl Queue {
     }
 }
 
-/// A result event, owned by whoever holds it.
-struct Event(Owned<rd_kafka_event_t>);
+/// A result event, owned by whoever holds it; dropped unread, it goes by [`discard`].
+struct Event(Option<Owned<rd_kafka_event_t>>);
+
+impl Event {
+    fn take(mut self) -> Owned<rd_kafka_event_t> {
+        self.0.take().expect("an event is taken once")
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        if let Some(event) = self.0.take() {
+            discard(event);
+        }
+    }
+}
+
+/// Destroys a result event no one reads, except one that destroying would crash on:
+/// see the DescribeUserScramCredentials case in [`check_result`].
+fn discard(event: Owned<rd_kafka_event_t>) {
+    // SAFETY: the event is live.
+    let (kind, err) = unsafe {
+        (
+            rd_kafka_event_type(event.as_ptr()),
+            raw::rd_kafka_event_error(event.as_ptr()),
+        )
+    };
+    if kind == Api::DescribeScram.codes().1 && err > 0 {
+        std::mem::forget(event);
+    }
+}
 
 // SAFETY: an event is read and destroyed by one owner at a time, from any thread;
 // librdkafka ties it to no thread.
@@ -1551,7 +1582,7 @@ impl Pending {
     async fn result(self) -> Result<Owned<rd_kafka_event_t>, NativeError> {
         let op = self.op;
         match tokio::time::timeout(self.wait, self.rx).await {
-            Ok(Ok(Event(event))) => check_result(op, self.api, event),
+            Ok(Ok(event)) => check_result(op, self.api, event.take()),
             Ok(Err(_)) => Err(NativeError::Cancelled { op }),
             Err(_) => {
                 (self.dispatch.pending.lock().expect("not poisoned")).remove(&self.id);
