@@ -2,8 +2,8 @@
 //! pod for the default scheduler whose node selector the node satisfies is bound to it
 //! through the `pods/binding` subresource.
 
-use std::collections::{BTreeMap, HashSet};
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Binding, ObjectReference, Pod};
@@ -50,6 +50,10 @@ pub async fn run(client: Client, node: String, node_labels: BTreeMap<String, Str
     let mut stream = std::pin::pin!(stream);
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let mut reported = HashSet::new();
+    // When each pod was last sent a binding, by uid: the store still holds a pod for a
+    // moment after its binding, and every event walks the whole store, so without this a
+    // burst of N pods sends on the order of N² bindings (all but N refused as conflicts).
+    let mut attempted: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::select! {
             event = stream.next() => match event {
@@ -59,7 +63,11 @@ pub async fn run(client: Client, node: String, node_labels: BTreeMap<String, Str
             },
             _ = tick.tick() => {}
         }
-        for pod in store.state() {
+        let pods = store.state();
+        attempted.retain(|uid, at| {
+            at.elapsed() < RETRY_BINDING && pods.iter().any(|p| p.uid().as_ref() == Some(uid))
+        });
+        for pod in pods {
             if pod.metadata.deletion_timestamp.is_some() || !for_default_scheduler(&pod) {
                 continue;
             }
@@ -69,11 +77,20 @@ pub async fn run(client: Client, node: String, node_labels: BTreeMap<String, Str
                         mark_unschedulable(&client, &pod, &reason).await;
                     }
                 }
-                None => bind(&client, &pod, &node).await,
+                None => {
+                    let uid = pod.uid().unwrap_or_default();
+                    if let std::collections::hash_map::Entry::Vacant(e) = attempted.entry(uid) {
+                        e.insert(Instant::now());
+                        bind(&client, &pod, &node).await;
+                    }
+                }
             }
         }
     }
 }
+
+/// How long a pod that was sent a binding and is still unbound waits for the next.
+const RETRY_BINDING: Duration = Duration::from_secs(5);
 
 async fn bind(client: &Client, pod: &Pod, node: &str) {
     let ns = pod.namespace().unwrap_or_default();
