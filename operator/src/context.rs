@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
+use eventops_crds::{ConsumerGroup, EventTopic};
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource};
 use tracing::warn;
 
@@ -45,6 +48,18 @@ impl Settings {
     }
 }
 
+/// The API of a namespaced kind in `namespace`, or in all namespaces.
+pub fn watched_api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 /// [`Settings::next_resync`] at `now` (since the Unix epoch).
 fn resync_after(interval: Duration, now: Duration) -> Duration {
     let grid = (interval / 12).as_millis().max(1);
@@ -66,9 +81,26 @@ pub struct Context {
     pub settings: Settings,
     /// Prometheus metrics.
     pub metrics: std::sync::Arc<Metrics>,
-    /// Every ConsumerGroup the operator watches, kept current by a reflector.
-    pub groups: kube::runtime::reflector::Store<eventops_crds::ConsumerGroup>,
+    /// Every EventTopic the operator watches (the one shared cache).
+    pub topics: Store<EventTopic>,
+    /// Every ConsumerGroup the operator watches (the one shared cache).
+    pub groups: Store<ConsumerGroup>,
+    /// Every ConsumerGroup's Deployment (those with the group label; the one shared
+    /// cache).
+    pub deployments: Store<Deployment>,
+    /// The ConsumerGroup versions the ConsumerGroup reconciler's writes replaced.
+    pub written_groups: crate::watch::Superseded,
     recorder: Recorder,
+}
+
+/// The shared caches, one per kind (see [`crate::watch`]).
+pub struct Caches {
+    /// EventTopics.
+    pub topics: Store<EventTopic>,
+    /// ConsumerGroups.
+    pub groups: Store<ConsumerGroup>,
+    /// The groups' Deployments.
+    pub deployments: Store<Deployment>,
 }
 
 impl Context {
@@ -78,7 +110,7 @@ impl Context {
         kafka: KafkaAdmin,
         settings: Settings,
         metrics: std::sync::Arc<Metrics>,
-        groups: kube::runtime::reflector::Store<eventops_crds::ConsumerGroup>,
+        caches: Caches,
     ) -> Self {
         let reporter = Reporter {
             controller: crate::FIELD_MANAGER.into(),
@@ -90,7 +122,10 @@ impl Context {
             kafka,
             settings,
             metrics,
-            groups,
+            topics: caches.topics,
+            groups: caches.groups,
+            deployments: caches.deployments,
+            written_groups: Default::default(),
         }
     }
 
@@ -100,10 +135,7 @@ impl Context {
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
         K::DynamicType: Default,
     {
-        match &self.settings.namespace {
-            Some(ns) => Api::namespaced(self.client.clone(), ns),
-            None => Api::all(self.client.clone()),
-        }
+        watched_api(&self.client, self.settings.namespace.as_deref())
     }
 
     /// Publishes an Event about `obj`. A failure is logged, not returned: Events are

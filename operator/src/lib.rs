@@ -20,6 +20,7 @@ pub mod redrive;
 pub mod replay;
 pub mod status;
 pub mod telemetry;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -60,25 +61,46 @@ pub async fn run(
         worker_kafka: consumergroup::worker_kafka(config),
         max_concurrent_reconciles: config.max_concurrent_reconciles,
     };
-    // One ConsumerGroup cache for every reader (EventTopic status lists consumers).
-    let (groups, writer) = kube::runtime::reflector::store();
-    let groups_api = match &settings.namespace {
-        Some(ns) => kube::Api::namespaced(client.clone(), ns),
-        None => kube::Api::all(client.clone()),
-    };
-    let reflector = kube::runtime::reflector(
-        writer,
-        kube::runtime::watcher(groups_api, Default::default()),
+    let ns = settings.namespace.as_deref();
+    // One watch and one cache per kind, shared by every controller and the autoscaler.
+    let mut topics = watch::SharedWatch::new(context::watched_api(&client, ns), Default::default());
+    let mut groups = watch::SharedWatch::new(context::watched_api(&client, ns), Default::default());
+    let mut deployments = watch::SharedWatch::new(
+        context::watched_api(&client, ns),
+        kube::runtime::watcher::Config::default().labels(consumergroup::build::GROUP_LABEL),
     );
-    let reflector = tokio::spawn(futures::StreamExt::for_each(
-        kube::runtime::WatchStreamExt::default_backoff(reflector),
-        |_| async {},
-    ));
-    let ctx = Arc::new(Context::new(client, kafka, settings, metrics, groups));
+    let eventtopic_triggers = eventtopic::triggers(&mut topics, &mut groups);
+    let consumergroup_triggers =
+        consumergroup::triggers(&mut groups, &mut topics, &mut deployments);
+    let caches = context::Caches {
+        topics: topics.store(),
+        groups: groups.store(),
+        deployments: deployments.store(),
+    };
+    let watches = [topics.spawn(), groups.spawn(), deployments.spawn()];
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    // Every reconcile reads the caches; until they have listed everything, an
+    // EventTopic not yet in them would look missing and its groups' grants would be
+    // revoked. Waited for here, once: kube's `Store::wait_until_ready` wakes only the
+    // last of several tasks waiting at once, so reconciles must not wait on it.
+    let ready = async {
+        caches.topics.wait_until_ready().await.ok();
+        caches.groups.wait_until_ready().await.ok();
+        caches.deployments.wait_until_ready().await.ok();
+    };
+    tokio::select! {
+        () = ready => {}
+        () = shutdown.clone() => {
+            for watch in watches {
+                watch.abort();
+            }
+            return Ok(());
+        }
+    }
+    let ctx = Arc::new(Context::new(client, kafka, settings, metrics, caches));
     tokio::join!(
-        eventtopic::run(ctx.clone(), shutdown.clone()),
-        consumergroup::run(ctx.clone(), shutdown.clone()),
+        eventtopic::run(ctx.clone(), eventtopic_triggers, shutdown.clone()),
+        consumergroup::run(ctx.clone(), consumergroup_triggers, shutdown.clone()),
         redrive::run(ctx.clone(), config.kafka_settings()?, shutdown.clone()),
         replay::run(ctx.clone(), shutdown.clone()),
         autoscaler::run(
@@ -88,6 +110,8 @@ pub async fn run(
             shutdown
         ),
     );
-    reflector.abort();
+    for watch in watches {
+        watch.abort();
+    }
     Ok(())
 }

@@ -749,26 +749,27 @@ async fn live_holder(ctx: &Context, ns: &str, value: &str) -> Result<Option<Stri
 
 /// Removes a hold from `cg` that no live Replay has (its Replay was deleted without its
 /// finalizer running, or finished without releasing), so the autoscaler takes the group
-/// back. A hold written meanwhile is left alone (resourceVersion precondition).
+/// back. A hold written meanwhile is left alone (resourceVersion precondition). Returns
+/// whether `cg` is outdated now (this wrote, or somebody else had).
 pub(crate) async fn clear_stale_hold(
     cg: &ConsumerGroup,
     ctx: &Context,
     groups: &Api<ConsumerGroup>,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let Some(value) = cg.annotations().get(REPLAY_HOLD_ANNOTATION) else {
-        return Ok(());
+        return Ok(false);
     };
     let ns = cg.namespace().unwrap_or_default();
     if live_holder(ctx, &ns, value).await?.is_some() {
-        return Ok(());
+        return Ok(false);
     }
     match write_hold(ctx, groups, cg, None).await {
         Ok(()) => {
             warn!(consumergroup = %cg.name_any(), hold = %value, "removed a hold no live Replay has");
-            Ok(())
+            Ok(true)
         }
-        // Written meanwhile: the next reconcile looks again.
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        // Written meanwhile: the group changed; the next reconcile, soon, looks again.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(true),
         Err(e) => Err(Error::kube("release", cg, e)),
     }
 }

@@ -158,6 +158,15 @@ impl TestEnv {
         self.start_operator_with_kafka(namespace, &self.info.kafka_bootstrap)
     }
 
+    /// [`TestEnv::start_operator`] with a resync interval of an hour: within a test, every
+    /// reconcile then comes from a watch event, none from a timer.
+    pub fn start_operator_without_resync(&self, namespace: &str) -> OperatorHandle {
+        let user = self.shared_operator_user();
+        let bootstrap = &self.info.kafka_bootstrap;
+        let hour = Duration::from_secs(3600);
+        self.start_operator_resyncing(Some(namespace), bootstrap, Some(&user), hour)
+    }
+
     /// [`TestEnv::start_operator`] with another Kafka bootstrap address (for example one
     /// where nothing listens, to see how Kafka being unreachable is handled).
     pub fn start_operator_with_kafka(&self, namespace: &str, bootstrap: &str) -> OperatorHandle {
@@ -190,6 +199,18 @@ impl TestEnv {
         bootstrap: &str,
         user: Option<&operator_user::OperatorUser>,
     ) -> OperatorHandle {
+        let resync = Duration::from_secs(2);
+        self.start_operator_resyncing(namespace, bootstrap, user, resync)
+    }
+
+    /// [`TestEnv::start_operator_config`] with `resync` as the resync interval.
+    fn start_operator_resyncing(
+        &self,
+        namespace: Option<&str>,
+        bootstrap: &str,
+        user: Option<&operator_user::OperatorUser>,
+        resync: Duration,
+    ) -> OperatorHandle {
         let mut config = eventops_operator::config::RunConfig::new(bootstrap);
         let (name, password) = match user {
             Some(u) => (u.user.clone(), u.password.clone()),
@@ -202,7 +223,7 @@ impl TestEnv {
         config.kafka_password = Some(password);
         config.kafka_sasl_mechanism = self.info.kafka_sasl_mechanism.clone();
         config.namespace = namespace.map(String::from);
-        config.resync_interval = Duration::from_secs(2).into();
+        config.resync_interval = resync.into();
         let (stop, stopped) = oneshot::channel::<()>();
         let client = self.client.clone();
         let metrics = std::sync::Arc::new(eventops_operator::telemetry::Metrics::default());
@@ -315,6 +336,26 @@ impl TestEnv {
             .collect();
         configs.sort();
         configs
+    }
+
+    /// The ACLs of Kafka user `user`, as Kafka's `AclCommand --list` prints them.
+    pub async fn acls_of(&self, user: &str) -> String {
+        let principal = format!("User:{user}");
+        let args = ["--list", "--principal", principal.as_str()];
+        self.kafka_tool("org.apache.kafka.tools.AclCommand", &args)
+            .await
+            .unwrap_or_else(|e| panic!("AclCommand {args:?}: {e:#}"))
+    }
+
+    /// The Kafka user of ConsumerGroup `group` in `ns`, from its Secret once it exists.
+    pub async fn group_user(&self, ns: &str, group: &str) -> String {
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(self.client.clone(), ns);
+        eventually(Duration::from_secs(60), "the group's Secret", || async {
+            let data = secrets.get(&format!("{group}-kafka")).await.ok()?.data?;
+            String::from_utf8(data.get("username")?.0.clone()).ok()
+        })
+        .await
     }
 
     /// Whether Kafka has `topic`, asked with `TopicCommand --list`.

@@ -170,16 +170,6 @@ async fn names_outside_the_namespaces_prefixes_are_refused() {
     );
 }
 
-/// The user name in a group's `<name>-kafka` Secret.
-async fn group_user(env: &TestEnv, ns: &str, group: &str) -> String {
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(env.client.clone(), ns);
-    eventually(TIMEOUT, "the group's Secret", || async {
-        let data = secrets.get(&format!("{group}-kafka")).await.ok()?.data?;
-        String::from_utf8(data.get("username")?.0.clone()).ok()
-    })
-    .await
-}
-
 /// A ConsumerGroup gets Kafka ACLs only on topics its EventTopics manage: not on a name
 /// the namespace policy refused (NotPermitted), and not on an existing topic that its
 /// EventTopic was refused to adopt (TopicExists). Otherwise naming a refused EventTopic
@@ -226,15 +216,8 @@ async fn a_group_gets_no_acls_on_topics_its_event_topics_were_refused() {
     )
     .await
     .unwrap();
-    let user = group_user(&env, &ns, "reader").await;
-    let acls = || async {
-        env.kafka_tool(
-            "org.apache.kafka.tools.AclCommand",
-            &["--list", "--principal", &format!("User:{user}")],
-        )
-        .await
-        .unwrap()
-    };
+    let user = env.group_user(&ns, "reader").await;
+    let acls = || env.acls_of(&user);
     eventually(TIMEOUT, "the grants on the allowed topic", || async {
         acls()
             .await

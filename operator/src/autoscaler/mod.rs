@@ -24,14 +24,13 @@ use eventops_crds::{
     ConsumerGroup, ConsumerGroupStatus, EventTopic, PartitionLag, REPLAY_HOLD_ANNOTATION,
     ScaleRecord,
 };
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
 
@@ -117,9 +116,7 @@ pub async fn run(
             return;
         }
     };
-    let (topics, topics_task) = watch::<EventTopic>(&ctx, watcher::Config::default());
-    let (deployments, deployments_task) =
-        watch::<Deployment>(&ctx, watcher::Config::default().labels(build::GROUP_LABEL));
+    let (topics, deployments) = (ctx.topics.clone(), ctx.deployments.clone());
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut states: HashMap<ObjectRef<ConsumerGroup>, GroupState> = HashMap::new();
@@ -152,26 +149,6 @@ pub async fn run(
         metrics.autoscaler_cycle(started.elapsed());
     }
     committed.stop();
-    topics_task.abort();
-    deployments_task.abort();
-}
-
-/// A reflector over `K` in the watched namespaces.
-fn watch<K>(ctx: &Context, config: watcher::Config) -> (Store<K>, tokio::task::JoinHandle<()>)
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    let (store, writer) = reflector::store();
-    let stream = reflector(writer, watcher(ctx.api_for_watch::<K>(), config)).default_backoff();
-    let task = tokio::spawn(stream.for_each(|_| async {}));
-    (store, task)
 }
 
 struct Cycle<'a> {

@@ -23,7 +23,6 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
@@ -31,34 +30,36 @@ use crate::conditions::{self, Observed};
 use crate::context::Context;
 use crate::error::Error;
 use crate::kafka::native::{AclBinding, AclFilter, NativeError, ScramMechanism};
+use crate::watch::{SharedWatch, TriggerStream, spec_metadata_and, spec_or_metadata};
 use build::{ROTATE_ANNOTATION, ROTATED_FOR_ANNOTATION, WorkerKafka};
 
 /// Runs the ConsumerGroup controller until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let groups_api: Api<ConsumerGroup> = ctx.api_for_watch();
-    let controller = Controller::new(groups_api, watcher::Config::default().any_semantic())
+pub async fn run(
+    ctx: Arc<Context>,
+    triggers: Triggers<
+        impl TriggerStream<ConsumerGroup>,
+        impl TriggerStream<EventTopic>,
+        impl TriggerStream<Deployment>,
+    >,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let controller = Controller::for_stream(triggers.groups, ctx.groups.clone())
         .with_config(ctx.settings.controller_config());
-    let groups = controller.store();
+    let groups = ctx.groups.clone();
     controller
-        // A deleted or edited Deployment is put back.
-        .owns(
-            ctx.api_for_watch::<Deployment>(),
-            watcher::Config::default().labels(build::GROUP_LABEL),
-        )
-        // A group waiting for an EventTopic goes on as soon as it appears.
-        .watches(
-            ctx.api_for_watch::<EventTopic>(),
-            watcher::Config::default(),
-            move |et| {
-                groups
-                    .state()
-                    .into_iter()
-                    .filter(|cg| cg.namespace() == et.namespace())
-                    .filter(|cg| names_event_topic(cg, &et.name_any()))
-                    .map(|cg| ObjectRef::from_obj(&*cg))
-                    .collect::<Vec<_>>()
-            },
-        )
+        // A deleted or edited Deployment is put back; its replica count goes to status.
+        .owns_stream(triggers.deployments)
+        // A group waiting for an EventTopic goes on as soon as it appears and owns its
+        // topics; a group whose EventTopic stops owning them loses its grants.
+        .watches_stream(triggers.topics, move |et| {
+            groups
+                .state()
+                .into_iter()
+                .filter(|cg| cg.namespace() == et.namespace())
+                .filter(|cg| names_event_topic(cg, &et.name_any()))
+                .map(|cg| ObjectRef::from_obj(&*cg))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -67,6 +68,38 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
             }
         })
         .await;
+}
+
+/// What starts a ConsumerGroup reconcile.
+pub struct Triggers<G, T, D> {
+    /// ConsumerGroups: added, deleted, or changed in spec or metadata.
+    pub groups: G,
+    /// EventTopics: added, deleted, or changed in spec, metadata or in whether they own
+    /// their Kafka topics (status; see [`build::owns_its_topic`]). The consumers an
+    /// EventTopic lists follow from the groups and start nothing.
+    pub topics: T,
+    /// The groups' Deployments: added, deleted, or changed in spec, metadata or in the
+    /// replica count (the one status figure the group's status shows; each pod's
+    /// progress starts nothing).
+    pub deployments: D,
+}
+
+/// The ConsumerGroup controller's triggers, subscribed from the shared watches.
+pub fn triggers(
+    groups: &mut SharedWatch<ConsumerGroup>,
+    topics: &mut SharedWatch<EventTopic>,
+    deployments: &mut SharedWatch<Deployment>,
+) -> Triggers<
+    impl TriggerStream<ConsumerGroup>,
+    impl TriggerStream<EventTopic>,
+    impl TriggerStream<Deployment>,
+> {
+    Triggers {
+        groups: groups.subscribe(spec_or_metadata),
+        topics: topics.subscribe(|et| spec_metadata_and(et, build::owns_its_topic(et))),
+        deployments: deployments
+            .subscribe(|d| spec_metadata_and(d, d.status.as_ref().and_then(|s| s.replicas))),
+    }
 }
 
 /// Whether `cg` names the EventTopic `name` in a field it resolves (`spec.topics`,
@@ -97,28 +130,33 @@ async fn reconcile_inner(
     if cg.metadata.deletion_timestamp.is_some() {
         return Ok((finalize(&cg, ctx, &groups).await?, None));
     }
+    // The cache has not seen this reconciler's last write yet (see `Superseded`).
+    if ctx.written_groups.is_stale(&*cg) {
+        return Ok((Action::requeue(Duration::from_millis(200)), None));
+    }
     // The group's Kafka user and ACLs outlive nothing else: remove them on deletion.
-    crate::finalizer::set(&groups, &*cg, CREDENTIALS_FINALIZER, true, &ctx.metrics)
+    let added = crate::finalizer::set(&groups, &*cg, CREDENTIALS_FINALIZER, true, &ctx.metrics)
         .await
         .map_err(|e| Error::kube("add the finalizer to", &*cg, e))?;
-    crate::replay::clear_stale_hold(&cg, ctx, &groups).await?;
+    let released = crate::replay::clear_stale_hold(&cg, ctx, &groups).await?;
+    if added.is_some() || released {
+        // Go on from the version just written (its own event starts the next pass).
+        ctx.written_groups.replaced(&*cg, cg.resource_version());
+        return Ok((Action::requeue(Duration::from_millis(200)), None));
+    }
 
-    // Dereference.
-    let topics_api: Api<EventTopic> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut found = BTreeMap::new();
+    // Dereference, from the shared caches: the EventTopics the group names.
     let named: BTreeSet<&String> = (cg.spec.topics.iter())
         .chain(&cg.spec.produces)
         .chain(outbox::topic_names(&cg))
         .collect();
-    for name in named {
-        if let Some(et) = topics_api
-            .get_opt(name)
-            .await
-            .map_err(|e| Error::kube("read", &*cg, e))?
-        {
-            found.insert(name.clone(), et);
-        }
-    }
+    let found: BTreeMap<String, Arc<EventTopic>> = named
+        .into_iter()
+        .filter_map(|name| {
+            let et = ctx.topics.get(&ObjectRef::new(name).within(&ns))?;
+            Some((name.clone(), et))
+        })
+        .collect();
     // Validate: the namespace may own the group id (issue 10's ownership policy).
     let policy = &ctx.settings.namespace_policy;
     if let Err(message) = policy.check(&ns, "spec.groupId", cg.kafka_group_id()) {
@@ -137,9 +175,11 @@ async fn reconcile_inner(
         write_status(&cg, ctx, ready, None).await?;
         return Ok((Action::requeue(resync), Some("ResourceConflict")));
     }
-    let (routes, missing) = build::resolve_some_topics(&cg, |n| found.get(n));
-    let (produced, missing_produced) = produces::resolve_some(&cg, |n| found.get(n));
-    let (outbox_topics, missing_outbox) = outbox::resolve_some(&cg, |n| found.get(n));
+    let (routes, missing) = build::resolve_some_topics(&cg, |n| found.get(n).map(AsRef::as_ref));
+    let (produced, missing_produced) =
+        produces::resolve_some(&cg, |n| found.get(n).map(AsRef::as_ref));
+    let (outbox_topics, missing_outbox) =
+        outbox::resolve_some(&cg, |n| found.get(n).map(AsRef::as_ref));
     let mut desired_acls = build::acls(&cg, &routes);
     desired_acls.extend(produces::acls(&cg, &produced));
     desired_acls.extend(outbox::acls(&cg, &outbox_topics));
@@ -175,10 +215,18 @@ async fn reconcile_inner(
         .await
         .map_err(|e| Error::kube("read the Secret of", &*cg, e))?;
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let deployment = deployments
-        .get_opt(&cg.name_any())
-        .await
-        .map_err(|e| Error::kube("read the Deployment of", &*cg, e))?;
+    // The cache holds only Deployments with the group label; one without it (somebody
+    // else's under this name) is read live, so that it is never taken over.
+    let cached = ctx
+        .deployments
+        .get(&ObjectRef::new(&cg.name_any()).within(&ns));
+    let deployment = match cached {
+        Some(d) => Some(Deployment::clone(&d)),
+        None => deployments
+            .get_opt(&cg.name_any())
+            .await
+            .map_err(|e| Error::kube("read the Deployment of", &*cg, e))?,
+    };
 
     // Objects somebody else made under the names this group needs are left alone,
     // before anything (the Kafka user included) is derived from them.
@@ -461,6 +509,7 @@ async fn finalize(
     crate::finalizer::set(groups, cg, CREDENTIALS_FINALIZER, false, &ctx.metrics)
         .await
         .map_err(|e| Error::kube("remove the finalizer of", cg, e))?;
+    ctx.written_groups.forget(cg);
     Ok(Action::await_change())
 }
 
@@ -562,7 +611,10 @@ async fn write_status(
     if new == old {
         return Ok(());
     }
-    crate::status::apply(ctx, cg, &new).await?;
+    let written = crate::status::apply(ctx, cg, &new).await?;
+    if written != cg.resource_version() {
+        ctx.written_groups.replaced(cg, cg.resource_version());
+    }
     crate::status::announce_ready(ctx, cg, &old.conditions, &ready).await;
     Ok(())
 }

@@ -15,8 +15,7 @@ use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
@@ -25,6 +24,7 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::kafka::native::ConfigOp;
 use crate::kafka::{KafkaError, NewTopicSpec, TopicState};
+use crate::watch::{SharedWatch, Superseded, TriggerStream, spec_or_metadata};
 use plan::{DesiredTopic, Plan, Step, managed};
 
 /// Condition type set while the paused annotation stops reconciliation.
@@ -35,87 +35,31 @@ pub const NAMING_POLICY: &str = "NamingPolicy";
 /// What the EventTopic reconciler works with.
 struct Ctx {
     shared: Arc<Context>,
-    /// Every EventTopic the operator watches, for ownership conflicts.
-    topics: Store<EventTopic>,
-    /// Per EventTopic (uid), the resource versions its status writes replaced.
+    /// Per EventTopic (uid), the resource versions its writes replaced.
     written: Superseded,
 }
 
-/// The resource versions of EventTopics that the operator's own status writes have
-/// replaced. The cache learns of a write only when its watch event arrives; a reconcile
-/// that starts before then (triggered by the write's own event, a timer, a
-/// ConsumerGroup) would act on the status as it was, for example on a claim to a topic
-/// the pass that just ended gave up, and take over a topic that is somebody else's by
-/// now. Such a reconcile waits for the cache instead.
-#[derive(Default)]
-struct Superseded(std::sync::Mutex<BTreeMap<String, Vec<(String, std::time::Instant)>>>);
-
-/// How long a replaced version is remembered: the cache has long caught up by then (and
-/// an EventTopic deleted without a finalizer leaves nothing behind for longer).
-const SUPERSEDED_FOR: Duration = Duration::from_secs(300);
-
-impl Superseded {
-    /// Whether `et` is a version the operator has since written over; forgets the
-    /// versions before it when not (the cache has caught up: it never goes back).
-    fn is_stale(&self, et: &EventTopic) -> bool {
-        let (Some(uid), Some(rv)) = (&et.metadata.uid, &et.metadata.resource_version) else {
-            return false;
-        };
-        let mut map = self.0.lock().expect("not poisoned");
-        let stale = map
-            .get(uid)
-            .is_some_and(|old| old.iter().any(|(v, _)| v == rv));
-        if !stale {
-            map.remove(uid);
-        }
-        stale
-    }
-
-    /// Forgets `et`, which is going away.
-    fn forget(&self, et: &EventTopic) {
-        if let Some(uid) = &et.metadata.uid {
-            self.0.lock().expect("not poisoned").remove(uid);
-        }
-    }
-
-    /// Notes that a write replaced version `rv` of `et`.
-    fn replaced(&self, et: &EventTopic, rv: Option<String>) {
-        let (Some(uid), Some(rv)) = (&et.metadata.uid, rv) else {
-            return;
-        };
-        let mut map = self.0.lock().expect("not poisoned");
-        map.retain(|_, old| {
-            old.retain(|(_, at)| at.elapsed() < SUPERSEDED_FOR);
-            !old.is_empty()
-        });
-        let now = std::time::Instant::now();
-        map.entry(uid.clone()).or_default().push((rv, now));
-    }
-}
-
 /// Runs the EventTopic controller until `shutdown` resolves.
-pub async fn run(shared: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let api: Api<EventTopic> = shared.api_for_watch();
-    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+pub async fn run(
+    shared: Arc<Context>,
+    triggers: Triggers<impl TriggerStream<EventTopic>, impl TriggerStream<ConsumerGroup>>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let controller = Controller::for_stream(triggers.topics, shared.topics.clone())
         .with_config(shared.settings.controller_config());
     let ctx = Arc::new(Ctx {
         shared,
-        topics: controller.store(),
         written: Default::default(),
     });
     controller
         // Status lists consumers: a ConsumerGroup change revisits the topics it names.
-        .watches(
-            ctx.shared.api_for_watch::<ConsumerGroup>(),
-            watcher::Config::default(),
-            |cg| {
-                let ns = cg.namespace().unwrap_or_default();
-                let names = cg.spec.topics.clone();
-                names
-                    .into_iter()
-                    .map(move |t| ObjectRef::new(&t).within(&ns))
-            },
-        )
+        .watches_stream(triggers.groups, |cg| {
+            let ns = cg.namespace().unwrap_or_default();
+            let names = cg.spec.topics.clone();
+            names
+                .into_iter()
+                .map(move |t| ObjectRef::new(&t).within(&ns))
+        })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -124,6 +68,26 @@ pub async fn run(shared: Arc<Context>, shutdown: impl Future<Output = ()> + Send
             }
         })
         .await;
+}
+
+/// What starts an EventTopic reconcile.
+pub struct Triggers<T, G> {
+    /// EventTopics: added, deleted, or changed in spec or metadata (not status).
+    pub topics: T,
+    /// ConsumerGroups (their spec names the topics whose status lists them): added,
+    /// deleted, or changed in spec or metadata.
+    pub groups: G,
+}
+
+/// The EventTopic controller's triggers, subscribed from the shared watches.
+pub fn triggers(
+    topics: &mut SharedWatch<EventTopic>,
+    groups: &mut SharedWatch<ConsumerGroup>,
+) -> Triggers<impl TriggerStream<EventTopic>, impl TriggerStream<ConsumerGroup>> {
+    Triggers {
+        topics: topics.subscribe(spec_or_metadata),
+        groups: groups.subscribe(spec_or_metadata),
+    }
 }
 
 /// Whether the namespace policy lets `et` own every Kafka topic it asks for.
@@ -187,8 +151,7 @@ async fn reconcile_inner(
     et: &Arc<EventTopic>,
     ctx: &Ctx,
 ) -> Result<(Action, Option<String>), Error> {
-    ctx.topics.wait_until_ready().await.ok();
-    if ctx.written.is_stale(et) {
+    if ctx.written.is_stale(&**et) {
         return Ok((Action::requeue(Duration::from_millis(200)), None));
     }
     // The resourceVersion this pass's writes build on, each write's noted as replaced.
@@ -198,7 +161,7 @@ async fn reconcile_inner(
         // the stored one): that version is current, not replaced.
         if new.is_some() && new != version {
             ctx.written
-                .replaced(et, std::mem::replace(&mut version, new));
+                .replaced(&**et, std::mem::replace(&mut version, new));
         }
     };
     if et.metadata.deletion_timestamp.is_some() {
@@ -220,7 +183,7 @@ async fn reconcile_inner(
         match plan::desired_topics(et) {
             Err(invalid) => Outcome::not_ready("InvalidSpec", invalid.0, resync),
             Ok(topics) => {
-                let all = ctx.topics.state();
+                let all = ctx.shared.topics.state();
                 let policy = &ctx.shared.settings.namespace_policy;
                 let ns = et.namespace().unwrap_or_default();
                 let outside = topics
@@ -639,7 +602,7 @@ async fn finalize(
     }
     let released = annotation_is_true(&et.metadata, RELEASE_FINALIZER_ANNOTATION);
     if et.spec.deletion_policy == DeletionPolicy::Delete && !released {
-        let all = ctx.topics.state();
+        let all = ctx.shared.topics.state();
         // Only topics this EventTopic created or adopted: never one it was refused.
         let mut topics = plan::deletable(et, all.iter().map(AsRef::as_ref));
         // Never outside what the namespace may own, whatever its status lists.
@@ -780,31 +743,4 @@ fn error_policy(et: Arc<EventTopic>, error: &Error, ctx: Arc<Ctx>) -> Action {
     let metrics = &ctx.shared.metrics;
     metrics.reconciled("eventtopic", Duration::ZERO, Some(error.metric_label()));
     Action::requeue(Duration::from_secs(5))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(uid: &str, rv: &str) -> EventTopic {
-        let mut et = EventTopic::new("t", Default::default());
-        et.metadata.uid = Some(uid.into());
-        et.metadata.resource_version = Some(rv.into());
-        et
-    }
-
-    #[test]
-    fn a_version_the_operator_wrote_over_is_stale_until_the_cache_catches_up() {
-        let written = Superseded::default();
-        assert!(!written.is_stale(&at("a", "1")));
-        // One pass: a claim replaced version 1 with 2, the final status 2 with 3.
-        written.replaced(&at("a", "1"), Some("1".into()));
-        written.replaced(&at("a", "1"), Some("2".into()));
-        assert!(written.is_stale(&at("a", "1")));
-        assert!(written.is_stale(&at("a", "2")));
-        assert!(!written.is_stale(&at("b", "2")), "per object");
-        assert!(!written.is_stale(&at("a", "3")));
-        // Caught up: the cache never goes back, so nothing is kept.
-        assert!(!written.is_stale(&at("a", "1")));
-    }
 }
