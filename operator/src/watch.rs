@@ -116,27 +116,25 @@ where
                 });
             };
             // A (re-)list: the cache keeps what it had until the list is complete, so
-            // its objects are told only then, with those it no longer has as deleted.
+            // its objects are told only then (from the cache, which holds the new list
+            // by that event), with those it no longer has as deleted.
             let mut before: Vec<std::sync::Arc<K>> = Vec::new();
-            let mut listed: Vec<K> = Vec::new();
             while let Some(event) = stream.next().await {
                 match event {
                     Ok(watcher::Event::Apply(obj)) => tell(Seen::Applied(obj), &mut subscribers),
                     Ok(watcher::Event::Delete(obj)) => tell(Seen::Deleted(obj), &mut subscribers),
-                    Ok(watcher::Event::Init) => {
-                        before = store.state();
-                        listed.clear();
-                    }
-                    Ok(watcher::Event::InitApply(obj)) => listed.push(obj),
+                    Ok(watcher::Event::Init) => before = store.state(),
+                    Ok(watcher::Event::InitApply(_)) => {}
                     Ok(watcher::Event::InitDone) => {
+                        let listed = store.state();
                         let uids: HashSet<String> = listed.iter().filter_map(|o| o.uid()).collect();
                         for gone in before.drain(..) {
                             if !gone.uid().is_some_and(|uid| uids.contains(&uid)) {
                                 tell(Seen::Deleted(K::clone(&gone)), &mut subscribers);
                             }
                         }
-                        for obj in listed.drain(..) {
-                            tell(Seen::Applied(obj), &mut subscribers);
+                        for obj in listed {
+                            tell(Seen::Applied(K::clone(&obj)), &mut subscribers);
                         }
                     }
                     Err(error) => warn!(%error, kind = %K::kind(&()), "watch failed; retrying"),

@@ -4,8 +4,8 @@
 //! replica count), but not to status changes alone. These tests show that nothing it
 //! must react to is filtered away: a deleted Deployment is put back and a deleted
 //! EventTopic's grants are revoked within seconds, not at the next resync.
-//! Oracles: kubectl's view through the API server and Kafka's AclCommand (super user,
-//! checking only).
+//! Oracles: the objects as the API server returns them and Kafka's AclCommand (super
+//! user, checking only).
 
 use std::time::Duration;
 
