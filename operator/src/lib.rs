@@ -23,6 +23,7 @@ pub mod telemetry;
 pub mod watch;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use context::{Context, Settings};
 use kafka::KafkaAdmin;
@@ -84,9 +85,13 @@ pub async fn run(
     // revoked. Waited for here, once: kube's `Store::wait_until_ready` wakes only the
     // last of several tasks waiting at once, so reconciles must not wait on it.
     let ready = async {
-        caches.topics.wait_until_ready().await.ok();
-        caches.groups.wait_until_ready().await.ok();
-        caches.deployments.wait_until_ready().await.ok();
+        listed(&caches.topics, "eventtopics.eventops.dev").await;
+        listed(&caches.groups, "consumergroups.eventops.dev").await;
+        listed(&caches.deployments, "deployments.apps").await;
+        // Ready (`/readyz`) once the controllers run, not before.
+        metrics
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     };
     tokio::select! {
         () = ready => {}
@@ -114,4 +119,28 @@ pub async fn run(
         watch.abort();
     }
     Ok(())
+}
+
+/// Waits until `store` has listed its kind, saying every 30 s while it has not: until
+/// then no controller runs, and the usual cause is a missing CRD or a missing `list` or
+/// `watch` permission, which the watch only logs as it retries.
+async fn listed<K>(store: &kube::runtime::reflector::Store<K>, kind: &str)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let mut waited = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), store.wait_until_ready()).await {
+            Ok(_) => return,
+            Err(_) => {
+                waited += 30;
+                tracing::error!(
+                    "{kind} not listed after {waited} s: no controller runs until it is; check \
+                     that the CRD is installed and that the operator may list and watch {kind} \
+                     (the chart's ClusterRole)"
+                );
+            }
+        }
+    }
 }

@@ -134,7 +134,6 @@ async fn main() -> anyhow::Result<()> {
                     _ = lost => tracing::warn!("lost leadership; stopping"),
                 }
             };
-            metrics.ready.store(true, Ordering::Relaxed);
             eventops_operator::run(client, &args.config, metrics, shutdown).await?;
             server.abort();
             if leader.is_some() && !stopped_by_signal.load(Ordering::Relaxed) {

@@ -309,7 +309,10 @@ pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::io
                 if m.ready.load(Ordering::Relaxed) {
                     (StatusCode::OK, "ready")
                 } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not leading")
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not leading, or not yet listed what it watches",
+                    )
                 }
             }),
         )

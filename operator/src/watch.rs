@@ -169,33 +169,39 @@ pub fn spec_metadata_and<K: Resource>(obj: &K, more: impl Hash) -> u64 {
     hasher.finish()
 }
 
-/// The resource versions of objects that the operator's own writes have replaced. The
-/// cache learns of a write only when its watch event arrives; a reconcile that starts
-/// before then (triggered by a timer or another object) would act on the object as it
-/// was. For an EventTopic, that may be a claim to a topic the pass that just ended gave
-/// up, so it would take over a topic that is somebody else's by now. For a
-/// ConsumerGroup, it is the status before the last write: the reconcile would compare
-/// its new status with that and skip a write it needs. Such a reconcile waits for the
-/// cache instead.
+/// For each object the operator wrote, the resourceVersion its cached copy must reach
+/// before a reconcile may act on it. The cache learns of a write only when its watch
+/// event arrives; a reconcile that starts before then (triggered by a timer or another
+/// object) would act on the object as it was. For an EventTopic, that may be a claim to a
+/// topic the pass that just ended gave up, so it would take over a topic that is somebody
+/// else's by now. For a ConsumerGroup, it is the status before the last write: the
+/// reconcile would compare its new status with that and skip a write it needs. Such a
+/// reconcile waits for the cache instead.
+///
+/// Versions are compared as integers, as Kubernetes allows since 1.35 (KEP-5504,
+/// comparable resource versions): a version somebody else wrote between two of the
+/// operator's own writes is older than the last of them, and still stale. A version that
+/// is not a plain integer is never held back.
 #[derive(Default)]
-pub struct Superseded(std::sync::Mutex<BTreeMap<String, Vec<(String, Instant)>>>);
+pub struct Superseded(std::sync::Mutex<BTreeMap<String, (u64, Instant)>>);
 
-/// How long a replaced version is remembered: the cache has long caught up by then (and
-/// an object deleted without a finalizer leaves nothing behind for longer).
+/// How long a reconcile may be held back waiting for the cache: it has long caught up by
+/// then (and an object deleted without a finalizer leaves nothing behind for longer).
 const SUPERSEDED_FOR: Duration = Duration::from_secs(300);
 
 impl Superseded {
-    /// Whether `obj` is a version the operator has since written over; forgets the
-    /// versions before it when not (the cache has caught up: it never goes back).
+    /// Whether `obj` is older than the operator's own last write of it; forgets the
+    /// write once the cache has caught up (it never goes back).
     pub fn is_stale(&self, obj: &impl Resource) -> bool {
         let meta = obj.meta();
-        let (Some(uid), Some(rv)) = (&meta.uid, &meta.resource_version) else {
+        let Some(uid) = &meta.uid else { return false };
+        let Some(rv) = meta.resource_version.as_deref().and_then(version) else {
             return false;
         };
         let mut map = self.0.lock().expect("not poisoned");
         let stale = map
             .get(uid)
-            .is_some_and(|old| old.iter().any(|(v, _)| v == rv));
+            .is_some_and(|(wanted, at)| rv < *wanted && at.elapsed() < SUPERSEDED_FOR);
         if !stale {
             map.remove(uid);
         }
@@ -209,20 +215,31 @@ impl Superseded {
         }
     }
 
-    /// Notes that a write replaced version `rv` of `obj`.
-    pub fn replaced(&self, obj: &impl Resource, rv: Option<String>) {
-        let (Some(uid), Some(rv)) = (&obj.meta().uid, rv) else {
+    /// Notes that a write of `obj` produced version `rv`.
+    pub fn wrote(&self, obj: &impl Resource, rv: Option<&str>) {
+        self.hold(obj, rv.and_then(version));
+    }
+
+    /// Notes that `obj` has changed since version `rv` (somebody's write refused one of
+    /// the operator's for being older), without knowing the new version.
+    pub fn replaced(&self, obj: &impl Resource, rv: Option<&str>) {
+        self.hold(obj, rv.and_then(version).map(|v| v + 1));
+    }
+
+    fn hold(&self, obj: &impl Resource, wanted: Option<u64>) {
+        let (Some(uid), Some(wanted)) = (&obj.meta().uid, wanted) else {
             return;
         };
         let mut map = self.0.lock().expect("not poisoned");
-        map.retain(|_, old| {
-            old.retain(|(_, at)| at.elapsed() < SUPERSEDED_FOR);
-            !old.is_empty()
-        });
-        map.entry(uid.clone())
-            .or_default()
-            .push((rv, Instant::now()));
+        map.retain(|_, (_, at)| at.elapsed() < SUPERSEDED_FOR);
+        let entry = map.entry(uid.clone()).or_insert((wanted, Instant::now()));
+        *entry = (entry.0.max(wanted), Instant::now());
     }
+}
+
+/// A resourceVersion as the integer it is (KEP-5504); `None` for any other string.
+fn version(rv: &str) -> Option<u64> {
+    rv.parse().ok().filter(|_| !rv.starts_with('0'))
 }
 
 #[cfg(test)]
@@ -271,17 +288,39 @@ mod tests {
     }
 
     #[test]
-    fn a_version_the_operator_wrote_over_is_stale_until_the_cache_catches_up() {
+    fn a_version_before_the_operators_last_write_is_stale_until_the_cache_catches_up() {
         let written = Superseded::default();
         assert!(!written.is_stale(&at("a", "1")));
-        // One pass: a claim replaced version 1 with 2, the final status 2 with 3.
-        written.replaced(&at("a", "1"), Some("1".into()));
-        written.replaced(&at("a", "1"), Some("2".into()));
+        // One pass: a claim wrote version 2, the final status version 3.
+        written.wrote(&at("a", "1"), Some("2"));
+        written.wrote(&at("a", "1"), Some("3"));
         assert!(written.is_stale(&at("a", "1")));
         assert!(written.is_stale(&at("a", "2")));
         assert!(!written.is_stale(&at("b", "2")), "per object");
         assert!(!written.is_stale(&at("a", "3")));
         // Caught up: the cache never goes back, so nothing is kept.
         assert!(!written.is_stale(&at("a", "1")));
+        // Refused for being older than somebody's write: anything newer will do.
+        written.replaced(&at("a", "3"), Some("3"));
+        assert!(written.is_stale(&at("a", "3")));
+        assert!(!written.is_stale(&at("a", "9")));
+        // Not an integer: never held back.
+        written.wrote(&at("a", "9"), Some("x1"));
+        assert!(!written.is_stale(&at("a", "9")));
+        written.wrote(&at("a", "9"), Some("10"));
+        assert!(!written.is_stale(&at("a", "x")));
+    }
+
+    #[test]
+    fn a_foreign_write_between_two_of_the_operators_own_is_still_stale() {
+        let written = Superseded::default();
+        // A pass read version 10 and claimed a topic (11); somebody labelled the object
+        // (12); the pass gave the claim up in its final status (13).
+        written.wrote(&at("a", "10"), Some("11"));
+        written.wrote(&at("a", "10"), Some("13"));
+        // The cache has the label change but not yet the final status: 12 still shows
+        // the claim, so acting on it would take the topic over.
+        assert!(written.is_stale(&at("a", "12")));
+        assert!(!written.is_stale(&at("a", "13")));
     }
 }

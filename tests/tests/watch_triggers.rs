@@ -2,8 +2,9 @@
 //! event. The operator reacts to spec and metadata changes and to deletions, and to the
 //! status changes it acts on (an EventTopic coming to own its topics, a Deployment's
 //! replica count), but not to status changes alone. These tests show that nothing it
-//! must react to is filtered away: a deleted Deployment is put back and a deleted
-//! EventTopic's grants are revoked within seconds, not at the next resync.
+//! must react to is filtered away: a deleted Deployment is put back, so is the label
+//! that the operator's watch of Deployments selects by, and a deleted EventTopic's
+//! grants are revoked within seconds, not at the next resync.
 //! Oracles: the objects as the API server returns them and Kafka's AclCommand (super
 //! user, checking only).
 
@@ -70,6 +71,24 @@ async fn deletions_and_ownership_start_reconciles_without_a_resync() {
     eventually(TIMEOUT, "the Deployment put back", || async {
         let d = deployments.get_opt("billing").await.ok()??;
         (d.metadata.uid != uid).then_some(())
+    })
+    .await;
+
+    // Somebody removes the group label the operator finds its Deployment by (its watch
+    // then sees the Deployment go): the label is put back, and the autoscaler, which
+    // reads the same cache, keeps the Deployment.
+    let label = "eventops.dev/consumer-group";
+    deployments
+        .patch(
+            "billing",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"labels": {label: null}}})),
+        )
+        .await
+        .unwrap();
+    eventually(TIMEOUT, "the group label put back", || async {
+        let d = deployments.get("billing").await.ok()?;
+        (d.metadata.labels?.get(label)? == "billing").then_some(())
     })
     .await;
 

@@ -141,7 +141,9 @@ async fn reconcile_inner(
     let released = crate::replay::clear_stale_hold(&cg, ctx, &groups).await?;
     if added.is_some() || released {
         // Go on from the version just written (its own event starts the next pass).
-        ctx.written_groups.replaced(&*cg, cg.resource_version());
+        ctx.written_groups.wrote(&*cg, added.as_deref());
+        ctx.written_groups
+            .replaced(&*cg, cg.metadata.resource_version.as_deref());
         return Ok((Action::requeue(Duration::from_millis(200)), None));
     }
 
@@ -220,12 +222,16 @@ async fn reconcile_inner(
     let cached = ctx
         .deployments
         .get(&ObjectRef::new(&cg.name_any()).within(&ns));
-    let deployment = match cached {
-        Some(d) => Some(Deployment::clone(&d)),
-        None => deployments
+    let read_live = || async {
+        deployments
             .get_opt(&cg.name_any())
             .await
-            .map_err(|e| Error::kube("read the Deployment of", &*cg, e))?,
+            .map_err(|e| Error::kube("read the Deployment of", &*cg, e))
+    };
+    let from_cache = cached.is_some();
+    let mut deployment = match cached {
+        Some(d) => Some(Deployment::clone(&d)),
+        None => read_live().await?,
     };
 
     // Objects somebody else made under the names this group needs are left alone,
@@ -260,6 +266,19 @@ async fn reconcile_inner(
     let desired_secret = build::secret(&cg, &kafka, &password, rotation.as_deref());
     let desired_deployment =
         build::deployment(&cg, &routes, &outbox_topics, &kafka, &credentials_version);
+    if from_cache && !deployment_matches(deployment.as_ref(), &desired_deployment) {
+        // About to write on the strength of a cached copy, which lags when the watch
+        // does: read it live, so that a Deployment deleted or replaced by somebody
+        // else's meanwhile is neither recreated at the wrong size nor taken over.
+        deployment = read_live().await?;
+        if let Some(message) =
+            build::foreign_objects(&cg, deployment.as_ref().map(|d| &d.metadata), None)
+        {
+            let ready = Observed::ready(false, "ResourceConflict", message);
+            write_status(&cg, ctx, ready, None).await?;
+            return Ok((Action::requeue(resync), Some("ResourceConflict")));
+        }
+    }
 
     // Apply: only what differs, so a resync that finds nothing writes nothing. Kafka
     // first: the Secret must never hand out a password Kafka does not know yet.
@@ -566,10 +585,18 @@ fn deployment_matches(current: Option<&Deployment>, desired: &Deployment) -> boo
         let m = spec.template.metadata.as_ref()?.annotations.as_ref()?;
         m.get(build::CREDENTIALS_VERSION_ANNOTATION).cloned()
     };
+    // The operator's labels (the cache and the autoscaler find the Deployment by them);
+    // others may add their own.
+    let labels = current.labels();
+    let has_labels = desired
+        .labels()
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v));
     container(c) == container(d)
         && annotations(c) == annotations(d)
         && c.selector == d.selector
         && current.metadata.owner_references == desired.metadata.owner_references
+        && has_labels
 }
 
 /// 32 random bytes as hex, from the kernel's CSPRNG.
@@ -612,9 +639,7 @@ async fn write_status(
         return Ok(());
     }
     let written = crate::status::apply(ctx, cg, &new).await?;
-    if written != cg.resource_version() {
-        ctx.written_groups.replaced(cg, cg.resource_version());
-    }
+    ctx.written_groups.wrote(cg, written.as_deref());
     crate::status::announce_ready(ctx, cg, &old.conditions, &ready).await;
     Ok(())
 }

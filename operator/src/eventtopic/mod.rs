@@ -154,18 +154,11 @@ async fn reconcile_inner(
     if ctx.written.is_stale(&**et) {
         return Ok((Action::requeue(Duration::from_millis(200)), None));
     }
-    // The resourceVersion this pass's writes build on, each write's noted as replaced.
-    let mut version = et.metadata.resource_version.clone();
-    let mut wrote = |new: Option<String>| {
-        // A write that changed nothing keeps the version (the API server answers with
-        // the stored one): that version is current, not replaced.
-        if new.is_some() && new != version {
-            ctx.written
-                .replaced(&**et, std::mem::replace(&mut version, new));
-        }
-    };
+    // Each write's new resourceVersion: the cache must show it before a pass acts again.
+    // A write that changed nothing answers with the stored version, which is no newer.
+    let wrote = |new: Option<String>| ctx.written.wrote(&**et, new.as_deref());
     if et.metadata.deletion_timestamp.is_some() {
-        return Ok((finalize(et, ctx, &mut wrote).await?, None));
+        return Ok((finalize(et, ctx, wrote).await?, None));
     }
     let resync = ctx.shared.settings.next_resync();
     let outcome = if et.is_paused() {
@@ -595,7 +588,7 @@ fn kafka_message(e: &crate::kafka::KafkaError) -> String {
 async fn finalize(
     et: &EventTopic,
     ctx: &Ctx,
-    wrote: &mut impl FnMut(Option<String>),
+    wrote: impl Fn(Option<String>),
 ) -> Result<Action, Error> {
     if !et.finalizers().iter().any(|f| f == TOPIC_FINALIZER) {
         return Ok(Action::await_change());
