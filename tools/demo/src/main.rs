@@ -92,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
     let mut samples = Vec::new();
     let mut lag_readers: BTreeMap<String, BaseConsumer> = BTreeMap::new();
     let mut csv = String::from("t,group,lag,replicas,ready,dead_lettered\n");
+    let mut lag_per_replica = BTreeMap::new();
     while start.elapsed() < Duration::from_secs(args.duration_secs) {
         if args.stop_file.as_ref().is_some_and(|f| f.exists()) {
             break;
@@ -110,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
         };
         for cg in groups.list(&Default::default()).await?.items {
             let name = cg.name_any();
+            lag_per_replica.insert(name.clone(), cg.spec.scaling.lag_per_replica);
             let group_id = cg.kafka_group_id().to_string();
             let reader = match lag_readers.entry(group_id.clone()) {
                 std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
@@ -169,6 +171,9 @@ async fn main() -> anyhow::Result<()> {
     }
     std::fs::write(&args.csv, csv).with_context(|| format!("writing {}", args.csv.display()))?;
     plot::draw(&samples, &args.svg)?;
+    for (name, lag_per_replica) in &lag_per_replica {
+        println!("{}", scale_steps(&samples, name, *lag_per_replica));
+    }
     println!("samples: {}", args.csv.display());
     println!("plot:    {}", args.svg.display());
     Ok(())
@@ -219,6 +224,45 @@ fn records_in(reader: &BaseConsumer, topics: &[String]) -> anyhow::Result<i64> {
     Ok(total)
 }
 
+/// One line on how `group` scaled: when its lag (as measured here) first reached one
+/// replica's worth, each change of the Deployment's replicas with its time and the lag
+/// then, and the upward steps. With `scaling.drainWithin` the need is to be met in one step.
+fn scale_steps(samples: &[Sample], group: &str, lag_per_replica: i64) -> String {
+    let series: Vec<(f64, &GroupSample)> = samples
+        .iter()
+        .filter_map(|s| s.groups.get(group).map(|g| (s.t, g)))
+        .collect();
+    let crossed = series
+        .iter()
+        .find(|(_, g)| g.lag >= lag_per_replica)
+        .map(|(t, _)| *t);
+    let mut line = format!("{group}: lag reached {lag_per_replica} (one replica's worth) ");
+    match crossed {
+        Some(t) => {
+            let _ = write!(line, "at {t:.1}s");
+        }
+        None => line.push_str("never"),
+    }
+    let mut steps_up = 0;
+    for pair in series.windows(2) {
+        let ((_, before), (t, after)) = (pair[0], pair[1]);
+        if after.replicas == before.replicas {
+            continue;
+        }
+        steps_up += usize::from(after.replicas > before.replicas);
+        let _ = write!(
+            line,
+            "; {} → {} at {t:.1}s (lag {})",
+            before.replicas, after.replicas, after.lag
+        );
+        if let Some(c) = crossed.filter(|c| after.replicas > before.replicas && t >= *c) {
+            let _ = write!(line, ", {:.1}s after", t - c);
+        }
+    }
+    let _ = write!(line, "; {steps_up} step(s) up");
+    line
+}
+
 fn print_line(sample: &Sample) {
     let mut line = format!("t={:>5.1}s", sample.t);
     for (name, g) in &sample.groups {
@@ -230,4 +274,43 @@ fn print_line(sample: &Sample) {
     }
     let _ = write!(line, " | dead-lettered {}", sample.dead_lettered);
     println!("{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(t: f64, lag: i64, replicas: i32) -> Sample {
+        let g = GroupSample {
+            lag,
+            replicas,
+            ready: replicas,
+        };
+        Sample {
+            t,
+            groups: [("inventory".to_string(), g)].into(),
+            dead_lettered: 0,
+        }
+    }
+
+    #[test]
+    fn scale_steps_names_each_change_and_the_delay_after_the_lag_crossed() {
+        let samples = [
+            sample(0.0, 0, 1),
+            sample(0.5, 300, 1),
+            sample(1.0, 650, 1),
+            sample(1.5, 900, 2),
+            sample(2.0, 1200, 6),
+            sample(9.0, 0, 1),
+        ];
+        assert_eq!(
+            scale_steps(&samples, "inventory", 500),
+            "inventory: lag reached 500 (one replica's worth) at 1.0s; 1 → 2 at 1.5s (lag 900), \
+             0.5s after; 2 → 6 at 2.0s (lag 1200), 1.0s after; 6 → 1 at 9.0s (lag 0); 2 step(s) up"
+        );
+        assert_eq!(
+            scale_steps(&samples[..1], "inventory", 500),
+            "inventory: lag reached 500 (one replica's worth) never; 0 step(s) up"
+        );
+    }
 }
