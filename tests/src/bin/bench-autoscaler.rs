@@ -2,17 +2,21 @@
 //!
 //! 1. Reaction time: from the end of a produced burst to the Deployment's replicas
 //!    changing, with the default scaling settings; each run and the median.
-//! 2. Cost per evaluation cycle with 1, 50 and 500 ConsumerGroups on one broker: Kafka
+//! 2. Cost per evaluation cycle with 1, 50 and 500 ConsumerGroups (or the counts given as
+//!    the first argument, e.g. `1,50,500,5000`) on one broker: Kafka
 //!    requests and operator CPU time, and, measured in the same run, the same for a
 //!    per-group-client baseline (one Kafka client per group polling its own metadata,
 //!    committed offsets and watermarks every cycle, as KEDA's Kafka scaler does),
 //!    with the ratio.
-//! 3. Operator RSS with 500 ConsumerGroups being evaluated.
+//! 3. Operator RSS with the most ConsumerGroups being evaluated, and the baseline's.
 //!
 //! Run through `tools/bench-autoscaler`, which builds in release mode and starts the
-//! environment. `bench-autoscaler baseline <prefix> <groups> <seconds>` is the baseline
-//! process the benchmark spawns.
+//! environment. `bench-autoscaler baseline <prefix> <first> <end> <seconds>` is a baseline
+//! process the benchmark spawns: the groups `first..end`, at most
+//! [`CLIENTS_PER_PROCESS`] per process (each client holds several file descriptors and
+//! threads), all running at once.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -33,14 +37,21 @@ use serde_json::json;
 const REACTION_RUNS: usize = 5;
 /// Length of each cost measurement window.
 const WINDOW: Duration = Duration::from_secs(15);
-/// Group counts the cost is measured for.
+/// Baseline clients per process: 1,000 clients hold about 7,000 file descriptors.
+const CLIENTS_PER_PROCESS: usize = 1000;
+/// Group counts the cost is measured for, unless the first argument names others.
 const STAGES: [usize; 3] = [1, 50, 500];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("baseline") {
-        return baseline(&args[2], args[3].parse()?, args[4].parse()?).await;
+        return baseline(
+            &args[2],
+            args[3].parse()?..args[4].parse()?,
+            args[5].parse()?,
+        )
+        .await;
     }
     let env = env().await;
     let ns = env.namespace("bench-as").await;
@@ -54,13 +65,21 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let pid = operator.id();
-    let result = run(&env, &ns, port, pid).await;
+    let stages = match args.get(1) {
+        Some(list) => list
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<Vec<usize>, _>>()
+            .map_err(|e| anyhow::anyhow!("group counts like 1,50,500,5000: {e}"))?,
+        None => STAGES.to_vec(),
+    };
+    let result = run(&env, &ns, port, pid, &stages).await;
     operator.kill()?;
     operator.wait()?;
     result
 }
 
-async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32) -> anyhow::Result<()> {
+async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32, stages: &[usize]) -> anyhow::Result<()> {
     let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), ns);
     let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), ns);
     let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), ns);
@@ -132,9 +151,10 @@ async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32) -> anyhow::Result<()>
         "CPU ratio"
     );
     let mut created = 0;
-    let mut rss_500 = String::new();
+    let mut rss_largest = String::new();
     let mut baseline_rss = String::new();
-    for n in STAGES {
+    let largest = stages.iter().copied().max().unwrap_or(0);
+    for &n in stages {
         let pairs: Vec<usize> = (created..n).collect();
         futures::stream::iter(pairs)
             .map(|i| {
@@ -185,40 +205,48 @@ async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32) -> anyhow::Result<()>
         let cycles = (after.cycles - before.cycles).max(1.0);
         let ops_req = (after.requests - before.requests) / cycles;
         let ops_cpu = (after.cpu_ms - before.cpu_ms) / cycles;
-        if n == 500 {
-            rss_500 = after.rss.clone();
+        if n == largest {
+            rss_largest = after.rss.clone();
         }
 
-        let out = tokio::process::Command::new(std::env::current_exe()?)
-            .args([
-                "baseline",
-                &prefix,
-                &n.to_string(),
-                &WINDOW.as_secs().to_string(),
-            ])
-            .output()
-            .await?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("BASELINE"))
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "baseline printed no result: {text}{}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            })?;
-        let field = |name: &str| -> f64 {
-            line.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(f64::NAN)
-        };
-        let b_cycles = field("cycles").max(1.0);
-        let b_req = field("requests") / b_cycles;
-        let b_cpu = field("cpu_ms") / b_cycles;
-        if n == 500 {
-            baseline_rss = format!("{:.0} MiB", field("rss_kb") / 1024.0);
+        let parts = (0..n).step_by(CLIENTS_PER_PROCESS).map(|first| {
+            let end = (first + CLIENTS_PER_PROCESS).min(n);
+            let prefix = prefix.clone();
+            async move {
+                let out = tokio::process::Command::new(std::env::current_exe()?)
+                    .args(["baseline", &prefix])
+                    .args([first, end].map(|i| i.to_string()))
+                    .arg(WINDOW.as_secs().to_string())
+                    .output()
+                    .await?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                let line = text
+                    .lines()
+                    .find(|l| l.starts_with("BASELINE"))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "baseline printed no result: {text}{}",
+                            String::from_utf8_lossy(&out.stderr)
+                        )
+                    })?;
+                let field = |name: &str| -> f64 {
+                    line.split_whitespace()
+                        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(f64::NAN)
+                };
+                anyhow::Ok(["requests", "cycles", "cpu_ms", "rss_kb"].map(field))
+            }
+        });
+        let parts = futures::future::try_join_all(parts).await?;
+        // Per cycle, requests and CPU add up over the processes (each ran its own cycles);
+        // memory adds up; the cycle count shown is the slowest process's.
+        let per_cycle = |i: usize| parts.iter().map(|p| p[i] / p[1].max(1.0)).sum::<f64>();
+        let (b_req, b_cpu) = (per_cycle(0), per_cycle(2));
+        let b_cycles = parts.iter().map(|p| p[1]).fold(f64::INFINITY, f64::min);
+        if n == largest {
+            let rss_kb: f64 = parts.iter().map(|p| p[3]).sum();
+            baseline_rss = format!("{:.0} MiB ({} process(es))", rss_kb / 1024.0, parts.len());
         }
         println!(
             "  {n:>6} | {:>10.1} / {:>8.1} | {:>12.1} / {:>10.1} | {:>9.1}x | {:>9.1}x",
@@ -237,8 +265,8 @@ async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32) -> anyhow::Result<()>
         );
     }
     println!();
-    println!("operator RSS with 500 ConsumerGroups evaluated every second: {rss_500}");
-    println!("per-group-client baseline RSS with 500 groups:               {baseline_rss}");
+    println!("operator RSS with {largest} ConsumerGroups evaluated every second: {rss_largest}");
+    println!("per-group-client baseline RSS with {largest} groups: {baseline_rss}");
     Ok(())
 }
 
@@ -411,10 +439,10 @@ impl ConsumerContext for Counting {}
 /// The per-group-client baseline: one Kafka client per group, each cycle reading its
 /// topic's metadata, its committed offsets (OffsetFetch) and each partition's low and
 /// high watermarks (ListOffsets), as KEDA's Kafka scaler does per ScaledObject.
-async fn baseline(prefix: &str, n: usize, seconds: u64) -> anyhow::Result<()> {
+async fn baseline(prefix: &str, groups: Range<usize>, seconds: u64) -> anyhow::Result<()> {
     let info = eventops_devenv::EnvInfo::from_env()?;
     let mut clients = Vec::new();
-    for i in 0..n {
+    for i in groups {
         let count = Arc::new(AtomicI64::new(0));
         let consumer: BaseConsumer<Counting> = info
             .kafka_admin_config()
