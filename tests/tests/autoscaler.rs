@@ -831,3 +831,156 @@ async fn drain_within_reaches_the_need_in_one_step() {
     assert!(ups[0].starts_with("1 → 3 replicas"), "{ups:?}");
     assert_eq!(seen, vec![1, 3], "replicas seen");
 }
+
+/// One-step scaling on a spike that goes on, shaped like the demo's (`tools/sandbox`):
+/// 20 records/s, then 250/s for 15 s, on a group whose workers process a known 100/s each
+/// (played by the test), with `drainWithin: 60s` and `lagPerReplica: 500`. The need is
+/// (lag + 250 × 60) / (100 × 60): 3 replicas. The autoscaler reaches them in one step, no
+/// later than 3 s after the lag (read from Kafka: end offsets minus the group's committed
+/// offsets) first reaches one replica's worth, 500, or before; `lagPerReplica` alone would take a
+/// step per 500 of lag. The interval in which the rate steps up counts only part of it;
+/// the autoscaler waits for the next one rather than scaling on the part.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spike_that_goes_on_is_met_in_one_step() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    const PARTITIONS: usize = 8;
+    let out_dir = eventops_tests::pods::probe_out_dir("as-spike");
+    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+    let s = setup_with(
+        "as-spike",
+        PARTITIONS as i32,
+        json!({"minReplicas": 1, "lagPerReplica": 500, "drainWithin": "60s",
+               "scaleUpInterval": "5s", "scaleDownStabilization": "5m"}),
+        json!({"image": "ghcr.io/eventops/pod-probe:test", "env": [
+            {"name": "POD_IP", "valueFrom": field("status.podIP")},
+            {"name": "PROBE_ADDR", "value": "$(POD_IP):8080"},
+            {"name": "PROBE_OUT_DIR", "value": out_dir},
+        ]}),
+    )
+    .await;
+    let ready = |n: i32| {
+        let deployments = s.deployments.clone();
+        async move {
+            let d = deployments.get_status("workers").await.ok()?;
+            (d.status?.ready_replicas == Some(n)).then_some(())
+        }
+    };
+    eventually(Duration::from_secs(60), "1 worker Ready", || ready(1)).await;
+    let group = s.group_id().await;
+    let (workers, produced) = simulated_workers(&s, &group, PARTITIONS);
+    let producer = std::sync::Arc::new(producer(&s.env.info));
+    let all: Vec<i32> = (0..PARTITIONS as i32).collect();
+    // Sends `rate` records a second for `seconds`, 10 times a second.
+    let traffic = |rate: usize, seconds: u64| {
+        let (producer, topic, all, produced) = (
+            producer.clone(),
+            s.topic.clone(),
+            all.clone(),
+            produced.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut sent = 0;
+            while started.elapsed() < Duration::from_secs(seconds) {
+                let due = (started.elapsed().as_secs_f64() * rate as f64) as usize;
+                if due > sent {
+                    // Record i of the whole run to partition i % PARTITIONS, as counted.
+                    let from: Vec<i32> = (0..PARTITIONS)
+                        .map(|k| all[(sent + k) % PARTITIONS])
+                        .collect();
+                    send_spread(&producer, &topic, &from, due - sent);
+                    let mut produced = produced.lock().unwrap();
+                    for i in sent..due {
+                        produced[i % PARTITIONS] += 1;
+                    }
+                    sent = due;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+
+    // Warm-up: a backlog of 400, 4 s for the one worker, so that its rate is measured.
+    traffic(400, 1).await.unwrap();
+    eventually(TIMEOUT, "a processing rate measured", || async {
+        s.groups
+            .get_status("workers")
+            .await
+            .ok()?
+            .status?
+            .processing_rate_per_replica
+    })
+    .await;
+    s.wait_lag(0).await;
+
+    // The lag as Kafka has it, read by the super user (checking only).
+    let reader: BaseConsumer = s
+        .env
+        .info
+        .kafka_admin_config()
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let reader = std::sync::Arc::new(reader);
+    let topic = s.topic.clone();
+    let kafka_lag = move || {
+        let timeout = Duration::from_secs(5);
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..PARTITIONS as i32 {
+            tpl.add_partition(&topic, p);
+        }
+        let committed = reader.committed_offsets(tpl, timeout).ok()?;
+        let mut lag = 0;
+        for e in committed.elements() {
+            let (_, high) = reader
+                .fetch_watermarks(&topic, e.partition(), timeout)
+                .ok()?;
+            lag += high - e.offset().to_raw().unwrap_or(0).max(0);
+        }
+        Some(lag)
+    };
+
+    let base = traffic(20, 3);
+    base.await.unwrap();
+    let spike = traffic(250, 15);
+    let started = Instant::now();
+    let (mut crossed, mut steps, mut last, mut most) = (None, vec![], 1, None);
+    while started.elapsed() < Duration::from_secs(15) {
+        let lag_reader = kafka_lag.clone();
+        let lag = tokio::task::spawn_blocking(lag_reader).await.unwrap();
+        let at = started.elapsed().as_secs_f64();
+        most = most.max(lag);
+        if crossed.is_none() && lag.is_some_and(|l| l >= 500) {
+            crossed = Some(at);
+        }
+        let n = s
+            .deployments
+            .get("workers")
+            .await
+            .unwrap()
+            .spec
+            .replicas
+            .unwrap();
+        if n != last {
+            steps.push((at, last, n));
+            last = n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    spike.await.unwrap();
+    workers.abort();
+    let ups = event_notes(&s.env, &s.ns, "workers", "ScaledUp").await;
+    eprintln!(
+        "lag reached 500 at {crossed:?} s (at most {most:?}); steps (s, from, to): {steps:?}; {ups:?}"
+    );
+    assert_eq!(steps.len(), 1, "one step: {steps:?}; {ups:?}");
+    let (at, from, to) = steps[0];
+    assert_eq!((from, to), (1, 3), "{ups:?}");
+    // Within 3 s of the lag reaching 500, or before it ever did.
+    assert!(
+        crossed.is_none_or(|c| at <= c + 3.0),
+        "stepped at {at:.1}s, lag reached 500 at {crossed:?}s"
+    );
+    assert!(ups[0].contains("drainWithin 60s"), "{ups:?}");
+}

@@ -87,7 +87,13 @@ pub struct History {
     /// Recent recommendations, oldest first.
     recommendations: VecDeque<(Instant, i32)>,
     last_scale_up: Option<Instant>,
+    /// Cycles in a row a scale-up has waited for rising arrivals.
+    rising_waits: u32,
 }
+
+/// At most this many cycles in a row a scale-up waits for rising arrivals: arrivals that
+/// keep growing faster than that are taken as they stand.
+const RISING_WAITS: u32 = 2;
 
 impl History {
     /// Somebody else set the replicas to `current` at `now` (`kubectl scale`, a
@@ -118,8 +124,9 @@ impl History {
 ///    `maxReplicas` and the partition count, rounded up to a divisor of the partition
 ///    count (if asked).
 /// 4. Up: at once, to the whole need in one step, but not twice within
-///    `scaleUpInterval`. Down: only to the highest recommendation of the last
-///    `scaleDownStabilization`.
+///    `scaleUpInterval`; with `drainWithin`, not while arrivals are rising (at most two
+///    cycles: the need is measured once they stop). Down: only to the highest
+///    recommendation of the last `scaleDownStabilization`.
 pub fn decide(
     policy: &Policy,
     rates: &Rates,
@@ -155,6 +162,7 @@ pub fn decide(
     let mut notes = vec![format!(
         "lag {total_lag} over {lagging}/{partition_count} partitions"
     )];
+    let mut drained = false;
     let mut want = if current == 0 && driving <= policy.activation_lag {
         if driving > 0 {
             notes.push(format!(
@@ -164,6 +172,7 @@ pub fn decide(
         }
         0
     } else if let Some(drain) = drain_to(policy, rates, driving, &mut notes) {
+        drained = true;
         drain
     } else {
         let n = (driving + policy.lag_per_replica - 1) / policy.lag_per_replica;
@@ -221,12 +230,22 @@ pub fn decide(
     {
         history.recommendations.pop_front();
     }
+    let mut waited = false;
     let replicas = if want > current {
-        match history.last_scale_up {
-            Some(t) if now.duration_since(t) < policy.scale_up_interval => {
+        match (history.last_scale_up, rates.rising) {
+            (Some(t), _) if now.duration_since(t) < policy.scale_up_interval => {
                 notes.push(format!(
                     "scale-up held: last one under scaleUpInterval {:?} ago",
                     policy.scale_up_interval
+                ));
+                current
+            }
+            // The need is not measured yet: one more cycle tells a rate that stepped up
+            // (then scaled to in one step) from a one-off burst (then lag only).
+            (_, Some(rising)) if drained && history.rising_waits < RISING_WAITS => {
+                waited = true;
+                notes.push(format!(
+                    "scale-up waits a cycle: arrivals rising to {rising:.1}/s"
                 ));
                 current
             }
@@ -250,6 +269,7 @@ pub fn decide(
     } else {
         current
     };
+    history.rising_waits = if waited { history.rising_waits + 1 } else { 0 };
     Decision {
         replicas,
         total_lag,
@@ -309,6 +329,7 @@ mod tests {
     const NO_RATES: Rates = Rates {
         arrival: None,
         per_replica: None,
+        rising: None,
     };
 
     fn policy() -> Policy {
@@ -506,6 +527,7 @@ mod tests {
         Rates {
             arrival,
             per_replica,
+            rising: None,
         }
     }
 
@@ -604,6 +626,45 @@ mod tests {
     }
 
     #[test]
+    fn a_scale_up_waits_for_rising_arrivals_two_cycles_at_most() {
+        let mut p = policy();
+        p.drain_within = Some(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let mut h = history_for(1, t0);
+        let rising = |arrival: f64, newest: f64| Rates {
+            arrival: Some(arrival),
+            per_replica: Some(100.0),
+            rising: Some(newest),
+        };
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut step = |r: &Rates, s: u64| decide(&p, r, &mut h, &lags(&[500, 0, 0, 0]), 1, at(s));
+        let d = step(&rising(100.0, 300.0), 1);
+        assert_eq!(d.replicas, 1, "{}", d.reason);
+        assert!(
+            d.reason
+                .contains("waits a cycle: arrivals rising to 300.0/s"),
+            "{}",
+            d.reason
+        );
+        assert_eq!(step(&rising(150.0, 400.0), 2).replicas, 1);
+        // Still rising after two cycles: taken as it stands, (500 + 200 × 10) / 1000.
+        let d = step(&rising(200.0, 800.0), 3);
+        assert_eq!(d.replicas, 3, "{}", d.reason);
+        // Without drainWithin the lagPerReplica rule never waits.
+        p.drain_within = None;
+        let mut h = history_for(1, t0);
+        let d = decide(
+            &p,
+            &rising(100.0, 300.0),
+            &mut h,
+            &lags(&[500, 0, 0, 0]),
+            1,
+            at(1),
+        );
+        assert_eq!(d.replicas, 4, "{}", d.reason);
+    }
+
+    #[test]
     fn a_measured_need_is_not_held_back_by_scale_up_interval_steps() {
         // Up to 6 in one go; scaleUpInterval then holds a further step, and the one after
         // it goes straight to the new need.
@@ -663,10 +724,12 @@ mod tests {
             let dt = 0.1;
             for tick in 1..=400 {
                 let t = f64::from(tick) * dt;
+                // The demo's traffic (`tools/sandbox`): 20 orders/s, ×15 from 10 s for
+                // 30 s; one inventory worker reserves 50 a second.
                 let arrival = if (10.3..40.3).contains(&t) {
-                    500.0
+                    300.0
                 } else {
-                    50.0
+                    20.0
                 };
                 let capacity = f64::from(ready) * 50.0 * dt / PARTITIONS as f64;
                 for (end, c) in ends.iter_mut().zip(committed.iter_mut()) {

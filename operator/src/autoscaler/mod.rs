@@ -267,6 +267,9 @@ impl Cycle<'_> {
                 IsolationLevel::ReadCommitted
             ),
         );
+        // The rates' intervals run from one read of the offsets to the next, not from
+        // whenever this cycle reaches a group (after others' probes and writes).
+        let read_at = Instant::now();
         let (start, end) = match listed {
             Ok(offsets) => offsets,
             Err(error) => {
@@ -371,7 +374,7 @@ impl Cycle<'_> {
             }
             state.last.retain(|tp, _| measured.contains_key(tp));
             let rates = if track_rates {
-                state.rates.observe(Instant::now(), &observed, target.ready)
+                state.rates.observe(read_at, &observed, target.ready)
             } else {
                 state.rates = RateTracker::default();
                 Rates::default()

@@ -26,7 +26,16 @@ pub struct Rates {
     pub arrival: Option<f64>,
     /// Records per second one worker processes.
     pub per_replica: Option<f64>,
+    /// The last interval's arrivals when they rose well above `arrival` (over
+    /// [`RISING`] times): a rate that has just stepped up (the interval that straddles
+    /// the step counts only part of it), or a one-off burst. The next interval tells
+    /// which.
+    pub rising: Option<f64>,
 }
+
+/// How much faster than the estimate the last interval's arrivals must be to count as
+/// rising: an estimate taken while rising is at most this much too low.
+const RISING: f64 = 1.2;
 
 /// How long the smoothing of the processing rate remembers: a measurement this old
 /// weighs 1/e of a fresh one. Commits land every half second or so, so a one-second
@@ -39,6 +48,9 @@ pub struct RateTracker {
     last: Option<Sample>,
     /// The last two intervals' arrival rates, newest last.
     arrivals: Vec<f64>,
+    /// Whether the arrivals of the interval before the newest were rising; and of the
+    /// newest.
+    rose: (bool, bool),
     per_replica: Option<f64>,
     /// Since which sample the Ready workers have been this many.
     running_since: Option<(i32, Instant)>,
@@ -59,7 +71,9 @@ impl RateTracker {
     ///   partitions read both times; the lower of the last two such figures, so that a
     ///   one-off burst, which shows in one interval, counts as lag and not as a rate that
     ///   will go on (it would count twice), while a rate that goes on is known from the
-    ///   second interval.
+    ///   second interval. The interval after a rise ([`Rates::rising`]) that is at least
+    ///   as high gives the rate alone: the rise's own interval straddled the step and
+    ///   counted only part of it.
     /// - **Processing per replica**: the committed offsets' advance per second divided by
     ///   the Ready workers, from intervals in which the group had a backlog the whole time
     ///   (the lag at the start was more than what was processed), the workers were the same
@@ -99,6 +113,9 @@ impl RateTracker {
                 if self.arrivals.len() > 2 {
                     self.arrivals.remove(0);
                 }
+                self.rose = (self.rose.1, false);
+                self.rose.1 = self.rates().rising.is_some();
+
                 let busy = processed > 0 && backlog > processed;
                 let settled = running > 0 && last.running == running && settled_since < last.at;
                 if busy && settled {
@@ -123,10 +140,20 @@ impl RateTracker {
 
     /// The rates as they stand.
     pub fn rates(&self) -> Rates {
+        let arrival = match self.arrivals[..] {
+            // Rising, then at least as high again: a rate that stepped up, known from the
+            // first interval it filled (the one before straddled the step).
+            [older, newest] if self.rose.0 && newest >= older => Some(newest),
+            [older, newest] => Some(older.min(newest)),
+            _ => None,
+        };
+        let newest = self.arrivals.last().copied();
         Rates {
-            arrival: (self.arrivals.len() == 2)
-                .then(|| self.arrivals.iter().copied().fold(f64::INFINITY, f64::min)),
+            arrival,
             per_replica: self.per_replica,
+            rising: newest.filter(|n| {
+                arrival.is_some_and(|estimate| *n > estimate * RISING && n - estimate >= 1.0)
+            }),
         }
     }
 
@@ -136,6 +163,7 @@ impl RateTracker {
     pub fn gap(&mut self) {
         self.last = None;
         self.arrivals.clear();
+        self.rose = (false, false);
         self.running_since = None;
     }
 }
@@ -174,6 +202,32 @@ mod tests {
         // A rate that goes on is the rate from its second interval.
         r.observe(at(5), &one(6200, 0), 1);
         assert_eq!(r.observe(at(6), &one(7200, 0), 1).arrival, Some(1000.0));
+    }
+
+    #[test]
+    fn arrivals_that_step_up_count_as_rising_until_an_interval_confirms_them() {
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let mut r = RateTracker::default();
+        r.observe(at(0), &one(0, 0), 1);
+        r.observe(at(1), &one(20, 0), 1);
+        assert_eq!(r.observe(at(2), &one(40, 0), 1).rising, None, "steady");
+        // 20/s steps up to 300/s a third into the next second: 207 that second.
+        let straddle = r.observe(at(3), &one(247, 0), 1);
+        assert_eq!(
+            (straddle.arrival, straddle.rising),
+            (Some(20.0), Some(207.0))
+        );
+        // The next interval is as high: the rate it shows goes on.
+        let full = r.observe(at(4), &one(547, 0), 1);
+        assert_eq!((full.arrival, full.rising), (Some(300.0), None));
+        let steady = r.observe(at(5), &one(847, 0), 1);
+        assert_eq!((steady.arrival, steady.rising), (Some(300.0), None));
+        // A one-off burst rises for one interval, then is only lag.
+        let burst = r.observe(at(6), &one(5847, 0), 1);
+        assert_eq!((burst.arrival, burst.rising), (Some(300.0), Some(5000.0)));
+        let after = r.observe(at(7), &one(5847, 0), 1);
+        assert_eq!((after.arrival, after.rising), (Some(0.0), None));
     }
 
     #[test]
@@ -236,7 +290,8 @@ mod tests {
             r.rates(),
             Rates {
                 arrival: Some(10.0),
-                per_replica: Some(50.0)
+                per_replica: Some(50.0),
+                rising: None,
             }
         );
         r.gap();
