@@ -6,6 +6,7 @@
 pub mod autoscale;
 pub mod chart;
 pub mod e2e;
+pub mod keda;
 pub mod operator_user;
 pub mod pg;
 pub mod pods;

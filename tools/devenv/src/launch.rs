@@ -276,6 +276,30 @@ impl Environment {
                 ),
                 &format!("--cert-dir={}", p("apiserver-certs")),
                 "--allow-privileged=true",
+                // The aggregation layer (APIService objects, e.g. KEDA's
+                // external.metrics.k8s.io adapter): kube-apiserver proxies to the extension
+                // server with the front-proxy client certificate and the caller's identity in
+                // X-Remote-* headers. Routing without kube-proxy: the aggregator resolves a
+                // Service of type ExternalName to https://<externalName>:<APIService port>,
+                // so an APIService backed by an ExternalName Service `localhost` reaches a
+                // server on 127.0.0.1 (Endpoints and EndpointSlices refuse loopback
+                // addresses, which rules out --enable-aggregator-routing here).
+                &format!(
+                    "--requestheader-client-ca-file={}",
+                    pki.front_proxy_ca.display()
+                ),
+                &format!("--requestheader-allowed-names={FRONT_PROXY_CLIENT}"),
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                &format!(
+                    "--proxy-client-cert-file={}",
+                    pki.front_proxy_client_cert.display()
+                ),
+                &format!(
+                    "--proxy-client-key-file={}",
+                    pki.front_proxy_client_key.display()
+                ),
                 // No kubelets or kube-proxy route to a service IP here: skip the endpoints of
                 // the `kubernetes` Service instead of logging that 127.0.0.1 is invalid there.
                 "--endpoint-reconciler-type=none",
@@ -643,7 +667,17 @@ struct Pki {
     server_key: PathBuf,
     sa_key: PathBuf,
     sa_public: PathBuf,
+    /// The aggregation layer's CA: kube-apiserver presents a client certificate it signed
+    /// (`front_proxy_client_*`) when it proxies to an extension API server (such as KEDA's
+    /// metrics adapter), which then trusts the `X-Remote-*` headers of such requests.
+    front_proxy_ca: PathBuf,
+    front_proxy_client_cert: PathBuf,
+    front_proxy_client_key: PathBuf,
 }
+
+/// The common name of the aggregation layer's client certificate, the only name
+/// extension API servers accept `X-Remote-*` headers from (`--requestheader-allowed-names`).
+pub const FRONT_PROXY_CLIENT: &str = "front-proxy-client";
 
 /// A CA, a serving certificate for 127.0.0.1 and a service-account signing key, made with
 /// the openssl command-line tool.
@@ -656,6 +690,9 @@ fn make_pki(dir: &Path) -> anyhow::Result<Pki> {
         server_key: f("apiserver.key"),
         sa_key: f("sa.key"),
         sa_public: f("sa.pub"),
+        front_proxy_ca: f("front-proxy-ca.crt"),
+        front_proxy_client_cert: f("front-proxy-client.crt"),
+        front_proxy_client_key: f("front-proxy-client.key"),
     };
     let openssl = || Command::new("openssl");
     let ec = [
@@ -721,7 +758,57 @@ fn make_pki(dir: &Path) -> anyhow::Result<Pki> {
         .arg(&pki.sa_key)
         .arg("-out")
         .arg(&pki.sa_public))?;
+    make_front_proxy_pki(dir, &pki, ec)?;
     Ok(pki)
+}
+
+/// The aggregation layer's own CA and the client certificate kube-apiserver proxies with,
+/// as kubeadm makes them (a CA apart from the cluster CA: a client certificate of the
+/// cluster CA must not be able to assert any user through `X-Remote-User`).
+fn make_front_proxy_pki(dir: &Path, pki: &Pki, ec: [&str; 5]) -> anyhow::Result<()> {
+    let f = |n: &str| dir.join(n);
+    let openssl = || Command::new("openssl");
+    let ca_key = f("front-proxy-ca.key");
+    run(openssl()
+        .args(["req", "-x509"])
+        .args(ec)
+        .args(["-days", "30", "-subj", "/CN=eventops-front-proxy-ca"])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .arg("-keyout")
+        .arg(&ca_key)
+        .arg("-out")
+        .arg(&pki.front_proxy_ca))
+    .context("creating the front-proxy CA")?;
+    let csr = f("front-proxy-client.csr");
+    run(openssl()
+        .arg("req")
+        .args(ec)
+        .args(["-subj", &format!("/CN={FRONT_PROXY_CLIENT}")])
+        .arg("-keyout")
+        .arg(&pki.front_proxy_client_key)
+        .arg("-out")
+        .arg(&csr))?;
+    let ext = f("front-proxy-client.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=clientAuth\n",
+    )?;
+    run(openssl()
+        .args(["x509", "-req", "-days", "30"])
+        .arg("-in")
+        .arg(&csr)
+        .arg("-CA")
+        .arg(&pki.front_proxy_ca)
+        .arg("-CAkey")
+        .arg(&ca_key)
+        .arg("-CAcreateserial")
+        .arg("-extfile")
+        .arg(&ext)
+        .arg("-out")
+        .arg(&pki.front_proxy_client_cert))?;
+    Ok(())
 }
 
 /// How often (at most) a Kafka node writes a metadata snapshot, in milliseconds (Kafka's
