@@ -4,6 +4,7 @@
 //! Tests isolate themselves by namespace and by Kafka topic names made with [`unique`].
 
 pub mod autoscale;
+pub mod bench;
 pub mod chart;
 pub mod e2e;
 pub mod keda;

@@ -34,6 +34,29 @@ async fn setup(prefix: &str, partitions: i32, scaling: serde_json::Value) -> Set
     setup_with(prefix, partitions, scaling, json!({"image": "worker:1"})).await
 }
 
+/// [`setup_with`] whose workers are real pods that become Ready (the `pod-probe` program
+/// serving the readiness probe; the test plays their processing); returns once one is.
+async fn setup_probe_workers(prefix: &str, partitions: i32, scaling: serde_json::Value) -> Setup {
+    let out_dir = eventops_tests::pods::probe_out_dir(prefix);
+    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+    let s = setup_with(
+        prefix,
+        partitions,
+        scaling,
+        json!({"image": "ghcr.io/eventops/pod-probe:test", "env": [
+            {"name": "POD_IP", "valueFrom": field("status.podIP")},
+            {"name": "PROBE_ADDR", "value": "$(POD_IP):8080"},
+            {"name": "PROBE_OUT_DIR", "value": out_dir},
+        ]}),
+    )
+    .await;
+    eventually(Duration::from_secs(60), "1 worker Ready", || {
+        s.ready_workers(1)
+    })
+    .await;
+    s
+}
+
 /// [`setup`] with the workers' pod `template`.
 async fn setup_with(
     prefix: &str,
@@ -75,6 +98,12 @@ async fn setup_with(
 }
 
 impl Setup {
+    /// `Some` once exactly `n` of the Deployment's workers are Ready.
+    async fn ready_workers(&self, n: i32) -> Option<()> {
+        let d = self.deployments.get_status("workers").await.ok()?;
+        (d.status?.ready_replicas == Some(n)).then_some(())
+    }
+
     async fn group_id(&self) -> String {
         self.groups
             .get("workers")
@@ -701,28 +730,14 @@ fn simulated_workers(
 async fn drain_within_reaches_the_need_in_one_step() {
     const PARTITIONS: usize = 8;
     const BURST: usize = 2500;
-    let out_dir = eventops_tests::pods::probe_out_dir("as-drain");
-    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
-    let s = setup_with(
+    let s = setup_probe_workers(
         "as-drain",
         PARTITIONS as i32,
         json!({"minReplicas": 1, "lagPerReplica": 1_000_000, "drainWithin": "10s",
                "scaleUpInterval": "5s", "scaleDownStabilization": "5m"}),
-        json!({"image": "ghcr.io/eventops/pod-probe:test", "env": [
-            {"name": "POD_IP", "valueFrom": field("status.podIP")},
-            {"name": "PROBE_ADDR", "value": "$(POD_IP):8080"},
-            {"name": "PROBE_OUT_DIR", "value": out_dir},
-        ]}),
     )
     .await;
-    let ready = |n: i32| {
-        let deployments = s.deployments.clone();
-        async move {
-            let d = deployments.get_status("workers").await.ok()?;
-            (d.status?.ready_replicas == Some(n)).then_some(())
-        }
-    };
-    eventually(Duration::from_secs(60), "1 worker Ready", || ready(1)).await;
+    let ready = |n: i32| s.ready_workers(n);
     let group = s.group_id().await;
     let (workers, produced) = simulated_workers(&s, &group, PARTITIONS);
     let producer = std::sync::Arc::new(producer(&s.env.info));
@@ -845,28 +860,13 @@ async fn a_spike_that_goes_on_is_met_in_one_step() {
     use rdkafka::consumer::{BaseConsumer, Consumer};
 
     const PARTITIONS: usize = 8;
-    let out_dir = eventops_tests::pods::probe_out_dir("as-spike");
-    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
-    let s = setup_with(
+    let s = setup_probe_workers(
         "as-spike",
         PARTITIONS as i32,
         json!({"minReplicas": 1, "lagPerReplica": 500, "drainWithin": "60s",
                "scaleUpInterval": "5s", "scaleDownStabilization": "5m"}),
-        json!({"image": "ghcr.io/eventops/pod-probe:test", "env": [
-            {"name": "POD_IP", "valueFrom": field("status.podIP")},
-            {"name": "PROBE_ADDR", "value": "$(POD_IP):8080"},
-            {"name": "PROBE_OUT_DIR", "value": out_dir},
-        ]}),
     )
     .await;
-    let ready = |n: i32| {
-        let deployments = s.deployments.clone();
-        async move {
-            let d = deployments.get_status("workers").await.ok()?;
-            (d.status?.ready_replicas == Some(n)).then_some(())
-        }
-    };
-    eventually(Duration::from_secs(60), "1 worker Ready", || ready(1)).await;
     let group = s.group_id().await;
     let (workers, produced) = simulated_workers(&s, &group, PARTITIONS);
     let producer = std::sync::Arc::new(producer(&s.env.info));

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use eventops_crds::{ConsumerGroup, EventTopic};
 use eventops_tests::autoscale::produce_spread;
+use eventops_tests::bench::{wait_for, wait_quiet};
 use eventops_tests::{TestEnv, env, free_port, http_get, unique};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -270,31 +271,6 @@ async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32, stages: &[usize]) -> 
     Ok(())
 }
 
-/// Waits until the operator has run no reconcile for 5 s.
-async fn wait_quiet(port: u16) -> anyhow::Result<()> {
-    let reconciles = || -> f64 {
-        http_get(port, "/metrics")
-            .map(|(_, m)| {
-                m.lines()
-                    .filter(|l| l.starts_with("eventops_operator_reconciles_total{"))
-                    .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-                    .sum()
-            })
-            .unwrap_or(0.0)
-    };
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let (mut last, mut since) = (reconciles(), Instant::now());
-    while since.elapsed() < Duration::from_secs(5) {
-        anyhow::ensure!(Instant::now() < deadline, "reconciles never stopped");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = reconciles();
-        if now != last {
-            (last, since) = (now, Instant::now());
-        }
-    }
-    Ok(())
-}
-
 async fn apply_pair(
     topics: &Api<EventTopic>,
     groups: &Api<ConsumerGroup>,
@@ -318,21 +294,6 @@ async fn apply_pair(
         .patch(group_name, &params, &Patch::Apply(&group))
         .await?;
     Ok(())
-}
-
-async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// What the operator's /metrics and /proc say at one moment.

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use eventops_crds::{ConsumerGroup, EventTopic};
 use eventops_operator::consumergroup::build::GROUP_LABEL;
+use eventops_tests::bench::{wait_for, wait_quiet};
 use eventops_tests::e2e::{Database, produce_burst};
 use eventops_tests::keda::{self, KafkaTrigger, Keda};
 use eventops_tests::pods::is_ready;
@@ -818,50 +819,6 @@ fn spawn_operator(env: &TestEnv, ns: &str, port: u16) -> anyhow::Result<ChildGua
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(guard)
-}
-
-/// Waits until the operator has run no reconcile for 5 s.
-async fn wait_quiet(port: u16) -> anyhow::Result<()> {
-    let reconciles = || -> f64 {
-        http_get(port, "/metrics")
-            .map(|(_, m)| {
-                m.lines()
-                    .filter(|l| l.starts_with("eventops_operator_reconciles_total{"))
-                    .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-                    .sum()
-            })
-            .unwrap_or(0.0)
-    };
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let (mut last, mut since) = (reconciles(), Instant::now());
-    while since.elapsed() < Duration::from_secs(5) {
-        anyhow::ensure!(Instant::now() < deadline, "reconciles never stopped");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = reconciles();
-        if now != last {
-            (last, since) = (now, Instant::now());
-        }
-    }
-    Ok(())
-}
-
-async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out after {} s waiting for {what}",
-            timeout.as_secs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn secs(v: Option<f64>) -> String {
