@@ -679,8 +679,8 @@ struct Pki {
 /// extension API servers accept `X-Remote-*` headers from (`--requestheader-allowed-names`).
 pub const FRONT_PROXY_CLIENT: &str = "front-proxy-client";
 
-/// A CA, a serving certificate for 127.0.0.1 and a service-account signing key, made with
-/// the openssl command-line tool.
+/// A CA, a serving certificate for 127.0.0.1, a service-account signing key, and the
+/// aggregation layer's CA and client certificate, made with the openssl command-line tool.
 fn make_pki(dir: &Path) -> anyhow::Result<Pki> {
     let f = |n: &str| dir.join(n);
     let pki = Pki {
@@ -694,55 +694,16 @@ fn make_pki(dir: &Path) -> anyhow::Result<Pki> {
         front_proxy_client_cert: f("front-proxy-client.crt"),
         front_proxy_client_key: f("front-proxy-client.key"),
     };
-    let openssl = || Command::new("openssl");
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(openssl()
-        .args(["req", "-x509"])
-        .args(ec)
-        .args(["-days", "30", "-subj", "/CN=eventops-local-ca"])
-        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-        .arg("-keyout")
-        .arg(&pki.ca_key)
-        .arg("-out")
-        .arg(&pki.ca_cert))
-    .context("creating the local CA (is openssl installed?)")?;
-    let csr = f("apiserver.csr");
-    run(openssl()
-        .arg("req")
-        .args(ec)
-        .args(["-subj", "/CN=kube-apiserver"])
-        .arg("-keyout")
-        .arg(&pki.server_key)
-        .arg("-out")
-        .arg(&csr))?;
-    let ext = f("apiserver.ext");
-    std::fs::write(
-        &ext,
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-         extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,\
+    new_ca(&pki.ca_key, &pki.ca_cert, "eventops-local-ca")
+        .context("creating the local CA (is openssl installed?)")?;
+    sign(
+        (&pki.ca_cert, &pki.ca_key),
+        "kube-apiserver",
+        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,\
          DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n",
+        (&pki.server_key, &pki.server_cert),
     )?;
-    run(openssl()
-        .args(["x509", "-req", "-days", "30"])
-        .arg("-in")
-        .arg(&csr)
-        .arg("-CA")
-        .arg(&pki.ca_cert)
-        .arg("-CAkey")
-        .arg(&pki.ca_key)
-        .arg("-CAcreateserial")
-        .arg("-extfile")
-        .arg(&ext)
-        .arg("-out")
-        .arg(&pki.server_cert))?;
-    run(openssl()
+    run(Command::new("openssl")
         .args([
             "genpkey",
             "-algorithm",
@@ -752,63 +713,90 @@ fn make_pki(dir: &Path) -> anyhow::Result<Pki> {
         ])
         .arg("-out")
         .arg(&pki.sa_key))?;
-    run(openssl()
+    run(Command::new("openssl")
         .args(["pkey", "-pubout"])
         .arg("-in")
         .arg(&pki.sa_key)
         .arg("-out")
         .arg(&pki.sa_public))?;
-    make_front_proxy_pki(dir, &pki, ec)?;
+    // The aggregation layer's own CA and the client certificate kube-apiserver proxies
+    // with, as kubeadm makes them (a CA apart from the cluster CA: a client certificate of
+    // the cluster CA must not be able to assert any user through `X-Remote-User`).
+    let front_proxy_key = f("front-proxy-ca.key");
+    new_ca(
+        &front_proxy_key,
+        &pki.front_proxy_ca,
+        "eventops-front-proxy-ca",
+    )
+    .context("creating the front-proxy CA")?;
+    sign(
+        (&pki.front_proxy_ca, &front_proxy_key),
+        FRONT_PROXY_CLIENT,
+        "extendedKeyUsage=clientAuth\n",
+        (&pki.front_proxy_client_key, &pki.front_proxy_client_cert),
+    )?;
     Ok(pki)
 }
 
-/// The aggregation layer's own CA and the client certificate kube-apiserver proxies with,
-/// as kubeadm makes them (a CA apart from the cluster CA: a client certificate of the
-/// cluster CA must not be able to assert any user through `X-Remote-User`).
-fn make_front_proxy_pki(dir: &Path, pki: &Pki, ec: [&str; 5]) -> anyhow::Result<()> {
-    let f = |n: &str| dir.join(n);
-    let openssl = || Command::new("openssl");
-    let ca_key = f("front-proxy-ca.key");
-    run(openssl()
+/// openssl's arguments for a new P-256 key, unencrypted.
+const NEW_EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// A self-signed CA named `cn`, valid 30 days: its key at `key`, its certificate at `cert`.
+fn new_ca(key: &Path, cert: &Path, cn: &str) -> anyhow::Result<()> {
+    run(Command::new("openssl")
         .args(["req", "-x509"])
-        .args(ec)
-        .args(["-days", "30", "-subj", "/CN=eventops-front-proxy-ca"])
+        .args(NEW_EC_KEY)
+        .args(["-days", "30", "-subj", &format!("/CN={cn}")])
         .args(["-addext", "basicConstraints=critical,CA:TRUE"])
         .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
         .arg("-keyout")
-        .arg(&ca_key)
+        .arg(key)
         .arg("-out")
-        .arg(&pki.front_proxy_ca))
-    .context("creating the front-proxy CA")?;
-    let csr = f("front-proxy-client.csr");
-    run(openssl()
+        .arg(cert))
+    .map(drop)
+}
+
+/// A new key and a certificate for `cn` signed by `ca` (certificate, key), valid 30 days,
+/// with the extensions in `usage` (extendedKeyUsage, subjectAltName) on top of a leaf's
+/// basic ones; written to `out` (key, certificate), the request beside them.
+fn sign(ca: (&Path, &Path), cn: &str, usage: &str, out: (&Path, &Path)) -> anyhow::Result<()> {
+    let (key, cert) = out;
+    let csr = cert.with_extension("csr");
+    let ext = cert.with_extension("ext");
+    run(Command::new("openssl")
         .arg("req")
-        .args(ec)
-        .args(["-subj", &format!("/CN={FRONT_PROXY_CLIENT}")])
+        .args(NEW_EC_KEY)
+        .args(["-subj", &format!("/CN={cn}")])
         .arg("-keyout")
-        .arg(&pki.front_proxy_client_key)
+        .arg(key)
         .arg("-out")
         .arg(&csr))?;
-    let ext = f("front-proxy-client.ext");
     std::fs::write(
         &ext,
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-         extendedKeyUsage=clientAuth\n",
+        format!(
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n{usage}"
+        ),
     )?;
-    run(openssl()
+    run(Command::new("openssl")
         .args(["x509", "-req", "-days", "30"])
         .arg("-in")
         .arg(&csr)
         .arg("-CA")
-        .arg(&pki.front_proxy_ca)
+        .arg(ca.0)
         .arg("-CAkey")
-        .arg(&ca_key)
+        .arg(ca.1)
         .arg("-CAcreateserial")
         .arg("-extfile")
         .arg(&ext)
         .arg("-out")
-        .arg(&pki.front_proxy_client_cert))?;
-    Ok(())
+        .arg(cert))
+    .map(drop)
 }
 
 /// How often (at most) a Kafka node writes a metadata snapshot, in milliseconds (Kafka's
