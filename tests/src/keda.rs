@@ -317,7 +317,8 @@ pub fn apply_json(env: &TestEnv, object: &serde_json::Value) -> anyhow::Result<(
 /// `external.metrics.k8s.io` to the adapter on 127.0.0.1:`port` (its serving certificate
 /// signed by `ca`), and the HPA controller's permission to read external metrics.
 fn registration(port: u16, ca: &[u8]) -> serde_json::Value {
-    let b64 = base64(ca);
+    // A ByteString serializes as standard base64, as the API server reads `caBundle`.
+    let b64 = serde_json::json!(k8s_openapi::ByteString(ca.to_vec()));
     serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}},
         {"apiVersion": "v1", "kind": "Service",
@@ -346,83 +347,18 @@ fn registration(port: u16, ca: &[u8]) -> serde_json::Value {
 /// reached by here, as `ca.crt`, `tls.crt`, `tls.key` in `dir` (the file names KEDA's
 /// gRPC metrics service reads from `--cert-dir`).
 fn make_certs(dir: &Path) -> anyhow::Result<()> {
+    use eventops_devenv::launch::{new_ca, sign};
     std::fs::create_dir_all(dir)?;
     let f = |n: &str| dir.join(n);
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let run = |cmd: &mut Command| -> anyhow::Result<()> {
-        let out = cmd.output().context("running openssl")?;
-        if !out.status.success() {
-            bail!("openssl: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
-    };
-    run(Command::new("openssl")
-        .args(["req", "-x509"])
-        .args(ec)
-        .args(["-days", "7", "-subj", "/CN=eventops-bench-keda-ca"])
-        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-        .arg("-keyout")
-        .arg(f("ca.key"))
-        .arg("-out")
-        .arg(f("ca.crt")))?;
-    run(Command::new("openssl")
-        .arg("req")
-        .args(ec)
-        .args(["-subj", "/CN=keda"])
-        .arg("-keyout")
-        .arg(f("tls.key"))
-        .arg("-out")
-        .arg(f("tls.csr")))?;
-    std::fs::write(
-        f("tls.ext"),
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-         extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1,\
+    new_ca(&f("ca.key"), &f("ca.crt"), "eventops-bench-keda-ca")?;
+    sign(
+        (&f("ca.crt"), &f("ca.key")),
+        "keda",
+        "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1,\
          DNS:keda-metrics-apiserver.keda.svc,DNS:keda-metrics-apiserver.keda.svc.cluster.local,\
          DNS:keda-operator.keda.svc,DNS:keda-operator.keda.svc.cluster.local\n",
-    )?;
-    run(Command::new("openssl")
-        .args(["x509", "-req", "-days", "7"])
-        .arg("-in")
-        .arg(f("tls.csr"))
-        .arg("-CA")
-        .arg(f("ca.crt"))
-        .arg("-CAkey")
-        .arg(f("ca.key"))
-        .arg("-CAcreateserial")
-        .arg("-extfile")
-        .arg(f("tls.ext"))
-        .arg("-out")
-        .arg(f("tls.crt")))?;
-    Ok(())
-}
-
-/// Standard base64 with padding (for the APIService's `caBundle`).
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 0x3f) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+        (&f("tls.key"), &f("tls.crt")),
+    )
 }
 
 /// Resident memory of process `pid` in KiB (`VmRSS`).
@@ -437,11 +373,33 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    /// `caBundle` is standard base64 with padding, which k8s-openapi's ByteString writes.
     #[test]
-    fn base64_pads_like_the_standard() {
-        assert_eq!(super::base64(b"f"), "Zg==");
-        assert_eq!(super::base64(b"fo"), "Zm8=");
-        assert_eq!(super::base64(b"foo"), "Zm9v");
-        assert_eq!(super::base64(b"foobar"), "Zm9vYmFy");
+    fn a_byte_string_is_padded_base64() {
+        let b64 = |b: &[u8]| serde_json::json!(k8s_openapi::ByteString(b.to_vec()));
+        assert_eq!(
+            (b64(b"f"), b64(b"foobar")),
+            ("Zg==".into(), "Zm9vYmFy".into())
+        );
+    }
+
+    /// The certificate KEDA's endpoints serve verifies against its CA for the names they
+    /// are reached by (openssl, not this code, is the judge).
+    #[test]
+    fn keda_certificates_verify_for_localhost() {
+        let dir = std::env::temp_dir().join(format!("keda-certs-{}", std::process::id()));
+        super::make_certs(&dir).unwrap();
+        let out = std::process::Command::new("openssl")
+            .args(["verify", "-verify_hostname", "localhost", "-CAfile"])
+            .arg(dir.join("ca.crt"))
+            .arg(dir.join("tls.crt"))
+            .output()
+            .unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -748,7 +748,7 @@ const NEW_EC_KEY: [&str; 5] = [
 ];
 
 /// A self-signed CA named `cn`, valid 30 days: its key at `key`, its certificate at `cert`.
-fn new_ca(key: &Path, cert: &Path, cn: &str) -> anyhow::Result<()> {
+pub fn new_ca(key: &Path, cert: &Path, cn: &str) -> anyhow::Result<()> {
     run(Command::new("openssl")
         .args(["req", "-x509"])
         .args(NEW_EC_KEY)
@@ -765,7 +765,7 @@ fn new_ca(key: &Path, cert: &Path, cn: &str) -> anyhow::Result<()> {
 /// A new key and a certificate for `cn` signed by `ca` (certificate, key), valid 30 days,
 /// with the extensions in `usage` (extendedKeyUsage, subjectAltName) on top of a leaf's
 /// basic ones; written to `out` (key, certificate), the request beside them.
-fn sign(ca: (&Path, &Path), cn: &str, usage: &str, out: (&Path, &Path)) -> anyhow::Result<()> {
+pub fn sign(ca: (&Path, &Path), cn: &str, usage: &str, out: (&Path, &Path)) -> anyhow::Result<()> {
     let (key, cert) = out;
     let csr = cert.with_extension("csr");
     let ext = cert.with_extension("ext");
