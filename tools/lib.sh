@@ -3,6 +3,8 @@ set -euo pipefail
 
 SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPTS_DIR/.." && pwd)"
+# eventops-devenv runs this checkout's install scripts, whichever checkout built it.
+export EVENTOPS_REPO_ROOT="$REPO_ROOT"
 # shellcheck source=versions.env
 source "$SCRIPTS_DIR/versions.env"
 

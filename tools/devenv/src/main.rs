@@ -51,7 +51,12 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let repo_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    // The scripts say where the checkout is: a binary built in another checkout that
+    // shares the cargo target directory (CI's, a worktree) would otherwise run that
+    // checkout's install scripts, or scripts that no longer exist.
+    let repo_root = std::env::var_os("EVENTOPS_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."));
     match cli.command {
         Cmd::Install => {
             let c = Components::install(&repo_root)?;
