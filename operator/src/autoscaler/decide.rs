@@ -700,7 +700,8 @@ mod tests {
     fn the_demo_spike_takes_one_step_with_drain_within() {
         use crate::autoscaler::rate::{Observation, RateTracker};
 
-        fn run(drain_within: Option<Duration>) -> (Vec<(f64, i32, i32)>, Option<f64>) {
+        /// `ramp`: seconds over which the traffic climbs from 20/s to 300/s (0: a step).
+        fn run(drain_within: Option<Duration>, ramp: f64) -> (Vec<(f64, i32, i32)>, Option<f64>) {
             let policy = Policy {
                 min: 1,
                 max: None,
@@ -727,7 +728,7 @@ mod tests {
                 // The demo's traffic (`tools/sandbox`): 20 orders/s, ×15 from 10 s for
                 // 30 s; one inventory worker reserves 50 a second.
                 let arrival = if (10.3..40.3).contains(&t) {
-                    300.0
+                    20.0 + 280.0 * ((t - 10.3) / ramp).min(1.0)
                 } else {
                     20.0
                 };
@@ -783,16 +784,20 @@ mod tests {
             (steps, crossed)
         }
 
-        let (steps, crossed) = run(Some(Duration::from_secs(60)));
-        let crossed = crossed.expect("the lag crosses 500");
-        assert_eq!(steps.len(), 1, "{steps:?}");
-        let (at, from, to) = steps[0];
-        assert_eq!((from, to), (1, 6), "{steps:?}");
-        assert!(
-            at - crossed <= 3.0,
-            "{steps:?}, lag crossed 500 at {crossed}"
-        );
-        let (steps, _) = run(None);
+        // A step, and traffic that climbs over 1.5 s and 2.5 s (as the demo's producer
+        // showed on a busy machine: 190/s in the second interval of the spike).
+        for ramp in [0.0, 1.5, 2.5, 3.5, 5.0] {
+            let (steps, crossed) = run(Some(Duration::from_secs(60)), ramp);
+            let crossed = crossed.expect("the lag crosses 500");
+            assert_eq!(steps.len(), 1, "ramp {ramp}s: {steps:?}");
+            let (at, from, to) = steps[0];
+            assert_eq!((from, to), (1, 6), "ramp {ramp}s: {steps:?}");
+            assert!(
+                at - crossed <= 3.0,
+                "ramp {ramp}s: {steps:?}, lag crossed 500 at {crossed}"
+            );
+        }
+        let (steps, _) = run(None, 0.0);
         assert!(steps.len() > 1, "lagPerReplica alone: {steps:?}");
     }
 }

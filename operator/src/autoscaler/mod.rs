@@ -32,7 +32,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Resource, ResourceExt};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::conditions::{self, Observed};
 use crate::consumergroup::build;
@@ -476,6 +476,11 @@ impl Cycle<'_> {
             .or_else(|| cg.status.clone())
             .unwrap_or_default();
         let mut last_scale = old.last_scale.clone();
+        if decision.replicas == target.replicas && decision.total_lag > 0 {
+            // Why a group with lag stays as it is (held, waiting, enough): for an operator
+            // asking why a spike was met late.
+            debug!(consumergroup = %cg.name_any(), replicas = decision.replicas, reason = %decision.reason, "unchanged");
+        }
         if decision.replicas != target.replicas {
             match self.scale(cg, target.replicas, &decision).await {
                 Ok(record) => {

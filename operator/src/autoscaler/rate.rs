@@ -29,7 +29,8 @@ pub struct Rates {
     /// The last interval's arrivals when they rose well above `arrival` (over
     /// [`RISING`] times): a rate that has just stepped up (the interval that straddles
     /// the step counts only part of it), or a one-off burst. The next interval tells
-    /// which.
+    /// which. After a rise, also an interval well above the one before it: traffic
+    /// still climbing (a ramp over several seconds) is not measured yet either.
     pub rising: Option<f64>,
 }
 
@@ -147,13 +148,20 @@ impl RateTracker {
             [older, newest] => Some(older.min(newest)),
             _ => None,
         };
-        let newest = self.arrivals.last().copied();
+        let above = |n: f64, base: f64| n > base * RISING && n - base >= 1.0;
+        let rising = match self.arrivals[..] {
+            // After a rise, still climbing well above the interval before: traffic that
+            // ramps up over several seconds is not measured yet either.
+            [older, newest] if self.rose.0 && newest >= older => {
+                above(newest, older).then_some(newest)
+            }
+            [.., newest] => arrival.filter(|e| above(newest, *e)).map(|_| newest),
+            [] => None,
+        };
         Rates {
             arrival,
             per_replica: self.per_replica,
-            rising: newest.filter(|n| {
-                arrival.is_some_and(|estimate| *n > estimate * RISING && n - estimate >= 1.0)
-            }),
+            rising,
         }
     }
 
@@ -218,9 +226,11 @@ mod tests {
             (straddle.arrival, straddle.rising),
             (Some(20.0), Some(207.0))
         );
-        // The next interval is as high: the rate it shows goes on.
+        // The next interval is higher: the rate it shows goes on, and it is still
+        // climbing (well above the straddling one), so it may not be all of it.
         let full = r.observe(at(4), &one(547, 0), 1);
-        assert_eq!((full.arrival, full.rising), (Some(300.0), None));
+        assert_eq!((full.arrival, full.rising), (Some(300.0), Some(300.0)));
+        // As high again: measured.
         let steady = r.observe(at(5), &one(847, 0), 1);
         assert_eq!((steady.arrival, steady.rising), (Some(300.0), None));
         // A one-off burst rises for one interval, then is only lag.
@@ -228,6 +238,30 @@ mod tests {
         assert_eq!((burst.arrival, burst.rising), (Some(300.0), Some(5000.0)));
         let after = r.observe(at(7), &one(5847, 0), 1);
         assert_eq!((after.arrival, after.rising), (Some(0.0), None));
+    }
+
+    #[test]
+    fn traffic_that_ramps_up_is_rising_until_it_stops_climbing() {
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let mut r = RateTracker::default();
+        let mut end = 0;
+        let mut step = |s, rate| {
+            end += rate;
+            let rates = r.observe(at(s), &one(end, 0), 1);
+            (rates.arrival, rates.rising)
+        };
+        step(0, 0);
+        step(1, 20);
+        assert_eq!(step(2, 20), (Some(20.0), None));
+        // 20/s climbing to 300/s over three seconds: 100, 190, 280, then 300.
+        assert_eq!(step(3, 100), (Some(20.0), Some(100.0)));
+        assert_eq!(step(4, 190), (Some(190.0), Some(190.0)));
+        assert_eq!(step(5, 280), (Some(280.0), Some(280.0)));
+        // Under 1.2 times the interval before: it has stopped climbing.
+        assert_eq!(step(6, 300), (Some(300.0), None));
+        // Falling back: the lower of the two again.
+        assert_eq!(step(7, 20), (Some(20.0), None));
     }
 
     #[test]
