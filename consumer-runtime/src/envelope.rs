@@ -14,6 +14,8 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+mod scan;
+
 /// Header carrying the correlation id on every record EventOps produces.
 pub const CORRELATION_HEADER: &str = "eventops-correlation-id";
 
@@ -73,8 +75,18 @@ impl<'a> EventEnvelope<'a> {
     /// again on its own, each a second pass over most of the payload. A payload that is not
     /// UTF-8 is parsed as bytes, which accepts and rejects exactly what it did before (and
     /// says where the invalid byte is).
+    ///
+    /// A fast scanner goes first (see `scan`): skipping `data` with serde_json, after the
+    /// UTF-8 check, cost most of the envelope's time (about 13% of a worker's CPU with 1 KiB
+    /// events), although it only checks the JSON the handler parses again. The scanner
+    /// checks the same grammar and UTF-8 in one tight pass; whatever it is not sure of
+    /// (every payload serde_json would reject included) is parsed as before, so results
+    /// and errors do not change.
     pub fn parse(payload: Option<&'a [u8]>) -> Result<Self, EnvelopeError> {
         let bytes = payload.ok_or(EnvelopeError::Empty)?;
+        if let Some(envelope) = scan::envelope(bytes) {
+            return Ok(envelope);
+        }
         Ok(match std::str::from_utf8(bytes) {
             Ok(text) => serde_json::from_str(text)?,
             Err(_) => serde_json::from_slice(bytes)?,

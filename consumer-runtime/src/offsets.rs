@@ -34,10 +34,14 @@ impl OffsetTracker {
     /// Records that `offset` was handled (or dead-lettered). Returns the new committable
     /// offset if it advanced.
     pub fn completed(&mut self, offset: i64) -> Option<i64> {
-        let i = self
-            .in_flight
-            .binary_search_by_key(&offset, |&(o, _)| o)
-            .ok()?;
+        // Records handled in order complete the oldest one: no search.
+        let i = match self.in_flight.front() {
+            Some(&(o, _)) if o == offset => 0,
+            _ => self
+                .in_flight
+                .binary_search_by_key(&offset, |&(o, _)| o)
+                .ok()?,
+        };
         self.in_flight[i].1 = true;
         let mut advanced = None;
         while let Some(&(o, true)) = self.in_flight.front() {

@@ -52,7 +52,7 @@ use crate::metrics::{self, Metrics, PartitionLabels};
 use crate::outbox::{Relay, RelayError, RelayOptions};
 use crate::partition::{self, PartitionHandle, PartitionState};
 use crate::processor::{Dedup, Plain, Processor, Transactional};
-use crate::record::{Gathered, Record};
+use crate::record::{BufferPool, Gathered, Record};
 use crate::retry::RetryPolicy;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -179,6 +179,8 @@ pub(crate) struct Core {
     commit_unanswered: Mutex<Option<std::time::Instant>>,
     /// Records polled since the last [`flush`](Core::flush), per partition.
     pending: Mutex<Vec<Pending>>,
+    /// Buffers the polled records are copied into, reused.
+    buffers: Arc<BufferPool>,
     #[allow(clippy::type_complexity)]
     spawn: Box<dyn Fn(&Arc<Core>, Arc<str>, i32) -> PartitionHandle + Send + Sync>,
     stopping: AtomicBool,
@@ -423,7 +425,7 @@ impl Core {
                 pending.push(Pending {
                     state: h.state.clone(),
                     tx: h.records.clone(),
-                    records: Gathered::new(h.state.topic.clone()),
+                    records: Gathered::new(h.state.topic.clone(), self.buffers.clone()),
                 });
                 pending.len() - 1
             }
@@ -947,6 +949,7 @@ impl WorkerBuilder {
             commit_unanswered: Mutex::new(None),
             room: Default::default(),
             pending: Mutex::new(Vec::new()),
+            buffers: Arc::default(),
             spawn: Box::new(move |core, topic, partition| {
                 partition::spawn(core, processor.clone(), topic, partition)
             }),
