@@ -85,7 +85,7 @@ impl<'a> Event<'a> {
 
     /// The data as raw JSON text (`null` when absent).
     pub fn raw_data(&self) -> &str {
-        self.envelope.data.map_or("null", |r| r.get())
+        self.envelope.data.unwrap_or("null")
     }
 
     /// The Kafka record.
