@@ -9,6 +9,9 @@
 //! [`EventEnvelope::parse`] borrows from the record (no copy of `data`); [`Envelope`] is
 //! the owned form used to produce events.
 
+// The fast path included: it is safe code (the crate allows `unsafe` for one FFI call).
+#![forbid(unsafe_code)]
+
 use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};

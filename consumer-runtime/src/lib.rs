@@ -47,6 +47,9 @@
 //! }
 //! ```
 
+// One FFI call to librdkafka (`worker::commit_async`) is the only `unsafe` allowed.
+#![deny(unsafe_code)]
+
 pub mod contract;
 pub mod dead_letter;
 pub mod envelope;

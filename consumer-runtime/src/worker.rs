@@ -513,6 +513,7 @@ const FULL_WAIT: Duration = Duration::from_millis(200);
 /// refused (a rebalance in progress, a missing group ACL) was never sent again.
 /// `rd_kafka_commit_queue` with the consumer's queue delivers the result as an event
 /// there, where `BaseConsumer::poll` hands it to the context.
+#[allow(unsafe_code)] // rdkafka has no safe call for this
 fn commit_async(consumer: &BaseConsumer<Ctx>, offsets: &TopicPartitionList) -> KafkaResult<()> {
     use rdkafka::bindings as rdsys;
     let rk = consumer.client().native_ptr();
