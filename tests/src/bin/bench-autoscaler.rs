@@ -55,6 +55,8 @@ async fn main() -> anyhow::Result<()> {
         .await;
     }
     let env = env().await;
+    // The test watchdog's default of 10 minutes is for tests; 5,000 groups take longer.
+    env.time_limit(Duration::from_secs(60 * 60));
     let ns = env.namespace("bench-as").await;
     let port = free_port();
     let mut operator = env

@@ -94,6 +94,9 @@ async fn main() -> anyhow::Result<()> {
     // 15 minutes, or 0.2 s per object for larger runs: a run that does not finish still
     // prints how far it got.
     let limit = Duration::from_secs(900.max(total as u64 / 5));
+    // The test watchdog's default of 10 minutes is for tests: the wait above, the apply
+    // and the quiet interval.
+    env.time_limit(limit * 2 + RESYNC * 2);
     let deadline = Instant::now() + limit;
     let mut progress = tokio::time::interval(Duration::from_secs(5));
     progress.tick().await;
