@@ -5,6 +5,7 @@
 //! validate and build the desired state (pure, unit-tested) → apply → status.
 
 pub mod autoscaler;
+pub mod backoff;
 pub mod cli;
 pub mod conditions;
 pub mod config;
