@@ -90,6 +90,8 @@ pub struct Context {
     pub deployments: Store<Deployment>,
     /// The ConsumerGroup versions the ConsumerGroup reconciler's writes replaced.
     pub written_groups: crate::watch::Superseded,
+    /// Per ConsumerGroup, the back-off of its failed reconciles.
+    pub group_backoff: crate::backoff::Backoff<ConsumerGroup>,
     recorder: Recorder,
 }
 
@@ -126,6 +128,7 @@ impl Context {
             groups: caches.groups,
             deployments: caches.deployments,
             written_groups: Default::default(),
+            group_backoff: Default::default(),
         }
     }
 

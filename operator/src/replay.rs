@@ -87,7 +87,7 @@ pub async fn run(shared: Arc<Context>, shutdown: impl Future<Output = ()> + Send
 fn error_policy(rp: Arc<Replay>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(replay = %rp.name_any(), %error, "reconcile failed; retrying");
     ctx.metrics
-        .reconciled("replay", Duration::ZERO, Some(error.metric_label()));
+        .reconciled("replay", Duration::ZERO, Some(&error.metric_label()));
     Action::requeue(Duration::from_secs(5))
 }
 
@@ -120,7 +120,8 @@ async fn reconcile(rp: Arc<Replay>, ctx: Arc<Context>) -> Result<Action, Error> 
         Ok(_) => None,
         Err(e) => Some(e.metric_label()),
     };
-    ctx.metrics.reconciled("replay", started.elapsed(), label);
+    ctx.metrics
+        .reconciled("replay", started.elapsed(), label.as_deref());
     result
 }
 

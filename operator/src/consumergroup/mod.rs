@@ -113,13 +113,23 @@ fn names_event_topic(cg: &ConsumerGroup, name: &str) -> bool {
 
 async fn reconcile(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
-    let (action, failure) = reconcile_inner(cg, &ctx).await?;
+    // The cache has not seen this reconciler's last write yet (see `Superseded`): wait
+    // for it, neither a success nor a failure for the back-off. Deletion goes on.
+    if cg.metadata.deletion_timestamp.is_none() && ctx.written_groups.is_stale(&*cg) {
+        ctx.metrics
+            .reconciled("consumergroup", started.elapsed(), None);
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    let (action, failure) = reconcile_inner(cg.clone(), &ctx).await?;
     ctx.metrics
         .reconciled("consumergroup", started.elapsed(), failure);
+    ctx.group_backoff.succeeded(&cg);
     Ok(action)
 }
 
-/// One reconcile; returns what to do next and, when not Ready, why.
+/// One reconcile; returns what to do next and, when not Ready, why. Fails when the API
+/// server did, or Kafka did for a reason that may pass by itself (status says so by
+/// then).
 async fn reconcile_inner(
     cg: Arc<ConsumerGroup>,
     ctx: &Context,
@@ -129,10 +139,6 @@ async fn reconcile_inner(
     let groups: Api<ConsumerGroup> = Api::namespaced(ctx.client.clone(), &ns);
     if cg.metadata.deletion_timestamp.is_some() {
         return Ok((finalize(&cg, ctx, &groups).await?, None));
-    }
-    // The cache has not seen this reconciler's last write yet (see `Superseded`).
-    if ctx.written_groups.is_stale(&*cg) {
-        return Ok((Action::requeue(Duration::from_millis(200)), None));
     }
     // The group's Kafka user and ACLs outlive nothing else: remove them on deletion.
     let added = crate::finalizer::set(&groups, &*cg, CREDENTIALS_FINALIZER, true, &ctx.metrics)
@@ -200,12 +206,7 @@ async fn reconcile_inner(
         // owning it) go now, not when the group is whole again: the topic may be
         // somebody else's by then.
         if let Err(e) = revoke_acls(&cg, ctx, &desired_acls).await {
-            let ready = Observed::ready(false, native_reason(&e), native_message(&e));
-            write_status(&cg, ctx, ready, None).await?;
-            return Ok((
-                Action::requeue(access_retry(&e, resync)),
-                Some("KafkaAccess"),
-            ));
+            return kafka_failed(&cg, ctx, e, resync).await;
         }
         let ready = Observed::ready(false, "TopicNotFound", message);
         write_status(&cg, ctx, ready, None).await?;
@@ -285,12 +286,7 @@ async fn reconcile_inner(
     let password_changed =
         secret_value_of(secret.as_ref(), "password").as_deref() != Some(&password);
     if let Err(e) = sync_kafka_access(&cg, ctx, &password, password_changed, &desired_acls).await {
-        let ready = Observed::ready(false, native_reason(&e), native_message(&e));
-        write_status(&cg, ctx, ready, None).await?;
-        return Ok((
-            Action::requeue(access_retry(&e, resync)),
-            Some("KafkaAccess"),
-        ));
+        return kafka_failed(&cg, ctx, e, resync).await;
     }
     let params = PatchParams::apply(crate::FIELD_MANAGER).force();
     if !secret_matches(secret.as_ref(), &desired_secret) {
@@ -455,30 +451,24 @@ fn native_message(e: &NativeError) -> String {
     }
 }
 
-/// When to try again after Kafka refused the group's user or ACLs: soon when the refusal
-/// may pass by itself (a timeout, a leader moving), at the resync interval when somebody
-/// must act first (the operator's own ACL missing, a bad request). Asking every few
-/// seconds changes nothing then, and costs Kafka a request (and, for librdkafka's
-/// DescribeUserScramCredentials error path, a leaked event) each time.
-fn access_retry(e: &NativeError, resync: Duration) -> Duration {
-    let soon = match e {
-        NativeError::Kafka { code, .. } => crate::kafka::is_transient_code(*code),
-        NativeError::Timeout { .. } | NativeError::Cancelled { .. } => true,
-        NativeError::InvalidArgument(_) | NativeError::Unexpected { .. } => false,
-    };
-    if soon {
-        Duration::from_secs(5).min(resync)
-    } else {
-        resync
+/// After Kafka failed the group's user or ACLs: status says so, then a failure that may
+/// pass by itself (a timeout, a leader moving) is retried on the group's back-off, and
+/// one somebody must act on first (the operator's own ACL missing, a bad request) at the
+/// resync interval. Asking every few seconds changes nothing then, and costs Kafka a
+/// request (and, for librdkafka's DescribeUserScramCredentials error path, a leaked
+/// event) each time.
+async fn kafka_failed(
+    cg: &ConsumerGroup,
+    ctx: &Context,
+    e: NativeError,
+    resync: Duration,
+) -> Result<(Action, Option<&'static str>), Error> {
+    let ready = Observed::ready(false, e.reason(), native_message(&e));
+    write_status(cg, ctx, ready, None).await?;
+    if e.is_transient() {
+        return Err(Error::kafka_admin(cg, e));
     }
-}
-
-fn native_reason(e: &NativeError) -> String {
-    match e {
-        NativeError::Kafka { code, .. } => format!("{code:?}"),
-        NativeError::Timeout { .. } | NativeError::Cancelled { .. } => "KafkaUnavailable".into(),
-        NativeError::InvalidArgument(_) | NativeError::Unexpected { .. } => "KafkaError".into(),
-    }
+    Ok((Action::requeue(resync), Some("KafkaAccess")))
 }
 
 /// Deletion: remove the group's ACLs and SCRAM user from Kafka, then let it go. The
@@ -514,14 +504,8 @@ async fn finalize(
                  is gone for good, annotate it {RELEASE_FINALIZER_ANNOTATION}=true to let it go",
                 native_message(&e)
             );
-            write_status(
-                cg,
-                ctx,
-                Observed::ready(false, native_reason(&e), message),
-                None,
-            )
-            .await?;
-            return Ok(Action::requeue(Duration::from_secs(5)));
+            write_status(cg, ctx, Observed::ready(false, e.reason(), message), None).await?;
+            return Err(Error::kafka_admin(cg, e));
         }
         info!(%user, "removed Kafka user and ACLs");
     }
@@ -644,11 +628,13 @@ async fn write_status(
     Ok(())
 }
 
+/// A failed reconcile is retried on the ConsumerGroup's own back-off.
 fn error_policy(cg: Arc<ConsumerGroup>, error: &Error, ctx: Arc<Context>) -> Action {
-    warn!(consumergroup = %cg.name_any(), %error, "reconcile failed; retrying");
+    let retry = ctx.group_backoff.failed(&cg);
+    warn!(consumergroup = %cg.name_any(), %error, ?retry, "reconcile failed; retrying");
     ctx.metrics
-        .reconciled("consumergroup", Duration::ZERO, Some(error.metric_label()));
-    Action::requeue(Duration::from_secs(5))
+        .reconciled("consumergroup", Duration::ZERO, Some(&error.metric_label()));
+    Action::requeue(retry)
 }
 
 /// The Kafka settings workers get, derived from the operator's.
@@ -692,30 +678,24 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_somebody_must_fix_waits_for_the_resync() {
-        let resync = Duration::from_secs(300);
+    fn only_refusals_that_may_pass_by_themselves_are_retried_on_the_backoff() {
         let kafka = |code| NativeError::Kafka {
             op: "DescribeUserScramCredentials",
             code,
             message: String::new(),
         };
+        // Somebody must act first: a condition, and the resync.
+        assert!(!kafka(C::ClusterAuthorizationFailed).is_transient());
+        assert!(!kafka(C::TopicAuthorizationFailed).is_transient());
+        assert!(!NativeError::InvalidArgument("nul".into()).is_transient());
+        // May pass by itself: an error, and the back-off.
+        assert!(kafka(C::RequestTimedOut).is_transient());
+        assert!(kafka(C::BrokerTransportFailure).is_transient());
+        assert!(NativeError::Timeout { op: "x" }.is_transient());
         assert_eq!(
-            access_retry(&kafka(C::ClusterAuthorizationFailed), resync),
-            resync
+            NativeError::Timeout { op: "x" }.reason(),
+            "KafkaUnavailable"
         );
-        assert_eq!(
-            access_retry(&kafka(C::TopicAuthorizationFailed), resync),
-            resync
-        );
-        let soon = Duration::from_secs(5);
-        assert_eq!(access_retry(&kafka(C::RequestTimedOut), resync), soon);
-        assert_eq!(
-            access_retry(&kafka(C::BrokerTransportFailure), resync),
-            soon
-        );
-        assert_eq!(
-            access_retry(&NativeError::Timeout { op: "x" }, resync),
-            soon
-        );
+        assert_eq!(kafka(C::RequestTimedOut).reason(), "RequestTimedOut");
     }
 }

@@ -19,6 +19,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
+use crate::backoff::Backoff;
 use crate::conditions::{self, Observed, READY};
 use crate::context::Context;
 use crate::error::Error;
@@ -37,6 +38,8 @@ struct Ctx {
     shared: Arc<Context>,
     /// Per EventTopic (uid), the resource versions its writes replaced.
     written: Superseded,
+    /// Per EventTopic, the back-off of its failed reconciles.
+    backoff: Backoff<EventTopic>,
 }
 
 /// Runs the EventTopic controller until `shutdown` resolves.
@@ -50,6 +53,7 @@ pub async fn run(
     let ctx = Arc::new(Ctx {
         shared,
         written: Default::default(),
+        backoff: Default::default(),
     });
     controller
         // Status lists consumers: a ConsumerGroup change revisits the topics it names.
@@ -122,6 +126,9 @@ struct Outcome {
     claimed: Option<Option<String>>,
     /// When to look again; `None` waits for a change of the resource.
     requeue: Option<Duration>,
+    /// Kafka's failure that may pass by itself: once status says so, the pass fails
+    /// with it, to be retried on the object's back-off.
+    retry: Option<KafkaError>,
 }
 
 impl Outcome {
@@ -134,26 +141,32 @@ impl Outcome {
             managed: None,
             claimed: None,
             requeue: Some(requeue),
+            retry: None,
         }
     }
 }
 
 async fn reconcile(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
-    let (action, failure) = reconcile_inner(&et, &ctx).await?;
     let metrics = &ctx.shared.metrics;
+    // The cache has not seen this reconciler's last write yet (see `Superseded`): wait
+    // for it, neither a success nor a failure for the back-off.
+    if ctx.written.is_stale(&*et) {
+        metrics.reconciled("eventtopic", started.elapsed(), None);
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    let (action, failure) = reconcile_inner(&et, &ctx).await?;
     metrics.reconciled("eventtopic", started.elapsed(), failure.as_deref());
+    ctx.backoff.succeeded(&et);
     Ok(action)
 }
 
-/// One reconcile; returns what to do next and, when not Ready, why.
+/// One reconcile; returns what to do next and, when not Ready, why. Fails when Kafka or
+/// the API server did (Kafka's reason is in status by then).
 async fn reconcile_inner(
     et: &Arc<EventTopic>,
     ctx: &Ctx,
 ) -> Result<(Action, Option<String>), Error> {
-    if ctx.written.is_stale(&**et) {
-        return Ok((Action::requeue(Duration::from_millis(200)), None));
-    }
     // Each write's new resourceVersion: the cache must show it before a pass acts again.
     // A write that changed nothing answers with the stored version, which is no newer.
     let wrote = |new: Option<String>| ctx.written.wrote(&**et, new.as_deref());
@@ -170,6 +183,7 @@ async fn reconcile_inner(
             managed: None,
             claimed: None,
             requeue: None,
+            retry: None,
         }
     } else {
         wrote(set_finalizer(et, &ctx.shared).await?);
@@ -205,6 +219,9 @@ async fn reconcile_inner(
         ctx.shared
             .event(&**et, change.type_, reason, "Reconcile", change.note)
             .await;
+    }
+    if let Some(e) = outcome.retry {
+        return Err(Error::kafka(&**et, e));
     }
     let failure = outcome.ready.filter(|r| !r.status).map(|r| r.reason);
     // The resync is counted from now, after this pass's requests, so that it stays on
@@ -338,10 +355,12 @@ async fn sync(
         managed: Some(managed),
         claimed,
         requeue: Some(resync),
+        retry: None,
     })
 }
 
-/// The outcome of a pass that stopped at `refusal`.
+/// The outcome of a pass that stopped at `refusal`. Kafka's failure that may pass by
+/// itself is retried on the object's back-off; any other refusal waits for the resync.
 fn refused(
     refusal: Refusal,
     main: Option<TopicState>,
@@ -349,16 +368,12 @@ fn refused(
     managed: Option<BTreeMap<String, BTreeSet<String>>>,
     resync: Duration,
 ) -> Outcome {
-    let (reason, message, requeue) = match refusal {
-        Refusal::NotSupported(message) => ("NotSupported".into(), message, resync),
-        Refusal::Config { reason, message } => (reason, message, resync),
+    let (reason, message, retry) = match refusal {
+        Refusal::NotSupported(message) => ("NotSupported".into(), message, None),
+        Refusal::Config { reason, message } => (reason, message, None),
         Refusal::Kafka(e) => {
-            let requeue = if e.is_transient() {
-                Duration::from_secs(5)
-            } else {
-                resync
-            };
-            (e.reason(), kafka_message(&e), requeue)
+            let retry = e.is_transient().then(|| e.clone());
+            (e.reason(), kafka_message(&e), retry)
         }
     };
     Outcome {
@@ -368,7 +383,8 @@ fn refused(
         changes,
         managed,
         claimed: None,
-        requeue: Some(requeue),
+        requeue: Some(resync),
+        retry,
     }
 }
 
@@ -611,7 +627,7 @@ async fn finalize(
             );
             let outcome = Outcome::not_ready(&e.reason(), message, Duration::from_secs(5));
             wrote(write_status(et, &ctx.shared, &outcome).await?);
-            return Ok(Action::requeue(Duration::from_secs(5)));
+            return Err(Error::kafka(et, e));
         }
         info!(topics = ?names, "deleted Kafka topics");
         let note = format!("deleted Kafka topics {}", names.join(", "));
@@ -731,9 +747,11 @@ fn api(et: &EventTopic, ctx: &Context) -> Api<EventTopic> {
     Api::namespaced(ctx.client.clone(), &et.namespace().unwrap_or_default())
 }
 
+/// A failed reconcile is retried on the EventTopic's own back-off.
 fn error_policy(et: Arc<EventTopic>, error: &Error, ctx: Arc<Ctx>) -> Action {
-    warn!(eventtopic = %et.name_any(), %error, "reconcile failed; retrying");
+    let retry = ctx.backoff.failed(&et);
+    warn!(eventtopic = %et.name_any(), %error, ?retry, "reconcile failed; retrying");
     let metrics = &ctx.shared.metrics;
-    metrics.reconciled("eventtopic", Duration::ZERO, Some(error.metric_label()));
-    Action::requeue(Duration::from_secs(5))
+    metrics.reconciled("eventtopic", Duration::ZERO, Some(&error.metric_label()));
+    Action::requeue(retry)
 }

@@ -58,6 +58,30 @@ pub enum NativeError {
     },
 }
 
+impl NativeError {
+    /// A CamelCase reason for a status condition: Kafka's own error name when Kafka
+    /// answered, `KafkaUnavailable` when it did not answer in time.
+    pub fn reason(&self) -> String {
+        match self {
+            NativeError::Kafka { code, .. } => format!("{code:?}"),
+            NativeError::Timeout { .. } | NativeError::Cancelled { .. } => {
+                "KafkaUnavailable".into()
+            }
+            NativeError::InvalidArgument(_) | NativeError::Unexpected { .. } => "KafkaError".into(),
+        }
+    }
+
+    /// Whether asking again soon may succeed (Kafka unreachable, a timeout, a leader
+    /// moving); otherwise somebody must act first (an ACL missing, a bad request).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            NativeError::Kafka { code, .. } => super::is_transient_code(*code),
+            NativeError::Timeout { .. } | NativeError::Cancelled { .. } => true,
+            NativeError::InvalidArgument(_) | NativeError::Unexpected { .. } => false,
+        }
+    }
+}
+
 /// Defines a Rust enum mirroring some variants of a librdkafka C enum, with conversions
 /// both ways generated from the same table so they cannot disagree.
 macro_rules! c_enum {

@@ -25,6 +25,7 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
+use crate::backoff::Backoff;
 use crate::conditions::{self, Observed};
 use crate::consumergroup::build::owns_its_topic;
 use crate::context::Context;
@@ -57,6 +58,8 @@ struct Ctx {
     running: std::sync::Mutex<BTreeMap<String, tokio::task::JoinHandle<()>>>,
     /// Set when the operator stops: every run stops between two batches.
     stopping: Arc<AtomicBool>,
+    /// Per Redrive, the back-off of its failed reconciles.
+    backoff: Backoff<Redrive>,
 }
 
 /// Runs the Redrive controller until `shutdown` resolves, then stops every redrive.
@@ -74,6 +77,7 @@ pub async fn run(
         redrives: controller.store(),
         running: Default::default(),
         stopping: Default::default(),
+        backoff: Default::default(),
     });
     controller
         .graceful_shutdown_on(shutdown)
@@ -93,12 +97,14 @@ pub async fn run(
     }
 }
 
+/// A failed reconcile is retried on the Redrive's own back-off.
 fn error_policy(rd: Arc<Redrive>, error: &Error, ctx: Arc<Ctx>) -> Action {
-    warn!(redrive = %rd.name_any(), %error, "reconcile failed; retrying");
+    let retry = ctx.backoff.failed(&rd);
+    warn!(redrive = %rd.name_any(), %error, ?retry, "reconcile failed; retrying");
     ctx.shared
         .metrics
-        .reconciled("redrive", Duration::ZERO, Some(error.metric_label()));
-    Action::requeue(Duration::from_secs(5))
+        .reconciled("redrive", Duration::ZERO, Some(&error.metric_label()));
+    Action::requeue(retry)
 }
 
 /// The consumer group (and transactional id) of `rd`: stable for the object, new for a
@@ -114,6 +120,13 @@ pub fn group_id(rd: &Redrive) -> String {
 }
 
 async fn reconcile(rd: Arc<Redrive>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let action = reconcile_inner(rd.clone(), ctx.clone()).await?;
+    ctx.backoff.succeeded(&rd);
+    Ok(action)
+}
+
+/// One reconcile: resolve the spec, then start the run (or say why it cannot start).
+async fn reconcile_inner(rd: Arc<Redrive>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let started = Instant::now();
     let status = rd.status.clone().unwrap_or_default();
     if status.phase.as_deref() == Some(COMPLETED) {
