@@ -1,5 +1,8 @@
-//! EventTopic reconciler: dereference (read Kafka) → validate and build ([`plan`], pure)
-//! → apply (Kafka admin calls) → status (conditions, Events on transitions).
+//! EventTopic reconciler, once per pass: dereference (the shared cache of EventTopics,
+//! then Kafka's state of the topics a valid spec asks for) → build ([`plan`], pure) →
+//! apply (the claim in status, then Kafka admin calls) → status (conditions, Events on
+//! transitions). Kafka's failures that may pass by themselves fail the pass once status
+//! says so, and are retried on the object's back-off ([`crate::backoff`]).
 
 pub mod plan;
 
@@ -8,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventops_crds::{
-    ADOPT_ANNOTATION, ConsumerGroup, DeletionPolicy, EventTopic, EventTopicStatus, ManagedTopic,
+    ConsumerGroup, DeletionPolicy, EventTopic, EventTopicStatus, ManagedTopic,
     RELEASE_FINALIZER_ANNOTATION, TOPIC_FINALIZER, annotation_is_true,
 };
 use futures::StreamExt;
@@ -20,7 +23,7 @@ use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
 use crate::backoff::Backoff;
-use crate::conditions::{self, Observed, READY};
+use crate::conditions::{self, Observed};
 use crate::context::Context;
 use crate::error::Error;
 use crate::kafka::native::ConfigOp;
@@ -94,16 +97,6 @@ pub fn triggers(
     }
 }
 
-/// Whether the namespace policy lets `et` own every Kafka topic it asks for.
-fn permitted(et: &EventTopic, policy: &crate::policy::NamespacePolicy) -> bool {
-    let ns = et.namespace().unwrap_or_default();
-    plan::desired_topics(et).is_ok_and(|topics| {
-        topics
-            .iter()
-            .all(|t| policy.check(&ns, plan::name_field(t), &t.name).is_ok())
-    })
-}
-
 /// A change made in Kafka, to be told in an Event.
 struct Change {
     type_: EventType,
@@ -124,15 +117,13 @@ struct Outcome {
     /// resource in hand no longer shows what is stored, so status is written even when
     /// it looks unchanged.
     claimed: Option<Option<String>>,
-    /// When to look again; `None` waits for a change of the resource.
-    requeue: Option<Duration>,
     /// Kafka's failure that may pass by itself: once status says so, the pass fails
     /// with it, to be retried on the object's back-off.
     retry: Option<KafkaError>,
 }
 
 impl Outcome {
-    fn not_ready(reason: &str, message: String, requeue: Duration) -> Self {
+    fn not_ready(reason: &str, message: String) -> Self {
         Self {
             ready: Some(Observed::ready(false, reason, message)),
             paused: false,
@@ -140,9 +131,26 @@ impl Outcome {
             changes: vec![],
             managed: None,
             claimed: None,
-            requeue: Some(requeue),
             retry: None,
         }
+    }
+
+    fn paused() -> Self {
+        Self {
+            ready: None,
+            paused: true,
+            main: None,
+            changes: vec![],
+            managed: None,
+            claimed: None,
+            retry: None,
+        }
+    }
+}
+
+impl From<plan::Refused> for Outcome {
+    fn from(refused: plan::Refused) -> Self {
+        Self::not_ready(refused.reason, refused.message)
     }
 }
 
@@ -161,8 +169,9 @@ async fn reconcile(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Error> 
     Ok(action)
 }
 
-/// One reconcile; returns what to do next and, when not Ready, why. Fails when Kafka or
-/// the API server did (Kafka's reason is in status by then).
+/// One reconcile: dereference → build → apply → status. Returns what to do next and,
+/// when not Ready, why; fails when Kafka or the API server did (Kafka's reason is in
+/// status by then).
 async fn reconcile_inner(
     et: &Arc<EventTopic>,
     ctx: &Ctx,
@@ -173,41 +182,16 @@ async fn reconcile_inner(
     if et.metadata.deletion_timestamp.is_some() {
         return Ok((finalize(et, ctx, wrote).await?, None));
     }
-    let resync = ctx.shared.settings.next_resync();
     let outcome = if et.is_paused() {
-        Outcome {
-            ready: None,
-            paused: true,
-            main: None,
-            changes: vec![],
-            managed: None,
-            claimed: None,
-            requeue: None,
-            retry: None,
-        }
+        Outcome::paused()
     } else {
         wrote(set_finalizer(et, &ctx.shared).await?);
-        match plan::desired_topics(et) {
-            Err(invalid) => Outcome::not_ready("InvalidSpec", invalid.0, resync),
-            Ok(topics) => {
-                let all = ctx.shared.topics.state();
-                let policy = &ctx.shared.settings.namespace_policy;
-                let ns = et.namespace().unwrap_or_default();
-                let outside = topics
-                    .iter()
-                    .find_map(|t| policy.check(&ns, plan::name_field(t), &t.name).err());
-                if let Some(message) = outside {
-                    Outcome::not_ready("NotPermitted", message, resync)
-                } else if let Some(message) =
-                    plan::conflict(et, all.iter().map(AsRef::as_ref), |other| {
-                        permitted(other, policy)
-                    })
-                {
-                    Outcome::not_ready("ResourceConflict", message, resync)
-                } else {
-                    sync(et, &topics, drifted_if_changed(et), &ctx.shared, resync).await?
-                }
-            }
+        match dereference(et, &ctx.shared).await {
+            Err(outcome) => outcome,
+            Ok(Snapshot { topics, actual }) => match plan::build(et, topics, actual) {
+                Err(refused) => refused.into(),
+                Ok(build) => apply(et, build, &ctx.shared).await?,
+            },
         }
     };
     if let Some(claimed) = &outcome.claimed {
@@ -226,22 +210,38 @@ async fn reconcile_inner(
     let failure = outcome.ready.filter(|r| !r.status).map(|r| r.reason);
     // The resync is counted from now, after this pass's requests, so that it stays on
     // the grid.
-    let action = match outcome.requeue {
-        None => Action::await_change(),
-        Some(d) if d == resync => Action::requeue(ctx.shared.settings.next_resync()),
-        Some(d) => Action::requeue(d),
+    let action = if outcome.paused {
+        Action::await_change()
+    } else {
+        Action::requeue(ctx.shared.settings.next_resync())
     };
     Ok((action, failure))
 }
 
-/// Whether a change needed now was made outside EventOps: Kafka matched this very
-/// generation of the spec before.
-fn drifted_if_changed(et: &EventTopic) -> bool {
-    let Some(status) = &et.status else {
-        return false;
-    };
-    status.observed_generation == et.metadata.generation
-        && conditions::find(&status.conditions, READY).is_some_and(|c| c.status == "True")
+/// What a pass reads before it decides anything.
+struct Snapshot {
+    /// The topics the spec asks for, validated.
+    topics: Vec<DesiredTopic>,
+    /// Kafka's state of each, in the same order (`None`: no such topic).
+    actual: Vec<Option<TopicState>>,
+}
+
+/// Dereference: the spec is validated against the shared cache of EventTopics and the
+/// namespace policy ([`plan::validate`]); only then are its topics read from Kafka,
+/// through the reads concurrent reconciles share ([`crate::kafka::batch`]). A refusal or
+/// a failed read is the pass's outcome.
+async fn dereference(et: &EventTopic, ctx: &Context) -> Result<Snapshot, Outcome> {
+    let all = ctx.topics.state();
+    let policy = &ctx.settings.namespace_policy;
+    let topics = plan::validate(et, all.iter().map(AsRef::as_ref), policy)?;
+    let mut actual = Vec::with_capacity(topics.len());
+    for desired in &topics {
+        match ctx.kafka.describe_topic(&desired.name).await {
+            Ok(state) => actual.push(state),
+            Err(e) => return Err(refused(Refusal::Kafka(e), None, vec![], None)),
+        }
+    }
+    Ok(Snapshot { topics, actual })
 }
 
 fn to_status(managed: &BTreeMap<String, BTreeSet<String>>) -> Vec<ManagedTopic> {
@@ -267,62 +267,40 @@ async fn record_claim(
     crate::status::apply(ctx, et, &status).await
 }
 
-/// Brings each desired topic in Kafka to its spec, stopping at the first that cannot be.
-/// No topic is touched unless every one of them is this EventTopic's to touch.
-async fn sync(
-    et: &EventTopic,
-    topics: &[DesiredTopic],
-    drift: bool,
-    ctx: &Context,
-    resync: Duration,
-) -> Result<Outcome, Error> {
-    let before = managed(et);
-    let adopt = annotation_is_true(&et.metadata, ADOPT_ANNOTATION);
-    let mut actual = Vec::with_capacity(topics.len());
-    for desired in topics {
-        match ctx.kafka.describe_topic(&desired.name).await {
-            Ok(state) => actual.push(state),
-            Err(e) => return Ok(refused(Refusal::Kafka(e), None, vec![], None, resync)),
-        }
-    }
-    for (desired, state) in topics.iter().zip(&actual) {
-        if state.is_some() && !before.contains_key(&desired.name) && !adopt {
-            let mut outcome =
-                Outcome::not_ready("TopicExists", plan::topic_exists(desired), resync);
-            outcome.managed = Some(before);
-            return Ok(outcome);
-        }
-    }
-    let keys: Vec<BTreeSet<String>> = topics
-        .iter()
-        .zip(&actual)
-        .map(|(d, state)| plan::claimed_keys(d, state.as_ref(), before.get(&d.name)))
-        .collect();
-    let mut claim = before.clone();
-    for (desired, keys) in topics.iter().zip(&keys) {
-        let entry = claim.entry(desired.name.clone()).or_default();
-        entry.extend(keys.iter().cloned());
-    }
+/// Apply: records the claim, then brings each topic in Kafka to its plan, in order,
+/// stopping at the first that cannot be.
+async fn apply(et: &EventTopic, build: plan::Build, ctx: &Context) -> Result<Outcome, Error> {
+    let plan::Build {
+        before,
+        mut claim,
+        drift,
+        topics,
+    } = build;
     let claimed = if claim != before {
         Some(record_claim(et, ctx, &claim).await?)
     } else {
         None
     };
-
+    let names: Vec<String> = topics.iter().map(|t| t.desired.name.clone()).collect();
     let mut changes = Vec::new();
     let mut main = None;
-    let none = BTreeSet::new();
     // What is known to be this EventTopic's once this pass is over.
-    let mut managed = before.clone();
-    for (i, ((desired, state), keys)) in topics.iter().zip(actual).zip(keys).enumerate() {
-        let set_before = before.get(&desired.name).unwrap_or(&none);
+    let mut managed = before;
+    for (i, topic) in topics.into_iter().enumerate() {
+        let desired = &topic.desired;
         let changed_before = changes.len();
-        match sync_one(desired, state, set_before, drift, ctx, &mut changes).await {
+        let applied = match topic.plan {
+            Plan::NotSupported(message) => Err(Refusal::NotSupported(message)),
+            Plan::Apply(steps) => {
+                apply_topic(desired, topic.actual, steps, drift, ctx, &mut changes).await
+            }
+        };
+        match applied {
             Ok(state) => {
                 if i == 0 {
                     main = state;
                 }
-                managed.insert(desired.name.clone(), keys);
+                managed.insert(desired.name.clone(), topic.keys);
             }
             Err(refusal) => {
                 // What Kafka may have done stays recorded as this EventTopic's. A topic
@@ -332,7 +310,7 @@ async fn sync(
                     let claimed = claim.remove(&desired.name).unwrap_or_default();
                     managed.insert(desired.name.clone(), claimed);
                 }
-                let mut outcome = refused(refusal, main, changes, Some(managed), resync);
+                let mut outcome = refused(refusal, main, changes, Some(managed));
                 outcome.claimed = claimed;
                 return Ok(outcome);
             }
@@ -342,7 +320,6 @@ async fn sync(
     // renamed, a retry delay changed) stay this EventTopic's: it created or adopted
     // them, going back to them needs no adoption, and deleting it with
     // `deletionPolicy: Delete` deletes them too unless another EventTopic asks for them.
-    let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
     Ok(Outcome {
         ready: Some(Observed::ready(
             true,
@@ -354,7 +331,6 @@ async fn sync(
         changes,
         managed: Some(managed),
         claimed,
-        requeue: Some(resync),
         retry: None,
     })
 }
@@ -366,7 +342,6 @@ fn refused(
     main: Option<TopicState>,
     changes: Vec<Change>,
     managed: Option<BTreeMap<String, BTreeSet<String>>>,
-    resync: Duration,
 ) -> Outcome {
     let (reason, message, retry) = match refusal {
         Refusal::NotSupported(message) => ("NotSupported".into(), message, None),
@@ -383,7 +358,6 @@ fn refused(
         changes,
         managed,
         claimed: None,
-        requeue: Some(resync),
         retry,
     }
 }
@@ -487,20 +461,16 @@ async fn blame_alter(
     Refusal::Kafka(e)
 }
 
-/// Diff and apply one topic whose Kafka state is `actual`. Returns the topic's state
-/// after the changes.
-async fn sync_one(
+/// Applies `steps` to one topic whose Kafka state is `actual`. Returns the topic's
+/// state after the changes.
+async fn apply_topic(
     desired: &DesiredTopic,
     actual: Option<TopicState>,
-    set_before: &BTreeSet<String>,
+    steps: Vec<Step>,
     drift: bool,
     ctx: &Context,
     changes: &mut Vec<Change>,
 ) -> Result<Option<TopicState>, Refusal> {
-    let steps = match plan::plan(desired, actual.as_ref(), set_before) {
-        Plan::NotSupported(message) => return Err(Refusal::NotSupported(message)),
-        Plan::Apply(steps) => steps,
-    };
     let mut record = |reason: &'static str, note: String| {
         // A change to a spec that Kafka already matched was undone behind our back.
         let (type_, reason, note) = if drift {
@@ -625,7 +595,7 @@ async fn finalize(
                  good, annotate it {RELEASE_FINALIZER_ANNOTATION}=true to let it go",
                 kafka_message(&e)
             );
-            let outcome = Outcome::not_ready(&e.reason(), message, Duration::from_secs(5));
+            let outcome = Outcome::not_ready(&e.reason(), message);
             wrote(write_status(et, &ctx.shared, &outcome).await?);
             return Err(Error::kafka(et, e));
         }

@@ -1,14 +1,17 @@
-//! Pure steps of the EventTopic reconciler: validate the spec, build the topics it
-//! asks for, and diff them against Kafka into a plan. No I/O here.
+//! Pure steps of the EventTopic reconciler: validate the spec against the other
+//! EventTopics and the namespace policy ([`validate`]), then build from Kafka's state of
+//! each topic what one pass claims and changes ([`build`]). No I/O here.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use eventops_crds::{ADOPT_ANNOTATION, EventTopic, TOPIC_NAME_MAX_LEN};
+use eventops_crds::{ADOPT_ANNOTATION, EventTopic, TOPIC_NAME_MAX_LEN, annotation_is_true};
+use kube::ResourceExt;
 
 use super::NAMING_POLICY;
-use crate::conditions::Observed;
+use crate::conditions::{self, Observed, READY};
 use crate::kafka::native::ConfigOp;
 use crate::kafka::{NewTopicSpec, TopicState};
+use crate::policy::NamespacePolicy;
 
 /// A topic the spec asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +87,137 @@ pub fn desired_topics(et: &EventTopic) -> Result<Vec<DesiredTopic>, Invalid> {
         });
     }
     Ok(topics)
+}
+
+/// Why a pass stops before it changes anything in Kafka: the Ready condition's reason
+/// and message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// `InvalidSpec`, `NotPermitted`, `ResourceConflict` or `TopicExists`.
+    pub reason: &'static str,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl Refused {
+    fn new(reason: &'static str, message: String) -> Self {
+        Self { reason, message }
+    }
+}
+
+/// Validate: the topics `et` asks for, when the spec can become topics, the namespace
+/// policy lets it own every one of them, and no other of `all` (the cached EventTopics)
+/// keeps one of them (see [`conflict`]). Nothing in Kafka is looked at before this says
+/// yes.
+pub fn validate<'a>(
+    et: &EventTopic,
+    all: impl IntoIterator<Item = &'a EventTopic>,
+    policy: &NamespacePolicy,
+) -> Result<Vec<DesiredTopic>, Refused> {
+    let topics = desired_topics(et).map_err(|invalid| Refused::new("InvalidSpec", invalid.0))?;
+    let ns = et.namespace().unwrap_or_default();
+    let outside = topics
+        .iter()
+        .find_map(|t| policy.check(&ns, name_field(t), &t.name).err());
+    if let Some(message) = outside {
+        return Err(Refused::new("NotPermitted", message));
+    }
+    if let Some(message) = conflict(et, all, |other| permitted(other, policy)) {
+        return Err(Refused::new("ResourceConflict", message));
+    }
+    Ok(topics)
+}
+
+/// Whether the namespace policy lets `et` own every Kafka topic it asks for.
+fn permitted(et: &EventTopic, policy: &NamespacePolicy) -> bool {
+    let ns = et.namespace().unwrap_or_default();
+    desired_topics(et).is_ok_and(|topics| {
+        topics
+            .iter()
+            .all(|t| policy.check(&ns, name_field(t), &t.name).is_ok())
+    })
+}
+
+/// What one pass does in Kafka, decided from Kafka's state of each topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Build {
+    /// The topics this EventTopic managed before this pass, and the config keys it set
+    /// on each (see [`managed`]).
+    pub before: BTreeMap<String, BTreeSet<String>>,
+    /// `before` with the topics about to be created or adopted and the config keys about
+    /// to be set: recorded in status before Kafka is touched, when it differs.
+    pub claim: BTreeMap<String, BTreeSet<String>>,
+    /// Whether a change needed now was made outside EventOps (see [`drifted_if_changed`]).
+    pub drift: bool,
+    /// Each desired topic, in the spec's order: the main topic first.
+    pub topics: Vec<TopicBuild>,
+}
+
+/// One topic of a [`Build`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicBuild {
+    /// What the spec asks for.
+    pub desired: DesiredTopic,
+    /// What Kafka has (`None`: no such topic).
+    pub actual: Option<TopicState>,
+    /// The config keys that are this EventTopic's once Kafka matches (see
+    /// [`claimed_keys`]).
+    pub keys: BTreeSet<String>,
+    /// What to change.
+    pub plan: Plan,
+}
+
+/// Build: from the validated `topics` and Kafka's state of each (`actual`, in the same
+/// order), what this pass claims and changes. No topic is touched unless every one of
+/// them is this EventTopic's to touch: one Kafka has that it neither manages nor may
+/// adopt refuses the pass (`TopicExists`).
+pub fn build(
+    et: &EventTopic,
+    topics: Vec<DesiredTopic>,
+    actual: Vec<Option<TopicState>>,
+) -> Result<Build, Refused> {
+    let before = managed(et);
+    let adopt = annotation_is_true(&et.metadata, ADOPT_ANNOTATION);
+    for (desired, state) in topics.iter().zip(&actual) {
+        if state.is_some() && !before.contains_key(&desired.name) && !adopt {
+            return Err(Refused::new("TopicExists", topic_exists(desired)));
+        }
+    }
+    let none = BTreeSet::new();
+    let mut claim = before.clone();
+    let topics: Vec<TopicBuild> = topics
+        .into_iter()
+        .zip(actual)
+        .map(|(desired, actual)| {
+            let set_before = before.get(&desired.name);
+            let keys = claimed_keys(&desired, actual.as_ref(), set_before);
+            let plan = plan(&desired, actual.as_ref(), set_before.unwrap_or(&none));
+            let entry = claim.entry(desired.name.clone()).or_default();
+            entry.extend(keys.iter().cloned());
+            TopicBuild {
+                desired,
+                actual,
+                keys,
+                plan,
+            }
+        })
+        .collect();
+    Ok(Build {
+        before,
+        claim,
+        drift: drifted_if_changed(et),
+        topics,
+    })
+}
+
+/// Whether a change needed now was made outside EventOps: Kafka matched this very
+/// generation of the spec before.
+pub fn drifted_if_changed(et: &EventTopic) -> bool {
+    let Some(status) = &et.status else {
+        return false;
+    };
+    status.observed_generation == et.metadata.generation
+        && conditions::find(&status.conditions, READY).is_some_and(|c| c.status == "True")
 }
 
 /// Retention of a retry topic: a day beyond its delay, so records waiting out the delay
@@ -875,5 +1009,107 @@ mod tests {
             plan(desired, Some(&state(2, 3, &[])), &BTreeSet::new()),
             Plan::Apply(vec![])
         );
+    }
+
+    #[test]
+    fn validation_refuses_before_kafka_is_asked_and_says_why() {
+        let policy =
+            NamespacePolicy::new([("a".to_string(), vec!["orders.".to_string()])]).unwrap();
+        let mine = created("orders.placed", "a", "2", 200, None);
+        // Valid, permitted, and nobody else's: the main and dead-letter topics.
+        let names = |r: Result<Vec<DesiredTopic>, Refused>| {
+            r.map(|t| t.into_iter().map(|t| t.name).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            names(validate(&mine, [&mine], &policy)),
+            Ok(vec!["orders.placed".into(), "orders.placed.DLT".into()])
+        );
+        let reason = |r: Result<Vec<DesiredTopic>, Refused>| r.unwrap_err().reason;
+        let invalid = created("bad", "a", "3", 200, Some("__internal"));
+        assert_eq!(reason(validate(&invalid, [], &policy)), "InvalidSpec");
+        let outside = created("payments.captured", "a", "4", 200, None);
+        assert_eq!(reason(validate(&outside, [], &policy)), "NotPermitted");
+        let older = created("orders", "a", "1", 100, Some("orders.placed"));
+        assert_eq!(
+            reason(validate(&mine, [&older, &mine], &policy)),
+            "ResourceConflict"
+        );
+        // One the policy refuses keeps no name from anybody.
+        let refused = created("x", "b", "5", 50, Some("orders.placed"));
+        assert!(validate(&mine, [&refused], &policy).is_ok());
+    }
+
+    #[test]
+    fn build_claims_before_it_creates_and_plans_every_topic() {
+        let et = created("orders.placed", "a", "1", 100, None);
+        let et = EventTopic {
+            spec: EventTopicSpec {
+                partitions: 2,
+                config: configs(&[("retention.ms", "1000")]),
+                ..et.spec.clone()
+            },
+            ..et
+        };
+        let topics = desired_topics(&et).unwrap();
+        let built = build(&et, topics.clone(), vec![None, None]).unwrap();
+        assert!(built.before.is_empty());
+        assert!(!built.drift);
+        let keys = |k: &[&str]| k.iter().map(|k| k.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(
+            built.claim,
+            BTreeMap::from([
+                ("orders.placed".to_string(), keys(&["retention.ms"])),
+                ("orders.placed.DLT".to_string(), keys(&[])),
+            ])
+        );
+        assert!(matches!(
+            &built.topics[0].plan,
+            Plan::Apply(steps) if matches!(steps.as_slice(), [Step::Create(s)] if s.partitions == 2)
+        ));
+        assert_eq!(built.topics[1].desired.name, "orders.placed.DLT");
+
+        // Kafka has the main topic, which nobody manages: refused, nothing planned.
+        let exists = vec![Some(state(2, 1, &[])), None];
+        let refused = build(&et, topics.clone(), exists.clone()).unwrap_err();
+        assert_eq!(refused.reason, "TopicExists");
+        // Adopted when asked: its existing configs stay the administrator's.
+        let mut adopting = et.clone();
+        adopting
+            .annotations_mut()
+            .insert(ADOPT_ANNOTATION.into(), "true".into());
+        let exists = vec![Some(state(2, 1, &[("retention.ms", "5")])), None];
+        let built = build(&adopting, topics, exists).unwrap();
+        assert_eq!(built.topics[0].keys, keys(&[]));
+        assert!(matches!(
+            &built.topics[0].plan,
+            Plan::Apply(steps) if matches!(steps.as_slice(), [Step::AlterConfigs { .. }])
+        ));
+    }
+
+    #[test]
+    fn a_change_kafka_needs_for_a_spec_it_matched_before_is_drift() {
+        let mut et = topic("orders", 1);
+        et.metadata.generation = Some(3);
+        assert!(!drifted_if_changed(&et), "never reconciled");
+        let ready = |generation: i64, status: &str| eventops_crds::EventTopicStatus {
+            observed_generation: Some(generation),
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: READY.into(),
+                status: status.into(),
+                reason: "InSync".into(),
+                message: String::new(),
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ),
+                observed_generation: Some(generation),
+            }],
+            ..Default::default()
+        };
+        et.status = Some(ready(3, "True"));
+        assert!(drifted_if_changed(&et));
+        et.status = Some(ready(2, "True"));
+        assert!(!drifted_if_changed(&et), "a new generation");
+        et.status = Some(ready(3, "False"));
+        assert!(!drifted_if_changed(&et), "Kafka did not match");
     }
 }
