@@ -1,8 +1,12 @@
-//! ConsumerGroup reconciler: dereference (EventTopics, Secret, Deployment) → build
-//! ([`build`], pure) → apply (server-side apply, only what differs) → status.
+//! ConsumerGroup reconciler, once per pass: dereference (the shared caches of
+//! ConsumerGroups, EventTopics and Deployments, the Secret, Kafka's user and grants) →
+//! build ([`plan`] and [`build`], pure) → apply (Kafka, then server-side apply of only
+//! what differs) → status. Kafka's failures that may pass by themselves fail the pass
+//! once status says so, and are retried on the group's back-off ([`crate::backoff`]).
 
 pub mod build;
 pub mod outbox;
+pub mod plan;
 pub mod produces;
 
 use std::collections::BTreeMap;
@@ -31,7 +35,7 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::kafka::native::{AclBinding, AclFilter, NativeError, ScramMechanism};
 use crate::watch::{SharedWatch, TriggerStream, spec_metadata_and, spec_or_metadata};
-use build::{ROTATE_ANNOTATION, ROTATED_FOR_ANNOTATION, WorkerKafka};
+use build::{ROTATED_FOR_ANNOTATION, WorkerKafka};
 
 /// Runs the ConsumerGroup controller until `shutdown` resolves.
 pub async fn run(
@@ -120,43 +124,111 @@ async fn reconcile(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, 
             .reconciled("consumergroup", started.elapsed(), None);
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    let (action, failure) = reconcile_inner(cg.clone(), &ctx).await?;
+    let (action, failure) = reconcile_inner(&cg, &ctx).await?;
     ctx.metrics
         .reconciled("consumergroup", started.elapsed(), failure);
     ctx.group_backoff.succeeded(&cg);
     Ok(action)
 }
 
-/// One reconcile; returns what to do next and, when not Ready, why. Fails when the API
-/// server did, or Kafka did for a reason that may pass by itself (status says so by
-/// then).
+/// One reconcile: dereference → build → apply → status. Returns what to do next and,
+/// when not Ready, why; fails when the API server did, or Kafka did for a reason that
+/// may pass by itself (status says so by then).
 async fn reconcile_inner(
-    cg: Arc<ConsumerGroup>,
+    cg: &ConsumerGroup,
     ctx: &Context,
 ) -> Result<(Action, Option<&'static str>), Error> {
     let ns = cg.namespace().unwrap_or_default();
-    let resync = ctx.settings.next_resync();
     let groups: Api<ConsumerGroup> = Api::namespaced(ctx.client.clone(), &ns);
     if cg.metadata.deletion_timestamp.is_some() {
-        return Ok((finalize(&cg, ctx, &groups).await?, None));
+        return Ok((finalize(cg, ctx, &groups).await?, None));
     }
     // The group's Kafka user and ACLs outlive nothing else: remove them on deletion.
-    let added = crate::finalizer::set(&groups, &*cg, CREDENTIALS_FINALIZER, true, &ctx.metrics)
+    let added = crate::finalizer::set(&groups, cg, CREDENTIALS_FINALIZER, true, &ctx.metrics)
         .await
-        .map_err(|e| Error::kube("add the finalizer to", &*cg, e))?;
-    let released = crate::replay::clear_stale_hold(&cg, ctx, &groups).await?;
+        .map_err(|e| Error::kube("add the finalizer to", cg, e))?;
+    let released = crate::replay::clear_stale_hold(cg, ctx, &groups).await?;
     if added.is_some() || released {
         // Go on from the version just written (its own event starts the next pass).
-        ctx.written_groups.wrote(&*cg, added.as_deref());
+        ctx.written_groups.wrote(cg, added.as_deref());
         ctx.written_groups
-            .replaced(&*cg, cg.metadata.resource_version.as_deref());
+            .replaced(cg, cg.metadata.resource_version.as_deref());
         return Ok((Action::requeue(Duration::from_millis(200)), None));
     }
+    let outcome = match dereference(cg, ctx).await? {
+        Err(outcome) => outcome,
+        Ok(snapshot) => {
+            // Build (pure); a waiting group builds no objects.
+            let desired = snapshot.objects.as_ref().map(|objects| {
+                let kafka = &ctx.settings.worker_kafka;
+                let secret = objects.secret.as_ref();
+                plan::build(cg, &snapshot.resolved, secret, kafka, random_password())
+            });
+            let changed = desired.as_ref().map(|d| d.password_changed);
+            let resolved = &snapshot.resolved;
+            let changes =
+                plan::kafka_changes(&resolved.acls, &snapshot.acls, snapshot.has_user, changed);
+            apply(cg, ctx, snapshot, desired, changes).await?
+        }
+    };
+    status(cg, ctx, outcome).await
+}
 
-    // Dereference, from the shared caches: the EventTopics the group names.
+/// What a pass ends with, before it becomes status.
+enum Outcome {
+    /// Everything matches the spec: the group's ACLs, and the Deployment's replicas.
+    InSync { acls: usize, replicas: Option<i32> },
+    /// Not Ready, for `reason` (also the failure counter's), until something changes.
+    NotReady {
+        reason: &'static str,
+        message: String,
+    },
+    /// Kafka failed a request about the group's user or ACLs.
+    Kafka(NativeError),
+}
+
+/// What a pass reads before it decides anything.
+struct Snapshot {
+    resolved: plan::Resolved,
+    /// The group's stored objects; `None` while it waits for an EventTopic.
+    objects: Option<Objects>,
+    /// The ACLs of EventOps' shape on the group's principal, as Kafka has them.
+    acls: BTreeSet<AclBinding>,
+    /// Whether Kafka has the group's user (not read while it waits).
+    has_user: bool,
+}
+
+/// The group's Secret and Deployment, as stored.
+struct Objects {
+    secret: Option<Secret>,
+    deployment: Option<Deployment>,
+    /// Whether `deployment` is the cached copy (rather than read live).
+    from_cache: bool,
+}
+
+/// Dereference: the group is validated against the shared caches ([`plan::validate`])
+/// and the EventTopics it names are resolved from them; then its Secret and Deployment
+/// are read (live, or from the cache for a Deployment with the group label) and checked
+/// for another owner, before anything (the Kafka user included) is derived from them;
+/// last, Kafka's user and grants, through the reads concurrent reconciles share. A group
+/// waiting for an EventTopic reads only its grants (to revoke). A refusal or Kafka's
+/// failure is the pass's outcome.
+async fn dereference(
+    cg: &ConsumerGroup,
+    ctx: &Context,
+) -> Result<Result<Snapshot, Outcome>, Error> {
+    let ns = cg.namespace().unwrap_or_default();
+    let others = ctx.groups.state();
+    let policy = &ctx.settings.namespace_policy;
+    if let Err(refused) = plan::validate(cg, policy, others.iter().map(AsRef::as_ref)) {
+        return Ok(Err(Outcome::NotReady {
+            reason: refused.reason,
+            message: refused.message,
+        }));
+    }
     let named: BTreeSet<&String> = (cg.spec.topics.iter())
         .chain(&cg.spec.produces)
-        .chain(outbox::topic_names(&cg))
+        .chain(outbox::topic_names(cg))
         .collect();
     let found: BTreeMap<String, Arc<EventTopic>> = named
         .into_iter()
@@ -165,147 +237,137 @@ async fn reconcile_inner(
             Some((name.clone(), et))
         })
         .collect();
-    // Validate: the namespace may own the group id (issue 10's ownership policy).
-    let policy = &ctx.settings.namespace_policy;
-    if let Err(message) = policy.check(&ns, "spec.groupId", cg.kafka_group_id()) {
-        write_status(
-            &cg,
-            ctx,
-            Observed::ready(false, "NotPermitted", message),
-            None,
-        )
-        .await?;
-        return Ok((Action::requeue(resync), Some("NotPermitted")));
-    }
-    let others = ctx.groups.state();
-    if let Some(message) = build::group_conflict(&cg, others.iter().map(AsRef::as_ref)) {
-        let ready = Observed::ready(false, "ResourceConflict", message);
-        write_status(&cg, ctx, ready, None).await?;
-        return Ok((Action::requeue(resync), Some("ResourceConflict")));
-    }
-    let (routes, missing) = build::resolve_some_topics(&cg, |n| found.get(n).map(AsRef::as_ref));
-    let (produced, missing_produced) =
-        produces::resolve_some(&cg, |n| found.get(n).map(AsRef::as_ref));
-    let (outbox_topics, missing_outbox) =
-        outbox::resolve_some(&cg, |n| found.get(n).map(AsRef::as_ref));
-    let mut desired_acls = build::acls(&cg, &routes);
-    desired_acls.extend(produces::acls(&cg, &produced));
-    desired_acls.extend(outbox::acls(&cg, &outbox_topics));
-    // Every field that names a missing EventTopic, so one fix is not followed by another.
-    let waiting: Vec<String> = [
-        (!missing.0.is_empty()).then(|| missing.message(&ns)),
-        produces::missing_message(&missing_produced, &ns),
-        outbox::missing_message(&missing_outbox, &ns),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    if !waiting.is_empty() {
-        let message = waiting.join("; ");
+    let resolved = plan::resolve(cg, |n| found.get(n).map(AsRef::as_ref));
+    let objects = if resolved.waiting.is_some() {
+        None
+    } else {
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+        let secret = secrets
+            .get_opt(&build::secret_name(cg))
+            .await
+            .map_err(|e| Error::kube("read the Secret of", cg, e))?;
+        // The cache holds only Deployments with the group label; one without it
+        // (somebody else's under this name) is read live, so that it is never taken over.
+        let cached = ctx
+            .deployments
+            .get(&ObjectRef::new(&cg.name_any()).within(&ns));
+        let from_cache = cached.is_some();
+        let deployment = match cached {
+            Some(d) => Some(Deployment::clone(&d)),
+            None => read_deployment(cg, ctx).await?,
+        };
+        // Objects somebody else made under the names this group needs are left alone.
+        if let Some(message) = build::foreign_objects(
+            cg,
+            deployment.as_ref().map(|d| &d.metadata),
+            secret.as_ref().map(|s| &s.metadata),
+        ) {
+            return Ok(Err(Outcome::NotReady {
+                reason: "ResourceConflict",
+                message,
+            }));
+        }
+        Some(Objects {
+            secret,
+            deployment,
+            from_cache,
+        })
+    };
+    let has_user = match &objects {
+        None => false,
+        Some(_) => match ctx.kafka.scram_credentials(&build::kafka_user(cg)).await {
+            Ok(credentials) => credentials
+                .iter()
+                .any(|c| c.mechanism == ScramMechanism::Sha512),
+            Err(e) => return Ok(Err(Outcome::Kafka(e))),
+        },
+    };
+    let acls = match operator_acls(cg, ctx).await {
+        Ok(acls) => acls,
+        Err(e) => return Ok(Err(Outcome::Kafka(e))),
+    };
+    Ok(Ok(Snapshot {
+        resolved,
+        objects,
+        acls,
+        has_user,
+    }))
+}
+
+/// The group's Deployment, read live.
+async fn read_deployment(cg: &ConsumerGroup, ctx: &Context) -> Result<Option<Deployment>, Error> {
+    let deployments: Api<Deployment> =
+        Api::namespaced(ctx.client.clone(), &cg.namespace().unwrap_or_default());
+    deployments
+        .get_opt(&cg.name_any())
+        .await
+        .map_err(|e| Error::kube("read the Deployment of", cg, e))
+}
+
+/// Apply: only what differs, so a resync that finds nothing writes nothing. Kafka
+/// first: the Secret must never hand out a password Kafka does not know yet. A group
+/// waiting for an EventTopic only loses the grants on what did not resolve.
+async fn apply(
+    cg: &ConsumerGroup,
+    ctx: &Context,
+    snapshot: Snapshot,
+    desired: Option<plan::Desired>,
+    changes: plan::KafkaChanges,
+) -> Result<Outcome, Error> {
+    let (Some(objects), Some(desired)) = (snapshot.objects, desired) else {
         // Grants on a topic the group has lost (its EventTopic deleted, or no longer
         // owning it) go now, not when the group is whole again: the topic may be
         // somebody else's by then.
-        if let Err(e) = revoke_acls(&cg, ctx, &desired_acls).await {
-            return kafka_failed(&cg, ctx, e, resync).await;
+        if let Err(e) = delete_acls(cg, ctx, &changes.delete).await {
+            return Ok(Outcome::Kafka(e));
         }
-        let ready = Observed::ready(false, "TopicNotFound", message);
-        write_status(&cg, ctx, ready, None).await?;
-        return Ok((Action::requeue(resync), Some("TopicNotFound")));
-    }
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let secret = secrets
-        .get_opt(&build::secret_name(&cg))
-        .await
-        .map_err(|e| Error::kube("read the Secret of", &*cg, e))?;
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    // The cache holds only Deployments with the group label; one without it (somebody
-    // else's under this name) is read live, so that it is never taken over.
-    let cached = ctx
-        .deployments
-        .get(&ObjectRef::new(&cg.name_any()).within(&ns));
-    let read_live = || async {
-        deployments
-            .get_opt(&cg.name_any())
-            .await
-            .map_err(|e| Error::kube("read the Deployment of", &*cg, e))
+        return Ok(Outcome::NotReady {
+            reason: "TopicNotFound",
+            message: snapshot.resolved.waiting.unwrap_or_default(),
+        });
     };
-    let from_cache = cached.is_some();
-    let mut deployment = match cached {
-        Some(d) => Some(Deployment::clone(&d)),
-        None => read_live().await?,
-    };
-
-    // Objects somebody else made under the names this group needs are left alone,
-    // before anything (the Kafka user included) is derived from them.
-    if let Some(message) = build::foreign_objects(
-        &cg,
-        deployment.as_ref().map(|d| &d.metadata),
-        secret.as_ref().map(|s| &s.metadata),
-    ) {
-        let ready = Observed::ready(false, "ResourceConflict", message);
-        write_status(&cg, ctx, ready, None).await?;
-        return Ok((Action::requeue(resync), Some("ResourceConflict")));
-    }
-
-    // Build.
-    let kafka = ctx.settings.worker_kafka.clone();
-    let requested_rotation = cg.annotations().get(ROTATE_ANNOTATION).map(String::as_str);
-    let current = secret.as_ref().and_then(|s| {
-        let password = secret_value(s, "password")?;
-        let answered = s.annotations().get(ROTATED_FOR_ANNOTATION).cloned();
-        Some((password, answered))
-    });
-    let (password, rotation) = match current {
-        Some((password, answered))
-            if requested_rotation.is_none_or(|r| answered.as_deref() == Some(r)) =>
-        {
-            (password, answered)
-        }
-        _ => (random_password(), requested_rotation.map(String::from)),
-    };
-    let credentials_version = build::credentials_version(&password);
-    let desired_secret = build::secret(&cg, &kafka, &password, rotation.as_deref());
-    let desired_deployment =
-        build::deployment(&cg, &routes, &outbox_topics, &kafka, &credentials_version);
-    if from_cache && !deployment_matches(deployment.as_ref(), &desired_deployment) {
+    let Objects {
+        secret,
+        mut deployment,
+        from_cache,
+    } = objects;
+    if from_cache && !deployment_matches(deployment.as_ref(), &desired.deployment) {
         // About to write on the strength of a cached copy, which lags when the watch
         // does: read it live, so that a Deployment deleted or replaced by somebody
         // else's meanwhile is neither recreated at the wrong size nor taken over.
-        deployment = read_live().await?;
+        deployment = read_deployment(cg, ctx).await?;
         if let Some(message) =
-            build::foreign_objects(&cg, deployment.as_ref().map(|d| &d.metadata), None)
+            build::foreign_objects(cg, deployment.as_ref().map(|d| &d.metadata), None)
         {
-            let ready = Observed::ready(false, "ResourceConflict", message);
-            write_status(&cg, ctx, ready, None).await?;
-            return Ok((Action::requeue(resync), Some("ResourceConflict")));
+            return Ok(Outcome::NotReady {
+                reason: "ResourceConflict",
+                message,
+            });
         }
     }
-
-    // Apply: only what differs, so a resync that finds nothing writes nothing. Kafka
-    // first: the Secret must never hand out a password Kafka does not know yet.
-    let password_changed =
-        secret_value_of(secret.as_ref(), "password").as_deref() != Some(&password);
-    if let Err(e) = sync_kafka_access(&cg, ctx, &password, password_changed, &desired_acls).await {
-        return kafka_failed(&cg, ctx, e, resync).await;
+    if let Err(e) = apply_kafka_access(cg, ctx, &desired.password, &changes).await {
+        return Ok(Outcome::Kafka(e));
     }
+    let ns = cg.namespace().unwrap_or_default();
     let params = PatchParams::apply(crate::FIELD_MANAGER).force();
-    if !secret_matches(secret.as_ref(), &desired_secret) {
+    if !secret_matches(secret.as_ref(), &desired.secret) {
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
         ctx.metrics.kube_write("Secret");
         secrets
             .patch(
-                &build::secret_name(&cg),
+                &build::secret_name(cg),
                 &params,
-                &Patch::Apply(&desired_secret),
+                &Patch::Apply(&desired.secret),
             )
             .await
-            .map_err(|e| Error::kube("apply the Secret of", &*cg, e))?;
-        if secret.is_some() && password_changed {
+            .map_err(|e| Error::kube("apply the Secret of", cg, e))?;
+        if secret.is_some() && desired.password_changed {
             ctx.event(
-                &*cg,
+                cg,
                 EventType::Normal,
                 "CredentialsRotated",
                 "Reconcile",
-                format!("new password for Kafka user {}", build::kafka_user(&cg)),
+                format!("new password for Kafka user {}", build::kafka_user(cg)),
             )
             .await;
         }
@@ -314,6 +376,7 @@ async fn reconcile_inner(
     let current_replicas = deployment
         .as_ref()
         .map(|d| d.status.as_ref().and_then(|s| s.replicas).unwrap_or(0));
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     if deployment.is_none() {
         // Created at `minReplicas` (capped as the autoscaler caps it), not at Kubernetes'
         // default of one: a new group that
@@ -321,15 +384,8 @@ async fn reconcile_inner(
         // take it back after its scale-down window). The create owns `replicas` under
         // an Update entry, which the applies below (without it) never prune; the
         // autoscaler's scale writes take it over.
-        let partitions = cg
-            .spec
-            .topics
-            .iter()
-            .filter_map(|name| found.get(name))
-            .map(|et| et.spec.partitions)
-            .sum();
-        let mut first = desired_deployment.clone();
-        first.spec.replicas = Some(build::initial_replicas(&cg, partitions));
+        let mut first = desired.deployment.clone();
+        first.spec.replicas = Some(desired.initial_replicas);
         ctx.metrics.kube_write("Deployment");
         let post = PostParams {
             field_manager: Some(crate::FIELD_MANAGER.to_string()),
@@ -338,79 +394,85 @@ async fn reconcile_inner(
         deployments
             .create(&post, &first)
             .await
-            .map_err(|e| Error::kube("create the Deployment of", &*cg, e))?;
-    } else if !deployment_matches(deployment.as_ref(), &desired_deployment) {
+            .map_err(|e| Error::kube("create the Deployment of", cg, e))?;
+    } else if !deployment_matches(deployment.as_ref(), &desired.deployment) {
         ctx.metrics.kube_write("Deployment");
         deployments
-            .patch(&cg.name_any(), &params, &Patch::Apply(&desired_deployment))
+            .patch(&cg.name_any(), &params, &Patch::Apply(&desired.deployment))
             .await
-            .map_err(|e| Error::kube("apply the Deployment of", &*cg, e))?;
+            .map_err(|e| Error::kube("apply the Deployment of", cg, e))?;
     }
+    Ok(Outcome::InSync {
+        acls: snapshot.resolved.acls.len(),
+        replicas: current_replicas,
+    })
+}
 
-    let ready = Observed::ready(
-        true,
-        "InSync",
-        format!(
-            "Deployment {name}, Secret {secret}, Kafka user {user} and its {n} ACLs match the spec",
-            name = cg.name_any(),
-            secret = build::secret_name(&cg),
-            user = build::kafka_user(&cg),
-            n = desired_acls.len(),
-        ),
-    );
-    write_status(&cg, ctx, ready, current_replicas).await?;
+/// Status: the Ready condition `outcome` gives. Kafka's failure that may pass by itself
+/// then fails the pass, to be retried on the group's back-off; anything else not Ready
+/// waits for a change or the resync.
+async fn status(
+    cg: &ConsumerGroup,
+    ctx: &Context,
+    outcome: Outcome,
+) -> Result<(Action, Option<&'static str>), Error> {
+    let (ready, replicas, failure) = match &outcome {
+        Outcome::InSync { acls, replicas } => {
+            let message = format!(
+                "Deployment {name}, Secret {secret}, Kafka user {user} and its {acls} ACLs \
+                 match the spec",
+                name = cg.name_any(),
+                secret = build::secret_name(cg),
+                user = build::kafka_user(cg),
+            );
+            (Observed::ready(true, "InSync", message), *replicas, None)
+        }
+        Outcome::NotReady { reason, message } => {
+            let ready = Observed::ready(false, *reason, message.clone());
+            (ready, None, Some(*reason))
+        }
+        Outcome::Kafka(e) => {
+            let ready = Observed::ready(false, e.reason(), native_message(e));
+            (ready, None, Some("KafkaAccess"))
+        }
+    };
+    write_status(cg, ctx, ready, replicas).await?;
+    if let Outcome::Kafka(e) = outcome
+        && e.is_transient()
+    {
+        return Err(Error::kafka_admin(cg, e));
+    }
     // Counted from now, after this pass's requests, so that it stays on the grid.
-    Ok((Action::requeue(ctx.settings.next_resync()), None))
+    Ok((Action::requeue(ctx.settings.next_resync()), failure))
 }
 
 /// Finalizer held by every ConsumerGroup until its Kafka user and ACLs are removed.
 pub const CREDENTIALS_FINALIZER: &str = "eventops.dev/delete-kafka-credentials";
 
-/// Makes the group's SCRAM user and ACLs in Kafka what the spec asks for: creates the
-/// user when Kafka lacks it or the password changed, creates missing ACLs and deletes
-/// the ACLs EventOps made for the group that are no longer desired.
-async fn sync_kafka_access(
+/// Makes the group's SCRAM user and ACLs in Kafka what `changes` say: sets the user's
+/// password, creates the missing ACLs and deletes those EventOps made for the group that
+/// are no longer desired.
+async fn apply_kafka_access(
     cg: &ConsumerGroup,
     ctx: &Context,
     password: &str,
-    password_changed: bool,
-    desired: &BTreeSet<AclBinding>,
+    changes: &plan::KafkaChanges,
 ) -> Result<(), NativeError> {
     let native = ctx.kafka.native();
     let user = build::kafka_user(cg);
-    let exists = ctx
-        .kafka
-        .scram_credentials(&user)
-        .await?
-        .iter()
-        .any(|c| c.mechanism == ScramMechanism::Sha512);
-    if !exists || password_changed {
+    if changes.set_user {
         ctx.metrics.kafka_request("AlterUserScramCredentials");
         ctx.metrics.kafka_write();
         native.upsert_scram_user(&user, password).await?;
         info!(%user, "set SCRAM credentials");
     }
-
-    let current = operator_acls(cg, ctx).await?;
-    let missing: Vec<AclBinding> = desired.difference(&current).cloned().collect();
-    if !missing.is_empty() {
+    if !changes.create.is_empty() {
         ctx.metrics.kafka_request("CreateAcls");
         ctx.metrics.kafka_write();
-        native.create_acls(&missing).await?;
-        info!(%user, created = missing.len(), "created ACLs");
+        native.create_acls(&changes.create).await?;
+        info!(%user, created = changes.create.len(), "created ACLs");
     }
-    delete_acls(cg, ctx, current.difference(desired)).await
-}
-
-/// Deletes the ACLs EventOps made for the group that `keep` does not hold, creating
-/// none: what a group waiting for a topic may still do.
-async fn revoke_acls(
-    cg: &ConsumerGroup,
-    ctx: &Context,
-    keep: &BTreeSet<AclBinding>,
-) -> Result<(), NativeError> {
-    let current = operator_acls(cg, ctx).await?;
-    delete_acls(cg, ctx, current.difference(keep)).await
+    delete_acls(cg, ctx, &changes.delete).await
 }
 
 /// The ACLs on the group's principal that have the shape EventOps gives its own: Allow,
@@ -449,26 +511,6 @@ fn native_message(e: &NativeError) -> String {
         }
         _ => e.to_string(),
     }
-}
-
-/// After Kafka failed the group's user or ACLs: status says so, then a failure that may
-/// pass by itself (a timeout, a leader moving) is retried on the group's back-off, and
-/// one somebody must act on first (the operator's own ACL missing, a bad request) at the
-/// resync interval. Asking every few seconds changes nothing then, and costs Kafka a
-/// request (and, for librdkafka's DescribeUserScramCredentials error path, a leaked
-/// event) each time.
-async fn kafka_failed(
-    cg: &ConsumerGroup,
-    ctx: &Context,
-    e: NativeError,
-    resync: Duration,
-) -> Result<(Action, Option<&'static str>), Error> {
-    let ready = Observed::ready(false, e.reason(), native_message(&e));
-    write_status(cg, ctx, ready, None).await?;
-    if e.is_transient() {
-        return Err(Error::kafka_admin(cg, e));
-    }
-    Ok((Action::requeue(resync), Some("KafkaAccess")))
 }
 
 /// Deletion: remove the group's ACLs and SCRAM user from Kafka, then let it go. The
@@ -516,10 +558,6 @@ async fn finalize(
     Ok(Action::await_change())
 }
 
-fn secret_value_of(secret: Option<&Secret>, key: &str) -> Option<String> {
-    secret_value(secret?, key)
-}
-
 /// Whether the stored Secret already holds the desired keys, annotation and owner.
 /// Keys somebody else added are not ours to judge.
 fn secret_matches(current: Option<&Secret>, desired: &Secret) -> bool {
@@ -534,11 +572,6 @@ fn secret_matches(current: Option<&Secret>, desired: &Secret) -> bool {
     keys_match
         && annotation(current) == annotation(desired)
         && current.metadata.owner_references == desired.metadata.owner_references
-}
-
-fn secret_value(secret: &Secret, key: &str) -> Option<String> {
-    let bytes = secret.data.as_ref()?.get(key)?;
-    String::from_utf8(bytes.0.clone()).ok()
 }
 
 /// Whether the stored Deployment already has every field the operator sets, as desired.
