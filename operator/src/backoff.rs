@@ -30,10 +30,18 @@ pub fn delay(failures: u32, random: f64) -> Duration {
     full.mul_f64(1.0 - JITTER * random.clamp(0.0, 1.0))
 }
 
-/// Per object, its failures in a row and when it last failed: the state of its
+/// Per object, its failures in a row, when it last failed and its uid: the state of its
 /// back-off. Kept in a controller's context.
 pub struct Backoff<K: Resource<DynamicType = ()>> {
-    failing: Mutex<HashMap<ObjectRef<K>, (u32, Instant)>>,
+    failing: Mutex<HashMap<ObjectRef<K>, Failing>>,
+}
+
+/// An object's failures in a row, when it last failed, and which object of that name
+/// it was (an `ObjectRef` compares namespace and name only).
+struct Failing {
+    failures: u32,
+    at: Instant,
+    uid: Option<String>,
 }
 
 impl<K: Resource<DynamicType = ()>> Default for Backoff<K> {
@@ -46,15 +54,26 @@ impl<K: Resource<DynamicType = ()>> Default for Backoff<K> {
 
 impl<K: Resource<DynamicType = ()>> Backoff<K> {
     /// Notes one more failure of `obj`'s reconcile; returns how long to wait before
-    /// retrying it.
-    pub fn failed(&self, obj: &K) -> Duration {
-        self.failed_at(ObjectRef::from_obj(obj), Instant::now(), fastrand::f64())
+    /// retrying it, at most `at_most` (the resync interval: a failure that may pass by
+    /// itself is not retried later than an unchanged object is looked at again).
+    pub fn failed(&self, obj: &K, at_most: Duration) -> Duration {
+        let uid = obj.meta().uid.clone();
+        self.failed_at(
+            ObjectRef::from_obj(obj),
+            uid,
+            Instant::now(),
+            fastrand::f64(),
+        )
+        .min(at_most)
     }
 
-    /// Forgets `obj`'s failures: its reconcile succeeded.
+    /// Forgets `obj`'s failures: its reconcile succeeded. Also forgets objects that have
+    /// not failed for a while (deleted ones, which are never reconciled again).
     pub fn succeeded(&self, obj: &K) {
+        let now = Instant::now();
         let mut failing = self.failing.lock().expect("not poisoned");
         failing.remove(&ObjectRef::from_obj(obj));
+        failing.retain(|_, f| now.saturating_duration_since(f.at) < FORGET_AFTER);
     }
 
     /// Objects whose last reconcile failed.
@@ -67,13 +86,31 @@ impl<K: Resource<DynamicType = ()>> Backoff<K> {
         self.len() == 0
     }
 
-    fn failed_at(&self, obj: ObjectRef<K>, now: Instant, random: f64) -> Duration {
+    fn failed_at(
+        &self,
+        obj: ObjectRef<K>,
+        uid: Option<String>,
+        now: Instant,
+        random: f64,
+    ) -> Duration {
         let mut failing = self.failing.lock().expect("not poisoned");
-        failing.retain(|_, (_, at)| now.saturating_duration_since(*at) < FORGET_AFTER);
-        let (failures, at) = failing.entry(obj).or_insert((0, now));
-        *failures = failures.saturating_add(1);
-        *at = now;
-        delay(*failures, random)
+        failing.retain(|_, f| now.saturating_duration_since(f.at) < FORGET_AFTER);
+        let entry = failing.entry(obj).or_insert(Failing {
+            failures: 0,
+            at: now,
+            uid: uid.clone(),
+        });
+        if entry.uid != uid {
+            // Deleted and created again under the same name: a new object starts over.
+            *entry = Failing {
+                failures: 0,
+                at: now,
+                uid,
+            };
+        }
+        entry.failures = entry.failures.saturating_add(1);
+        entry.at = now;
+        delay(entry.failures, random)
     }
 }
 
@@ -113,7 +150,10 @@ mod tests {
         let backoff = Backoff::<EventTopic>::default();
         let (a, b) = (topic("a"), topic("b"));
         let now = Instant::now();
-        let fail = |et: &EventTopic| backoff.failed_at(ObjectRef::from_obj(et), now, 0.0);
+        let fail = |et: &EventTopic| {
+            let uid = et.metadata.uid.clone();
+            backoff.failed_at(ObjectRef::from_obj(et), uid, now, 0.0)
+        };
         assert_eq!(fail(&a), Duration::from_secs(1));
         assert_eq!(fail(&a), Duration::from_secs(2));
         assert_eq!(fail(&a), Duration::from_secs(4));
@@ -126,11 +166,43 @@ mod tests {
     }
 
     #[test]
+    fn an_object_created_again_under_the_same_name_starts_over() {
+        let backoff = Backoff::<EventTopic>::default();
+        let mut old = topic("a");
+        old.metadata.uid = Some("uid-1".into());
+        let mut new = topic("a");
+        new.metadata.uid = Some("uid-2".into());
+        let now = Instant::now();
+        let fail = |et: &EventTopic| {
+            let uid = et.metadata.uid.clone();
+            backoff.failed_at(ObjectRef::from_obj(et), uid, now, 0.0)
+        };
+        for _ in 0..8 {
+            fail(&old);
+        }
+        assert_eq!(fail(&old), Duration::from_secs(256));
+        assert_eq!(fail(&new), Duration::from_secs(1), "another object");
+        assert_eq!(backoff.len(), 1);
+    }
+
+    #[test]
+    fn a_delay_is_at_most_what_the_caller_allows() {
+        let backoff = Backoff::<EventTopic>::default();
+        let a = topic("a");
+        let resync = Duration::from_secs(60);
+        let delays: Vec<u64> = (0..9)
+            .map(|_| backoff.failed(&a, resync).as_secs())
+            .collect();
+        assert_eq!(delays[8], 60, "{delays:?}");
+        assert!(delays.iter().all(|d| *d <= 60), "{delays:?}");
+    }
+
+    #[test]
     fn objects_that_stopped_failing_long_ago_are_forgotten() {
         let backoff = Backoff::<EventTopic>::default();
         let start = Instant::now();
         let fail = |name: &str, at: Duration| {
-            backoff.failed_at(ObjectRef::from_obj(&topic(name)), start + at, 0.0)
+            backoff.failed_at(ObjectRef::from_obj(&topic(name)), None, start + at, 0.0)
         };
         fail("deleted", Duration::ZERO);
         // One that fails on and on, at the cap, is kept.

@@ -124,9 +124,15 @@ async fn reconcile(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, 
             .reconciled("consumergroup", started.elapsed(), None);
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    let (action, failure) = reconcile_inner(&cg, &ctx).await?;
+    let result = reconcile_inner(&cg, &ctx).await;
+    let label = result.as_ref().err().map(Error::metric_label);
+    let failure = match &result {
+        Ok((_, failure)) => *failure,
+        Err(_) => label.as_deref(),
+    };
     ctx.metrics
         .reconciled("consumergroup", started.elapsed(), failure);
+    let (action, _) = result?;
     ctx.group_backoff.succeeded(&cg);
     Ok(action)
 }
@@ -663,10 +669,8 @@ async fn write_status(
 
 /// A failed reconcile is retried on the ConsumerGroup's own back-off.
 fn error_policy(cg: Arc<ConsumerGroup>, error: &Error, ctx: Arc<Context>) -> Action {
-    let retry = ctx.group_backoff.failed(&cg);
+    let retry = ctx.group_backoff.failed(&cg, ctx.settings.resync_interval);
     warn!(consumergroup = %cg.name_any(), %error, ?retry, "reconcile failed; retrying");
-    ctx.metrics
-        .reconciled("consumergroup", Duration::ZERO, Some(&error.metric_label()));
     Action::requeue(retry)
 }
 

@@ -163,8 +163,13 @@ async fn reconcile(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         metrics.reconciled("eventtopic", started.elapsed(), None);
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    let (action, failure) = reconcile_inner(&et, &ctx).await?;
+    let result = reconcile_inner(&et, &ctx).await;
+    let failure = match &result {
+        Ok((_, failure)) => failure.clone(),
+        Err(error) => Some(error.metric_label()),
+    };
     metrics.reconciled("eventtopic", started.elapsed(), failure.as_deref());
+    let (action, _) = result?;
     ctx.backoff.succeeded(&et);
     Ok(action)
 }
@@ -719,9 +724,7 @@ fn api(et: &EventTopic, ctx: &Context) -> Api<EventTopic> {
 
 /// A failed reconcile is retried on the EventTopic's own back-off.
 fn error_policy(et: Arc<EventTopic>, error: &Error, ctx: Arc<Ctx>) -> Action {
-    let retry = ctx.backoff.failed(&et);
+    let retry = ctx.backoff.failed(&et, ctx.shared.settings.resync_interval);
     warn!(eventtopic = %et.name_any(), %error, ?retry, "reconcile failed; retrying");
-    let metrics = &ctx.shared.metrics;
-    metrics.reconciled("eventtopic", Duration::ZERO, Some(&error.metric_label()));
     Action::requeue(retry)
 }

@@ -99,7 +99,7 @@ pub async fn run(
 
 /// A failed reconcile is retried on the Redrive's own back-off.
 fn error_policy(rd: Arc<Redrive>, error: &Error, ctx: Arc<Ctx>) -> Action {
-    let retry = ctx.backoff.failed(&rd);
+    let retry = ctx.backoff.failed(&rd, ctx.shared.settings.resync_interval);
     warn!(redrive = %rd.name_any(), %error, ?retry, "reconcile failed; retrying");
     ctx.shared
         .metrics
