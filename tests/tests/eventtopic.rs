@@ -186,12 +186,7 @@ async fn topic_that_kafka_has_with_more_partitions_is_not_supported() {
     // The annotation does not change the generation: a pass before it saw the topic as
     // not this EventTopic's (TopicExists, also Ready=False at generation 1).
     let message = eventually(TIMEOUT, "Ready=False NotSupported", || async {
-        let et = api.get(&topic).await.ok()?;
-        let c = et
-            .status?
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Ready")?;
+        let c = ready_condition(&api, &topic).await?;
         (c.status == "False" && c.reason == "NotSupported").then_some(c.message)
     })
     .await;
@@ -249,6 +244,18 @@ async fn the_api_server_rejects_invalid_topics_naming_the_field() {
         err.to_string().contains("spec.topicName is immutable"),
         "{err}"
     );
+}
+
+/// The EventTopic's Ready condition as it stands.
+async fn ready_condition(
+    api: &Api<EventTopic>,
+    name: &str,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    let et = api.get(name).await.ok()?;
+    et.status?
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
 }
 
 async fn condition(api: &Api<EventTopic>, name: &str, type_: &str) -> Option<(String, String)> {
@@ -409,12 +416,7 @@ async fn the_release_annotation_lets_a_resource_go_when_kafka_is_gone() {
 
     api.delete(&name, &Default::default()).await.unwrap();
     let message = eventually(TIMEOUT, "a condition saying how to let go", || async {
-        let et = api.get(&name).await.ok()?;
-        let c = et
-            .status?
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Ready")?;
+        let c = ready_condition(&api, &name).await?;
         c.message
             .contains(eventops_crds::RELEASE_FINALIZER_ANNOTATION)
             .then_some(c.message)
