@@ -63,6 +63,9 @@ pub async fn run(
         worker_kafka: consumergroup::worker_kafka(config),
         max_concurrent_reconciles: config.max_concurrent_reconciles,
     };
+    // A resync may act on a reading up to a grid step old: the resyncs of one grid step
+    // share one snapshot of Kafka's state.
+    let kafka = kafka.with_snapshot_age(settings.grid_step());
     let ns = settings.namespace.as_deref();
     // One watch and one cache per kind, shared by every controller and the autoscaler.
     let mut topics = watch::SharedWatch::new(context::watched_api(&client, ns), Default::default());

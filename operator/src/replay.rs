@@ -46,6 +46,7 @@ use crate::conditions::{self, Observed, with_permission_hint};
 use crate::consumergroup::build::{controlled_by, group_conflict, owns_its_topic};
 use crate::context::Context;
 use crate::error::Error;
+use crate::kafka::Reading;
 use crate::kafka::native::{GroupState, IsolationLevel, NativeError, OffsetSpec};
 
 /// Finalizer that releases the group when a Replay is deleted before it completes.
@@ -562,7 +563,11 @@ async fn plan_offsets(
                 ),
             )));
         }
-        let partitions = match ctx.kafka.describe_topic(&target.topic).await {
+        let partitions = match ctx
+            .kafka
+            .describe_topic(&target.topic, Reading::Fresh)
+            .await
+        {
             Ok(Some(t)) => t.partitions,
             Ok(None) => {
                 return Ok(Err(Stop::pending(

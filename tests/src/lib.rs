@@ -169,6 +169,22 @@ impl TestEnv {
         self.start_operator_resyncing(Some(namespace), bootstrap, Some(&user), hour)
     }
 
+    /// [`TestEnv::start_operator`] with a resync interval of `resync` and at most
+    /// `at_once` reconciles of each controller at a time.
+    pub fn start_operator_tuned(
+        &self,
+        namespace: &str,
+        resync: Duration,
+        at_once: u16,
+    ) -> OperatorHandle {
+        let user = self.shared_operator_user();
+        let bootstrap = &self.info.kafka_bootstrap;
+        self.start_operator_adjusted(Some(namespace), bootstrap, Some(&user), |c| {
+            c.resync_interval = resync.into();
+            c.max_concurrent_reconciles = at_once;
+        })
+    }
+
     /// [`TestEnv::start_operator`] with another Kafka bootstrap address (for example one
     /// where nothing listens, to see how Kafka being unreachable is handled).
     pub fn start_operator_with_kafka(&self, namespace: &str, bootstrap: &str) -> OperatorHandle {
@@ -213,6 +229,19 @@ impl TestEnv {
         user: Option<&operator_user::OperatorUser>,
         resync: Duration,
     ) -> OperatorHandle {
+        self.start_operator_adjusted(namespace, bootstrap, user, |c| {
+            c.resync_interval = resync.into();
+        })
+    }
+
+    /// [`TestEnv::start_operator_config`], its configuration changed by `adjust`.
+    fn start_operator_adjusted(
+        &self,
+        namespace: Option<&str>,
+        bootstrap: &str,
+        user: Option<&operator_user::OperatorUser>,
+        adjust: impl FnOnce(&mut eventops_operator::config::RunConfig),
+    ) -> OperatorHandle {
         let mut config = eventops_operator::config::RunConfig::new(bootstrap);
         let (name, password) = match user {
             Some(u) => (u.user.clone(), u.password.clone()),
@@ -225,7 +254,8 @@ impl TestEnv {
         config.kafka_password = Some(password);
         config.kafka_sasl_mechanism = self.info.kafka_sasl_mechanism.clone();
         config.namespace = namespace.map(String::from);
-        config.resync_interval = resync.into();
+        config.resync_interval = Duration::from_secs(2).into();
+        adjust(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let client = self.client.clone();
         let metrics = std::sync::Arc::new(eventops_operator::telemetry::Metrics::default());

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventops_operator::config::RunConfig;
-use eventops_operator::kafka::KafkaAdmin;
 use eventops_operator::kafka::native::{
     AclBinding, AclFilter, AclOperation, AclPermission, GroupState, NativeAdmin, NativeError,
     PatternType, ResourceType, SCRAM_ITERATIONS, ScramCredential, ScramMechanism,
 };
+use eventops_operator::kafka::{KafkaAdmin, Reading};
 use eventops_operator::telemetry::Metrics;
 use eventops_tests::runtime::committed_offsets;
 use eventops_tests::{TestEnv, env, eventually, unique};
@@ -673,7 +673,12 @@ async fn concurrent_describes_share_requests_and_match_kafkas_tools() {
     env.grant_operator_acls(&user).await;
     let (admin, metrics) = admin_as(&env, &user.user, &user.password);
     let asked: Vec<&String> = topics.iter().chain([&missing]).collect();
-    let answers = futures::future::join_all(asked.iter().map(|t| admin.describe_topic(t))).await;
+    let answers = futures::future::join_all(
+        asked
+            .iter()
+            .map(|t| admin.describe_topic(t, Reading::Fresh)),
+    )
+    .await;
 
     for (topic, answer) in topics.iter().zip(&answers) {
         let state = answer.as_ref().unwrap().as_ref().expect("the topic exists");
@@ -727,7 +732,7 @@ async fn a_describe_without_the_acl_is_refused_by_name() {
     let (admin, _) = admin_as(&env, &user.user, &user.password);
     let missing = unique("native.hidden-missing");
     for name in [&topic, &missing] {
-        match admin.describe_topic(name).await {
+        match admin.describe_topic(name, Reading::Fresh).await {
             Err(e) => {
                 assert_eq!(
                     e.code(),

@@ -33,6 +33,7 @@ use tracing::{info, warn};
 use crate::conditions::{self, Observed};
 use crate::context::Context;
 use crate::error::Error;
+use crate::kafka::Reading;
 use crate::kafka::native::{AclBinding, AclFilter, NativeError, ScramMechanism};
 use crate::watch::{SharedWatch, TriggerStream, spec_metadata_and, spec_or_metadata};
 use build::{ROTATED_FOR_ANNOTATION, WorkerKafka};
@@ -48,7 +49,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let controller = Controller::for_stream(triggers.groups, ctx.groups.clone())
-        .with_config(ctx.settings.controller_config());
+        .with_config(ctx.settings.fair_controller_config());
     let groups = ctx.groups.clone();
     controller
         // A deleted or edited Deployment is put back; its replica count goes to status.
@@ -115,7 +116,14 @@ fn names_event_topic(cg: &ConsumerGroup, name: &str) -> bool {
         .any(|t| t == name)
 }
 
+/// Waits for a turn (see [`crate::context::Turns`]; the waiting future is small: the
+/// pass is boxed), then reconciles.
 async fn reconcile(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _turn = ctx.group_turns.take().await;
+    Box::pin(reconcile_now(cg, ctx.clone())).await
+}
+
+async fn reconcile_now(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     // The cache has not seen this reconciler's last write yet (see `Superseded`): wait
     // for it, neither a success nor a failure for the back-off. Deletion goes on.
@@ -125,6 +133,7 @@ async fn reconcile(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, 
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
     let result = reconcile_inner(&cg, &ctx).await;
+    ctx.passes.ended(cg.metadata.uid.as_deref());
     let label = result.as_ref().err().map(Error::metric_label);
     let failure = match &result {
         Ok((_, failure)) => *failure,
@@ -279,16 +288,25 @@ async fn dereference(
             from_cache,
         })
     };
-    let has_user = match &objects {
-        None => false,
-        Some(_) => match ctx.kafka.scram_credentials(&build::kafka_user(cg)).await {
-            Ok(credentials) => credentials
-                .iter()
-                .any(|c| c.mechanism == ScramMechanism::Sha512),
-            Err(e) => return Ok(Err(Outcome::Kafka(e))),
+    // Asked together, so that each shares a request with other passes' reads.
+    let reading = ctx.passes.reading(cg.metadata.uid.as_deref());
+    let user = build::kafka_user(cg);
+    let (credentials, acls) = futures::join!(
+        async {
+            match &objects {
+                None => Ok(Vec::new()),
+                Some(_) => ctx.kafka.scram_credentials(&user, reading).await,
+            }
         },
+        operator_acls(cg, ctx, reading),
+    );
+    let has_user = match credentials {
+        Ok(credentials) => credentials
+            .iter()
+            .any(|c| c.mechanism == ScramMechanism::Sha512),
+        Err(e) => return Ok(Err(Outcome::Kafka(e))),
     };
-    let acls = match operator_acls(cg, ctx).await {
+    let acls = match acls {
         Ok(acls) => acls,
         Err(e) => return Ok(Err(Outcome::Kafka(e))),
     };
@@ -487,8 +505,11 @@ async fn apply_kafka_access(
 async fn operator_acls(
     cg: &ConsumerGroup,
     ctx: &Context,
+    reading: Reading,
 ) -> Result<BTreeSet<AclBinding>, NativeError> {
-    ctx.kafka.literal_allow_acls(&build::principal(cg)).await
+    ctx.kafka
+        .literal_allow_acls(&build::principal(cg), reading)
+        .await
 }
 
 /// Deletes exactly `acls`, each by a filter that matches that binding alone.
@@ -535,7 +556,7 @@ async fn finalize(
         let user = build::kafka_user(cg);
         // Only the bindings EventOps made: an administrator's Deny on the principal
         // outlives the group (a group of the same name may come back).
-        let deleted = match operator_acls(cg, ctx).await {
+        let deleted = match operator_acls(cg, ctx, Reading::Fresh).await {
             Ok(acls) => delete_acls(cg, ctx, &acls).await,
             Err(e) => Err(e),
         };

@@ -24,10 +24,10 @@ use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::conditions::{self, Observed};
-use crate::context::Context;
+use crate::context::{Context, Turns};
 use crate::error::Error;
 use crate::kafka::native::ConfigOp;
-use crate::kafka::{KafkaError, NewTopicSpec, TopicState};
+use crate::kafka::{KafkaError, NewTopicSpec, Reading, TopicState};
 use crate::watch::{SharedWatch, Superseded, TriggerStream, spec_or_metadata};
 use plan::{DesiredTopic, Plan, Step, managed};
 
@@ -43,6 +43,8 @@ struct Ctx {
     written: Superseded,
     /// Per EventTopic, the back-off of its failed reconciles.
     backoff: Backoff<EventTopic>,
+    /// Reconciles run in the order they became due (see [`Turns`]).
+    turns: Turns,
 }
 
 /// Runs the EventTopic controller until `shutdown` resolves.
@@ -52,8 +54,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let controller = Controller::for_stream(triggers.topics, shared.topics.clone())
-        .with_config(shared.settings.controller_config());
+        .with_config(shared.settings.fair_controller_config());
     let ctx = Arc::new(Ctx {
+        turns: shared.settings.turns(),
         shared,
         written: Default::default(),
         backoff: Default::default(),
@@ -154,7 +157,13 @@ impl From<plan::Refused> for Outcome {
     }
 }
 
+/// Waits for a turn (the waiting future is small: the pass is boxed), then reconciles.
 async fn reconcile(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let _turn = ctx.turns.take().await;
+    Box::pin(reconcile_now(et, ctx.clone())).await
+}
+
+async fn reconcile_now(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let metrics = &ctx.shared.metrics;
     // The cache has not seen this reconciler's last write yet (see `Superseded`): wait
@@ -164,6 +173,7 @@ async fn reconcile(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Error> 
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
     let result = reconcile_inner(&et, &ctx).await;
+    ctx.shared.passes.ended(et.metadata.uid.as_deref());
     let failure = match &result {
         Ok((_, failure)) => failure.clone(),
         Err(error) => Some(error.metric_label()),
@@ -239,13 +249,18 @@ async fn dereference(et: &EventTopic, ctx: &Context) -> Result<Snapshot, Outcome
     let all = ctx.topics.state();
     let policy = &ctx.settings.namespace_policy;
     let topics = plan::validate(et, all.iter().map(AsRef::as_ref), policy)?;
-    let mut actual = Vec::with_capacity(topics.len());
-    for desired in &topics {
-        match ctx.kafka.describe_topic(&desired.name).await {
-            Ok(state) => actual.push(state),
-            Err(e) => return Err(refused(Refusal::Kafka(e), None, vec![], None)),
-        }
-    }
+    // Asked together, so the main, dead-letter and retry topics share one request.
+    let reading = ctx.passes.reading(et.metadata.uid.as_deref());
+    let described = futures::future::join_all(
+        topics
+            .iter()
+            .map(|desired| ctx.kafka.describe_topic(&desired.name, reading)),
+    )
+    .await;
+    let actual = described
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| refused(Refusal::Kafka(e), None, vec![], None))?;
     Ok(Snapshot { topics, actual })
 }
 
@@ -506,7 +521,12 @@ async fn apply_topic(
                     ),
                 );
                 // Ask again: the broker may have chosen the replication factor.
-                let created = ctx.kafka.describe_topic(&spec.name).await.ok().flatten();
+                let created = ctx
+                    .kafka
+                    .describe_topic(&spec.name, Reading::Fresh)
+                    .await
+                    .ok()
+                    .flatten();
                 state = created.or(Some(TopicState {
                     partitions: spec.partitions,
                     replication_factor: spec.replication_factor.unwrap_or(0),

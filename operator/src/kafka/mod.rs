@@ -9,6 +9,7 @@ use rdkafka::ClientConfig;
 
 use crate::telemetry::Metrics;
 use batch::Batcher;
+pub use batch::Reading;
 use rdkafka::admin::{AdminClient, AdminOptions, ConfigSource, NewPartitions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
@@ -247,11 +248,14 @@ struct Reads {
 }
 
 impl Reads {
+    /// The reads; [`Reading::Since`] questions are answered from snapshots up to
+    /// `snapshot_age` old (none when zero).
     fn new(
         client: &Arc<AdminClient<DefaultClientContext>>,
         native: &native::NativeAdmin,
         timeout: Duration,
         metrics: &Arc<Metrics>,
+        snapshot_age: Duration,
     ) -> Self {
         let topics = {
             let (client, native, metrics) = (client.clone(), native.clone(), metrics.clone());
@@ -337,9 +341,9 @@ impl Reads {
             )
         };
         Self {
-            topics,
-            scram,
-            acls,
+            topics: topics.with_snapshots(snapshot_age),
+            scram: scram.with_snapshots(snapshot_age),
+            acls: acls.with_snapshots(snapshot_age),
         }
     }
 }
@@ -445,12 +449,32 @@ impl KafkaAdmin {
         let timeout = Duration::from_secs(10);
         let native = native::NativeAdmin::new(client.clone(), timeout);
         Ok(Self {
-            reads: Arc::new(Reads::new(&client, &native, timeout, &metrics)),
+            reads: Arc::new(Reads::new(
+                &client,
+                &native,
+                timeout,
+                &metrics,
+                Duration::ZERO,
+            )),
             native,
             client,
             timeout,
             metrics,
         })
+    }
+
+    /// Answers reads that accept an older reading ([`Reading::Since`]) from snapshots of
+    /// every topic, SCRAM user and ACL principal asked about lately, taken at most once
+    /// per `age / 2` (see [`batch`]). The operator uses a step of its resync grid.
+    pub fn with_snapshot_age(mut self, age: Duration) -> Self {
+        self.reads = Arc::new(Reads::new(
+            &self.client,
+            &self.native,
+            self.timeout,
+            &self.metrics,
+            age,
+        ));
+        self
     }
 
     /// ACL, SCRAM and cluster administration over the same connection.
@@ -465,28 +489,36 @@ impl KafkaAdmin {
     }
 
     /// The topic's partitions, replication factor and topic-level configs, or `None` if
-    /// Kafka has no such topic. Concurrent calls share one DescribeTopics and one
-    /// DescribeConfigs request (see [`batch`]).
-    pub async fn describe_topic(&self, name: &str) -> Result<Option<TopicState>, KafkaError> {
-        self.reads.topics.get(name.to_string()).await
+    /// Kafka has no such topic, as recent as `reading` asks. Concurrent calls share one
+    /// DescribeTopics and one DescribeConfigs request (see [`batch`]).
+    pub async fn describe_topic(
+        &self,
+        name: &str,
+        reading: Reading,
+    ) -> Result<Option<TopicState>, KafkaError> {
+        self.reads.topics.get(name.to_string(), reading).await
     }
 
-    /// The SCRAM credentials Kafka has for `user` (none if it has no such user).
+    /// The SCRAM credentials Kafka has for `user` (none if it has no such user), as
+    /// recent as `reading` asks.
     /// Concurrent calls share one DescribeUserScramCredentials request.
     pub async fn scram_credentials(
         &self,
         user: &str,
+        reading: Reading,
     ) -> Result<Vec<native::ScramCredential>, native::NativeError> {
-        self.reads.scram.get(user.to_string()).await
+        self.reads.scram.get(user.to_string(), reading).await
     }
 
     /// The ACLs of `principal` that have the shape EventOps gives its own (Allow,
-    /// literal, any host). Concurrent calls share one DescribeAcls request.
+    /// literal, any host), as recent as `reading` asks. Concurrent calls share one
+    /// DescribeAcls request.
     pub async fn literal_allow_acls(
         &self,
         principal: &str,
+        reading: Reading,
     ) -> Result<BTreeSet<native::AclBinding>, native::NativeError> {
-        self.reads.acls.get(principal.to_string()).await
+        self.reads.acls.get(principal.to_string(), reading).await
     }
 
     /// Kafka's description of consumer group `group`: its state and members. A group
