@@ -88,9 +88,17 @@ impl Turns {
         Self(tokio::sync::Semaphore::new(permits))
     }
 
-    /// Waits for a turn; held until the permit is dropped.
-    pub async fn take(&self) -> tokio::sync::SemaphorePermit<'_> {
-        self.0.acquire().await.expect("never closed")
+    /// Waits for a turn, held until the permit is dropped; `None` once the controller
+    /// is shutting down.
+    pub async fn take(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.0.acquire().await.ok()
+    }
+
+    /// The controller is shutting down: reconciles waiting for a turn are not run (kube
+    /// waits for every reconcile it started, and an operator that lost its lease must
+    /// stop acting within seconds), and none is given one any more.
+    pub fn close(&self) {
+        self.0.close();
     }
 }
 
@@ -122,8 +130,8 @@ fn grid_step(interval: Duration) -> Duration {
     interval / 12
 }
 
-/// When each object's last pass ended, so that its next pass can accept a Kafka reading
-/// taken after that (see [`crate::kafka::batch`]).
+/// When each object's last pass ended, and what it was then, so that its next pass can
+/// accept a Kafka reading taken after that (see [`crate::kafka::batch`]).
 pub struct Passes {
     /// The oldest reading a pass accepts.
     age: Duration,
@@ -132,7 +140,9 @@ pub struct Passes {
 
 #[derive(Default)]
 struct Ended {
-    at: HashMap<String, Instant>,
+    /// Per uid: when its last pass ended, and the hash of what its triggers look at
+    /// ([`crate::watch::spec_or_metadata`]) then.
+    at: HashMap<String, (Instant, u64)>,
     /// The size at which entries of objects gone are swept out next.
     sweep_at: usize,
 }
@@ -147,31 +157,43 @@ impl Passes {
         }
     }
 
-    /// How recent a Kafka reading the pass of the object with `uid` needs: taken after
-    /// its last pass ended (so it shows that pass's writes) and at most the age old; a
-    /// fresh one for an object without a pass yet.
-    pub fn reading(&self, uid: Option<&str>) -> Reading {
+    /// How recent a Kafka reading a pass of `obj` needs: taken after its last pass ended
+    /// (so it shows that pass's writes) and at most the age old, when that pass succeeded
+    /// on the object as it is now. A fresh one otherwise: no pass yet, the last one
+    /// failed (a write that timed out may take effect later), or the object changed in
+    /// what its triggers look at (an edited spec, the adopt annotation: a decision about
+    /// whose a topic is is never made on an older reading).
+    pub fn reading(&self, obj: &impl Resource) -> Reading {
         let ended = self.ended.lock().expect("not poisoned");
-        match uid.and_then(|uid| ended.at.get(uid)) {
-            Some(&end) => {
+        let last = obj.meta().uid.as_deref().and_then(|uid| ended.at.get(uid));
+        match last {
+            Some(&(end, hash)) if hash == crate::watch::spec_or_metadata(obj) => {
                 let oldest = Instant::now().checked_sub(self.age).unwrap_or(end);
                 Reading::Since(end.max(oldest))
             }
-            None => Reading::Fresh,
+            _ => Reading::Fresh,
         }
     }
 
-    /// A pass of the object with `uid` ended (done or failed): what it wrote, Kafka has.
-    pub fn ended(&self, uid: Option<&str>) {
-        let Some(uid) = uid else { return };
+    /// A pass of `obj` ended: done (what it wrote, Kafka has), or failed (its next pass
+    /// reads fresh).
+    pub fn ended(&self, obj: &impl Resource, done: bool) {
+        let Some(uid) = obj.meta().uid.as_deref() else {
+            return;
+        };
         let mut ended = self.ended.lock().expect("not poisoned");
+        if !done {
+            ended.at.remove(uid);
+            return;
+        }
         let now = Instant::now();
-        ended.at.insert(uid.to_string(), now);
+        let hash = crate::watch::spec_or_metadata(obj);
+        ended.at.insert(uid.to_string(), (now, hash));
         // An object with no pass for two resync intervals is gone (a pass that finds no
         // entry just reads fresh). Swept when the map has doubled since the last sweep.
         if ended.at.len() >= ended.sweep_at {
             let keep = self.age * 24;
-            ended.at.retain(|_, at| now.duration_since(*at) < keep);
+            ended.at.retain(|_, (at, _)| now.duration_since(*at) < keep);
             ended.sweep_at = (2 * ended.at.len()).max(1024);
         }
     }
@@ -309,15 +331,29 @@ mod tests {
         assert!(resync_after(two, at(0.05)) <= two + Duration::from_millis(167));
     }
 
+    /// An EventTopic with `uid` and the adopt annotation when `adopt`.
+    fn topic(uid: &str, adopt: bool) -> EventTopic {
+        let mut et: EventTopic = serde_json::from_value(serde_json::json!({
+            "apiVersion": "eventops.dev/v1alpha1", "kind": "EventTopic",
+            "metadata": {"name": "t", "namespace": "n", "uid": uid, "generation": 1},
+            "spec": {"partitions": 1, "topicName": "t"}}))
+        .unwrap();
+        if adopt {
+            et.metadata.annotations =
+                Some([(eventops_crds::ADOPT_ANNOTATION.into(), "true".into())].into());
+        }
+        et
+    }
+
     #[test]
     fn a_pass_reads_after_its_objects_last_pass_and_at_most_the_age_old() {
         let passes = Passes::new(Duration::from_millis(200));
-        assert_eq!(passes.reading(Some("a")), Reading::Fresh, "no pass yet");
-        assert_eq!(passes.reading(None), Reading::Fresh, "no uid");
-        passes.ended(Some("a"));
+        let a = topic("a", false);
+        assert_eq!(passes.reading(&a), Reading::Fresh, "no pass yet");
+        passes.ended(&a, true);
         let after_a = Instant::now();
         // Just after its last pass: a reading taken after that pass ended.
-        match passes.reading(Some("a")) {
+        match passes.reading(&a) {
             Reading::Since(since) => {
                 assert!(since <= after_a && after_a - since < Duration::from_millis(100))
             }
@@ -326,7 +362,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         // Long after it: a reading at most the age old.
         let before = Instant::now();
-        match passes.reading(Some("a")) {
+        match passes.reading(&a) {
             Reading::Since(since) => {
                 assert!(since > after_a, "newer than the pass");
                 let age = Instant::now() - since;
@@ -338,6 +374,27 @@ mod tests {
             }
             fresh => panic!("{fresh:?}"),
         }
-        assert_eq!(passes.reading(Some("b")), Reading::Fresh, "another object");
+        assert_eq!(
+            passes.reading(&topic("b", false)),
+            Reading::Fresh,
+            "another object"
+        );
+    }
+
+    #[test]
+    fn a_changed_object_or_a_failed_pass_reads_fresh() {
+        let passes = Passes::new(Duration::from_secs(5));
+        let a = topic("a", false);
+        passes.ended(&a, true);
+        assert!(matches!(passes.reading(&a), Reading::Since(_)));
+        // Annotated for adoption since: whose the topic is is decided on a fresh reading.
+        assert_eq!(passes.reading(&topic("a", true)), Reading::Fresh);
+        // A new spec.
+        let mut edited = a.clone();
+        edited.metadata.generation = Some(2);
+        assert_eq!(passes.reading(&edited), Reading::Fresh);
+        // A failed pass: its writes may still take effect.
+        passes.ended(&a, false);
+        assert_eq!(passes.reading(&a), Reading::Fresh);
     }
 }

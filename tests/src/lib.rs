@@ -254,7 +254,6 @@ impl TestEnv {
         config.kafka_password = Some(password);
         config.kafka_sasl_mechanism = self.info.kafka_sasl_mechanism.clone();
         config.namespace = namespace.map(String::from);
-        config.resync_interval = Duration::from_secs(2).into();
         adjust(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let client = self.client.clone();

@@ -19,7 +19,7 @@ use eventops_crds::{
     ConsumerGroup, ConsumerGroupStatus, EventTopic, RELEASE_FINALIZER_ANNOTATION,
     annotation_is_true,
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
@@ -50,6 +50,14 @@ pub async fn run(
 ) {
     let controller = Controller::for_stream(triggers.groups, ctx.groups.clone())
         .with_config(ctx.settings.fair_controller_config());
+    let shutdown = shutdown.shared();
+    tokio::spawn({
+        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+        async move {
+            shutdown.await;
+            ctx.group_turns.close();
+        }
+    });
     let groups = ctx.groups.clone();
     controller
         // A deleted or edited Deployment is put back; its replica count goes to status.
@@ -117,10 +125,17 @@ fn names_event_topic(cg: &ConsumerGroup, name: &str) -> bool {
 }
 
 /// Waits for a turn (see [`crate::context::Turns`]; the waiting future is small: the
-/// pass is boxed), then reconciles.
+/// pass is boxed), then reconciles the object as the cache has it by then: it may have
+/// changed, or gone, meanwhile.
 async fn reconcile(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _turn = ctx.group_turns.take().await;
-    Box::pin(reconcile_now(cg, ctx.clone())).await
+    let Some(_turn) = ctx.group_turns.take().await else {
+        return Ok(Action::await_change());
+    };
+    let current = ctx.groups.get(&ObjectRef::from_obj(&*cg));
+    match current.filter(|now| now.metadata.uid == cg.metadata.uid) {
+        Some(now) => Box::pin(reconcile_now(now, ctx.clone())).await,
+        None => Ok(Action::await_change()),
+    }
 }
 
 async fn reconcile_now(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -133,7 +148,7 @@ async fn reconcile_now(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
     let result = reconcile_inner(&cg, &ctx).await;
-    ctx.passes.ended(cg.metadata.uid.as_deref());
+    ctx.passes.ended(&*cg, result.is_ok());
     let label = result.as_ref().err().map(Error::metric_label);
     let failure = match &result {
         Ok((_, failure)) => *failure,
@@ -289,7 +304,7 @@ async fn dereference(
         })
     };
     // Asked together, so that each shares a request with other passes' reads.
-    let reading = ctx.passes.reading(cg.metadata.uid.as_deref());
+    let reading = ctx.passes.reading(cg);
     let user = build::kafka_user(cg);
     let (credentials, acls) = futures::join!(
         async {

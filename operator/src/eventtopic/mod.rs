@@ -14,7 +14,7 @@ use eventops_crds::{
     ConsumerGroup, DeletionPolicy, EventTopic, EventTopicStatus, ManagedTopic,
     RELEASE_FINALIZER_ANNOTATION, TOPIC_FINALIZER, annotation_is_true,
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
@@ -60,6 +60,14 @@ pub async fn run(
         shared,
         written: Default::default(),
         backoff: Default::default(),
+    });
+    let shutdown = shutdown.shared();
+    tokio::spawn({
+        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+        async move {
+            shutdown.await;
+            ctx.turns.close();
+        }
     });
     controller
         // Status lists consumers: a ConsumerGroup change revisits the topics it names.
@@ -157,10 +165,17 @@ impl From<plan::Refused> for Outcome {
     }
 }
 
-/// Waits for a turn (the waiting future is small: the pass is boxed), then reconciles.
+/// Waits for a turn (the waiting future is small: the pass is boxed), then reconciles
+/// the object as the cache has it by then: it may have changed, or gone, meanwhile.
 async fn reconcile(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let _turn = ctx.turns.take().await;
-    Box::pin(reconcile_now(et, ctx.clone())).await
+    let Some(_turn) = ctx.turns.take().await else {
+        return Ok(Action::await_change());
+    };
+    let current = ctx.shared.topics.get(&ObjectRef::from_obj(&*et));
+    match current.filter(|now| now.metadata.uid == et.metadata.uid) {
+        Some(now) => Box::pin(reconcile_now(now, ctx.clone())).await,
+        None => Ok(Action::await_change()),
+    }
 }
 
 async fn reconcile_now(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Error> {
@@ -173,7 +188,7 @@ async fn reconcile_now(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Err
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
     let result = reconcile_inner(&et, &ctx).await;
-    ctx.shared.passes.ended(et.metadata.uid.as_deref());
+    ctx.shared.passes.ended(&*et, result.is_ok());
     let failure = match &result {
         Ok((_, failure)) => failure.clone(),
         Err(error) => Some(error.metric_label()),
@@ -250,7 +265,7 @@ async fn dereference(et: &EventTopic, ctx: &Context) -> Result<Snapshot, Outcome
     let policy = &ctx.settings.namespace_policy;
     let topics = plan::validate(et, all.iter().map(AsRef::as_ref), policy)?;
     // Asked together, so the main, dead-letter and retry topics share one request.
-    let reading = ctx.passes.reading(et.metadata.uid.as_deref());
+    let reading = ctx.passes.reading(et);
     let described = futures::future::join_all(
         topics
             .iter()

@@ -12,8 +12,10 @@
 //!   compares an object with Kafka again asks for a reading taken after its own last
 //!   pass ended (so it sees its own writes) and no older than a step of the resync grid.
 //!   Such questions are answered from a *snapshot*: a request that carried every key
-//!   asked lately, sent at most once per half of that age. The resyncs of a quiet
-//!   interval then cost a few requests per grid step, however many objects there are.
+//!   asked lately, taken when such a question finds none recent enough, and never twice
+//!   within half that age. The resyncs of a quiet interval then cost a few requests per
+//!   grid step, however many objects there are. An error is never answered from a
+//!   snapshot.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -68,11 +70,13 @@ struct Snapshot<K, V, E> {
 }
 
 impl<K: Ord, V: Clone + Default, E: Clone> Snapshot<K, V, E> {
-    /// The answer for `key` if this snapshot carried it and `reading` accepts it.
+    /// The answer for `key` if this snapshot carried it and `reading` accepts it. An
+    /// error (a request that failed as a whole is one per key) is never answered from
+    /// a snapshot: Kafka is asked again.
     fn answer(&self, key: &K, reading: Reading) -> Option<Result<V, E>> {
         match reading {
             Reading::Since(since) if self.sent >= since && self.keys.contains(key) => {
-                Some(answer(&self.answers, key))
+                Some(answer(&self.answers, key)).filter(Result::is_ok)
             }
             _ => None,
         }
@@ -136,7 +140,9 @@ where
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut queue = self.queue.lock().expect("not poisoned");
-            queue.known.insert(key.clone(), Instant::now());
+            if !self.refresh.is_zero() {
+                queue.known.insert(key.clone(), Instant::now());
+            }
             if let Some(found) = queue
                 .snapshot
                 .as_ref()
@@ -479,6 +485,28 @@ mod tests {
             calls.load(Ordering::SeqCst),
             2,
             "the second request's snapshot answers the third"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_in_a_snapshot_is_asked_again() {
+        let requests = Requests::default();
+        let batcher = Arc::new(doubling(requests.clone()).with_snapshots(Duration::from_secs(5)));
+        let since = Instant::now();
+        // 13 is answered with an error of its own (a failed request is one per key).
+        assert_eq!(
+            ask(&batcher, &[1, 13], Reading::Since(since)).await,
+            [Ok(2), Err("thirteen".to_string())]
+        );
+        assert_eq!(ask(&batcher, &[1], Reading::Since(since)).await, [Ok(2)]);
+        assert_eq!(
+            ask(&batcher, &[13], Reading::Since(since)).await,
+            [Err("thirteen".to_string())]
+        );
+        assert_eq!(
+            *requests.lock().unwrap(),
+            vec![vec![1, 13], vec![13]],
+            "1 from the snapshot, 13 from Kafka again"
         );
     }
 }
