@@ -158,11 +158,12 @@ impl Passes {
     }
 
     /// How recent a Kafka reading a pass of `obj` needs: taken after its last pass ended
-    /// (so it shows that pass's writes) and at most the age old, when that pass succeeded
-    /// on the object as it is now. A fresh one otherwise: no pass yet, the last one
-    /// failed (a write that timed out may take effect later), or the object changed in
-    /// what its triggers look at (an edited spec, the adopt annotation: a decision about
-    /// whose a topic is is never made on an older reading).
+    /// (so it shows that pass's writes) and at most the age old, when that pass ended
+    /// Ready on the object as it is now. A fresh one otherwise: no pass yet, the last one
+    /// failed or was not Ready (a write that timed out may take effect later; a refusal
+    /// may depend on other objects, such as a topic another EventTopic is deleting), or
+    /// the object changed in what its triggers look at (an edited spec, the adopt
+    /// annotation).
     pub fn reading(&self, obj: &impl Resource) -> Reading {
         let ended = self.ended.lock().expect("not poisoned");
         let last = obj.meta().uid.as_deref().and_then(|uid| ended.at.get(uid));
@@ -175,7 +176,7 @@ impl Passes {
         }
     }
 
-    /// A pass of `obj` ended: done (what it wrote, Kafka has), or failed (its next pass
+    /// A pass of `obj` ended: Ready (what it wrote, Kafka has), or not (its next pass
     /// reads fresh).
     pub fn ended(&self, obj: &impl Resource, done: bool) {
         let Some(uid) = obj.meta().uid.as_deref() else {

@@ -234,7 +234,9 @@ impl TestEnv {
         })
     }
 
-    /// [`TestEnv::start_operator_config`], its configuration changed by `adjust`.
+    /// Starts the operator in this process against `bootstrap` as `user` (the super user
+    /// when `None`), watching `namespace` (all when `None`), its configuration changed by
+    /// `adjust` (which sets the resync interval: `RunConfig`'s default is a minute).
     fn start_operator_adjusted(
         &self,
         namespace: Option<&str>,

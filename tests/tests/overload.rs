@@ -45,8 +45,8 @@ async fn every_object_gets_its_turn_when_more_come_due_than_run() {
     let due = FIRST as f64 / RESYNC.as_secs_f64();
     println!("{rate:.0} reconciles/s run, {due:.0}/s come due");
     assert!(
-        rate > 0.0 && rate < due,
-        "the test's premise: the operator runs reconciles, fewer than come due"
+        rate > 0.0 && rate < due / 2.0,
+        "the test's premise: the operator runs reconciles, far fewer than come due"
     );
 
     let second = Instant::now();

@@ -19,7 +19,7 @@ use eventops_crds::{
     ConsumerGroup, ConsumerGroupStatus, EventTopic, RELEASE_FINALIZER_ANNOTATION,
     annotation_is_true,
 };
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
@@ -50,14 +50,6 @@ pub async fn run(
 ) {
     let controller = Controller::for_stream(triggers.groups, ctx.groups.clone())
         .with_config(ctx.settings.fair_controller_config());
-    let shutdown = shutdown.shared();
-    tokio::spawn({
-        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
-        async move {
-            shutdown.await;
-            ctx.group_turns.close();
-        }
-    });
     let groups = ctx.groups.clone();
     controller
         // A deleted or edited Deployment is put back; its replica count goes to status.
@@ -73,7 +65,14 @@ pub async fn run(
                 .map(|cg| ObjectRef::from_obj(&*cg))
                 .collect::<Vec<_>>()
         })
-        .graceful_shutdown_on(shutdown)
+        // Reconciles waiting for a turn return at once (see `Turns::close`).
+        .graceful_shutdown_on({
+            let ctx = ctx.clone();
+            async move {
+                shutdown.await;
+                ctx.group_turns.close();
+            }
+        })
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
@@ -148,7 +147,8 @@ async fn reconcile_now(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
     let result = reconcile_inner(&cg, &ctx).await;
-    ctx.passes.ended(&*cg, result.is_ok());
+    // Only a pass that ended Ready lets the next one read a snapshot.
+    ctx.passes.ended(&*cg, matches!(&result, Ok((_, None))));
     let label = result.as_ref().err().map(Error::metric_label);
     let failure = match &result {
         Ok((_, failure)) => *failure,

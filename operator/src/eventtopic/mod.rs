@@ -14,7 +14,7 @@ use eventops_crds::{
     ConsumerGroup, DeletionPolicy, EventTopic, EventTopicStatus, ManagedTopic,
     RELEASE_FINALIZER_ANNOTATION, TOPIC_FINALIZER, annotation_is_true,
 };
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
@@ -61,14 +61,6 @@ pub async fn run(
         written: Default::default(),
         backoff: Default::default(),
     });
-    let shutdown = shutdown.shared();
-    tokio::spawn({
-        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
-        async move {
-            shutdown.await;
-            ctx.turns.close();
-        }
-    });
     controller
         // Status lists consumers: a ConsumerGroup change revisits the topics it names.
         .watches_stream(triggers.groups, |cg| {
@@ -78,7 +70,14 @@ pub async fn run(
                 .into_iter()
                 .map(move |t| ObjectRef::new(&t).within(&ns))
         })
-        .graceful_shutdown_on(shutdown)
+        // Reconciles waiting for a turn return at once (see `Turns::close`).
+        .graceful_shutdown_on({
+            let ctx = ctx.clone();
+            async move {
+                shutdown.await;
+                ctx.turns.close();
+            }
+        })
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
@@ -188,7 +187,10 @@ async fn reconcile_now(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Err
         return Ok(Action::requeue(Duration::from_millis(200)));
     }
     let result = reconcile_inner(&et, &ctx).await;
-    ctx.shared.passes.ended(&*et, result.is_ok());
+    // Only a pass that ended Ready lets the next one read a snapshot.
+    ctx.shared
+        .passes
+        .ended(&*et, matches!(&result, Ok((_, None))));
     let failure = match &result {
         Ok((_, failure)) => failure.clone(),
         Err(error) => Some(error.metric_label()),
