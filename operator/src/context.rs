@@ -88,10 +88,29 @@ impl Turns {
         Self(tokio::sync::Semaphore::new(permits))
     }
 
-    /// Waits for a turn, held until the permit is dropped; `None` once the controller
-    /// is shutting down.
-    pub async fn take(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        self.0.acquire().await.ok()
+    /// Waits for a turn, then runs `pass` on `obj` as `store` has it by then (it may have
+    /// changed, or gone, meanwhile). Nothing is run, and the answer is to wait for a
+    /// change, when the object is gone or was recreated, or when the controller is
+    /// shutting down. The pass is boxed, so a waiting reconcile is small.
+    pub async fn run<K, E, Fut>(
+        &self,
+        store: &Store<K>,
+        obj: &K,
+        pass: impl FnOnce(std::sync::Arc<K>) -> Fut,
+    ) -> Result<kube::runtime::controller::Action, E>
+    where
+        K: Resource<DynamicType = ()> + Clone,
+        Fut: std::future::Future<Output = Result<kube::runtime::controller::Action, E>>,
+    {
+        let wait = || Ok(kube::runtime::controller::Action::await_change());
+        let Ok(_turn) = self.0.acquire().await else {
+            return wait();
+        };
+        let current = store.get(&kube::runtime::reflector::ObjectRef::from_obj(obj));
+        match current.filter(|now| now.meta().uid == obj.meta().uid) {
+            Some(now) => Box::pin(pass(now)).await,
+            None => wait(),
+        }
     }
 
     /// The controller is shutting down: reconciles waiting for a turn are not run (kube

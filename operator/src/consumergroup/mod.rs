@@ -123,18 +123,12 @@ fn names_event_topic(cg: &ConsumerGroup, name: &str) -> bool {
         .any(|t| t == name)
 }
 
-/// Waits for a turn (see [`crate::context::Turns`]; the waiting future is small: the
-/// pass is boxed), then reconciles the object as the cache has it by then: it may have
-/// changed, or gone, meanwhile.
+/// Reconciles in its turn, the object as the cache has it then (see
+/// [`crate::context::Turns::run`]).
 async fn reconcile(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let Some(_turn) = ctx.group_turns.take().await else {
-        return Ok(Action::await_change());
-    };
-    let current = ctx.groups.get(&ObjectRef::from_obj(&*cg));
-    match current.filter(|now| now.metadata.uid == cg.metadata.uid) {
-        Some(now) => Box::pin(reconcile_now(now, ctx.clone())).await,
-        None => Ok(Action::await_change()),
-    }
+    (ctx.group_turns)
+        .run(&ctx.groups, &cg, |now| reconcile_now(now, ctx.clone()))
+        .await
 }
 
 async fn reconcile_now(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -164,17 +164,13 @@ impl From<plan::Refused> for Outcome {
     }
 }
 
-/// Waits for a turn (the waiting future is small: the pass is boxed), then reconciles
-/// the object as the cache has it by then: it may have changed, or gone, meanwhile.
+/// Reconciles in its turn, the object as the cache has it then (see [`Turns::run`]).
 async fn reconcile(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Error> {
-    let Some(_turn) = ctx.turns.take().await else {
-        return Ok(Action::await_change());
-    };
-    let current = ctx.shared.topics.get(&ObjectRef::from_obj(&*et));
-    match current.filter(|now| now.metadata.uid == et.metadata.uid) {
-        Some(now) => Box::pin(reconcile_now(now, ctx.clone())).await,
-        None => Ok(Action::await_change()),
-    }
+    (ctx.turns)
+        .run(&ctx.shared.topics, &et, |now| {
+            reconcile_now(now, ctx.clone())
+        })
+        .await
 }
 
 async fn reconcile_now(et: Arc<EventTopic>, ctx: Arc<Ctx>) -> Result<Action, Error> {

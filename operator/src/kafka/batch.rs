@@ -354,10 +354,11 @@ mod tests {
         assert_eq!(*requests.lock().unwrap(), vec![vec![1], vec![2, 3, 4]]);
     }
 
-    #[tokio::test]
-    async fn a_failed_request_fails_every_question_in_it_and_the_next_one_is_sent() {
+    /// A batcher whose first request fails as a whole ("broker down") and whose later
+    /// ones answer each key with itself; and its count of requests.
+    fn down_once() -> (Batcher<u32, u32, String>, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
-        let batcher: Batcher<u32, u32, String> = Batcher::new(
+        let batcher = Batcher::new(
             {
                 let calls = calls.clone();
                 move |keys: Vec<u32>| {
@@ -373,6 +374,12 @@ mod tests {
             },
             || "cancelled".into(),
         );
+        (batcher, calls)
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_fails_every_question_in_it_and_the_next_one_is_sent() {
+        let (batcher, calls) = down_once();
         assert_eq!(
             batcher.get(3, Reading::Fresh).await,
             Err("broker down".into())
@@ -456,24 +463,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_snapshot_is_not_kept() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let batcher: Batcher<u32, u32, String> = Batcher::new(
-            {
-                let calls = calls.clone();
-                move |keys: Vec<u32>| {
-                    let n = calls.fetch_add(1, Ordering::SeqCst);
-                    async move {
-                        if n == 0 {
-                            Err("broker down".to_string())
-                        } else {
-                            Ok(keys.into_iter().map(|k| (k, Ok(k))).collect())
-                        }
-                    }
-                }
-            },
-            || "cancelled".into(),
-        )
-        .with_snapshots(Duration::from_secs(60));
+        let (batcher, calls) = down_once();
+        let batcher = batcher.with_snapshots(Duration::from_secs(60));
         let since = Instant::now();
         assert_eq!(
             batcher.get(3, Reading::Since(since)).await,

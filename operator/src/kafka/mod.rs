@@ -464,8 +464,9 @@ impl KafkaAdmin {
     }
 
     /// Answers reads that accept an older reading ([`Reading::Since`]) from snapshots of
-    /// every topic, SCRAM user and ACL principal asked about lately, taken at most once
-    /// per `age / 2` (see [`batch`]). The operator uses a step of its resync grid.
+    /// every topic, SCRAM user and ACL principal asked about lately, taken when such a
+    /// read finds none recent enough and never twice within `age / 2` (see [`batch`]).
+    /// The operator uses a step of its resync grid.
     pub fn with_snapshot_age(mut self, age: Duration) -> Self {
         self.reads = Arc::new(Reads::new(
             &self.client,
