@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use eventops_crds::{ConsumerGroup, EventTopic};
+use eventops_tests::bench::{api_request_breakdown, api_requests, cpu_breakdown, cpu_by_component};
 use eventops_tests::{env, free_port, http_get, unique};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -47,6 +48,8 @@ async fn main() -> anyhow::Result<()> {
     let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
     let prefix = unique("bench");
     let params = PatchParams::apply("bench").force();
+    let cpu_before = cpu_by_component(operator.id())?;
+    let api_before = api_requests(&env.client).await?;
     let started = Instant::now();
     // Apply everything at once, 32 requests in flight (as `kubectl apply -f dir/` would,
     // only faster).
@@ -131,6 +134,8 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let all_ready = started.elapsed();
+    let cpu_ready = cpu_by_component(operator.id())?;
+    let api_ready = api_requests(&env.client).await?;
     let finished = ready_topics.len() == n && ready_groups.len() == n;
     if !finished {
         println!(
@@ -180,6 +185,14 @@ async fn main() -> anyhow::Result<()> {
         applied.as_secs_f64()
     );
     println!(
+        "CPU until all Ready:     {} (of {:.0} s on {} cores)",
+        cpu_breakdown(&cpu_before, &cpu_ready),
+        all_ready.as_secs_f64() * cores() as f64,
+        cores()
+    );
+    let (api_total, api_top) = api_request_breakdown(&api_before, &api_ready, 12);
+    println!("API server requests until all Ready: {api_total} (everyone's); most: {api_top}");
+    println!(
         "operator peak RSS:       {}",
         peak_rss.trim_start_matches("VmHWM:").trim()
     );
@@ -228,6 +241,11 @@ fn ready_s(finished: bool, elapsed: Duration) -> String {
     } else {
         format!(">{secs:.0}")
     }
+}
+
+/// The machine's cores.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 /// Whether `conditions` say Ready.
