@@ -114,6 +114,29 @@ struct Change {
     note: String,
 }
 
+/// Longest note an Event may have (the API server refuses longer ones).
+const EVENT_NOTE_BYTES: usize = 1024;
+
+/// `changes` with those of the same type and reason made one, their notes joined, in
+/// the order each kind first came; a note that would grow past [`EVENT_NOTE_BYTES`]
+/// starts another Event.
+fn merged(changes: Vec<Change>) -> Vec<Change> {
+    let mut kinds: Vec<Change> = Vec::new();
+    for change in changes {
+        match kinds.iter_mut().find(|k| {
+            (k.type_, k.reason) == (change.type_, change.reason)
+                && k.note.len() + 2 + change.note.len() <= EVENT_NOTE_BYTES
+        }) {
+            Some(kind) => {
+                kind.note.push_str("; ");
+                kind.note.push_str(&change.note);
+            }
+            None => kinds.push(change),
+        }
+    }
+    kinds
+}
+
 /// What one pass found and did, before it becomes status.
 struct Outcome {
     /// New Ready condition; `None` leaves it as it is (while paused).
@@ -226,12 +249,12 @@ async fn reconcile_inner(
         wrote(claimed.clone());
     }
     wrote(write_status(et, &ctx.shared, &outcome).await?);
-    for change in outcome.changes {
-        let reason = change.reason;
-        ctx.shared
-            .event(&**et, change.type_, reason, "Reconcile", change.note)
-            .await;
-    }
+    // One Event per kind of change, each an API write of its own: an EventTopic's main
+    // and dead-letter topics created in one pass are told together.
+    let events = merged(outcome.changes).into_iter().map(|change| {
+        (ctx.shared).event(&**et, change.type_, change.reason, "Reconcile", change.note)
+    });
+    futures::future::join_all(events).await;
     if let Some(e) = outcome.retry {
         return Err(Error::kafka(&**et, e));
     }
@@ -760,4 +783,56 @@ fn error_policy(et: Arc<EventTopic>, error: &Error, ctx: Arc<Ctx>) -> Action {
     let retry = ctx.backoff.failed(&et, ctx.shared.settings.resync_interval);
     warn!(eventtopic = %et.name_any(), %error, ?retry, "reconcile failed; retrying");
     Action::requeue(retry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(type_: EventType, reason: &'static str, note: &str) -> Change {
+        Change {
+            type_,
+            reason,
+            note: note.into(),
+        }
+    }
+
+    #[test]
+    fn changes_of_one_kind_make_one_event() {
+        let merged = merged(vec![
+            change(EventType::Normal, "TopicCreated", "created a"),
+            change(EventType::Warning, "DriftCorrected", "fixed b"),
+            change(EventType::Normal, "TopicCreated", "created a.dlt"),
+            change(EventType::Normal, "ConfigsUpdated", "changed c"),
+        ]);
+        let got: Vec<_> = merged
+            .iter()
+            .map(|c| (c.type_, c.reason, c.note.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    EventType::Normal,
+                    "TopicCreated",
+                    "created a; created a.dlt"
+                ),
+                (EventType::Warning, "DriftCorrected", "fixed b"),
+                (EventType::Normal, "ConfigsUpdated", "changed c"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_note_never_grows_past_the_api_servers_limit() {
+        let long = "x".repeat(600);
+        let merged = merged(vec![
+            change(EventType::Normal, "TopicCreated", &long),
+            change(EventType::Normal, "TopicCreated", &long),
+            change(EventType::Normal, "TopicCreated", "short"),
+        ]);
+        let notes: Vec<usize> = merged.iter().map(|c| c.note.len()).collect();
+        assert_eq!(notes, [600 + 2 + 5, 600]);
+        assert!(notes.iter().all(|n| *n <= EVENT_NOTE_BYTES));
+    }
 }
