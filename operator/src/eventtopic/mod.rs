@@ -118,20 +118,34 @@ struct Change {
 const EVENT_NOTE_BYTES: usize = 1024;
 
 /// `changes` with those of the same type and reason made one, their notes joined, in
-/// the order each kind first came; a note that would grow past [`EVENT_NOTE_BYTES`]
-/// starts another Event.
+/// the order each kind first came, each note cut to [`EVENT_NOTE_BYTES`].
+///
+/// One Event per kind, not one per change: kube's `Recorder` takes an Event of the same
+/// type, reason and object within minutes for a repeat, raises the first one's count
+/// and drops the new note (so a dead-letter topic created after its main topic went
+/// untold).
 fn merged(changes: Vec<Change>) -> Vec<Change> {
     let mut kinds: Vec<Change> = Vec::new();
     for change in changes {
-        match kinds.iter_mut().find(|k| {
-            (k.type_, k.reason) == (change.type_, change.reason)
-                && k.note.len() + 2 + change.note.len() <= EVENT_NOTE_BYTES
-        }) {
+        match kinds
+            .iter_mut()
+            .find(|k| (k.type_, k.reason) == (change.type_, change.reason))
+        {
             Some(kind) => {
                 kind.note.push_str("; ");
                 kind.note.push_str(&change.note);
             }
             None => kinds.push(change),
+        }
+    }
+    for kind in &mut kinds {
+        if kind.note.len() > EVENT_NOTE_BYTES {
+            let mut end = EVENT_NOTE_BYTES - '…'.len_utf8();
+            while !kind.note.is_char_boundary(end) {
+                end -= 1;
+            }
+            kind.note.truncate(end);
+            kind.note.push('…');
         }
     }
     kinds
@@ -824,15 +838,17 @@ mod tests {
     }
 
     #[test]
-    fn a_note_never_grows_past_the_api_servers_limit() {
-        let long = "x".repeat(600);
+    fn a_note_is_cut_at_the_api_servers_limit() {
+        let long = "é".repeat(300);
         let merged = merged(vec![
             change(EventType::Normal, "TopicCreated", &long),
             change(EventType::Normal, "TopicCreated", &long),
             change(EventType::Normal, "TopicCreated", "short"),
         ]);
-        let notes: Vec<usize> = merged.iter().map(|c| c.note.len()).collect();
-        assert_eq!(notes, [600 + 2 + 5, 600]);
-        assert!(notes.iter().all(|n| *n <= EVENT_NOTE_BYTES));
+        assert_eq!(merged.len(), 1);
+        let note = &merged[0].note;
+        assert!(note.len() <= EVENT_NOTE_BYTES, "{}", note.len());
+        assert!(note.len() > EVENT_NOTE_BYTES - 4, "{}", note.len());
+        assert!(note.starts_with(&long) && note.ends_with('…'), "{note}");
     }
 }

@@ -190,16 +190,17 @@ async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32, stages: &[usize]) -> 
         // API server the operator shares.
         let deadline = Instant::now() + Duration::from_secs(900.max(n as u64 / 4));
         loop {
-            let list = groups.list(&Default::default()).await?;
-            let evaluated = list
-                .items
-                .iter()
-                .filter(|cg| {
-                    cg.status
-                        .as_ref()
-                        .is_some_and(|s| s.desired_replicas.is_some())
-                })
-                .count();
+            // A failed list (the API server busy) counts as none evaluated yet.
+            let evaluated = groups.list(&Default::default()).await.map_or(0, |list| {
+                list.items
+                    .iter()
+                    .filter(|cg| {
+                        cg.status
+                            .as_ref()
+                            .is_some_and(|s| s.desired_replicas.is_some())
+                    })
+                    .count()
+            });
             if evaluated >= n {
                 break;
             }
@@ -267,7 +268,7 @@ async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32, stages: &[usize]) -> 
         let (b_req, b_cpu) = (per_cycle(0) * scale, per_cycle(2) * scale);
         let b_cycles = parts.iter().map(|p| p[1]).fold(f64::INFINITY, f64::min);
         let sampled = if run < n {
-            format!(", {run} of its {n} clients run and its figures scaled by {scale:.0}")
+            format!(", {run} of its {n} clients run and its figures scaled by {scale:.2}")
         } else {
             String::new()
         };
