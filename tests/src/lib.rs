@@ -402,6 +402,16 @@ impl TestEnv {
 
     /// Reasons of the Events about the object `name` in `namespace`.
     pub async fn event_reasons(&self, namespace: &str, name: &str) -> Vec<String> {
+        self.events(namespace, name)
+            .await
+            .into_iter()
+            .map(|(reason, _)| reason)
+            .collect()
+    }
+
+    /// The Events about the object `name` in `namespace`: reason and note of each, as
+    /// the API server stores them.
+    pub async fn events(&self, namespace: &str, name: &str) -> Vec<(String, String)> {
         let api: Api<k8s_openapi::api::events::v1::Event> =
             Api::namespaced(self.client.clone(), namespace);
         let events = api.list(&Default::default()).await.expect("listing Events");
@@ -409,7 +419,7 @@ impl TestEnv {
             .items
             .into_iter()
             .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-            .filter_map(|e| e.reason)
+            .filter_map(|e| Some((e.reason?, e.note.unwrap_or_default())))
             .collect()
     }
 }

@@ -93,6 +93,24 @@ async fn event_topic_becomes_a_kafka_topic_with_its_dead_letter_topic() {
         dlt.partitions, 3,
         "the dead-letter topic has its source's partitions"
     );
+
+    // The user is told of both topics. kube's Recorder takes a second Event of the same
+    // reason about the same object for a repeat and keeps only the first note.
+    let ns = api.namespace().unwrap_or_default();
+    let created = eventually(TIMEOUT, "a TopicCreated Event", || async {
+        let notes: Vec<String> = (env.events(ns, &topic).await.into_iter())
+            .filter(|(reason, _)| reason == "TopicCreated")
+            .map(|(_, note)| note)
+            .collect();
+        (!notes.is_empty()).then_some(notes.join("\n"))
+    })
+    .await;
+    for name in [format!("{topic} "), format!("{topic}.DLT ")] {
+        assert!(
+            created.contains(&format!("created Kafka topic {name}")),
+            "{created}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
