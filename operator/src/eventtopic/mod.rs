@@ -120,9 +120,10 @@ const EVENT_NOTE_BYTES: usize = 1024;
 /// `changes` with those of the same type and reason made one, their notes joined, in
 /// the order each kind first came, each note cut to [`EVENT_NOTE_BYTES`].
 ///
-/// One Event per kind, not one per change: fewer writes, and kube's `Recorder` takes an
-/// Event of the same type, reason and object within minutes for a repeat (it raises the
-/// first one's count and keeps the first note).
+/// One Event per kind, not one per change: kube's `Recorder` takes an Event of the same
+/// type, reason and object within minutes for a repeat, raises the first one's count
+/// and keeps the first note (a dead-letter topic created after its main topic went
+/// untold).
 fn merged(changes: Vec<Change>) -> Vec<Change> {
     let mut kinds: Vec<Change> = Vec::new();
     for change in changes {
