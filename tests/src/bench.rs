@@ -104,8 +104,8 @@ fn clock_ticks() -> f64 {
 
 /// CPU time (ms) used so far by each part of the machine: the environment's components
 /// by their command lines, `operator` (the process `operator`), and `other` (the rest,
-/// this benchmark included); `busy` is the whole machine's (`/proc/stat`, all but idle
-/// and iowait). Processes that ended are not counted: compare two samples of
+/// this benchmark included); `busy` is the whole machine's (`/proc/stat`: user, nice,
+/// system, irq, softirq). Processes that ended are not counted: compare two samples of
 /// long-running processes.
 pub fn cpu_by_component(
     operator: u32,
@@ -139,9 +139,10 @@ pub fn cpu_by_component(
         .skip(1)
         .filter_map(|t| t.parse().ok())
         .collect();
-    anyhow::ensure!(ticks.len() >= 5, "an unexpected /proc/stat: {machine}");
-    // user nice system idle iowait irq softirq steal ...: all but idle and iowait.
-    let busy = ticks.iter().sum::<f64>() - ticks[3] - ticks[4];
+    anyhow::ensure!(ticks.len() >= 7, "an unexpected /proc/stat: {machine}");
+    // user nice system idle iowait irq softirq steal guest guest_nice: this machine's
+    // own work (steal is another guest's; guest time is already in user).
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6];
     by.insert("busy", busy * 1000.0 / clock_ticks());
     Ok(by)
 }

@@ -215,7 +215,7 @@ async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32, stages: &[usize]) -> 
         // With thousands of groups the controller manager takes long over their
         // Deployments, and each change starts a reconcile: after 5 minutes the window
         // is measured anyway, and says how many reconciles ran in it.
-        settle(port, Duration::from_secs(300)).await;
+        let quiet = settle(port, Duration::from_secs(300)).await;
         let reconciled = reconciles(port);
         let before = operator_sample(port, pid)?;
         tokio::time::sleep(WINDOW).await;
@@ -290,7 +290,7 @@ async fn run(env: &TestEnv, ns: &str, port: u16, pid: u32, stages: &[usize]) -> 
             b_cpu / ops_cpu
         );
         println!(
-            "         (EventOps: {:.0} cycles and {reconciled} reconciles in the window, by type per cycle: {}; baseline: {:.0} cycles{sampled})",
+            "         (EventOps: {:.0} cycles and {reconciled} reconciles in the window (quiet before it: {quiet}), by type per cycle: {}; baseline: {:.0} cycles{sampled})",
             cycles,
             after.by_type_delta(&before, cycles),
             b_cycles
