@@ -108,7 +108,11 @@ pub fn triggers(
 > {
     Triggers {
         groups: groups.subscribe(spec_or_metadata),
-        topics: topics.subscribe(|et| spec_metadata_and(et, build::owns_its_topic(et))),
+        // Its first status ends a group's quiet wait (see `plan::quiet_wait`) even when
+        // it does not own its topic.
+        topics: topics.subscribe(|et| {
+            spec_metadata_and(et, (build::owns_its_topic(et), et.status.is_some()))
+        }),
         deployments: deployments
             .subscribe(|d| spec_metadata_and(d, d.status.as_ref().and_then(|s| s.replicas))),
     }
@@ -209,6 +213,10 @@ enum Outcome {
     },
     /// Kafka failed a request about the group's user or ACLs.
     Kafka(NativeError),
+    /// New, and waiting for EventTopics applied with it (see [`plan::quiet_wait`]):
+    /// nothing is written, and the next pass comes when they are reconciled or after
+    /// `left` at the latest.
+    Pending { left: Duration },
 }
 
 /// What a pass reads before it decides anything.
@@ -261,7 +269,11 @@ async fn dereference(
             Some((name.clone(), et))
         })
         .collect();
-    let resolved = plan::resolve(cg, |n| found.get(n).map(AsRef::as_ref));
+    let find = |n: &str| found.get(n).map(AsRef::as_ref);
+    if let Some(left) = plan::quiet_wait(cg, find, Timestamp::now()) {
+        return Ok(Err(Outcome::Pending { left }));
+    }
+    let resolved = plan::resolve(cg, find);
     let objects = if resolved.waiting.is_some() {
         None
     } else {
@@ -468,6 +480,7 @@ async fn status(
             let ready = Observed::ready(false, e.reason(), native_message(e));
             (ready, None, Some("KafkaAccess"))
         }
+        Outcome::Pending { left } => return Ok((Action::requeue(*left), Some("TopicPending"))),
     };
     write_status(cg, ctx, ready, replicas).await?;
     if let Outcome::Kafka(e) = outcome

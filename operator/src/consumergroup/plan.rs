@@ -10,6 +10,7 @@ use eventops_consumer_runtime::contract::TopicRoute;
 use eventops_crds::{ConsumerGroup, EventTopic};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use super::build::{self, ROTATE_ANNOTATION, ROTATED_FOR_ANNOTATION, WorkerKafka};
@@ -101,6 +102,44 @@ pub fn resolve<'a>(
         partitions,
         waiting: (!waiting.is_empty()).then(|| waiting.join("; ")),
     }
+}
+
+/// How long a new group waits without a word for EventTopics applied together with it.
+pub const QUIET_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How much longer `cg` waits quietly (see [`QUIET_WAIT`]), if it does: it has no Ready
+/// condition yet, was created less than [`QUIET_WAIT`] before `now`, and every
+/// EventTopic it names exists, with those it waits for not reconciled yet (no status,
+/// not being deleted). Such a group was applied together with its EventTopics: saying
+/// `TopicNotFound` now would be a Warning about nothing (one status write and one Event
+/// each, the largest share of a bulk apply's requests). The EventTopic's first status
+/// triggers the group's next pass; one that has not come within [`QUIET_WAIT`] is told
+/// as usual. A missing, refused or deleted EventTopic is told at once.
+pub fn quiet_wait<'a>(
+    cg: &ConsumerGroup,
+    find: impl Fn(&str) -> Option<&'a EventTopic>,
+    now: Timestamp,
+) -> Option<std::time::Duration> {
+    let told = (cg.status.iter()).any(|s| s.conditions.iter().any(|c| c.type_ == "Ready"));
+    let created = cg.metadata.creation_timestamp.as_ref()?.0;
+    let age = now.duration_since(created).unsigned_abs();
+    let left = QUIET_WAIT
+        .checked_sub(age)
+        .filter(|l| !told && !l.is_zero())?;
+    let mut pending = false;
+    let named = (cg.spec.topics.iter())
+        .chain(&cg.spec.produces)
+        .chain(outbox::topic_names(cg));
+    for name in named {
+        match find(name) {
+            Some(et) if build::owns_its_topic(et) => {}
+            Some(et) if et.status.is_none() && et.metadata.deletion_timestamp.is_none() => {
+                pending = true;
+            }
+            _ => return None,
+        }
+    }
+    pending.then_some(left)
 }
 
 /// The Secret and Deployment one pass makes the group's.
@@ -363,5 +402,70 @@ mod tests {
                 delete: vec![acl("c")],
             }
         );
+    }
+
+    #[test]
+    fn a_new_group_waits_quietly_only_for_event_topics_not_reconciled_yet() {
+        let created: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let mut cg = group(serde_json::json!({}));
+        cg.metadata.creation_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(created),
+        );
+        let after = |secs: i64| created + k8s_openapi::jiff::SignedDuration::from_secs(secs);
+        let pending = |name: &str| EventTopic {
+            status: None,
+            ..owning(name, name, 1)
+        };
+        let refused = |name: &str| {
+            let mut et = owning(name, name, 1);
+            let ready = &mut et.status.as_mut().unwrap().conditions[0];
+            ready.status = "False".into();
+            ready.reason = "TopicExists".into();
+            et
+        };
+        let deleting = |name: &str| {
+            let mut et = pending(name);
+            et.metadata.deletion_timestamp = cg.metadata.creation_timestamp.clone();
+            et
+        };
+        let wait = |cg: &ConsumerGroup, refunds: Option<EventTopic>, now: Timestamp| {
+            let topics = [
+                owning("orders", "orders", 3),
+                owning("captured", "captured", 1),
+            ];
+            let refunds = refunds.as_ref();
+            quiet_wait(
+                cg,
+                |n| {
+                    topics
+                        .iter()
+                        .find(|t| t.name_any() == n)
+                        .or(refunds.filter(|t| t.name_any() == n))
+                },
+                now,
+            )
+        };
+        let secs = |s| Some(std::time::Duration::from_secs(s));
+        // Applied together with an EventTopic not reconciled yet: quiet for the rest of
+        // the minute.
+        assert_eq!(wait(&cg, Some(pending("refunds")), after(5)), secs(55));
+        // Told at once: every EventTopic owns its topic (nothing to wait for), one is
+        // missing, refused or being deleted.
+        assert_eq!(
+            wait(&cg, Some(owning("refunds", "refunds", 1)), after(5)),
+            None
+        );
+        assert_eq!(wait(&cg, None, after(5)), None);
+        assert_eq!(wait(&cg, Some(refused("refunds")), after(5)), None);
+        assert_eq!(wait(&cg, Some(deleting("refunds")), after(5)), None);
+        // Told once the minute is over, or when the group was told anything before.
+        assert_eq!(wait(&cg, Some(pending("refunds")), after(60)), None);
+        cg.status = Some(
+            serde_json::from_value(serde_json::json!({"conditions": [
+            {"type": "Ready", "status": "False", "reason": "TopicNotFound", "message": "",
+             "lastTransitionTime": "2026-01-01T00:00:01Z"}]}))
+            .unwrap(),
+        );
+        assert_eq!(wait(&cg, Some(pending("refunds")), after(5)), None);
     }
 }
