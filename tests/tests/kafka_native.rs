@@ -1050,3 +1050,61 @@ async fn group_calls_without_the_group_acl_are_refused_by_name() {
         eprintln!("{op}: {hinted}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn topic_configs_are_described_as_kafkas_config_command_lists_them() {
+    let env = env().await;
+    let admin = native(&env);
+    let (plain, tuned, missing) = (
+        unique("native.describe-plain"),
+        unique("native.describe-tuned"),
+        unique("native.describe-missing"),
+    );
+    let retention = BTreeMap::from([("retention.ms".to_string(), "3600000".to_string())]);
+    admin
+        .create_topic(&plain, 1, None, &BTreeMap::new(), false)
+        .await
+        .unwrap();
+    admin
+        .create_topic(&tuned, 2, None, &retention, false)
+        .await
+        .unwrap();
+    // Set by an administrator with Kafka's own tool.
+    env.kafka_tool(
+        "kafka.admin.ConfigCommand",
+        &[
+            "--alter",
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            &tuned,
+            "--add-config",
+            "cleanup.policy=compact,max.message.bytes=2000000",
+        ],
+    )
+    .await
+    .unwrap();
+
+    let described = admin
+        .describe_topic_configs(&[&plain, &tuned, &missing, &tuned])
+        .await
+        .unwrap();
+    assert_eq!(described.len(), 3, "{described:?}");
+    // Only what is set on the topic itself, exactly as ConfigCommand lists it: none of
+    // the broker's defaults or their synonyms.
+    for topic in [&plain, &tuned] {
+        let listed = env.topic_configs(topic).await;
+        let ours: Vec<String> = described[topic.as_str()]
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(ours, listed, "{topic}");
+    }
+    assert_eq!(env.topic_configs(&tuned).await.len(), 3);
+    // A topic Kafka does not have is its own error, by Kafka's code.
+    let (code, _) = kafka_refusal(described[missing.as_str()].clone().unwrap_err());
+    assert_eq!(code, RDKafkaErrorCode::UnknownTopicOrPartition);
+    assert!(admin.describe_topic_configs(&[]).await.unwrap().is_empty());
+}

@@ -10,7 +10,7 @@ use rdkafka::ClientConfig;
 use crate::telemetry::Metrics;
 use batch::Batcher;
 pub use batch::Reading;
-use rdkafka::admin::{AdminClient, AdminOptions, ConfigSource, NewPartitions, ResourceSpecifier};
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 
@@ -250,25 +250,11 @@ struct Reads {
 impl Reads {
     /// The reads; [`Reading::Since`] questions are answered from snapshots up to
     /// `snapshot_age` old (none when zero).
-    fn new(
-        client: &Arc<AdminClient<DefaultClientContext>>,
-        native: &native::NativeAdmin,
-        timeout: Duration,
-        metrics: &Arc<Metrics>,
-        snapshot_age: Duration,
-    ) -> Self {
+    fn new(native: &native::NativeAdmin, metrics: &Arc<Metrics>, snapshot_age: Duration) -> Self {
         let topics = {
-            let (client, native, metrics) = (client.clone(), native.clone(), metrics.clone());
+            let (native, metrics) = (native.clone(), metrics.clone());
             Batcher::new(
-                move |names| {
-                    describe_topics(
-                        client.clone(),
-                        native.clone(),
-                        timeout,
-                        metrics.clone(),
-                        names,
-                    )
-                },
+                move |names| describe_topics(native.clone(), metrics.clone(), names),
                 || KafkaError::Unavailable {
                     op: "describe",
                     topic: String::new(),
@@ -351,9 +337,7 @@ impl Reads {
 /// Describes `names` in two requests (DescribeTopics, then DescribeConfigs of those
 /// that exist); a failure of either is every topic's, under its own name.
 async fn describe_topics(
-    client: Arc<AdminClient<DefaultClientContext>>,
     native: native::NativeAdmin,
-    timeout: Duration,
     metrics: Arc<Metrics>,
     names: Vec<String>,
 ) -> Result<batch::Answers<String, Option<TopicState>, KafkaError>, KafkaError> {
@@ -377,37 +361,10 @@ async fn describe_topics(
     let mut configs = BTreeMap::new();
     if !existing.is_empty() {
         metrics.kafka_request("DescribeConfigs");
-        let specifiers: Vec<ResourceSpecifier> = existing
-            .iter()
-            .map(|n| ResourceSpecifier::Topic(n))
-            .collect();
-        let options = AdminOptions::new()
-            .request_timeout(Some(timeout))
-            .operation_timeout(Some(timeout));
-        let results = match client.describe_configs(&specifiers, &options).await {
-            Ok(results) => results,
-            Err(source) => {
-                return each(KafkaError::Unavailable {
-                    op: "describe",
-                    topic: String::new(),
-                    source: Arc::new(source),
-                });
-            }
+        configs = match native.describe_topic_configs(&existing).await {
+            Ok(configs) => configs,
+            Err(e) => return each(KafkaError::from_native("describe configs of", "", e)),
         };
-        // One result per resource, in the order asked.
-        for (name, result) in existing.iter().zip(results) {
-            let result = result
-                .map(|resource| {
-                    resource
-                        .entries
-                        .into_iter()
-                        .filter(|e| e.source == ConfigSource::DynamicTopic)
-                        .filter_map(|e| Some((e.name, e.value?)))
-                        .collect::<BTreeMap<_, _>>()
-                })
-                .map_err(|code| KafkaError::from_code("describe configs of", name, code));
-            configs.insert(name.to_string(), result);
-        }
     }
     Ok(layouts
         .into_iter()
@@ -421,7 +378,7 @@ async fn describe_topics(
                         replication_factor: layout.replication_factor,
                         configs,
                     })),
-                    Some(Err(e)) => Err(e),
+                    Some(Err(e)) => Err(KafkaError::from_native("describe configs of", &name, e)),
                     None => Err(KafkaError::from_code(
                         "describe configs of",
                         &name,
@@ -449,13 +406,7 @@ impl KafkaAdmin {
         let timeout = Duration::from_secs(10);
         let native = native::NativeAdmin::new(client.clone(), timeout);
         Ok(Self {
-            reads: Arc::new(Reads::new(
-                &client,
-                &native,
-                timeout,
-                &metrics,
-                Duration::ZERO,
-            )),
+            reads: Arc::new(Reads::new(&native, &metrics, Duration::ZERO)),
             native,
             client,
             timeout,
@@ -468,13 +419,7 @@ impl KafkaAdmin {
     /// read finds none recent enough and never twice within `age / 2` (see [`batch`]).
     /// The operator uses a step of its resync grid.
     pub fn with_snapshot_age(mut self, age: Duration) -> Self {
-        self.reads = Arc::new(Reads::new(
-            &self.client,
-            &self.native,
-            self.timeout,
-            &self.metrics,
-            age,
-        ));
+        self.reads = Arc::new(Reads::new(&self.native, &self.metrics, age));
         self
     }
 
