@@ -69,6 +69,7 @@ pub struct Metrics {
     registry: Registry,
     reconciles: Family<ControllerLabel, Counter>,
     failures: Family<FailureLabels, Counter>,
+    waits: Family<FailureLabels, Counter>,
     duration: Family<ControllerLabel, Histogram>,
     kafka_requests: Family<RequestLabel, Counter>,
     kube_writes: Family<RequestLabel, Counter>,
@@ -101,6 +102,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("eventops_operator");
         let reconciles = Family::<ControllerLabel, Counter>::default();
         let failures = Family::<FailureLabels, Counter>::default();
+        let waits = Family::<FailureLabels, Counter>::default();
         let duration = Family::<ControllerLabel, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.005, 2.0, 12))
         });
@@ -109,6 +111,12 @@ impl Default for Metrics {
             "reconcile_failures",
             "Reconciles that left a resource not Ready or failed, by reason",
             failures.clone(),
+        );
+        registry.register(
+            "reconcile_waits",
+            "Reconciles that waited for another object without a status or an Event (a new \
+             group for the EventTopics applied with it), by reason; not failures",
+            waits.clone(),
         );
         registry.register(
             "reconcile_duration_seconds",
@@ -199,6 +207,7 @@ impl Default for Metrics {
             cycle_count: Default::default(),
             reconciles,
             failures,
+            waits,
             duration,
             kafka_requests,
             kube_writes,
@@ -224,6 +233,15 @@ impl Metrics {
             };
             self.failures.get_or_create(&labels).inc();
         }
+    }
+
+    /// Counts one reconcile of `controller` that waited quietly, for `reason`.
+    pub fn waited(&self, controller: &'static str, reason: &str) {
+        let labels = FailureLabels {
+            controller,
+            reason: reason.to_string(),
+        };
+        self.waits.get_or_create(&labels).inc();
     }
 
     /// Counts one Kafka admin request of type `request` (`CreateTopics`, `Metadata`, ...).

@@ -373,27 +373,25 @@ async fn a_group_never_takes_over_a_deployment_or_secret_it_does_not_control() {
     assert_eq!(password.len(), 64);
 }
 
-/// A group applied together with its EventTopic (as `kubectl apply -f dir/` and GitOps
-/// do) waits for it without a word: no `TopicNotFound` Warning about a topic that is on
-/// its way, then Ready.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_group_applied_with_its_event_topic_waits_for_it_without_a_warning() {
+/// An EventTopic `orders` with `spec` and a group `inventory` consuming it, both there
+/// before the operator starts, the group with its finalizer already (as a restore from
+/// a backup has it), so that the group's first pass goes straight to its EventTopics:
+/// it comes while the EventTopic's first pass (talking to Kafka) is under way, not after
+/// the finalizer's round trip.
+async fn group_applied_with_its_event_topic(
+    prefix: &str,
+    spec: serde_json::Value,
+) -> (
+    TestEnv,
+    String,
+    Api<ConsumerGroup>,
+    eventops_tests::OperatorHandle,
+) {
     let env = env().await;
-    let ns = env.namespace("cg-quiet").await;
+    let ns = env.namespace(prefix).await;
     let topics: Api<EventTopic> = Api::namespaced(env.client.clone(), &ns);
     let groups: Api<ConsumerGroup> = Api::namespaced(env.client.clone(), &ns);
-    // Both are there before the operator starts, the group with its finalizer already
-    // (as a restore from a backup has it), so that the group's first pass goes straight
-    // to its EventTopics: it comes while the EventTopic's first pass (creating the
-    // Kafka topics) is under way, not after the finalizer's round trip.
-    let topic = unique("orders.order-placed");
-    apply(
-        &topics,
-        "orders",
-        json!({"partitions": 2, "topicName": topic}),
-    )
-    .await
-    .unwrap();
+    apply(&topics, "orders", spec).await.unwrap();
     let group: ConsumerGroup = serde_json::from_value(json!({
         "apiVersion": "eventops.dev/v1alpha1", "kind": "ConsumerGroup",
         "metadata": {"name": "inventory",
@@ -403,7 +401,47 @@ async fn a_group_applied_with_its_event_topic_waits_for_it_without_a_warning() {
     .unwrap();
     groups.create(&Default::default(), &group).await.unwrap();
     let operator = env.start_operator(&ns);
-    wait_ready(&groups, "inventory", "True").await;
+    (env, ns, groups, operator)
+}
+
+/// The group's Ready condition (status and reason) once it is `status`, within 20 s: well
+/// inside the minute a quiet wait lasts at most.
+async fn ready_soon(groups: &Api<ConsumerGroup>, status: &str) -> (String, String) {
+    eventually(
+        Duration::from_secs(20),
+        "the group's Ready condition",
+        || async {
+            let group = groups.get("inventory").await.ok()?;
+            let ready = eventops_tests::HasConditions::conditions(&group)
+                .into_iter()
+                .find(|c| c.type_ == "Ready")?;
+            (ready.status == status).then_some((ready.reason, ready.message))
+        },
+    )
+    .await
+}
+
+/// Whether the operator counted a quiet wait of a group (so that the test's order of
+/// events was the one it means to test: the group's pass came first).
+fn waited_quietly(operator: &eventops_tests::OperatorHandle) -> bool {
+    operator
+        .metrics
+        .encode()
+        .contains(r#"reconcile_waits_total{controller="consumergroup",reason="TopicPending"}"#)
+}
+
+/// A group applied together with its EventTopic (as `kubectl apply -f dir/` and GitOps
+/// do) waits for it without a word: no `TopicNotFound` Warning about a topic that is on
+/// its way, then Ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_applied_with_its_event_topic_waits_for_it_without_a_warning() {
+    let topic = unique("orders.order-placed");
+    let (env, ns, groups, operator) = group_applied_with_its_event_topic(
+        "cg-quiet",
+        json!({"partitions": 2, "topicName": topic}),
+    )
+    .await;
+    ready_soon(&groups, "True").await;
     let events = eventually(TIMEOUT, "the group's InSync Event", || async {
         let events = env.events(&ns, "inventory").await;
         events.iter().any(|(r, _)| r == "InSync").then_some(events)
@@ -413,13 +451,36 @@ async fn a_group_applied_with_its_event_topic_waits_for_it_without_a_warning() {
         !events.iter().any(|(reason, _)| reason == "TopicNotFound"),
         "{events:?}"
     );
-    // The group's pass did run while the EventTopic was on its way (so the silence is
-    // the operator's choice, not an order of events that never tested it).
-    let metrics = operator.metrics.encode();
+    assert!(waited_quietly(&operator), "{}", operator.metrics.encode());
     assert!(
-        metrics.contains(
-            r#"reconcile_failures_total{controller="consumergroup",reason="TopicPending"}"#
-        ),
-        "{metrics}"
+        !operator
+            .metrics
+            .encode()
+            .contains("reconcile_failures_total{controller=\"consumergroup\""),
+        "a quiet wait is no failure: {}",
+        operator.metrics.encode()
     );
+}
+
+/// A quiet wait ends as soon as the EventTopic is refused (its first status), not after
+/// the minute: the group then says why it waits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quiet_wait_ends_when_the_event_topic_is_refused() {
+    let env = env().await;
+    // A topic somebody made by hand: the EventTopic naming it is refused (TopicExists).
+    let topic = unique("orders.by-hand");
+    env.kafka_tool(
+        "org.apache.kafka.tools.TopicCommand",
+        &["--create", "--topic", &topic, "--partitions", "1"],
+    )
+    .await
+    .unwrap();
+    let (_env, _ns, groups, operator) = group_applied_with_its_event_topic(
+        "cg-quiet-refused",
+        json!({"partitions": 1, "topicName": topic}),
+    )
+    .await;
+    let (reason, message) = ready_soon(&groups, "False").await;
+    assert_eq!(reason, "TopicNotFound", "{message}");
+    assert!(waited_quietly(&operator), "{}", operator.metrics.encode());
 }

@@ -87,7 +87,8 @@ pub struct Triggers<G, T, D> {
     /// ConsumerGroups: added, deleted, or changed in spec or metadata.
     pub groups: G,
     /// EventTopics: added, deleted, or changed in spec, metadata or in whether they own
-    /// their Kafka topics (status; see [`build::owns_its_topic`]). The consumers an
+    /// their Kafka topics (status; see [`build::owns_its_topic`]), and their first status
+    /// (which ends a new group's quiet wait, see [`plan::quiet_wait`]). The consumers an
     /// EventTopic lists follow from the groups and start nothing.
     pub topics: T,
     /// The groups' Deployments: added, deleted, or changed in spec, metadata or in the
@@ -149,6 +150,11 @@ async fn reconcile_now(cg: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Acti
     ctx.passes.ended(&*cg, matches!(&result, Ok((_, None))));
     let label = result.as_ref().err().map(Error::metric_label);
     let failure = match &result {
+        // A quiet wait is neither Ready nor a failure.
+        Ok((_, Some(plan::QUIET_WAIT_REASON))) => {
+            ctx.metrics.waited("consumergroup", plan::QUIET_WAIT_REASON);
+            None
+        }
         Ok((_, failure)) => *failure,
         Err(_) => label.as_deref(),
     };
@@ -480,7 +486,9 @@ async fn status(
             let ready = Observed::ready(false, e.reason(), native_message(e));
             (ready, None, Some("KafkaAccess"))
         }
-        Outcome::Pending { left } => return Ok((Action::requeue(*left), Some("TopicPending"))),
+        Outcome::Pending { left } => {
+            return Ok((Action::requeue(*left), Some(plan::QUIET_WAIT_REASON)));
+        }
     };
     write_status(cg, ctx, ready, replicas).await?;
     if let Outcome::Kafka(e) = outcome

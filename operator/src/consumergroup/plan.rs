@@ -10,7 +10,7 @@ use eventops_consumer_runtime::contract::TopicRoute;
 use eventops_crds::{ConsumerGroup, EventTopic};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
 use super::build::{self, ROTATE_ANNOTATION, ROTATED_FOR_ANNOTATION, WorkerKafka};
@@ -107,6 +107,9 @@ pub fn resolve<'a>(
 /// How long a new group waits without a word for EventTopics applied together with it.
 pub const QUIET_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The reason a quiet wait is counted under (`reconcile_waits`, not a failure).
+pub const QUIET_WAIT_REASON: &str = "TopicPending";
+
 /// How much longer `cg` waits quietly (see [`QUIET_WAIT`]), if it does: it has no Ready
 /// condition yet, was created less than [`QUIET_WAIT`] before `now`, and every
 /// EventTopic it names exists, with those it waits for not reconciled yet (no status,
@@ -122,7 +125,11 @@ pub fn quiet_wait<'a>(
 ) -> Option<std::time::Duration> {
     let told = (cg.status.iter()).any(|s| s.conditions.iter().any(|c| c.type_ == "Ready"));
     let created = cg.metadata.creation_timestamp.as_ref()?.0;
-    let age = now.duration_since(created).unsigned_abs();
+    // A creation time ahead of this clock counts as just created.
+    let age = now
+        .duration_since(created)
+        .max(SignedDuration::ZERO)
+        .unsigned_abs();
     let left = QUIET_WAIT
         .checked_sub(age)
         .filter(|l| !told && !l.is_zero())?;
@@ -446,6 +453,8 @@ mod tests {
             )
         };
         let secs = |s| Some(std::time::Duration::from_secs(s));
+        // A creation time ahead of the operator's clock: at most the minute.
+        assert_eq!(wait(&cg, Some(pending("refunds")), after(-30)), secs(60));
         // Applied together with an EventTopic not reconciled yet: quiet for the rest of
         // the minute.
         assert_eq!(wait(&cg, Some(pending("refunds")), after(5)), secs(55));

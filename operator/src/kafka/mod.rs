@@ -378,17 +378,41 @@ async fn describe_topics(
                         replication_factor: layout.replication_factor,
                         configs,
                     })),
-                    Some(Err(e)) => Err(KafkaError::from_native("describe configs of", &name, e)),
-                    None => Err(KafkaError::from_code(
-                        "describe configs of",
+                    Some(Err(e)) => Err(config_error(&name, e)),
+                    None => Err(config_error(
                         &name,
-                        RDKafkaErrorCode::UnknownTopicOrPartition,
+                        native::NativeError::Kafka {
+                            op: "describe configs of",
+                            code: RDKafkaErrorCode::UnknownTopicOrPartition,
+                            message: "the topic is not in Kafka's answer".into(),
+                        },
                     )),
                 },
             };
             (name, state)
         })
         .collect())
+}
+
+/// DescribeConfigs' failure for `topic`, which the DescribeTopics just before found.
+/// Unknown to Kafka now means that it is being created or deleted between the two
+/// requests, or that the broker answering has not learned of it yet: that passes by
+/// itself, so the reconcile is retried on its back-off rather than left until the resync.
+fn config_error(topic: &str, e: native::NativeError) -> KafkaError {
+    const OP: &str = "describe configs of";
+    match e {
+        native::NativeError::Kafka {
+            code: RDKafkaErrorCode::UnknownTopicOrPartition,
+            message,
+            ..
+        } => KafkaError::Busy {
+            op: OP,
+            topic: topic.to_string(),
+            code: RDKafkaErrorCode::UnknownTopicOrPartition,
+            message,
+        },
+        e => KafkaError::from_native(OP, topic, e),
+    }
 }
 
 impl KafkaAdmin {
@@ -655,5 +679,28 @@ fn first_result(
     match results.into_iter().next() {
         Some(Err((_, code))) => Err(KafkaError::from_code(op, topic, code)),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(code: RDKafkaErrorCode) -> native::NativeError {
+        native::NativeError::Kafka {
+            op: "describe configs of",
+            code,
+            message: "from Kafka".into(),
+        }
+    }
+
+    #[test]
+    fn a_topic_unknown_to_describe_configs_is_retried_and_a_refusal_is_not() {
+        let unknown = config_error("t", refusal(RDKafkaErrorCode::UnknownTopicOrPartition));
+        assert!(unknown.is_transient(), "{unknown:?}");
+        assert_eq!(unknown.reason(), "UnknownTopicOrPartition");
+        let denied = config_error("t", refusal(RDKafkaErrorCode::TopicAuthorizationFailed));
+        assert!(!denied.is_transient(), "{denied:?}");
+        assert_eq!(denied.reason(), "TopicAuthorizationFailed");
     }
 }
