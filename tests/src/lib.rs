@@ -343,6 +343,23 @@ impl TestEnv {
         TopicSummary::parse(&out).ok_or_else(|| anyhow::anyhow!("unexpected output: {out}"))
     }
 
+    /// Sets `configs` (`key=value,key=value`) on `topic` as an administrator would,
+    /// with Kafka's ConfigCommand as the super user.
+    pub async fn add_topic_configs(&self, topic: &str, configs: &str) {
+        let args = [
+            "--alter",
+            "--entity-type",
+            "topics",
+            "--entity-name",
+            topic,
+            "--add-config",
+            configs,
+        ];
+        self.kafka_tool("kafka.admin.ConfigCommand", &args)
+            .await
+            .unwrap_or_else(|e| panic!("ConfigCommand --add-config {configs} on {topic}: {e:#}"));
+    }
+
     /// The topic's dynamic (topic-level) configs, `key=value`, sorted, as Kafka's
     /// `ConfigCommand --describe` lists them.
     pub async fn topic_configs(&self, topic: &str) -> Vec<String> {

@@ -299,20 +299,8 @@ async fn changes_behind_the_operators_back_are_corrected_and_reported() {
     .unwrap();
     ready(&api, &topic, 1, "True").await;
 
-    env.kafka_tool(
-        "kafka.admin.ConfigCommand",
-        &[
-            "--alter",
-            "--entity-type",
-            "topics",
-            "--entity-name",
-            &topic,
-            "--add-config",
-            "retention.ms=1000,cleanup.policy=compact",
-        ],
-    )
-    .await
-    .unwrap();
+    env.add_topic_configs(&topic, "retention.ms=1000,cleanup.policy=compact")
+        .await;
 
     // retention.ms is the spec's and goes back; cleanup.policy, which the spec never
     // named, is the administrator's and stays.

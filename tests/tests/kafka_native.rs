@@ -498,20 +498,8 @@ async fn incremental_alter_configs_changes_only_the_named_keys() {
         .unwrap();
     assert_eq!(env.topic_configs(&topic).await, ["retention.ms=3600000"]);
     // An administrator's config, which no operation below names.
-    env.kafka_tool(
-        "kafka.admin.ConfigCommand",
-        &[
-            "--alter",
-            "--entity-type",
-            "topics",
-            "--entity-name",
-            &topic,
-            "--add-config",
-            "cleanup.policy=compact",
-        ],
-    )
-    .await
-    .unwrap();
+    env.add_topic_configs(&topic, "cleanup.policy=compact")
+        .await;
 
     admin
         .alter_topic_configs(
@@ -1070,20 +1058,8 @@ async fn topic_configs_are_described_as_kafkas_config_command_lists_them() {
         .await
         .unwrap();
     // Set by an administrator with Kafka's own tool.
-    env.kafka_tool(
-        "kafka.admin.ConfigCommand",
-        &[
-            "--alter",
-            "--entity-type",
-            "topics",
-            "--entity-name",
-            &tuned,
-            "--add-config",
-            "cleanup.policy=compact,max.message.bytes=2000000",
-        ],
-    )
-    .await
-    .unwrap();
+    env.add_topic_configs(&tuned, "cleanup.policy=compact,max.message.bytes=2000000")
+        .await;
 
     // ConfigCommand lists the tuned topic's three configs once the controller has them;
     // the broker answering DescribeConfigs applies them a moment later.

@@ -599,20 +599,8 @@ async fn the_source_offset_stays_uncommitted_while_the_dead_letter_publish_fails
     );
     assert_eq!(m.dead_lettered(&topic), 0);
 
-    env.kafka_tool(
-        "kafka.admin.ConfigCommand",
-        &[
-            "--alter",
-            "--entity-type",
-            "topics",
-            "--entity-name",
-            &dlt_name,
-            "--add-config",
-            "max.message.bytes=1048588",
-        ],
-    )
-    .await
-    .unwrap();
+    env.add_topic_configs(&dlt_name, "max.message.bytes=1048588")
+        .await;
     let dlt = read_topic(&env.info, &format!("{topic}.DLT"), 1, TIMEOUT).await;
     assert_eq!(dlt[0].partition(), 2);
     eventually(
