@@ -122,10 +122,7 @@ pub fn triggers(
 /// Whether `cg` names the EventTopic `name` in a field it resolves (`spec.topics`,
 /// `spec.produces`, `spec.outbox.topics`): a change of that EventTopic reconciles it.
 fn names_event_topic(cg: &ConsumerGroup, name: &str) -> bool {
-    (cg.spec.topics.iter())
-        .chain(&cg.spec.produces)
-        .chain(outbox::topic_names(cg))
-        .any(|t| t == name)
+    plan::named_event_topics(cg).any(|t| t == name)
 }
 
 /// Reconciles in its turn, the object as the cache has it then (see
@@ -264,10 +261,7 @@ async fn dereference(
             message: refused.message,
         }));
     }
-    let named: BTreeSet<&String> = (cg.spec.topics.iter())
-        .chain(&cg.spec.produces)
-        .chain(outbox::topic_names(cg))
-        .collect();
+    let named: BTreeSet<&String> = plan::named_event_topics(cg).collect();
     let found: BTreeMap<String, Arc<EventTopic>> = named
         .into_iter()
         .filter_map(|name| {

@@ -104,6 +104,14 @@ pub fn resolve<'a>(
     }
 }
 
+/// The EventTopics `cg` names in the fields it resolves (`spec.topics`, `spec.produces`,
+/// `spec.outbox.topics`), duplicates included.
+pub fn named_event_topics(cg: &ConsumerGroup) -> impl Iterator<Item = &String> {
+    (cg.spec.topics.iter())
+        .chain(&cg.spec.produces)
+        .chain(outbox::topic_names(cg))
+}
+
 /// How long a new group waits without a word for EventTopics applied together with it.
 pub const QUIET_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -134,10 +142,7 @@ pub fn quiet_wait<'a>(
         .checked_sub(age)
         .filter(|l| !told && !l.is_zero())?;
     let mut pending = false;
-    let named = (cg.spec.topics.iter())
-        .chain(&cg.spec.produces)
-        .chain(outbox::topic_names(cg));
-    for name in named {
+    for name in named_event_topics(cg) {
         match find(name) {
             Some(et) if build::owns_its_topic(et) => {}
             Some(et) if et.status.is_none() && et.metadata.deletion_timestamp.is_none() => {
